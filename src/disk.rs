@@ -1,0 +1,281 @@
+//! The format-driver boundary: every image format is served as a [`VirtualDisk`], and
+//! [`open`] picks the driver by the file's signature, never by its name.
+
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::storage::{FileStorage, Storage};
+use std::fmt;
+use std::fs::OpenOptions as FsOpenOptions;
+use std::path::Path;
+use std::str::FromStr;
+
+/// A virtual disk: a flat array of `size()` bytes, whatever the image format behind it.
+///
+/// Offsets and lengths are in bytes and need not be sector-aligned; a request must lie
+/// inside the disk (`OutOfRange` otherwise). Every method may be called from many threads
+/// at once.
+pub trait VirtualDisk: Send + Sync {
+    fn format(&self) -> Format;
+    /// Virtual disk size in bytes.
+    fn size(&self) -> u64;
+    fn logical_sector_size(&self) -> u32;
+    fn physical_sector_size(&self) -> u32;
+    fn is_read_only(&self) -> bool;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Makes every completed write durable in the image file.
+    fn flush(&self) -> Result<()>;
+    /// How `[offset, offset + len)` is backed, as consecutive extents covering the range.
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+    /// The range reads as zeros afterwards; space is released where the format allows.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Clean shutdown: flush and leave the image in its final, clean on-disk state.
+    /// The disk must not be used afterwards.
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Vhd,
+    Vhdx,
+    Raw,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Vhd => "vhd",
+            Format::Vhdx => "vhdx",
+            Format::Raw => "raw",
+        })
+    }
+}
+
+impl FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "vhd" | "vpc" => Ok(Format::Vhd),
+            "vhdx" => Ok(Format::Vhdx),
+            "raw" => Ok(Format::Raw),
+            _ => Err(Error::invalid_input(format!(
+                "unknown format '{s}' (expected vhd, vhdx or raw)"
+            ))),
+        }
+    }
+}
+
+/// Which VHD footer field gives the disk size (FORMATS.md §8.13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VhdSizeRule {
+    /// Decided by the creator application, as qemu does.
+    #[default]
+    Auto,
+    /// Cylinders × heads × sectors × 512.
+    Chs,
+    /// The footer's Current Size field.
+    CurrentSize,
+}
+
+impl FromStr for VhdSizeRule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(VhdSizeRule::Auto),
+            "chs" => Ok(VhdSizeRule::Chs),
+            "current_size" | "current-size" => Ok(VhdSizeRule::CurrentSize),
+            _ => Err(Error::invalid_input(format!(
+                "unknown size rule '{s}' (expected auto, chs or current_size)"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    pub vhd_size_rule: VhdSizeRule,
+    /// Skip probing and use this format; the only way to open a raw file.
+    pub format: Option<Format>,
+}
+
+/// How a range of the virtual disk is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Backed by data in the image file.
+    Data,
+    /// Reads as zeros without data in the image file.
+    Zero,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub state: Allocation,
+}
+
+/// Appends `[offset, offset + len)` to `extents`, merging it into the last extent when that
+/// one ends at `offset` with the same state.
+pub fn push_extent(extents: &mut Vec<Extent>, offset: u64, len: u64, state: Allocation) {
+    if len == 0 {
+        return;
+    }
+    if let Some(last) = extents.last_mut()
+        && last.state == state
+        && last.offset + last.len == offset
+    {
+        last.len += len;
+        return;
+    }
+    extents.push(Extent { offset, len, state });
+}
+
+/// Fails with `OutOfRange` unless `[offset, offset + len)` lies inside a disk of `size` bytes.
+pub fn check_range(size: u64, offset: u64, len: usize) -> Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::new(ErrorKind::OutOfRange {
+            offset,
+            len: len as u64,
+            size,
+        })),
+    }
+}
+
+/// Opens the image at `path` with the driver its signature calls for.
+pub fn open(path: &Path, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
+    open_file(path, options).map_err(|e| e.with_file(path))
+}
+
+fn open_file(path: &Path, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
+    let file = FsOpenOptions::new()
+        .read(true)
+        .write(!options.read_only)
+        .open(path)
+        .context(|| "cannot open image".to_string())?;
+    let meta = file
+        .metadata()
+        .context(|| "cannot read file attributes".to_string())?;
+    if !meta.is_file() {
+        return Err(Error::invalid_input("not a regular file"));
+    }
+    open_storage(Box::new(FileStorage::new(file)), options)
+}
+
+/// Opens an image held by any [`Storage`] (tests use an in-memory file).
+pub fn open_storage(
+    storage: Box<dyn Storage>,
+    options: &OpenOptions,
+) -> Result<Box<dyn VirtualDisk>> {
+    let format = match options.format {
+        Some(format) => format,
+        None => probe(storage.as_ref())?,
+    };
+    Ok(match format {
+        Format::Vhd => crate::vhd::open(storage, options)?,
+        Format::Vhdx => crate::vhdx::open(storage, options)?,
+        Format::Raw => Box::new(crate::raw::RawDisk::open(storage, options)?),
+    })
+}
+
+const VHDX_SIGNATURE: &[u8; 8] = b"vhdxfile";
+const VHD_COOKIE: &[u8; 8] = b"conectix";
+
+/// Tells the format from signatures: `vhdxfile` at 0 is VHDX; a `conectix` footer at the
+/// end (512 or legacy 511 bytes) or its copy at 0 is VHD.
+pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let len = storage
+        .len()
+        .context(|| "cannot read file size".to_string())?;
+    let mut head = [0u8; 8];
+    if len >= 8 {
+        storage
+            .read_at(&mut head, 0)
+            .context(|| "reading file signature".to_string())?;
+        if &head == VHDX_SIGNATURE {
+            return Ok(Format::Vhdx);
+        }
+        if &head == VHD_COOKIE {
+            return Ok(Format::Vhd);
+        }
+    }
+    for footer_len in [512u64, 511] {
+        if len >= footer_len {
+            let mut cookie = [0u8; 8];
+            storage
+                .read_at(&mut cookie, len - footer_len)
+                .context(|| "reading VHD footer".to_string())?;
+            if &cookie == VHD_COOKIE {
+                return Ok(Format::Vhd);
+            }
+        }
+    }
+    Err(Error::new(ErrorKind::NotADiskImage))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn probe_reads_signatures_not_names() {
+        let mut vhdx = vec![0u8; 4096];
+        vhdx[..8].copy_from_slice(b"vhdxfile");
+        assert_eq!(probe(&MemStorage::from_vec(vhdx)).unwrap(), Format::Vhdx);
+
+        let mut fixed_vhd = vec![0u8; 4096];
+        fixed_vhd[4096 - 512..4096 - 504].copy_from_slice(b"conectix");
+        assert_eq!(
+            probe(&MemStorage::from_vec(fixed_vhd)).unwrap(),
+            Format::Vhd
+        );
+
+        let mut legacy = vec![0u8; 4096];
+        legacy[4096 - 511..4096 - 503].copy_from_slice(b"conectix");
+        assert_eq!(probe(&MemStorage::from_vec(legacy)).unwrap(), Format::Vhd);
+
+        for junk in [
+            vec![],
+            vec![0u8; 3],
+            b"hello world\n".to_vec(),
+            vec![0u8; 8192],
+        ] {
+            let err = probe(&MemStorage::from_vec(junk)).unwrap_err();
+            assert!(matches!(err.kind(), ErrorKind::NotADiskImage));
+        }
+    }
+
+    #[test]
+    fn extents_merge_when_adjacent_and_alike() {
+        let mut v = Vec::new();
+        push_extent(&mut v, 0, 10, Allocation::Zero);
+        push_extent(&mut v, 10, 5, Allocation::Zero);
+        push_extent(&mut v, 15, 0, Allocation::Data);
+        push_extent(&mut v, 15, 5, Allocation::Data);
+        assert_eq!(
+            v,
+            vec![
+                Extent {
+                    offset: 0,
+                    len: 15,
+                    state: Allocation::Zero
+                },
+                Extent {
+                    offset: 15,
+                    len: 5,
+                    state: Allocation::Data
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn range_checks_reject_overflow_and_past_end() {
+        assert!(check_range(100, 90, 10).is_ok());
+        assert!(check_range(100, 91, 10).is_err());
+        assert!(check_range(100, u64::MAX, 1).is_err());
+    }
+}

@@ -1,0 +1,34 @@
+//! vdisk-mount: VHD and VHDX disk images as one flat raw disk.
+//!
+//! The library works without FUSE: [`open`] probes an image by its signature and returns
+//! a [`VirtualDisk`] that reads and writes the virtual disk's bytes. The FUSE daemon
+//! (`fuse`) and the command line are thin layers over it.
+//!
+//! ```text
+//!  image file ──► Storage (pread/pwrite/fdatasync; MemStorage in tests)
+//!                    │
+//!         open() ──► probe signature ──► vhd::open / vhdx::open / raw
+//!                    │
+//!                    ▼
+//!              dyn VirtualDisk  (size, read_at, write_at, flush, allocation, discard)
+//!                    │
+//!                    ▼
+//!              fuse::DiskFs ──► /mountpoint/disk.img
+//! ```
+//!
+//! Drivers keep metadata (BAT, headers, footer, log state) in memory under a lock; data
+//! I/O to allocated blocks runs outside it. Allocating writes put data on disk and flush
+//! it before any metadata points at it, so a crash at any instant leaves an image that
+//! opens and holds every write that a flush acknowledged.
+
+pub mod disk;
+pub mod error;
+pub mod raw;
+pub mod storage;
+pub mod vhd;
+pub mod vhdx;
+
+pub use disk::{
+    Allocation, Extent, Format, OpenOptions, VhdSizeRule, VirtualDisk, open, open_storage,
+};
+pub use error::{CorruptionKind, Error, ErrorKind, Result};

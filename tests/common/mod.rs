@@ -1,0 +1,176 @@
+//! Shared support for integration tests: the sample-image corpus, external tools
+//! (qemu-img, qemu-io, zstd) and file digests. Each test binary uses a different subset.
+#![allow(dead_code)]
+
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Where the sample-image corpus lives: `$VDISK_CORPUS`, else `../shared/corpus` beside the
+/// checkout. `None` (with a printed note) when it is absent, which is only allowed outside
+/// CI: under `CI` a missing corpus fails the test instead of hiding it.
+pub fn corpus_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("VDISK_CORPUS") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"),
+    };
+    if dir.join("EXPECTED.sha256").is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "sample-image corpus not found at {} (set VDISK_CORPUS); CI must run corpus tests",
+        dir.display()
+    );
+    eprintln!(
+        "SKIPPED: sample-image corpus not found at {} (set VDISK_CORPUS to run these tests)",
+        dir.display()
+    );
+    None
+}
+
+/// Decompresses `images/<name>.zst` of the corpus into `dir` (keeping any sub-folder, so
+/// differencing images still find their parents by name) and returns the new file's path.
+pub fn decompress_corpus_image(corpus: &Path, name: &str, dir: &Path) -> PathBuf {
+    let src = corpus.join("images").join(format!("{name}.zst"));
+    let dst = dir.join(name);
+    std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    run(Command::new("zstd")
+        .args(["-q", "-f", "-d", "-o"])
+        .arg(&dst)
+        .arg(&src));
+    dst
+}
+
+/// Expected sha256 of `<key>` from the corpus's EXPECTED.sha256 or EXPECTED-extra.sha256,
+/// where keys look like `image.vhdx.raw` or `image.vhd.force_size_calc=chs.raw`.
+pub fn expected_sha256(corpus: &Path, key: &str) -> String {
+    for list in ["EXPECTED.sha256", "EXPECTED-extra.sha256"] {
+        let text = std::fs::read_to_string(corpus.join(list)).unwrap();
+        for line in text.lines() {
+            if let Some((sum, name)) = line.split_once("  ")
+                && name == key
+            {
+                return sum.to_string();
+            }
+        }
+    }
+    panic!("no expected sha256 for {key} in the corpus");
+}
+
+/// Names of corpus images (relative to `images/`, without `.zst`) ending in `suffix`.
+pub fn corpus_images(corpus: &Path, suffix: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let images = corpus.join("images");
+    let mut dirs = vec![images.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Some(rel) = path
+                .strip_prefix(&images)
+                .unwrap()
+                .to_str()
+                .and_then(|s| s.strip_suffix(".zst"))
+                && rel.ends_with(suffix)
+            {
+                names.push(rel.to_string());
+            }
+        }
+    }
+    names.sort();
+    names
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut file = File::open(path).unwrap();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    hex(&hasher.finalize())
+}
+
+pub fn sha256_bytes(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs a command and panics with its output unless it exits 0.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn qemu_img(args: &[&str]) -> Output {
+    run(Command::new("qemu-img").args(args))
+}
+
+/// Runs qemu-io commands (`-c` each) on an image of the given format.
+pub fn qemu_io(format: &str, image: &Path, commands: &[&str]) -> Output {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", format]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    cmd.arg(image);
+    let out = run(&mut cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("failed"),
+        "qemu-io {commands:?} on {}: {stdout}",
+        image.display()
+    );
+    out
+}
+
+/// `qemu-img convert -O raw` of `image` into `dst`.
+pub fn qemu_convert_to_raw(format: &str, image: &Path, dst: &Path) {
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", format, "-O", "raw"])
+        .arg(image)
+        .arg(dst));
+}
+
+/// `qemu-img check` must report no errors.
+pub fn qemu_check_clean(format: &str, image: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", format])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // vpc has no check support in qemu; that answer is not an error in the image.
+    if text.contains("does not support checks") {
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "qemu-img check {} reports problems:\n{text}",
+        image.display()
+    );
+}

@@ -23,6 +23,7 @@
 
 pub mod disk;
 pub mod error;
+pub mod fuse;
 pub mod raw;
 pub mod storage;
 pub mod vhd;

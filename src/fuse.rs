@@ -1,0 +1,914 @@
+//! The mounted view of a disk: a directory holding one regular file, `disk.img`, whose
+//! bytes are the virtual disk's.
+//!
+//! [`DiskFs`] holds every decision (inodes, attributes, range clamping, errno choices) as
+//! plain methods that tests call without a mount; its [`fuser::Filesystem`] impl only
+//! translates requests and replies.
+//!
+//! `disk.img` behaves like a block device wherever a file and a block device differ:
+//! - its size is fixed: a write that starts at or past the end fails with `ENOSPC`, and a
+//!   write straddling the end writes what fits and reports the shorter count (what `pwrite`
+//!   on a block device does);
+//! - truncating it to any other size fails with `EPERM` (so `dd` needs `conv=notrunc`);
+//! - nothing else can be created, renamed or removed (`EPERM`; `EROFS` when read-only);
+//! - reads past the end return short or empty, as for any file.
+//!
+//! `fsync` and every `close` (FUSE `flush`) make completed writes durable in the image.
+
+use crate::disk::{Allocation, VirtualDisk};
+use crate::error::Error;
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+use std::ffi::OsStr;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub const ROOT_INO: u64 = 1;
+pub const DISK_INO: u64 = 2;
+pub const DISK_FILE_NAME: &str = "disk.img";
+
+/// Largest read or write the kernel sends in one request.
+pub const MAX_IO: u32 = 1 << 20;
+
+/// `SEEK_DATA`/`SEEK_HOLE` ask the driver about this much of the disk at a time, so a
+/// search over a huge empty disk never builds one enormous extent list.
+const SEEK_WINDOW: u64 = 1 << 30;
+
+/// Attributes never change behind the kernel's back (only this daemon writes the image),
+/// so they may be cached for long.
+const ATTR_TTL: Duration = Duration::from_secs(3600);
+
+/// An errno value, as every filesystem request fails with.
+pub type FsResult<T> = Result<T, i32>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Directory,
+    File,
+}
+
+/// What `stat` reports for the root directory or `disk.img`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeAttr {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+    pub blksize: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    /// Where a listing continues after this entry.
+    pub next_offset: u64,
+    pub kind: NodeKind,
+    pub name: &'static str,
+}
+
+/// `statfs` figures: the filesystem is exactly as big as the disk and full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsStats {
+    pub blocks: u64,
+    pub block_size: u32,
+}
+
+/// Who owns the mounted nodes and when the image was last modified.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+}
+
+pub struct DiskFs {
+    disk: Arc<dyn VirtualDisk>,
+    owner: Owner,
+    /// Nanoseconds since the epoch of the last write or discard.
+    mtime_ns: AtomicU64,
+}
+
+impl DiskFs {
+    pub fn new(disk: Arc<dyn VirtualDisk>, owner: Owner) -> Self {
+        DiskFs {
+            mtime_ns: AtomicU64::new(nanos_since_epoch(owner.mtime)),
+            disk,
+            owner,
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        self.disk.is_read_only()
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<NodeAttr> {
+        let mtime = UNIX_EPOCH + Duration::from_nanos(self.mtime_ns.load(Ordering::Relaxed));
+        let (kind, size, perm, nlink) = match ino {
+            ROOT_INO => (
+                NodeKind::Directory,
+                0,
+                if self.read_only() { 0o555 } else { 0o755 },
+                2,
+            ),
+            DISK_INO => (
+                NodeKind::File,
+                self.disk.size(),
+                if self.read_only() { 0o444 } else { 0o644 },
+                1,
+            ),
+            _ => return Err(libc::ENOENT),
+        };
+        Ok(NodeAttr {
+            ino,
+            kind,
+            size,
+            perm,
+            nlink,
+            uid: self.owner.uid,
+            gid: self.owner.gid,
+            mtime,
+            blksize: self.disk.physical_sector_size().max(4096),
+        })
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<NodeAttr> {
+        match parent {
+            ROOT_INO if name == DISK_FILE_NAME => self.getattr(DISK_INO),
+            ROOT_INO => Err(libc::ENOENT),
+            DISK_INO => Err(libc::ENOTDIR),
+            _ => Err(libc::ENOENT),
+        }
+    }
+
+    /// Entries of the root directory from listing position `offset` on.
+    pub fn readdir(&self, ino: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+        match ino {
+            ROOT_INO => {}
+            DISK_INO => return Err(libc::ENOTDIR),
+            _ => return Err(libc::ENOENT),
+        }
+        let all = [
+            (ROOT_INO, NodeKind::Directory, "."),
+            (ROOT_INO, NodeKind::Directory, ".."),
+            (DISK_INO, NodeKind::File, DISK_FILE_NAME),
+        ];
+        Ok(all
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .map(|(i, &(ino, kind, name))| DirEntry {
+                ino,
+                next_offset: i as u64 + 1,
+                kind,
+                name,
+            })
+            .collect())
+    }
+
+    pub fn open(&self, ino: u64, for_writing: bool) -> FsResult<()> {
+        self.getattr(ino)?;
+        if for_writing && ino == ROOT_INO {
+            return Err(libc::EISDIR);
+        }
+        if for_writing && self.read_only() {
+            return Err(libc::EROFS);
+        }
+        Ok(())
+    }
+
+    /// A size change is refused unless it keeps the size (the disk cannot grow or shrink);
+    /// so are ownership and mode changes. Time updates are ignored.
+    pub fn setattr(
+        &self,
+        ino: u64,
+        size: Option<u64>,
+        changes_owner_or_mode: bool,
+    ) -> FsResult<NodeAttr> {
+        let attr = self.getattr(ino)?;
+        if changes_owner_or_mode {
+            return Err(libc::EPERM);
+        }
+        if let Some(size) = size {
+            if ino != DISK_INO {
+                return Err(libc::EISDIR);
+            }
+            if self.read_only() {
+                return Err(libc::EROFS);
+            }
+            if size != attr.size {
+                return Err(libc::EPERM);
+            }
+        }
+        Ok(attr)
+    }
+
+    /// The errno for any attempt to create, link, rename or remove a directory entry.
+    pub fn refuse_namespace_change(&self) -> i32 {
+        if self.read_only() {
+            libc::EROFS
+        } else {
+            libc::EPERM
+        }
+    }
+
+    pub fn read(&self, ino: u64, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        self.expect_disk(ino)?;
+        let size = self.disk.size();
+        if offset >= size {
+            return Ok(Vec::new());
+        }
+        let n = (size - offset).min(u64::from(len.min(MAX_IO * 2)));
+        // n <= 2 MiB, so the allocation is bounded whatever the kernel asked for.
+        let mut buf = vec![0u8; n as usize];
+        self.disk
+            .read_at(&mut buf, offset)
+            .map_err(|e| failed("read", offset, n, &e))?;
+        Ok(buf)
+    }
+
+    /// Writes what fits inside the disk and returns how much that was.
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.expect_disk(ino)?;
+        if self.read_only() {
+            return Err(libc::EROFS);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let size = self.disk.size();
+        if offset >= size {
+            return Err(libc::ENOSPC);
+        }
+        let fits = (size - offset).min(data.len() as u64) as usize;
+        let written = u32::try_from(fits).map_err(|_| libc::EINVAL)?;
+        self.disk
+            .write_at(&data[..fits], offset)
+            .map_err(|e| failed("write", offset, fits as u64, &e))?;
+        self.touch();
+        Ok(written)
+    }
+
+    pub fn flush(&self, ino: u64) -> FsResult<()> {
+        self.getattr(ino)?;
+        if ino != DISK_INO || self.read_only() {
+            return Ok(());
+        }
+        self.disk.flush().map_err(|e| {
+            log::error!("flush failed: {e}");
+            e.errno()
+        })
+    }
+
+    /// Punching a hole or zeroing a range discards it (it reads as zeros afterwards);
+    /// the part past the end of the disk is ignored, since the disk cannot grow.
+    /// Preallocation is not offered: a dynamic image cannot promise space ahead.
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        self.expect_disk(ino)?;
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        const ZERO_KEEP: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        if !matches!(mode, PUNCH | ZERO | ZERO_KEEP) {
+            return Err(libc::EOPNOTSUPP);
+        }
+        if self.read_only() {
+            return Err(libc::EROFS);
+        }
+        let size = self.disk.size();
+        let end = offset.checked_add(len).ok_or(libc::EFBIG)?;
+        if mode == ZERO && end > size {
+            return Err(libc::ENOSPC);
+        }
+        let end = end.min(size);
+        if offset >= end {
+            return Ok(());
+        }
+        self.disk
+            .discard(offset, end - offset)
+            .map_err(|e| failed("discard", offset, end - offset, &e))?;
+        self.touch();
+        Ok(())
+    }
+
+    /// `SEEK_DATA` and `SEEK_HOLE`, from the driver's allocation map: ranges that read as
+    /// zeros without data behind them are holes.
+    pub fn seek(&self, ino: u64, offset: i64, whence: i32) -> FsResult<i64> {
+        self.expect_disk(ino)?;
+        let want = match whence {
+            libc::SEEK_DATA => Allocation::Data,
+            libc::SEEK_HOLE => Allocation::Zero,
+            _ => return Err(libc::EINVAL),
+        };
+        let size = self.disk.size();
+        let start = u64::try_from(offset).map_err(|_| libc::ENXIO)?;
+        if start >= size {
+            return Err(libc::ENXIO);
+        }
+        let mut pos = start;
+        while pos < size {
+            let len = SEEK_WINDOW.min(size - pos);
+            let extents = self
+                .disk
+                .allocation(pos, len)
+                .map_err(|e| failed("allocation lookup", pos, len, &e))?;
+            if let Some(found) = extents.iter().find(|e| e.state == want) {
+                return i64::try_from(found.offset.max(start)).map_err(|_| libc::EOVERFLOW);
+            }
+            pos += len;
+        }
+        match want {
+            Allocation::Data => Err(libc::ENXIO),
+            // The end of a file counts as a hole.
+            Allocation::Zero => i64::try_from(size).map_err(|_| libc::EOVERFLOW),
+        }
+    }
+
+    pub fn statfs(&self) -> FsStats {
+        let block_size = self.getattr(DISK_INO).map_or(4096, |a| a.blksize);
+        FsStats {
+            blocks: self.disk.size().div_ceil(u64::from(block_size)),
+            block_size,
+        }
+    }
+
+    fn expect_disk(&self, ino: u64) -> FsResult<()> {
+        match ino {
+            DISK_INO => Ok(()),
+            ROOT_INO => Err(libc::EISDIR),
+            _ => Err(libc::ENOENT),
+        }
+    }
+
+    fn touch(&self) {
+        self.mtime_ns
+            .store(nanos_since_epoch(SystemTime::now()), Ordering::Relaxed);
+    }
+}
+
+fn nanos_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Logs a driver failure with the request it broke and returns the errno for the caller.
+fn failed(op: &str, offset: u64, len: u64, err: &Error) -> i32 {
+    log::error!("{op} of {len} bytes at offset {offset} failed: {err}");
+    err.errno()
+}
+
+fn errno(code: i32) -> Errno {
+    Errno::from_i32(code)
+}
+
+fn file_attr(a: &NodeAttr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: match a.kind {
+            NodeKind::Directory => FileType::Directory,
+            NodeKind::File => FileType::RegularFile,
+        },
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+impl Filesystem for DiskFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Both are capped by the kernel and by fuser; a smaller limit is fine.
+        let _ = config.set_max_write(MAX_IO);
+        if let Err(kernel_max) = config.set_max_readahead(MAX_IO) {
+            let _ = config.set_max_readahead(kernel_max);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match DiskFs::lookup(self, parent.0, name) {
+            Ok(a) => reply.entry(&ATTR_TTL, &file_attr(&a), fuser::Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match DiskFs::getattr(self, ino.0) {
+            Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let owner_or_mode = mode.is_some() || uid.is_some() || gid.is_some();
+        match DiskFs::setattr(self, ino.0, size, owner_or_mode) {
+            Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match DiskFs::readdir(self, ino.0, offset) {
+            Ok(entries) => {
+                for e in entries {
+                    let kind = match e.kind {
+                        NodeKind::Directory => FileType::Directory,
+                        NodeKind::File => FileType::RegularFile,
+                    };
+                    if reply.add(INodeNo(e.ino), e.next_offset, kind, e.name) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let for_writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        match DiskFs::open(self, ino.0, for_writing) {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match DiskFs::read(self, ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match DiskFs::write(self, ino.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match DiskFs::flush(self, ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match DiskFs::flush(self, ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match DiskFs::getattr(self, ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = DiskFs::statfs(self);
+        reply.statfs(s.blocks, 0, 0, 2, 0, s.block_size, 255, s.block_size);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match DiskFs::fallocate(self, ino.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match DiskFs::seek(self, ino.0, offset, whence) {
+            Ok(pos) => reply.offset(pos),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(errno(self.refuse_namespace_change()));
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(self.refuse_namespace_change()));
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(self.refuse_namespace_change()));
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno(self.refuse_namespace_change()));
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno(self.refuse_namespace_change()));
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(self.refuse_namespace_change()));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno(self.refuse_namespace_change()));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(self.refuse_namespace_change()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::OpenOptions;
+    use crate::raw::RawDisk;
+    use crate::storage::MemStorage;
+
+    fn fs_over(bytes: Vec<u8>, read_only: bool) -> DiskFs {
+        let options = OpenOptions {
+            read_only,
+            ..Default::default()
+        };
+        let disk = RawDisk::open(Box::new(MemStorage::from_vec(bytes)), &options).unwrap();
+        DiskFs::new(
+            Arc::new(disk),
+            Owner {
+                uid: 1234,
+                gid: 5678,
+                mtime: UNIX_EPOCH + Duration::from_secs(1_000_000),
+            },
+        )
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn root_holds_exactly_one_file_owned_by_the_mounting_user() {
+        let fs = fs_over(vec![0; 8192], false);
+        let file = fs.lookup(ROOT_INO, OsStr::new(DISK_FILE_NAME)).unwrap();
+        assert_eq!(file.ino, DISK_INO);
+        assert_eq!(file.kind, NodeKind::File);
+        assert_eq!(file.size, 8192);
+        assert_eq!(file.perm, 0o644);
+        assert_eq!((file.uid, file.gid), (1234, 5678));
+        assert_eq!(
+            fs.lookup(ROOT_INO, OsStr::new("other")).unwrap_err(),
+            libc::ENOENT
+        );
+        assert_eq!(
+            fs.lookup(DISK_INO, OsStr::new("x")).unwrap_err(),
+            libc::ENOTDIR
+        );
+        assert_eq!(fs.getattr(99).unwrap_err(), libc::ENOENT);
+        let root = fs.getattr(ROOT_INO).unwrap();
+        assert_eq!(
+            (root.kind, root.perm, root.nlink),
+            (NodeKind::Directory, 0o755, 2)
+        );
+
+        let names: Vec<_> = fs
+            .readdir(ROOT_INO, 0)
+            .unwrap()
+            .iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, [".", "..", DISK_FILE_NAME]);
+        // A listing resumed after the second entry continues with the third.
+        let rest = fs.readdir(ROOT_INO, 2).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].ino, DISK_INO);
+        assert!(fs.readdir(ROOT_INO, 3).unwrap().is_empty());
+        assert!(fs.readdir(ROOT_INO, u64::MAX).unwrap().is_empty());
+        assert_eq!(fs.readdir(DISK_INO, 0).unwrap_err(), libc::ENOTDIR);
+    }
+
+    #[test]
+    fn reads_are_clamped_at_the_end_like_a_file() {
+        let data = pattern(4096);
+        let fs = fs_over(data.clone(), false);
+        assert_eq!(fs.read(DISK_INO, 100, 50).unwrap(), data[100..150]);
+        assert_eq!(fs.read(DISK_INO, 4000, 4096).unwrap(), data[4000..]);
+        assert!(fs.read(DISK_INO, 4096, 10).unwrap().is_empty());
+        assert!(fs.read(DISK_INO, u64::MAX, 10).unwrap().is_empty());
+        assert_eq!(fs.read(ROOT_INO, 0, 10).unwrap_err(), libc::EISDIR);
+    }
+
+    #[test]
+    fn writes_stop_at_the_end_like_a_block_device() {
+        let fs = fs_over(vec![0; 4096], false);
+        let before = fs.getattr(DISK_INO).unwrap().mtime;
+        assert_eq!(fs.write(DISK_INO, 1, b"abc").unwrap(), 3);
+        assert!(fs.getattr(DISK_INO).unwrap().mtime > before);
+        // Straddling the end: the part that fits is written and reported.
+        assert_eq!(fs.write(DISK_INO, 4094, b"wxyz").unwrap(), 2);
+        assert_eq!(fs.write(DISK_INO, 4096, b"z").unwrap_err(), libc::ENOSPC);
+        assert_eq!(
+            fs.write(DISK_INO, u64::MAX, b"z").unwrap_err(),
+            libc::ENOSPC
+        );
+        assert_eq!(fs.write(DISK_INO, 4096, b"").unwrap(), 0);
+        assert_eq!(fs.read(DISK_INO, 0, 4).unwrap(), b"\0abc");
+        assert_eq!(fs.read(DISK_INO, 4092, 8).unwrap(), b"\0\0wx");
+        assert_eq!(fs.getattr(DISK_INO).unwrap().size, 4096);
+        fs.flush(DISK_INO).unwrap();
+    }
+
+    #[test]
+    fn size_is_fixed_and_nothing_else_can_be_created() {
+        let fs = fs_over(vec![0; 4096], false);
+        assert_eq!(fs.setattr(DISK_INO, Some(4096), false).unwrap().size, 4096);
+        assert_eq!(
+            fs.setattr(DISK_INO, Some(0), false).unwrap_err(),
+            libc::EPERM
+        );
+        assert_eq!(
+            fs.setattr(DISK_INO, Some(8192), false).unwrap_err(),
+            libc::EPERM
+        );
+        assert_eq!(fs.setattr(DISK_INO, None, true).unwrap_err(), libc::EPERM);
+        assert!(fs.setattr(DISK_INO, None, false).is_ok());
+        assert_eq!(fs.refuse_namespace_change(), libc::EPERM);
+        assert_eq!(fs.open(ROOT_INO, true).unwrap_err(), libc::EISDIR);
+        fs.open(DISK_INO, true).unwrap();
+    }
+
+    #[test]
+    fn read_only_refuses_every_change_with_erofs() {
+        let fs = fs_over(pattern(4096), true);
+        assert_eq!(fs.getattr(DISK_INO).unwrap().perm, 0o444);
+        assert_eq!(fs.getattr(ROOT_INO).unwrap().perm, 0o555);
+        assert_eq!(fs.open(DISK_INO, true).unwrap_err(), libc::EROFS);
+        fs.open(DISK_INO, false).unwrap();
+        assert_eq!(fs.write(DISK_INO, 0, b"x").unwrap_err(), libc::EROFS);
+        assert_eq!(
+            fs.setattr(DISK_INO, Some(4096), false).unwrap_err(),
+            libc::EROFS
+        );
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(
+            fs.fallocate(DISK_INO, 0, 512, punch).unwrap_err(),
+            libc::EROFS
+        );
+        assert_eq!(fs.refuse_namespace_change(), libc::EROFS);
+        fs.flush(DISK_INO).unwrap();
+        assert_eq!(fs.read(DISK_INO, 0, 4096).unwrap(), pattern(4096));
+    }
+
+    #[test]
+    fn punching_a_hole_zeroes_the_range_inside_the_disk() {
+        let fs = fs_over(vec![0xaa; 4096], false);
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        fs.fallocate(DISK_INO, 10, 20, punch).unwrap();
+        let data = fs.read(DISK_INO, 0, 4096).unwrap();
+        assert!(data[..10].iter().all(|&b| b == 0xaa));
+        assert!(data[10..30].iter().all(|&b| b == 0));
+        assert!(data[30..].iter().all(|&b| b == 0xaa));
+        // Past the end only the part inside the disk is zeroed.
+        fs.fallocate(DISK_INO, 4000, 1 << 40, punch).unwrap();
+        assert!(fs.read(DISK_INO, 4000, 96).unwrap().iter().all(|&b| b == 0));
+        fs.fallocate(DISK_INO, u64::MAX - 1, 1, punch).unwrap();
+        assert_eq!(
+            fs.fallocate(DISK_INO, 1, u64::MAX, punch).unwrap_err(),
+            libc::EFBIG
+        );
+        assert_eq!(
+            fs.fallocate(DISK_INO, 4000, 200, libc::FALLOC_FL_ZERO_RANGE)
+                .unwrap_err(),
+            libc::ENOSPC
+        );
+        assert_eq!(
+            fs.fallocate(DISK_INO, 0, 10, 0).unwrap_err(),
+            libc::EOPNOTSUPP
+        );
+        assert_eq!(fs.getattr(DISK_INO).unwrap().size, 4096);
+    }
+
+    #[test]
+    fn seek_data_and_hole_follow_the_allocation_map() {
+        // A raw disk is all data: the only hole is the end of the file.
+        let fs = fs_over(vec![1; 4096], false);
+        assert_eq!(fs.seek(DISK_INO, 100, libc::SEEK_DATA).unwrap(), 100);
+        assert_eq!(fs.seek(DISK_INO, 100, libc::SEEK_HOLE).unwrap(), 4096);
+        assert_eq!(
+            fs.seek(DISK_INO, 4096, libc::SEEK_DATA).unwrap_err(),
+            libc::ENXIO
+        );
+        assert_eq!(
+            fs.seek(DISK_INO, -1, libc::SEEK_HOLE).unwrap_err(),
+            libc::ENXIO
+        );
+        assert_eq!(
+            fs.seek(DISK_INO, 0, libc::SEEK_END).unwrap_err(),
+            libc::EINVAL
+        );
+    }
+
+    #[test]
+    fn driver_errors_reach_the_caller_as_their_errno() {
+        let storage = Arc::new(MemStorage::from_vec(vec![0; 4096]));
+        struct Shared(Arc<MemStorage>);
+        impl crate::storage::Storage for Shared {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                self.0.read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                self.0.write_at(buf, offset)
+            }
+            fn flush(&self) -> io::Result<()> {
+                self.0.flush()
+            }
+            fn len(&self) -> io::Result<u64> {
+                self.0.len()
+            }
+            fn set_len(&self, len: u64) -> io::Result<()> {
+                self.0.set_len(len)
+            }
+        }
+        let disk =
+            RawDisk::open(Box::new(Shared(storage.clone())), &OpenOptions::default()).unwrap();
+        let fs = DiskFs::new(
+            Arc::new(disk),
+            Owner {
+                uid: 0,
+                gid: 0,
+                mtime: UNIX_EPOCH,
+            },
+        );
+        storage.fail_writes_after(0, libc::ENOSPC);
+        assert_eq!(fs.write(DISK_INO, 0, b"x").unwrap_err(), libc::ENOSPC);
+        storage.fail_flushes(libc::EIO);
+        assert_eq!(fs.flush(DISK_INO).unwrap_err(), libc::EIO);
+        storage.fail_reads(libc::EIO);
+        assert_eq!(fs.read(DISK_INO, 0, 1).unwrap_err(), libc::EIO);
+        storage.clear_faults();
+        assert_eq!(fs.write(DISK_INO, 0, b"x").unwrap(), 1);
+        fs.flush(DISK_INO).unwrap();
+    }
+
+    #[test]
+    fn statfs_reports_the_disk_as_a_full_filesystem() {
+        let fs = fs_over(vec![0; 10_000], false);
+        assert_eq!(
+            fs.statfs(),
+            FsStats {
+                blocks: 3,
+                block_size: 4096
+            }
+        );
+    }
+}

@@ -2,6 +2,8 @@
 //! (qemu-img, qemu-io, zstd) and file digests. Each test binary uses a different subset.
 #![allow(dead_code)]
 
+pub mod mount;
+
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::Read;

@@ -1,0 +1,380 @@
+//! The real-mount harness: runs the `vdisk-mount` binary as a user would (background mode),
+//! and guards every mount, loop device and filesystem mount so a failing test still
+//! cleans up after itself.
+
+use super::run;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vdisk-mount");
+
+/// How long a daemon may take to exit after its mount went away.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether FUSE mounts can run here. Without `/dev/fuse` the tests skip (saying why), but
+/// only outside CI: under `CI` a missing device fails the test instead of hiding it.
+pub fn fuse_available() -> bool {
+    device_available("/dev/fuse")
+}
+
+/// Like [`fuse_available`], for tests that also attach loop devices.
+pub fn loop_available() -> bool {
+    fuse_available() && device_available("/dev/loop-control")
+}
+
+fn device_available(device: &str) -> bool {
+    if Path::new(device).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{device} is missing; CI must run the mount tests"
+    );
+    eprintln!("SKIPPED: {device} is absent, so real-mount tests cannot run here");
+    false
+}
+
+/// Whether anything is mounted at `path`, per this process's mount table.
+pub fn is_mounted(path: &Path) -> bool {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let target = path.to_str().unwrap().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some(target.as_str()))
+}
+
+/// A live `vdisk-mount` mount on a fresh temporary directory.
+pub struct Mount {
+    mountpoint: tempfile::TempDir,
+    daemon: Option<libc::pid_t>,
+}
+
+impl Mount {
+    /// Mounts `image` with the given `-o` options and checks that `disk.img` is there.
+    pub fn new(image: &Path, options: &[&str]) -> Mount {
+        let mountpoint = tempfile::tempdir().unwrap();
+        let out = Self::start(image, options, mountpoint.path());
+        assert!(
+            out.status.success(),
+            "vdisk-mount {options:?} {} failed ({}): {}",
+            image.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let daemon = find_daemon(mountpoint.path());
+        let mount = Mount {
+            mountpoint,
+            daemon: Some(daemon),
+        };
+        assert!(is_mounted(mount.mountpoint()), "mount is not in the table");
+        assert!(mount.disk().is_file(), "disk.img missing after mount");
+        mount
+    }
+
+    /// Runs `vdisk-mount` in background mode and returns its output, mounted or not.
+    pub fn start(image: &Path, options: &[&str], mountpoint: &Path) -> Output {
+        become_subreaper();
+        let mut cmd = Command::new(BIN);
+        for o in options {
+            cmd.args(["-o", o]);
+        }
+        cmd.arg(image).arg(mountpoint);
+        cmd.output().expect("cannot run vdisk-mount")
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        self.mountpoint.path()
+    }
+
+    pub fn disk(&self) -> PathBuf {
+        self.mountpoint().join("disk.img")
+    }
+
+    pub fn daemon_pid(&self) -> libc::pid_t {
+        self.daemon.unwrap()
+    }
+
+    /// Unmounts as a user would and asserts that the daemon exits 0, with the image closed.
+    pub fn unmount(mut self) {
+        run(Command::new("fusermount3").arg("-u").arg(self.mountpoint()));
+        let status = wait_for_exit(self.daemon.take().unwrap());
+        assert!(!is_mounted(self.mountpoint()));
+        assert_eq!(status, Some(0), "daemon did not exit cleanly");
+    }
+
+    /// Waits for the daemon to exit after something else ended the mount; returns its exit
+    /// code (`None` if a signal killed it).
+    pub fn wait_for_exit(mut self) -> Option<i32> {
+        wait_for_exit(self.daemon.take().unwrap())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let Some(daemon) = self.daemon.take() else {
+            return;
+        };
+        if is_mounted(self.mountpoint()) {
+            let unmounted = Command::new("fusermount3")
+                .arg("-u")
+                .arg(self.mountpoint())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !unmounted {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(self.mountpoint())
+                    .status();
+            }
+        }
+        let status = wait_for_exit(daemon);
+        if !std::thread::panicking() {
+            assert_eq!(status, Some(0), "daemon did not exit cleanly");
+        }
+    }
+}
+
+/// The background daemon outlives the `vdisk-mount` command that started it; as a
+/// subreaper this test process inherits it, so it can wait for it and see its exit code.
+fn become_subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and touches no memory.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(rc, 0, "prctl(PR_SET_CHILD_SUBREAPER)");
+    });
+}
+
+/// The daemon serving `mountpoint`: our child (by inheritance) whose command line names it.
+fn find_daemon(mountpoint: &Path) -> libc::pid_t {
+    let me = std::process::id().to_string();
+    let wanted = mountpoint.as_os_str().as_encoded_bytes();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, ...
+        let Some(ppid) = stat.rsplit_once(')').and_then(|(_, r)| r.split(' ').nth(2)) else {
+            continue;
+        };
+        if ppid != me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.split(|&b| b == 0).any(|arg| arg == wanted) {
+            return pid;
+        }
+    }
+    panic!("no vdisk-mount daemon found for {}", mountpoint.display());
+}
+
+/// Reaps `pid`, returning its exit code (`None` if killed by a signal).
+fn wait_for_exit(pid: libc::pid_t) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out pointer; WNOHANG never blocks.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(
+            rc >= 0,
+            "waitpid({pid}): {}",
+            std::io::Error::last_os_error()
+        );
+        if rc == pid {
+            return libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+        }
+        assert!(
+            start.elapsed() < EXIT_TIMEOUT,
+            "daemon {pid} still running {EXIT_TIMEOUT:?} after unmount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A loop device over a file, detached on drop.
+pub struct LoopDevice {
+    device: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn attach(file: &Path) -> LoopDevice {
+        let out = run(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        let device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        LoopDevice { device }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.device
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// A kernel filesystem mounted from a device, unmounted on drop.
+pub struct FsMount {
+    dir: tempfile::TempDir,
+    mounted: bool,
+}
+
+impl FsMount {
+    pub fn new(device: &Path) -> FsMount {
+        let dir = tempfile::tempdir().unwrap();
+        run(Command::new("mount").arg(device).arg(dir.path()));
+        FsMount { dir, mounted: true }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn unmount(mut self) {
+        self.mounted = false;
+        run(Command::new("umount").arg(self.dir.path()));
+    }
+}
+
+impl Drop for FsMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+}
+
+/// Deterministic, position-dependent bytes, so a misplaced write shows up.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes that stress a disk of `size` bytes with `block` bytes per allocation unit:
+/// unaligned, across block boundaries, a large one, and the last sector and bytes.
+pub fn awkward_writes(size: u64, block: u64) -> Vec<(u64, usize)> {
+    let mut writes = vec![
+        (1, 100),
+        (511, 2),
+        (block - 1000, 3000),
+        (2 * block + 12_345, (block + 7) as usize),
+        (size / 2 - 1, 4099),
+        (size - 512, 512),
+        (size - 3, 3),
+    ];
+    writes.retain(|&(offset, len)| offset + len as u64 <= size);
+    writes
+}
+
+/// Applies the same writes to the mounted `disk.img` and to a plain reference file, and
+/// checks that a write straddling the end is cut short and one past it is refused.
+pub fn write_both(disk_img: &Path, reference: &Path, writes: &[(u64, usize)]) {
+    let disk = OpenOptions::new().write(true).open(disk_img).unwrap();
+    let plain = OpenOptions::new().write(true).open(reference).unwrap();
+    for (i, &(offset, len)) in writes.iter().enumerate() {
+        let data = pattern(i as u64 + offset, len);
+        disk.write_all_at(&data, offset)
+            .unwrap_or_else(|e| panic!("write of {len} bytes at {offset}: {e}"));
+        plain.write_all_at(&data, offset).unwrap();
+    }
+    let size = disk.metadata().unwrap().len();
+    let tail = pattern(size, 1000);
+    assert_eq!(
+        disk.write_at(&tail, size - 10).unwrap(),
+        10,
+        "straddling write"
+    );
+    plain.write_all_at(&tail[..10], size - 10).unwrap();
+    let past = disk.write_at(b"x", size).unwrap_err();
+    assert_eq!(past.raw_os_error(), Some(libc::ENOSPC));
+    disk.sync_all().unwrap();
+    assert_eq!(disk.metadata().unwrap().len(), size, "size changed");
+}
+
+/// Byte-for-byte equality of two files (`cmp` reads both in full).
+pub fn assert_same_bytes(a: &Path, b: &Path) {
+    run(Command::new("cmp").arg(a).arg(b));
+}
+
+/// The raw bytes qemu sees in `image`, copied sparsely into `dst`.
+pub fn reference_copy(qemu_format: &str, image: &Path, dst: &Path) {
+    super::qemu_convert_to_raw(qemu_format, image, dst);
+}
+
+/// `qemu-img compare` of `image` against the raw file `reference` must find them identical.
+pub fn assert_qemu_identical(qemu_format: &str, image: &Path, reference: &Path) {
+    let out = run(Command::new("qemu-img")
+        .args(["compare", "-f", qemu_format, "-F", "raw"])
+        .arg(image)
+        .arg(reference));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("identical"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The full round trip every format must pass through a real mount:
+/// 1. the mounted `disk.img` equals qemu's raw conversion of the image;
+/// 2. awkward writes through the mount, unmount, and qemu finds the image identical to a
+///    raw file that received the same writes;
+/// 3. a read-only remount reads the same bytes back, refuses writes with EROFS and leaves
+///    the image file untouched.
+pub fn round_trip(image: &Path, qemu_format: &str, options: &[&str], block: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("reference.raw");
+    reference_copy(qemu_format, image, &reference);
+
+    let mount = Mount::new(image, options);
+    let size = std::fs::metadata(mount.disk()).unwrap().len();
+    assert_eq!(size, std::fs::metadata(&reference).unwrap().len(), "size");
+    assert_same_bytes(&mount.disk(), &reference);
+    write_both(&mount.disk(), &reference, &awkward_writes(size, block));
+    mount.unmount();
+    assert_qemu_identical(qemu_format, image, &reference);
+    super::qemu_check_clean(qemu_format, image);
+
+    let mut ro = options.to_vec();
+    ro.push("ro");
+    let before = super::sha256_file(image);
+    let mount = Mount::new(image, &ro);
+    assert_same_bytes(&mount.disk(), &reference);
+    assert_read_only(&mount.disk());
+    mount.unmount();
+    assert_eq!(
+        super::sha256_file(image),
+        before,
+        "read-only mount changed the image"
+    );
+}
+
+/// Every way of changing a read-only `disk.img` fails with EROFS.
+pub fn assert_read_only(disk_img: &Path) {
+    let err = OpenOptions::new().write(true).open(disk_img).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "open for writing");
+    let file = File::open(disk_img).unwrap();
+    assert!(file.write_at(b"x", 0).is_err(), "write on a read-only fd");
+    let err = File::create(disk_img.with_file_name("new")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "create");
+}

@@ -1,9 +1,608 @@
-//! VHD images. Not implemented yet.
+//! VHD images (FORMATS.md §8): fixed disks (raw data followed by a footer) and dynamic
+//! disks (footer copy, dynamic header, BAT, blocks, footer).
+//!
+//! The footer, dynamic header and BAT are read once at open; the BAT then lives in memory
+//! under a lock that is held only to look entries up or change them. Data I/O to allocated
+//! blocks runs outside every lock, one positional request per block touched.
+//!
+//! A new block goes where the trailing footer was. Allocation keeps the file openable at
+//! every instant and never lets the BAT point at data that may not be on the medium:
+//!
+//! 1. write the footer past the end of the new block, flush: the file always ends in a
+//!    valid footer, the old one becoming dead space inside the new block;
+//! 2. write the block's bitmap (all ones) over the old footer and the caller's data into
+//!    the block, flush: the rest of the block reads as zeros because the file grew past
+//!    it in step 1;
+//! 3. write the BAT entry. This is the commit point; a crash before it only leaks the
+//!    space, and the entry becomes durable with the next flush like any other write.
+//!
+//! Differencing disks are recognised and refused until parents can be resolved.
 
-use crate::disk::{OpenOptions, VirtualDisk};
-use crate::error::{Error, Result};
+mod bat;
+mod checksum;
+mod dynamic_header;
+mod footer;
+mod geometry;
+
+pub use dynamic_header::MAX_DISK_SIZE;
+pub use footer::DiskType;
+pub use geometry::Geometry;
+
+use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, push_extent};
+use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
 use crate::storage::Storage;
+use bat::{Bat, BlockLayout, Reserved, UNALLOCATED};
+use dynamic_header::{DynamicHeader, HEADER_SIZE};
+use footer::{FOOTER_SIZE, Footer, LEGACY_FOOTER_SIZE};
+use geometry::{SizeSource, size_source};
+use parking_lot::{Mutex, RwLock};
 
-pub fn open(_storage: Box<dyn Storage>, _options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
-    Err(Error::unsupported("VHD is not supported yet"))
+const SECTOR: u64 = 512;
+/// Largest piece of zeros written at once when discarding.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
+    Ok(Box::new(VhdDisk::open(storage, options)?))
+}
+
+/// An open VHD image.
+pub struct VhdDisk {
+    storage: Box<dyn Storage>,
+    footer: Footer,
+    size: u64,
+    read_only: bool,
+    /// Present for dynamic disks.
+    dynamic: Option<Dynamic>,
+}
+
+struct Dynamic {
+    table_offset: u64,
+    layout: BlockLayout,
+    bat: RwLock<Bat>,
+    /// Held for the whole of an allocation, so two writers never allocate the same block
+    /// or the same space.
+    allocator: Mutex<Allocator>,
+    /// The footer as found, rewritten unchanged at each new end of file.
+    footer_bytes: [u8; FOOTER_SIZE],
+    /// A new block's bitmap: every sector marked as present.
+    full_bitmap: Vec<u8>,
+}
+
+struct Allocator {
+    /// Where the next block goes: the trailing footer's offset, sector-aligned.
+    next_block: u64,
+}
+
+/// The footer chosen at open and where the data area it closes ends.
+struct FoundFooter {
+    footer: Footer,
+    bytes: [u8; FOOTER_SIZE],
+    /// Start of the trailing footer, or the file length when only the copy at 0 is valid.
+    data_end: u64,
+}
+
+impl VhdDisk {
+    pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<VhdDisk> {
+        let file_len = storage
+            .len()
+            .context(|| "cannot read file size".to_string())?;
+        let found = locate_footer(storage.as_ref(), file_len)?;
+        let footer = found.footer.clone();
+        let size = virtual_size(&footer, options.vhd_size_rule)?;
+        let dynamic = match footer.disk_type {
+            DiskType::Fixed => {
+                if size > found.data_end {
+                    return Err(Error::corrupt(
+                        CorruptionKind::Truncated,
+                        "VHD fixed disk data",
+                        format!(
+                            "the file holds {} bytes before the footer, the disk needs {size}",
+                            found.data_end
+                        ),
+                    ));
+                }
+                None
+            }
+            DiskType::Dynamic | DiskType::Differencing => {
+                Some(open_dynamic(storage.as_ref(), &found, size)?)
+            }
+        };
+        Ok(VhdDisk {
+            storage,
+            footer,
+            size,
+            read_only: options.read_only,
+            dynamic,
+        })
+    }
+
+    pub fn disk_type(&self) -> DiskType {
+        self.footer.disk_type
+    }
+
+    /// The Creator Application field, e.g. `win `, `qemu`, `vpc `.
+    pub fn creator_app(&self) -> [u8; 4] {
+        self.footer.creator_app
+    }
+
+    pub fn unique_id(&self) -> uuid::Uuid {
+        uuid::Uuid::from_bytes(self.footer.unique_id)
+    }
+
+    /// The footer's geometry, whether or not it gives the disk size.
+    pub fn geometry(&self) -> Geometry {
+        self.footer.geometry
+    }
+
+    /// Data bytes per block; `None` for fixed disks.
+    pub fn block_size(&self) -> Option<u64> {
+        self.dynamic.as_ref().map(|d| d.layout.block_size)
+    }
+
+    /// Blocks with space in the file; `None` for fixed disks.
+    pub fn allocated_blocks(&self) -> Option<u64> {
+        self.dynamic.as_ref().map(|d| d.bat.read().allocated())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(ErrorKind::ReadOnly));
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::new(ErrorKind::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            })),
+        }
+    }
+
+    /// Writes into a block that may not be allocated yet.
+    fn write_block(&self, d: &Dynamic, block: u64, in_block: u64, data: &[u8]) -> Result<()> {
+        let allocated = d.bat.read().block_offset(block);
+        match allocated {
+            Some(block_at) => self.write_data(d, block, block_at, in_block, data),
+            None => self.allocate_block(d, block, in_block, data),
+        }
+    }
+
+    fn write_data(
+        &self,
+        d: &Dynamic,
+        block: u64,
+        block_at: u64,
+        in_block: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        self.storage
+            .write_at(data, block_at + d.layout.bitmap_bytes + in_block)
+            .context(|| format!("writing {} bytes to block {block}", data.len()))
+    }
+
+    /// Gives `block` space at the end of the file holding `data` at `in_block`, in the
+    /// crash-safe order described at the top of this module.
+    fn allocate_block(&self, d: &Dynamic, block: u64, in_block: u64, data: &[u8]) -> Result<()> {
+        let mut allocator = d.allocator.lock();
+        // Another writer may have allocated the block while this one waited.
+        let allocated = d.bat.read().block_offset(block);
+        if let Some(block_at) = allocated {
+            drop(allocator);
+            return self.write_data(d, block, block_at, in_block, data);
+        }
+        let block_at = allocator.next_block;
+        let sector = u32::try_from(block_at / SECTOR)
+            .ok()
+            .filter(|&sector| sector != UNALLOCATED)
+            .ok_or_else(|| {
+                Error::new(ErrorKind::Io {
+                    what: format!("allocating block {block}"),
+                    source: std::io::Error::from_raw_os_error(libc::EFBIG),
+                })
+            })?;
+        let footer_at = block_at + d.layout.span();
+        let storage = self.storage.as_ref();
+        let context = |step: &str| format!("allocating block {block}: {step}");
+
+        // Whatever follows the old footer (a legacy short footer, or a block left behind
+        // by a failed allocation) is cut off so the new block's unwritten sectors are zeros.
+        let file_len = storage.len().context(|| context("reading file size"))?;
+        if file_len != block_at + FOOTER_SIZE as u64 {
+            storage
+                .set_len(block_at)
+                .context(|| context("trimming the file end"))?;
+        }
+        storage
+            .write_at(&d.footer_bytes, footer_at)
+            .context(|| context("writing the footer at the new end"))?;
+        storage
+            .flush()
+            .context(|| context("flushing the new footer"))?;
+        storage
+            .write_at(&d.full_bitmap, block_at)
+            .context(|| context("writing the sector bitmap"))?;
+        storage
+            .write_at(data, block_at + d.layout.bitmap_bytes + in_block)
+            .context(|| context("writing data"))?;
+        storage.flush().context(|| context("flushing block data"))?;
+        let committed = storage
+            .write_at(
+                &Bat::entry_bytes(sector),
+                d.table_offset + block * bat::ENTRY_SIZE,
+            )
+            .context(|| context("writing the BAT entry"));
+        // Even a failed entry write may have reached the file: never hand this space out
+        // again.
+        allocator.next_block = footer_at;
+        committed?;
+        d.bat.write().set(block, sector);
+        Ok(())
+    }
+}
+
+/// Finds the footer: the trailing one (512 bytes, or 511 from old Virtual PC), else, for
+/// dynamic and differencing disks, the copy at offset 0.
+fn locate_footer(storage: &dyn Storage, file_len: u64) -> Result<FoundFooter> {
+    let mut trailing_error = None;
+    for footer_len in [FOOTER_SIZE, LEGACY_FOOTER_SIZE] {
+        let Some(at) = file_len.checked_sub(footer_len as u64) else {
+            continue;
+        };
+        let mut bytes = [0u8; FOOTER_SIZE];
+        storage
+            .read_at(&mut bytes[..footer_len], at)
+            .context(|| "reading the VHD footer".to_string())?;
+        match Footer::parse(&bytes, "VHD footer") {
+            Ok(footer) => {
+                return Ok(FoundFooter {
+                    footer,
+                    bytes,
+                    data_end: at,
+                });
+            }
+            // A cookie at 512 bytes from the end rules out the legacy position.
+            Err(e) if e.corruption_kind() != Some(CorruptionKind::BadSignature) => {
+                trailing_error = Some(e);
+                break;
+            }
+            Err(e) => {
+                trailing_error.get_or_insert(e);
+            }
+        }
+    }
+    let trailing_error = trailing_error.unwrap_or_else(|| {
+        Error::corrupt(
+            CorruptionKind::Truncated,
+            "VHD footer",
+            format!("the file is only {file_len} bytes long"),
+        )
+    });
+    if file_len < FOOTER_SIZE as u64 {
+        return Err(trailing_error);
+    }
+    let mut bytes = [0u8; FOOTER_SIZE];
+    storage
+        .read_at(&mut bytes, 0)
+        .context(|| "reading the VHD footer copy at offset 0".to_string())?;
+    match Footer::parse(&bytes, "VHD footer copy at offset 0") {
+        // A fixed disk has no copy: these bytes are disk data that only look like one.
+        Ok(footer) if footer.disk_type != DiskType::Fixed => {
+            log::warn!(
+                "VHD footer at the end is unusable ({trailing_error}); using the copy at offset 0"
+            );
+            Ok(FoundFooter {
+                footer,
+                bytes,
+                data_end: file_len,
+            })
+        }
+        _ => Err(trailing_error),
+    }
+}
+
+/// The disk size by the footer field the creator (or `rule`) calls for, in whole sectors.
+fn virtual_size(footer: &Footer, rule: crate::disk::VhdSizeRule) -> Result<u64> {
+    let (size, source) = match size_source(&footer.creator_app, footer.geometry, rule) {
+        SizeSource::Geometry => {
+            let g = footer.geometry;
+            (
+                g.bytes(),
+                format!(
+                    "geometry {}/{}/{}",
+                    g.cylinders, g.heads, g.sectors_per_track
+                ),
+            )
+        }
+        SizeSource::CurrentSize => (
+            footer.current_size / SECTOR * SECTOR,
+            "Current Size".to_string(),
+        ),
+    };
+    if size > MAX_DISK_SIZE {
+        return Err(Error::corrupt(
+            CorruptionKind::InvalidField,
+            "VHD footer",
+            format!(
+                "disk size {size} from {source} exceeds the VHD limit of {MAX_DISK_SIZE} bytes"
+            ),
+        ));
+    }
+    Ok(size)
+}
+
+fn out_of_bounds(structure: &str, problem: String) -> Error {
+    Error::corrupt(CorruptionKind::OutOfBounds, structure, problem)
+}
+
+/// Reads and checks the dynamic header and BAT of a disk of `size` bytes.
+fn open_dynamic(storage: &dyn Storage, found: &FoundFooter, size: u64) -> Result<Dynamic> {
+    let data_end = found.data_end;
+    let header_at = found.footer.data_offset;
+    let header_end = header_at.checked_add(HEADER_SIZE as u64);
+    if header_at < FOOTER_SIZE as u64
+        || !header_at.is_multiple_of(SECTOR)
+        || header_end.is_none_or(|end| end > data_end)
+    {
+        return Err(out_of_bounds(
+            "VHD footer",
+            format!(
+                "Data Offset {header_at:#x} does not point at a whole sector between the footer \
+                 copy and the end of the file ({data_end:#x})"
+            ),
+        ));
+    }
+    let mut header_bytes = [0u8; HEADER_SIZE];
+    storage
+        .read_at(&mut header_bytes, header_at)
+        .context(|| "reading the VHD dynamic header".to_string())?;
+    let header = DynamicHeader::parse(&header_bytes)?;
+    if found.footer.disk_type == DiskType::Differencing {
+        return Err(Error::unsupported(format!(
+            "differencing VHD is not supported yet; parent: {}",
+            header.parent_name()
+        )));
+    }
+
+    let layout = BlockLayout::new(header.block_size);
+    let blocks = size.div_ceil(layout.block_size);
+    if u64::from(header.max_table_entries) < blocks {
+        return Err(Error::corrupt(
+            CorruptionKind::InvalidField,
+            "VHD dynamic header",
+            format!(
+                "Max Table Entries {} is too small: a {size}-byte disk of {}-byte blocks needs {blocks}",
+                header.max_table_entries, layout.block_size
+            ),
+        ));
+    }
+    let table_at = header.table_offset;
+    let table_len = bat::table_bytes(header.max_table_entries);
+    let table_end = table_at.checked_add(table_len);
+    let header_region = header_at..header_at + HEADER_SIZE as u64;
+    if table_at < FOOTER_SIZE as u64
+        || table_end.is_none_or(|end| end > data_end)
+        || table_end.is_some_and(|end| table_at < header_region.end && header_region.start < end)
+    {
+        return Err(out_of_bounds(
+            "VHD dynamic header",
+            format!(
+                "Table Offset {table_at:#x} with {} entries ({table_len} bytes) does not fit \
+                 between the footer copy, the header at {header_at:#x} and the end of the file \
+                 ({data_end:#x})",
+                header.max_table_entries
+            ),
+        ));
+    }
+
+    // The table fits in the file, so its size is bounded by the file's.
+    let mut bat = Bat::parse(&[]);
+    let mut chunk = vec![0u8; (blocks * bat::ENTRY_SIZE).min(1 << 20) as usize];
+    let mut read = 0;
+    while read < blocks * bat::ENTRY_SIZE {
+        let n = chunk.len().min((blocks * bat::ENTRY_SIZE - read) as usize);
+        storage
+            .read_at(&mut chunk[..n], table_at + read)
+            .context(|| "reading the VHD BAT".to_string())?;
+        bat.extend_from(&chunk[..n]);
+        read += n as u64;
+    }
+
+    let reserved = [
+        Reserved {
+            start: 0,
+            len: FOOTER_SIZE as u64,
+            name: "footer copy",
+        },
+        Reserved {
+            start: header_at,
+            len: HEADER_SIZE as u64,
+            name: "dynamic header",
+        },
+        Reserved {
+            start: table_at,
+            len: table_len,
+            name: "BAT",
+        },
+    ];
+    let blocks_end = bat.validate(layout, &reserved, data_end)?;
+    let structures_end = blocks_end.max(header_region.end).max(table_at + table_len);
+    let next_block = if data_end.is_multiple_of(SECTOR) && data_end >= structures_end {
+        data_end
+    } else {
+        structures_end.next_multiple_of(SECTOR)
+    };
+    Ok(Dynamic {
+        table_offset: table_at,
+        layout,
+        bat: RwLock::new(bat),
+        allocator: Mutex::new(Allocator { next_block }),
+        footer_bytes: found.bytes,
+        full_bitmap: vec![0xFF; layout.bitmap_bytes as usize],
+    })
+}
+
+/// Calls `f(block, offset in block, range of the request)` for each block-bounded piece
+/// of `len` bytes at virtual `offset`.
+fn for_each_piece(
+    offset: u64,
+    len: u64,
+    block_size: u64,
+    mut f: impl FnMut(u64, u64, std::ops::Range<usize>) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let pos = offset + done;
+        let in_block = pos % block_size;
+        let n = (block_size - in_block).min(len - done);
+        f(
+            pos / block_size,
+            in_block,
+            done as usize..(done + n) as usize,
+        )?;
+        done += n;
+    }
+    Ok(())
+}
+
+impl VirtualDisk for VhdDisk {
+    fn format(&self) -> Format {
+        Format::Vhd
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn logical_sector_size(&self) -> u32 {
+        SECTOR as u32
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        SECTOR as u32
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let Some(d) = &self.dynamic else {
+            return self
+                .storage
+                .read_at(buf, offset)
+                .context(|| format!("reading {} bytes at offset {offset}", buf.len()));
+        };
+        let len = buf.len() as u64;
+        for_each_piece(
+            offset,
+            len,
+            d.layout.block_size,
+            |block, in_block, range| {
+                let allocated = d.bat.read().block_offset(block);
+                let piece = &mut buf[range];
+                match allocated {
+                    None => piece.fill(0),
+                    Some(block_at) => self
+                        .storage
+                        .read_at(piece, block_at + d.layout.bitmap_bytes + in_block)
+                        .context(|| format!("reading {} bytes from block {block}", piece.len()))?,
+                }
+                Ok(())
+            },
+        )
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        let Some(d) = &self.dynamic else {
+            return self
+                .storage
+                .write_at(buf, offset)
+                .context(|| format!("writing {} bytes at offset {offset}", buf.len()));
+        };
+        for_each_piece(
+            offset,
+            buf.len() as u64,
+            d.layout.block_size,
+            |block, in_block, range| self.write_block(d, block, in_block, &buf[range]),
+        )
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.storage
+            .flush()
+            .context(|| "flushing the image".to_string())
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        let mut extents = Vec::new();
+        let Some(d) = &self.dynamic else {
+            push_extent(&mut extents, offset, len, Allocation::Data);
+            return Ok(extents);
+        };
+        let bat = d.bat.read();
+        for_each_piece(offset, len, d.layout.block_size, |block, _, range| {
+            let state = match bat.block_offset(block) {
+                Some(_) => Allocation::Data,
+                None => Allocation::Zero,
+            };
+            push_extent(
+                &mut extents,
+                offset + range.start as u64,
+                range.len() as u64,
+                state,
+            );
+            Ok(())
+        })?;
+        Ok(extents)
+    }
+
+    /// Zeros the allocated parts of the range; unallocated parts already read as zeros.
+    /// Blocks keep their space: a block in the middle of the file cannot be given back.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let write_zeros = |mut at: u64, len: u64, what: &dyn Fn() -> String| -> Result<()> {
+            let end = at + len;
+            while at < end {
+                let n = (end - at).min(ZERO_CHUNK);
+                self.storage
+                    .write_at(&zeros[..n as usize], at)
+                    .context(what)?;
+                at += n;
+            }
+            Ok(())
+        };
+        let Some(d) = &self.dynamic else {
+            return write_zeros(offset, len, &|| {
+                format!("discarding {len} bytes at {offset}")
+            });
+        };
+        for_each_piece(
+            offset,
+            len,
+            d.layout.block_size,
+            |block, in_block, range| {
+                let allocated = d.bat.read().block_offset(block);
+                let Some(block_at) = allocated else {
+                    return Ok(());
+                };
+                let n = range.len() as u64;
+                write_zeros(block_at + d.layout.bitmap_bytes + in_block, n, &|| {
+                    format!("discarding {n} bytes of block {block}")
+                })
+            },
+        )
+    }
 }

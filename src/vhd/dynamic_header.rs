@@ -1,0 +1,272 @@
+//! The 1024-byte dynamic disk header (FORMATS.md §8.5), found at the footer's Data Offset
+//! in dynamic and differencing disks. Big-endian throughout.
+
+use super::checksum::vhd_checksum;
+use super::footer::{be_u32, be_u64};
+use crate::error::{CorruptionKind, Error, Result};
+
+pub const HEADER_SIZE: usize = 1024;
+
+const COOKIE: &[u8; 8] = b"cxsparse";
+// Field offsets inside the header.
+const OFF_COOKIE: usize = 0; // 8 bytes, "cxsparse"
+const OFF_DATA_OFFSET: usize = 8; // u64, unused (all ones)
+const OFF_TABLE_OFFSET: usize = 16; // u64, absolute offset of the BAT
+const OFF_VERSION: usize = 24; // u32, major version in the high 16 bits
+const OFF_MAX_TABLE_ENTRIES: usize = 28; // u32
+const OFF_BLOCK_SIZE: usize = 32; // u32, data bytes per block, bitmap excluded
+const OFF_CHECKSUM: usize = 36; // u32
+const OFF_PARENT_UNIQUE_ID: usize = 40; // 16 bytes
+const OFF_PARENT_TIMESTAMP: usize = 56; // u32; bytes 60..64 reserved
+const OFF_PARENT_NAME: usize = 64; // 512 bytes, UTF-16BE, NUL-padded
+const PARENT_NAME_LEN: usize = 512;
+const OFF_PARENT_LOCATORS: usize = 576; // 8 entries of 24 bytes; bytes 768..1024 reserved
+pub const PARENT_LOCATORS_LEN: usize = 8 * 24;
+
+const SUPPORTED_MAJOR_VERSION: u32 = 1;
+const MIN_BLOCK_SIZE: u32 = 512;
+/// Largest disk the format allows: 0xFF000000 sectors (2040 GiB).
+pub const MAX_DISK_SIZE: u64 = 0xFF00_0000 * 512;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DynamicHeader {
+    pub data_offset: u64,
+    pub table_offset: u64,
+    pub version: u32,
+    pub max_table_entries: u32,
+    pub block_size: u32,
+    pub parent_unique_id: [u8; 16],
+    pub parent_timestamp: u32,
+    pub parent_name: [u8; PARENT_NAME_LEN],
+    /// Kept as stored: only differencing disks use them.
+    pub parent_locators: [u8; PARENT_LOCATORS_LEN],
+}
+
+const STRUCTURE: &str = "VHD dynamic header";
+
+fn invalid(problem: String) -> Error {
+    Error::corrupt(CorruptionKind::InvalidField, STRUCTURE, problem)
+}
+
+impl DynamicHeader {
+    pub fn parse(bytes: &[u8; HEADER_SIZE]) -> Result<DynamicHeader> {
+        if &bytes[OFF_COOKIE..OFF_COOKIE + 8] != COOKIE {
+            return Err(Error::corrupt(
+                CorruptionKind::BadSignature,
+                STRUCTURE,
+                "Cookie field is not \"cxsparse\"",
+            ));
+        }
+        let stored = be_u32(bytes, OFF_CHECKSUM);
+        let computed = vhd_checksum(bytes, OFF_CHECKSUM);
+        if stored != computed {
+            return Err(Error::corrupt(
+                CorruptionKind::BadChecksum,
+                STRUCTURE,
+                format!(
+                    "Checksum field holds {stored:#010x}, the contents sum to {computed:#010x}"
+                ),
+            ));
+        }
+        let version = be_u32(bytes, OFF_VERSION);
+        if version >> 16 != SUPPORTED_MAJOR_VERSION {
+            return Err(invalid(format!(
+                "Header Version {version:#010x} is not 1.x"
+            )));
+        }
+        let block_size = be_u32(bytes, OFF_BLOCK_SIZE);
+        if !block_size.is_power_of_two() || block_size < MIN_BLOCK_SIZE {
+            return Err(invalid(format!(
+                "Block Size {block_size} is not a power of two of at least {MIN_BLOCK_SIZE}"
+            )));
+        }
+        let max_table_entries = be_u32(bytes, OFF_MAX_TABLE_ENTRIES);
+        // Tables a little longer than the disk needs are normal (older creators added an
+        // entry; shrunk disks keep theirs), but none may describe more than the format's
+        // largest disk.
+        let most_entries = MAX_DISK_SIZE.div_ceil(u64::from(block_size)) + 1;
+        if u64::from(max_table_entries) > most_entries {
+            return Err(invalid(format!(
+                "Max Table Entries {max_table_entries} exceeds {most_entries}, the most a \
+                 {block_size}-byte block size needs for the largest VHD"
+            )));
+        }
+        Ok(DynamicHeader {
+            data_offset: be_u64(bytes, OFF_DATA_OFFSET),
+            table_offset: be_u64(bytes, OFF_TABLE_OFFSET),
+            version,
+            max_table_entries,
+            block_size,
+            parent_unique_id: bytes[OFF_PARENT_UNIQUE_ID..OFF_PARENT_UNIQUE_ID + 16]
+                .try_into()
+                .unwrap(),
+            parent_timestamp: be_u32(bytes, OFF_PARENT_TIMESTAMP),
+            parent_name: bytes[OFF_PARENT_NAME..OFF_PARENT_NAME + PARENT_NAME_LEN]
+                .try_into()
+                .unwrap(),
+            parent_locators: bytes[OFF_PARENT_LOCATORS..OFF_PARENT_LOCATORS + PARENT_LOCATORS_LEN]
+                .try_into()
+                .unwrap(),
+        })
+    }
+
+    /// The header's bytes with a fresh checksum; reserved bytes are zero. Only tests
+    /// build headers: the driver never rewrites one.
+    #[cfg(test)]
+    pub fn serialize(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        b[OFF_COOKIE..OFF_COOKIE + 8].copy_from_slice(COOKIE);
+        b[OFF_DATA_OFFSET..OFF_DATA_OFFSET + 8].copy_from_slice(&self.data_offset.to_be_bytes());
+        b[OFF_TABLE_OFFSET..OFF_TABLE_OFFSET + 8].copy_from_slice(&self.table_offset.to_be_bytes());
+        b[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&self.version.to_be_bytes());
+        b[OFF_MAX_TABLE_ENTRIES..OFF_MAX_TABLE_ENTRIES + 4]
+            .copy_from_slice(&self.max_table_entries.to_be_bytes());
+        b[OFF_BLOCK_SIZE..OFF_BLOCK_SIZE + 4].copy_from_slice(&self.block_size.to_be_bytes());
+        b[OFF_PARENT_UNIQUE_ID..OFF_PARENT_UNIQUE_ID + 16].copy_from_slice(&self.parent_unique_id);
+        b[OFF_PARENT_TIMESTAMP..OFF_PARENT_TIMESTAMP + 4]
+            .copy_from_slice(&self.parent_timestamp.to_be_bytes());
+        b[OFF_PARENT_NAME..OFF_PARENT_NAME + PARENT_NAME_LEN].copy_from_slice(&self.parent_name);
+        b[OFF_PARENT_LOCATORS..OFF_PARENT_LOCATORS + PARENT_LOCATORS_LEN]
+            .copy_from_slice(&self.parent_locators);
+        let checksum = vhd_checksum(&b, OFF_CHECKSUM);
+        b[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&checksum.to_be_bytes());
+        b
+    }
+
+    /// The Parent Unicode Name (UTF-16BE, up to the first NUL); undecodable units show as
+    /// U+FFFD.
+    pub fn parent_name(&self) -> String {
+        let units: Vec<u16> = self
+            .parent_name
+            .chunks_exact(2)
+            .map(|pair| u16::from_be_bytes([pair[0], pair[1]]))
+            .take_while(|&unit| unit != 0)
+            .collect();
+        String::from_utf16_lossy(&units)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> DynamicHeader {
+        let mut parent_name = [0u8; PARENT_NAME_LEN];
+        for (i, unit) in "parent.vhd".encode_utf16().enumerate() {
+            parent_name[2 * i..2 * i + 2].copy_from_slice(&unit.to_be_bytes());
+        }
+        DynamicHeader {
+            data_offset: u64::MAX,
+            table_offset: 1536,
+            version: 0x0001_0000,
+            max_table_entries: 10,
+            block_size: 2 << 20,
+            parent_unique_id: [3; 16],
+            parent_timestamp: 12345,
+            parent_name,
+            parent_locators: [5; PARENT_LOCATORS_LEN],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let header = sample();
+        let bytes = header.serialize();
+        assert_eq!(DynamicHeader::parse(&bytes).unwrap(), header);
+        assert_eq!(header.parent_name(), "parent.vhd");
+    }
+
+    #[test]
+    fn checksum_matches_a_header_written_by_qemu() {
+        // Dynamic header written by `qemu-img convert -O vpc` for a disk of three 2 MiB blocks.
+        let header = DynamicHeader {
+            data_offset: u64::MAX,
+            table_offset: 1536,
+            version: 0x0001_0000,
+            max_table_entries: 3,
+            block_size: 2 << 20,
+            parent_unique_id: [0; 16],
+            parent_timestamp: 0,
+            parent_name: [0; PARENT_NAME_LEN],
+            parent_locators: [0; PARENT_LOCATORS_LEN],
+        };
+        let bytes = header.serialize();
+        assert_eq!(be_u32(&bytes, OFF_CHECKSUM), 0xFFFF_F474);
+    }
+
+    fn rejected(bytes: &[u8; HEADER_SIZE]) -> (CorruptionKind, String) {
+        let err = DynamicHeader::parse(bytes).unwrap_err();
+        (err.corruption_kind().unwrap(), err.to_string())
+    }
+
+    /// Sets a field and repairs the checksum, so only the field itself is wrong.
+    fn with_field(at: usize, value: &[u8]) -> [u8; HEADER_SIZE] {
+        let mut b = sample().serialize();
+        b[at..at + value.len()].copy_from_slice(value);
+        let checksum = vhd_checksum(&b, OFF_CHECKSUM);
+        b[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&checksum.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn rejects_a_bad_cookie() {
+        let (kind, msg) = rejected(&with_field(OFF_COOKIE, b"cxsparsE"));
+        assert_eq!(kind, CorruptionKind::BadSignature);
+        assert!(msg.starts_with("VHD dynamic header: Cookie"), "{msg}");
+    }
+
+    #[test]
+    fn rejects_a_bad_checksum() {
+        for at in [OFF_TABLE_OFFSET, OFF_CHECKSUM + 3, HEADER_SIZE - 1] {
+            let mut b = sample().serialize();
+            b[at] ^= 0x80;
+            let (kind, msg) = rejected(&b);
+            assert_eq!(kind, CorruptionKind::BadChecksum);
+            assert!(
+                msg.starts_with("VHD dynamic header: Checksum field"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_an_unknown_version() {
+        let (kind, msg) = rejected(&with_field(OFF_VERSION, &0x0002_0000u32.to_be_bytes()));
+        assert_eq!(kind, CorruptionKind::InvalidField);
+        assert!(msg.contains("Header Version"), "{msg}");
+    }
+
+    #[test]
+    fn rejects_bad_block_sizes() {
+        for size in [0u32, 256, 511, 513, 3 << 20, 0xFFFF_FFFF] {
+            let (kind, msg) = rejected(&with_field(OFF_BLOCK_SIZE, &size.to_be_bytes()));
+            assert_eq!(kind, CorruptionKind::InvalidField);
+            assert!(msg.contains("Block Size"), "{msg}");
+        }
+        for size in [512u32, 4096, 2 << 20, 1 << 31] {
+            let bytes = with_field(OFF_BLOCK_SIZE, &size.to_be_bytes());
+            assert_eq!(DynamicHeader::parse(&bytes).unwrap().block_size, size);
+        }
+    }
+
+    #[test]
+    fn rejects_huge_tables() {
+        // 2 MiB blocks: 1020 * 1024 entries cover the largest disk, one spare is tolerated.
+        let most = 1020 * 1024 + 1u32;
+        let ok = with_field(OFF_MAX_TABLE_ENTRIES, &most.to_be_bytes());
+        assert_eq!(DynamicHeader::parse(&ok).unwrap().max_table_entries, most);
+        for entries in [most + 1, u32::MAX] {
+            let (kind, msg) = rejected(&with_field(OFF_MAX_TABLE_ENTRIES, &entries.to_be_bytes()));
+            assert_eq!(kind, CorruptionKind::InvalidField);
+            assert!(msg.contains("Max Table Entries"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn parent_name_stops_at_nul_and_survives_bad_utf16() {
+        let mut header = sample();
+        header.parent_name = [0; PARENT_NAME_LEN];
+        header.parent_name[..6].copy_from_slice(&[0x00, 0x61, 0xD8, 0x00, 0x00, 0x62]);
+        assert_eq!(header.parent_name(), "a\u{FFFD}b");
+    }
+}

@@ -101,7 +101,25 @@ impl Mount {
 
     /// Unmounts as a user would and asserts that the daemon exits 0, with the image closed.
     pub fn unmount(mut self) {
-        run(Command::new("fusermount3").arg("-u").arg(self.mountpoint()));
+        // A loop device just detached may hold disk.img open for a moment longer.
+        let start = Instant::now();
+        loop {
+            let out = Command::new("fusermount3")
+                .arg("-u")
+                .arg(self.mountpoint())
+                .output()
+                .unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "fusermount3 -u {}: {}",
+                self.mountpoint().display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let status = wait_for_exit(self.daemon.take().unwrap());
         assert!(!is_mounted(self.mountpoint()));
         assert_eq!(status, Some(0), "daemon did not exit cleanly");

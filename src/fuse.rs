@@ -228,8 +228,13 @@ impl DiskFs {
         if offset >= size {
             return Ok(Vec::new());
         }
-        let n = (size - offset).min(u64::from(len.min(MAX_IO * 2)));
-        // n <= 2 MiB, so the allocation is bounded whatever the kernel asked for.
+        // The kernel never asks for more than it negotiated; anything larger is refused
+        // rather than answered short, which it would take as end of file.
+        if len > MAX_IO {
+            log::error!("read of {len} bytes at offset {offset} exceeds the {MAX_IO}-byte limit");
+            return Err(libc::EINVAL);
+        }
+        let n = (size - offset).min(u64::from(len));
         let mut buf = vec![0u8; n as usize];
         self.disk
             .read_at(&mut buf, offset)
@@ -745,6 +750,7 @@ mod tests {
         assert_eq!(fs.read(DISK_INO, 4000, 4096).unwrap(), data[4000..]);
         assert!(fs.read(DISK_INO, 4096, 10).unwrap().is_empty());
         assert!(fs.read(DISK_INO, u64::MAX, 10).unwrap().is_empty());
+        assert_eq!(fs.read(DISK_INO, 0, MAX_IO + 1).unwrap_err(), libc::EINVAL);
         assert_eq!(fs.read(ROOT_INO, 0, 10).unwrap_err(), libc::EISDIR);
     }
 

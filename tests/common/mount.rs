@@ -226,7 +226,15 @@ pub struct LoopDevice {
 
 impl LoopDevice {
     pub fn attach(file: &Path) -> LoopDevice {
-        let out = run(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        Self::losetup(&["-f", "--show"], file)
+    }
+
+    pub fn attach_read_only(file: &Path) -> LoopDevice {
+        Self::losetup(&["-f", "--show", "-r"], file)
+    }
+
+    fn losetup(args: &[&str], file: &Path) -> LoopDevice {
+        let out = run(Command::new("losetup").args(args).arg(file));
         let device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         LoopDevice { device }
     }
@@ -250,8 +258,16 @@ pub struct FsMount {
 
 impl FsMount {
     pub fn new(device: &Path) -> FsMount {
+        Self::mount(&[], device)
+    }
+
+    pub fn new_read_only(device: &Path) -> FsMount {
+        Self::mount(&["-o", "ro"], device)
+    }
+
+    fn mount(args: &[&str], device: &Path) -> FsMount {
         let dir = tempfile::tempdir().unwrap();
-        run(Command::new("mount").arg(device).arg(dir.path()));
+        run(Command::new("mount").args(args).arg(device).arg(dir.path()));
         FsMount { dir, mounted: true }
     }
 

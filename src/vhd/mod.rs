@@ -24,7 +24,7 @@ mod dynamic_header;
 mod footer;
 mod geometry;
 
-pub use dynamic_header::MAX_DISK_SIZE;
+use dynamic_header::MAX_DISK_SIZE;
 pub use footer::DiskType;
 pub use geometry::Geometry;
 

@@ -120,16 +120,6 @@ impl Bat {
             let structure = || format!("BAT entry {index}");
             // u32 sectors times 512 plus a u32-sized span cannot overflow u64.
             let end = start + span;
-            if end > data_end {
-                return Err(Error::corrupt(
-                    CorruptionKind::OutOfBounds,
-                    structure(),
-                    format!(
-                        "block at offset {start:#x} ({span} bytes) runs past the end of the \
-                         block area at {data_end:#x}"
-                    ),
-                ));
-            }
             if let Some(r) = reserved
                 .iter()
                 .find(|r| start < r.start + r.len && r.start < end)
@@ -138,6 +128,16 @@ impl Bat {
                     CorruptionKind::OutOfBounds,
                     structure(),
                     format!("block at offset {start:#x} overlaps the {}", r.name),
+                ));
+            }
+            if end > data_end {
+                return Err(Error::corrupt(
+                    CorruptionKind::OutOfBounds,
+                    structure(),
+                    format!(
+                        "block at offset {start:#x} ({span} bytes) runs past the end of the \
+                         block area at {data_end:#x}"
+                    ),
                 ));
             }
             blocks.push((start, index));

@@ -176,3 +176,15 @@ pub fn qemu_check_clean(format: &str, image: &Path) {
         image.display()
     );
 }
+
+/// Virtual size qemu reports for an image given as `--image-opts` (e.g.
+/// `driver=vpc,force_size_calc=chs,file.filename=/tmp/x.vhd`).
+pub fn qemu_virtual_size(image_opts: &str) -> u64 {
+    let out = qemu_img(&["info", "--output=json", "--image-opts", image_opts]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The image's own field is indented one level; nested ones describe the file node.
+    text.lines()
+        .find_map(|line| line.strip_prefix("    \"virtual-size\": "))
+        .and_then(|n| n.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("no top-level virtual-size in qemu-img info output: {text}"))
+}

@@ -146,11 +146,37 @@ struct Mounted {
     session: Session<DiskFs>,
     disk: Arc<dyn VirtualDisk>,
     mountpoint: PathBuf,
+    /// Holds the image's lock for as long as the daemon serves it.
+    _lock: File,
+}
+
+/// Two daemons writing one image would corrupt it, so a read-write mount takes an
+/// exclusive lock on the image file and a read-only one a shared lock.
+fn lock_image(image: &Path, read_only: bool) -> Result<File, String> {
+    let name = image.display();
+    let file = File::open(image).map_err(|e| format!("{name}: cannot open image: {e}"))?;
+    let mode = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            format!("{name}: image is in use by another vdisk-mount")
+        } else {
+            format!("{name}: cannot lock image: {err}")
+        });
+    }
+    Ok(file)
 }
 
 fn mount(cli: &Cli, settings: &Settings) -> Result<Mounted, String> {
     // Checked before the image is opened: opening read-write may already touch the image.
     let mountpoint = check_mountpoint(&cli.mountpoint)?;
+    let lock = lock_image(&cli.image, settings.open.read_only)?;
     let disk: Arc<dyn VirtualDisk> = vdisk_mount::open(&cli.image, &settings.open)
         .map_err(|e| e.to_string())?
         .into();
@@ -183,6 +209,7 @@ fn mount(cli: &Cli, settings: &Settings) -> Result<Mounted, String> {
             session,
             disk,
             mountpoint,
+            _lock: lock,
         }),
         Err(e) => {
             if let Err(close_error) = disk.close() {
@@ -210,6 +237,7 @@ fn serve(mounted: Mounted) -> ExitCode {
         session,
         disk,
         mountpoint,
+        _lock,
     } = mounted;
     unmount_on_signals(mountpoint);
     let served = session.run();
@@ -372,7 +400,9 @@ fn wait_for_daemon(mut report: File, child: libc::pid_t) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
+    // fuser logs its own failures, which reach the user once, as our one-line message.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error,fuser=off"))
+        .init();
     let settings = match parse_options(&cli.options) {
         Ok(settings) => settings,
         Err(message) => {

@@ -195,3 +195,27 @@ fn a_busy_mountpoint_is_refused_and_the_first_mount_survives() {
     assert_eq!(std::fs::read(first.disk()).unwrap(), vec![7u8; 1 << 20]);
     first.unmount();
 }
+
+#[test]
+fn an_image_in_use_is_refused_unless_both_mounts_are_read_only() {
+    if !mount::fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = qemu_vhd(dir.path(), "shared.vhd", "dynamic");
+    let other = tempfile::tempdir().unwrap();
+
+    let writer = Mount::new(&image, &[]);
+    for options in [&[][..], &["ro"]] {
+        let stderr = assert_refused(&image, options, other.path(), &image);
+        assert!(stderr.contains("in use"), "{stderr}");
+    }
+    writer.unmount();
+
+    let reader = Mount::new(&image, &["ro"]);
+    let second_reader = Mount::new(&image, &["ro"]);
+    let stderr = assert_refused(&image, &[], other.path(), &image);
+    assert!(stderr.contains("in use"), "{stderr}");
+    second_reader.unmount();
+    reader.unmount();
+}

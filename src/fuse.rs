@@ -27,7 +27,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const ROOT_INO: u64 = 1;
@@ -84,12 +84,11 @@ pub struct FsStats {
     pub block_size: u32,
 }
 
-/// Who owns the mounted nodes and when the image was last modified.
+/// Who owns the mounted nodes: the user who mounted them.
 #[derive(Debug, Clone, Copy)]
 pub struct Owner {
     pub uid: u32,
     pub gid: u32,
-    pub mtime: SystemTime,
 }
 
 pub struct DiskFs {
@@ -97,14 +96,19 @@ pub struct DiskFs {
     owner: Owner,
     /// Nanoseconds since the epoch of the last write or discard.
     mtime_ns: AtomicU64,
+    /// Set by every change before it is acknowledged, cleared by the flush that covers it:
+    /// closing a file that only read (every `close` is a flush) then costs no sync.
+    unflushed: AtomicBool,
 }
 
 impl DiskFs {
-    pub fn new(disk: Arc<dyn VirtualDisk>, owner: Owner) -> Self {
+    /// `mtime` is what `disk.img` reports until the first change (the image's own).
+    pub fn new(disk: Arc<dyn VirtualDisk>, owner: Owner, mtime: SystemTime) -> Self {
         DiskFs {
-            mtime_ns: AtomicU64::new(nanos_since_epoch(owner.mtime)),
             disk,
             owner,
+            mtime_ns: AtomicU64::new(nanos_since_epoch(mtime)),
+            unflushed: AtomicBool::new(false),
         }
     }
 
@@ -257,19 +261,22 @@ impl DiskFs {
         }
         let fits = (size - offset).min(data.len() as u64) as usize;
         let written = u32::try_from(fits).map_err(|_| libc::EINVAL)?;
+        self.begin_change();
         self.disk
             .write_at(&data[..fits], offset)
             .map_err(|e| failed("write", offset, fits as u64, &e))?;
-        self.touch();
+        self.record_change();
         Ok(written)
     }
 
     pub fn flush(&self, ino: u64) -> FsResult<()> {
         self.getattr(ino)?;
-        if ino != DISK_INO || self.read_only() {
+        if ino != DISK_INO || !self.unflushed.swap(false, Ordering::SeqCst) {
             return Ok(());
         }
         self.disk.flush().map_err(|e| {
+            // The changes are still not durable: the next flush must try again.
+            self.unflushed.store(true, Ordering::SeqCst);
             log::error!("flush failed: {e}");
             e.errno()
         })
@@ -298,10 +305,11 @@ impl DiskFs {
         if offset >= end {
             return Ok(());
         }
+        self.begin_change();
         self.disk
             .discard(offset, end - offset)
             .map_err(|e| failed("discard", offset, end - offset, &e))?;
-        self.touch();
+        self.record_change();
         Ok(())
     }
 
@@ -354,7 +362,13 @@ impl DiskFs {
         }
     }
 
-    fn touch(&self) {
+    /// Marks the image as needing a flush before a change is attempted: even a failed
+    /// change may have reached the file in part.
+    fn begin_change(&self) {
+        self.unflushed.store(true, Ordering::SeqCst);
+    }
+
+    fn record_change(&self) {
         self.mtime_ns
             .store(nanos_since_epoch(SystemTime::now()), Ordering::Relaxed);
     }
@@ -693,8 +707,8 @@ mod tests {
             Owner {
                 uid: 1234,
                 gid: 5678,
-                mtime: UNIX_EPOCH + Duration::from_secs(1_000_000),
             },
+            UNIX_EPOCH + Duration::from_secs(1_000_000),
         )
     }
 
@@ -887,23 +901,30 @@ mod tests {
         }
         let disk =
             RawDisk::open(Box::new(Shared(storage.clone())), &OpenOptions::default()).unwrap();
-        let fs = DiskFs::new(
-            Arc::new(disk),
-            Owner {
-                uid: 0,
-                gid: 0,
-                mtime: UNIX_EPOCH,
-            },
-        );
+        let fs = DiskFs::new(Arc::new(disk), Owner { uid: 0, gid: 0 }, UNIX_EPOCH);
+        // Closing after reads only costs no sync.
+        fs.read(DISK_INO, 0, 10).unwrap();
+        fs.flush(DISK_INO).unwrap();
+        assert_eq!(storage.flush_count(), 0);
+
         storage.fail_writes_after(0, libc::ENOSPC);
         assert_eq!(fs.write(DISK_INO, 0, b"x").unwrap_err(), libc::ENOSPC);
         storage.fail_flushes(libc::EIO);
         assert_eq!(fs.flush(DISK_INO).unwrap_err(), libc::EIO);
+        // A failed flush is retried by the next one.
+        assert_eq!(fs.flush(DISK_INO).unwrap_err(), libc::EIO);
         storage.fail_reads(libc::EIO);
         assert_eq!(fs.read(DISK_INO, 0, 1).unwrap_err(), libc::EIO);
         storage.clear_faults();
+        fs.flush(DISK_INO).unwrap();
+        assert_eq!(storage.flush_count(), 1);
+        fs.flush(DISK_INO).unwrap();
+        assert_eq!(storage.flush_count(), 1);
+
         assert_eq!(fs.write(DISK_INO, 0, b"x").unwrap(), 1);
         fs.flush(DISK_INO).unwrap();
+        assert_eq!(storage.flush_count(), 2);
+        assert_eq!(storage.contents()[0], b'x');
     }
 
     #[test]

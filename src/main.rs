@@ -185,7 +185,7 @@ fn mount(cli: &Cli, settings: &Settings) -> Result<Mounted, String> {
         .unwrap_or_else(|_| SystemTime::now());
     // SAFETY: getuid and getgid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = DiskFs::new(disk.clone(), Owner { uid, gid, mtime });
+    let fs = DiskFs::new(disk.clone(), Owner { uid, gid }, mtime);
 
     let mut config = Config::default();
     config.mount_options = vec![

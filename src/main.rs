@@ -111,29 +111,29 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
 }
 
 fn is_mount_point(path: &Path) -> bool {
-    let Ok(table) = fs::read_to_string("/proc/self/mountinfo") else {
+    // Paths in the table need not be UTF-8, so it is searched as bytes.
+    let Ok(table) = fs::read("/proc/self/mountinfo") else {
         return false;
     };
     table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
         .any(|field| unescape_mountinfo(field) == path.as_os_str().as_bytes())
 }
 
 /// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
-fn unescape_mountinfo(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
-    while i < bytes.len() {
-        let escape = bytes.get(i + 1..i + 4).filter(|_| bytes[i] == b'\\');
+    while i < field.len() {
+        let escape = field.get(i + 1..i + 4).filter(|_| field[i] == b'\\');
         match escape.and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok()) {
             Some(b) => {
                 out.push(b);
                 i += 4;
             }
             None => {
-                out.push(bytes[i]);
+                out.push(field[i]);
                 i += 1;
             }
         }
@@ -338,7 +338,7 @@ fn mount_in_background(cli: &Cli, settings: &Settings) -> ExitCode {
         }
         child => {
             drop(write_end);
-            wait_for_daemon(File::from(read_end), child)
+            wait_for_daemon(File::from(read_end), child, &cli.image)
         }
     }
 }
@@ -378,7 +378,7 @@ fn detach_from_terminal() {
     }
 }
 
-fn wait_for_daemon(mut report: File, child: libc::pid_t) -> ExitCode {
+fn wait_for_daemon(mut report: File, child: libc::pid_t, image: &Path) -> ExitCode {
     let mut message = Vec::new();
     let _ = report.read_to_end(&mut message);
     if message == [READY] {
@@ -388,14 +388,22 @@ fn wait_for_daemon(mut report: File, child: libc::pid_t) -> ExitCode {
     // SAFETY: `child` is our own child process; `status` is a valid out pointer.
     unsafe { libc::waitpid(child, &mut status, 0) };
     if message.is_empty() {
-        eprintln!("vdisk-mount: the daemon exited before the mount was ready (status {status})");
+        report_failure(&format!(
+            "{}: the daemon exited before the mount was ready (wait status {status})",
+            image.display()
+        ));
     } else {
-        eprintln!(
-            "vdisk-mount: {}",
-            String::from_utf8_lossy(&message).trim_end()
-        );
+        report_failure(&String::from_utf8_lossy(&message));
     }
     ExitCode::FAILURE
+}
+
+/// Prints a failure as the one line scripts and users expect, whatever it contains.
+fn report_failure(message: &str) {
+    eprintln!(
+        "vdisk-mount: {}",
+        message.trim_end().replace(['\n', '\r'], " ")
+    );
 }
 
 fn main() -> ExitCode {
@@ -406,7 +414,7 @@ fn main() -> ExitCode {
     let settings = match parse_options(&cli.options) {
         Ok(settings) => settings,
         Err(message) => {
-            eprintln!("vdisk-mount: {message}");
+            report_failure(&message);
             return ExitCode::FAILURE;
         }
     };
@@ -416,7 +424,7 @@ fn main() -> ExitCode {
     match mount(&cli, &settings) {
         Ok(mounted) => serve(mounted),
         Err(message) => {
-            eprintln!("vdisk-mount: {message}");
+            report_failure(&message);
             ExitCode::FAILURE
         }
     }
@@ -464,8 +472,8 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mountinfo(r"/mnt/a\040b\134c"), b"/mnt/a b\\c");
-        assert_eq!(unescape_mountinfo(r"/x\0"), b"/x\\0");
+        assert_eq!(unescape_mountinfo(br"/mnt/a\040b\134c"), b"/mnt/a b\\c");
+        assert_eq!(unescape_mountinfo(br"/x\0"), b"/x\\0");
         assert!(is_mount_point(Path::new("/proc")));
         assert!(!is_mount_point(Path::new("/proc/self")));
     }

@@ -58,7 +58,8 @@ fn dynamic_vhd_round_trip() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = qemu_vhd(dir.path(), "dynamic.vhd", "subformat=dynamic", 64 * MIB);
-    mount::round_trip(&image, "vpc", &[], BLOCK);
+    let holes = mount::round_trip(&image, "vpc", &[], BLOCK);
+    assert!(holes > 0, "unallocated blocks not reported as holes");
 }
 
 #[test]
@@ -68,7 +69,11 @@ fn fixed_vhd_round_trip() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = qemu_vhd(dir.path(), "fixed.vhd", "subformat=fixed", 64 * MIB);
-    mount::round_trip(&image, "vpc", &[], BLOCK);
+    assert_eq!(
+        mount::round_trip(&image, "vpc", &[], BLOCK),
+        0,
+        "fixed disks have no holes"
+    );
 }
 
 #[test]
@@ -97,5 +102,6 @@ fn multi_gib_sparse_vhd_round_trip() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = qemu_vhd(dir.path(), "big.vhd", "subformat=dynamic", 5 << 30);
-    mount::round_trip(&image, "vpc", &[], BLOCK);
+    let holes = mount::round_trip(&image, "vpc", &[], BLOCK);
+    assert!(holes > 4 << 30, "only {holes} bytes reported as holes");
 }

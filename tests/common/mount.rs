@@ -346,6 +346,34 @@ pub fn write_both(disk_img: &Path, reference: &Path, writes: &[(u64, usize)]) {
     assert_eq!(disk.metadata().unwrap().len(), size, "size changed");
 }
 
+/// Punches the same holes into the mounted `disk.img` (FALLOC_FL_PUNCH_HOLE, which the
+/// daemon turns into a discard) and zeros into a plain reference file. Ranges may run past
+/// the end; only the part inside the disk changes.
+pub fn punch_both(disk_img: &Path, reference: &Path, ranges: &[(u64, u64)]) {
+    use std::os::fd::AsRawFd;
+    let disk = OpenOptions::new().write(true).open(disk_img).unwrap();
+    let plain = OpenOptions::new().write(true).open(reference).unwrap();
+    let size = disk.metadata().unwrap().len();
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    for &(offset, len) in ranges {
+        let (start, span) = (offset as libc::off_t, len as libc::off_t);
+        // SAFETY: a plain syscall on an open descriptor.
+        let rc = unsafe { libc::fallocate(disk.as_raw_fd(), mode, start, span) };
+        assert_eq!(
+            rc,
+            0,
+            "punching {len} bytes at {offset}: {}",
+            std::io::Error::last_os_error()
+        );
+        let end = (offset + len).min(size);
+        plain
+            .write_all_at(&vec![0u8; (end - offset) as usize], offset)
+            .unwrap();
+    }
+    disk.sync_all().unwrap();
+    assert_eq!(disk.metadata().unwrap().len(), size, "size changed");
+}
+
 /// Byte-for-byte equality of two files (`cmp` reads both in full).
 pub fn assert_same_bytes(a: &Path, b: &Path) {
     run(Command::new("cmp").arg(a).arg(b));
@@ -371,11 +399,13 @@ pub fn assert_qemu_identical(qemu_format: &str, image: &Path, reference: &Path) 
 
 /// The full round trip every format must pass through a real mount:
 /// 1. the mounted `disk.img` equals qemu's raw conversion of the image;
-/// 2. awkward writes through the mount, unmount, and qemu finds the image identical to a
-///    raw file that received the same writes;
-/// 3. a read-only remount reads the same bytes back, refuses writes with EROFS and leaves
-///    the image file untouched.
-pub fn round_trip(image: &Path, qemu_format: &str, options: &[&str], block: u64) {
+/// 2. awkward writes and punched holes through the mount, unmount, and qemu finds the
+///    image identical to a raw file that received the same writes and zeros;
+/// 3. a read-only remount reads the same bytes back (also through a sparse copy, which
+///    trusts SEEK_HOLE), refuses writes with EROFS and leaves the image file untouched.
+///
+/// Returns how many bytes of the disk SEEK_HOLE reported as holes.
+pub fn round_trip(image: &Path, qemu_format: &str, options: &[&str], block: u64) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let reference = dir.path().join("reference.raw");
     reference_copy(qemu_format, image, &reference);
@@ -385,6 +415,9 @@ pub fn round_trip(image: &Path, qemu_format: &str, options: &[&str], block: u64)
     assert_eq!(size, std::fs::metadata(&reference).unwrap().len(), "size");
     assert_same_bytes(&mount.disk(), &reference);
     write_both(&mount.disk(), &reference, &awkward_writes(size, block));
+    // One hole covering a whole block with ragged ends, one running past the end.
+    let holes = [(block - 700, 2 * block + 1400), (size - 1000, 2000)];
+    punch_both(&mount.disk(), &reference, &holes);
     mount.unmount();
     assert_qemu_identical(qemu_format, image, &reference);
     super::qemu_check_clean(qemu_format, image);
@@ -394,6 +427,7 @@ pub fn round_trip(image: &Path, qemu_format: &str, options: &[&str], block: u64)
     let before = super::sha256_file(image);
     let mount = Mount::new(image, &ro);
     assert_same_bytes(&mount.disk(), &reference);
+    let hole_bytes = assert_holes_read_as_zeros(&mount.disk(), &reference);
     assert_read_only(&mount.disk());
     mount.unmount();
     assert_eq!(
@@ -401,6 +435,54 @@ pub fn round_trip(image: &Path, qemu_format: &str, options: &[&str], block: u64)
         before,
         "read-only mount changed the image"
     );
+    hole_bytes
+}
+
+/// Start of the next `whence` (SEEK_DATA or SEEK_HOLE) region at or after `offset`, or
+/// `None` past the last one.
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open descriptor.
+    let pos = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if pos < 0 {
+        let err = std::io::Error::last_os_error();
+        assert_eq!(err.raw_os_error(), Some(libc::ENXIO), "lseek: {err}");
+        return None;
+    }
+    Some(pos as u64)
+}
+
+/// Walks the holes `disk_img` reports with SEEK_DATA/SEEK_HOLE (what sparse-aware copies
+/// skip without reading) and checks that `reference` holds only zeros there. Returns the
+/// total size of the holes.
+pub fn assert_holes_read_as_zeros(disk_img: &Path, reference: &Path) -> u64 {
+    let disk = File::open(disk_img).unwrap();
+    let plain = File::open(reference).unwrap();
+    let size = disk.metadata().unwrap().len();
+    let mut total = 0;
+    let mut pos = 0;
+    while let Some(hole) = seek(&disk, pos, libc::SEEK_HOLE).filter(|&h| h < size) {
+        let end = seek(&disk, hole, libc::SEEK_DATA).unwrap_or(size);
+        assert!(end > hole, "empty hole at {hole}");
+        total += end - hole;
+        // Only the reference's own data inside the hole needs reading.
+        let mut at = hole;
+        while let Some(data) = seek(&plain, at, libc::SEEK_DATA).filter(|&d| d < end) {
+            let data_end = seek(&plain, data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            let mut buf = vec![0u8; (data_end - data) as usize];
+            plain.read_exact_at(&mut buf, data).unwrap();
+            if let Some(i) = buf.iter().position(|&b| b != 0) {
+                panic!(
+                    "{} reports a hole over [{hole}, {end}) but byte {} is not zero",
+                    disk_img.display(),
+                    data + i as u64
+                );
+            }
+            at = data_end;
+        }
+        pos = end;
+    }
+    total
 }
 
 /// Every way of changing a read-only `disk.img` fails with EROFS.

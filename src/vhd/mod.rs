@@ -38,6 +38,9 @@ use geometry::{SizeSource, size_source};
 use parking_lot::{Mutex, RwLock};
 
 const SECTOR: u64 = 512;
+/// Most BAT entries kept in memory (256 MiB). Real disks need far fewer (2040 GiB in
+/// 32 KiB blocks); the bound stops a crafted sparse file from exhausting memory.
+const MAX_BAT_ENTRIES: u64 = 1 << 26;
 /// Largest piece of zeros written at once when discarding.
 const ZERO_CHUNK: u64 = 1 << 20;
 
@@ -393,6 +396,13 @@ fn open_dynamic(storage: &dyn Storage, found: &FoundFooter, size: u64) -> Result
                 header.max_table_entries, layout.block_size
             ),
         ));
+    }
+    if blocks > MAX_BAT_ENTRIES {
+        return Err(Error::unsupported(format!(
+            "VHD dynamic header: {blocks} blocks of {} bytes are more than the {MAX_BAT_ENTRIES} \
+             this reader keeps in memory",
+            layout.block_size
+        )));
     }
     let table_at = header.table_offset;
     let table_len = bat::table_bytes(header.max_table_entries);
@@ -1141,6 +1151,17 @@ mod tests {
             self[512..1536].copy_from_slice(&header.serialize());
             self
         }
+    }
+
+    #[test]
+    fn tables_too_large_to_keep_in_memory_are_refused() {
+        let blocks = MAX_BAT_ENTRIES + 1;
+        let footer = footer_for(blocks * 512, DiskType::Dynamic);
+        let image =
+            assemble(&footer, &header_for(4, 512)).tap_table(&header_for(blocks as u32, 512));
+        let err = open_vec(image).unwrap_err();
+        assert!(matches!(err.kind(), ErrorKind::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("more than the 67108864"), "{err}");
     }
 
     #[test]

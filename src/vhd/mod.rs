@@ -857,6 +857,68 @@ mod tests {
         assert_eq!(&image[image.len() - 512..], &image[..512]);
     }
 
+    /// Records every read after open.
+    struct ReadLog {
+        inner: MemStorage,
+        reads: Arc<parking_lot::Mutex<Vec<(u64, usize)>>>,
+    }
+
+    impl Storage for ReadLog {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.reads.lock().push((offset, buf.len()));
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+    }
+
+    #[test]
+    fn reads_touch_only_block_data_once_per_block() {
+        let size = 6 * u64::from(BLOCK);
+        let image = {
+            let disk = open_vec(dynamic_image(size)).unwrap();
+            disk.write_at(&[1; 10], u64::from(BLOCK)).unwrap();
+            disk.write_at(&[2; 10], 3 * u64::from(BLOCK)).unwrap();
+            disk.storage.flush().unwrap();
+            let mut image = vec![0u8; disk.storage.len().unwrap() as usize];
+            disk.storage.read_at(&mut image, 0).unwrap();
+            image
+        };
+        let reads = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let disk = VhdDisk::open(
+            Box::new(ReadLog {
+                inner: MemStorage::from_vec(image),
+                reads: reads.clone(),
+            }),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        reads.lock().clear();
+        // Blocks 0 to 4: two allocated, three not.
+        let mut buf = vec![0u8; 5 * BLOCK as usize - 20];
+        disk.read_at(&mut buf, 10).unwrap();
+        assert_eq!(buf[BLOCK as usize - 10], 1);
+        assert_eq!(buf[3 * BLOCK as usize - 10], 2);
+        let first_block = 1536 + 512 + 512;
+        assert_eq!(
+            *reads.lock(),
+            vec![
+                (first_block, BLOCK as usize),
+                (first_block + SPAN, BLOCK as usize)
+            ]
+        );
+    }
+
     #[test]
     fn allocation_writes_data_before_the_bat_entry() {
         let storage = Arc::new(MemStorage::from_vec(dynamic_image(4 * u64::from(BLOCK))));

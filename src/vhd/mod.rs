@@ -1141,8 +1141,8 @@ mod tests {
             (1, "overlaps the dynamic header"),
             (2, "overlaps the dynamic header"),
             (3, "overlaps the BAT"),
-            (4, "runs past the end"),
-            (0xFFFF_FFFE, "runs past the end"),
+            (4, "runs past the footer"),
+            (0xFFFF_FFFE, "runs past the footer"),
         ] {
             let (kind, msg) = open_error(image_with_entry(sector));
             assert_eq!(kind, Some(CorruptionKind::OutOfBounds), "{msg}");

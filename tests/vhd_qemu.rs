@@ -264,3 +264,40 @@ fn a_large_sparse_image_reads_and_writes_like_qemu() {
     let disk = open(&path, true);
     assert_disk_equals_raw(disk.as_ref(), &raw_path, "large, rewritten");
 }
+
+#[test]
+fn concurrent_writers_leave_an_image_qemu_reads_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, size) = create(dir.path(), "concurrent", &[], 24 * MIB);
+    qemu_patterns(&path, size);
+    let raw_path = dir.path().join("concurrent.raw");
+    common::qemu_convert_to_raw("vpc", &path, &raw_path);
+    let raw = File::options().write(true).open(&raw_path).unwrap();
+    let disk = open(&path, false);
+    // Four threads interleave 4 KiB stripes, so they race to allocate the same blocks and
+    // overwrite neighbouring parts of allocated ones.
+    const STRIPE: u64 = 4096;
+    let stripes = size / STRIPE;
+    std::thread::scope(|scope| {
+        for thread in 0..4u64 {
+            let (disk, raw) = (disk.as_ref(), &raw);
+            scope.spawn(move || {
+                let mut rng = StdRng::seed_from_u64(thread);
+                for stripe in (thread..stripes).step_by(4) {
+                    if rng.random_range(0..3) == 0 {
+                        continue;
+                    }
+                    let mut data = vec![0u8; STRIPE as usize];
+                    rng.fill_bytes(&mut data);
+                    disk.write_at(&data, stripe * STRIPE).unwrap();
+                    raw.write_all_at(&data, stripe * STRIPE).unwrap();
+                }
+            });
+        }
+    });
+    disk.close().unwrap();
+    drop(disk);
+    qemu_compare(&path, &raw_path);
+    let disk = open(&path, true);
+    assert_disk_equals_raw(disk.as_ref(), &raw_path, "concurrent");
+}

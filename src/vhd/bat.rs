@@ -135,8 +135,8 @@ impl Bat {
                     CorruptionKind::OutOfBounds,
                     structure(),
                     format!(
-                        "block at offset {start:#x} ({span} bytes) runs past the end of the \
-                         block area at {data_end:#x}"
+                        "block at offset {start:#x} ({span} bytes) runs past the footer or \
+                         the end of the file at {data_end:#x}"
                     ),
                 ));
             }
@@ -250,10 +250,10 @@ mod tests {
             msg.starts_with("BAT entry 1: block at offset 0x1a00"),
             "{msg}"
         );
-        assert!(msg.contains("runs past the end"), "{msg}");
+        assert!(msg.contains("runs past the footer"), "{msg}");
         let msg = rejection(&[UNALLOCATED - 1], 1 << 20);
         assert!(msg.starts_with("BAT entry 0:"), "{msg}");
-        assert!(msg.contains("runs past the end"), "{msg}");
+        assert!(msg.contains("runs past the footer"), "{msg}");
     }
 
     #[test]

@@ -38,6 +38,9 @@ use geometry::{SizeSource, size_source};
 use parking_lot::{Mutex, RwLock};
 
 const SECTOR: u64 = 512;
+/// Most BAT entries kept in memory (256 MiB). Real disks need far fewer (2040 GiB in
+/// 32 KiB blocks); the bound stops a crafted sparse file from exhausting memory.
+const MAX_BAT_ENTRIES: u64 = 1 << 26;
 /// Largest piece of zeros written at once when discarding.
 const ZERO_CHUNK: u64 = 1 << 20;
 
@@ -393,6 +396,13 @@ fn open_dynamic(storage: &dyn Storage, found: &FoundFooter, size: u64) -> Result
                 header.max_table_entries, layout.block_size
             ),
         ));
+    }
+    if blocks > MAX_BAT_ENTRIES {
+        return Err(Error::unsupported(format!(
+            "VHD dynamic header: {blocks} blocks of {} bytes are more than the {MAX_BAT_ENTRIES} \
+             this reader keeps in memory",
+            layout.block_size
+        )));
     }
     let table_at = header.table_offset;
     let table_len = bat::table_bytes(header.max_table_entries);
@@ -847,6 +857,68 @@ mod tests {
         assert_eq!(&image[image.len() - 512..], &image[..512]);
     }
 
+    /// Records every read after open.
+    struct ReadLog {
+        inner: MemStorage,
+        reads: Arc<parking_lot::Mutex<Vec<(u64, usize)>>>,
+    }
+
+    impl Storage for ReadLog {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.reads.lock().push((offset, buf.len()));
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+    }
+
+    #[test]
+    fn reads_touch_only_block_data_once_per_block() {
+        let size = 6 * u64::from(BLOCK);
+        let image = {
+            let disk = open_vec(dynamic_image(size)).unwrap();
+            disk.write_at(&[1; 10], u64::from(BLOCK)).unwrap();
+            disk.write_at(&[2; 10], 3 * u64::from(BLOCK)).unwrap();
+            disk.storage.flush().unwrap();
+            let mut image = vec![0u8; disk.storage.len().unwrap() as usize];
+            disk.storage.read_at(&mut image, 0).unwrap();
+            image
+        };
+        let reads = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let disk = VhdDisk::open(
+            Box::new(ReadLog {
+                inner: MemStorage::from_vec(image),
+                reads: reads.clone(),
+            }),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        reads.lock().clear();
+        // Blocks 0 to 4: two allocated, three not.
+        let mut buf = vec![0u8; 5 * BLOCK as usize - 20];
+        disk.read_at(&mut buf, 10).unwrap();
+        assert_eq!(buf[BLOCK as usize - 10], 1);
+        assert_eq!(buf[3 * BLOCK as usize - 10], 2);
+        let first_block = 1536 + 512 + 512;
+        assert_eq!(
+            *reads.lock(),
+            vec![
+                (first_block, BLOCK as usize),
+                (first_block + SPAN, BLOCK as usize)
+            ]
+        );
+    }
+
     #[test]
     fn allocation_writes_data_before_the_bat_entry() {
         let storage = Arc::new(MemStorage::from_vec(dynamic_image(4 * u64::from(BLOCK))));
@@ -1069,8 +1141,8 @@ mod tests {
             (1, "overlaps the dynamic header"),
             (2, "overlaps the dynamic header"),
             (3, "overlaps the BAT"),
-            (4, "runs past the end"),
-            (0xFFFF_FFFE, "runs past the end"),
+            (4, "runs past the footer"),
+            (0xFFFF_FFFE, "runs past the footer"),
         ] {
             let (kind, msg) = open_error(image_with_entry(sector));
             assert_eq!(kind, Some(CorruptionKind::OutOfBounds), "{msg}");
@@ -1141,6 +1213,17 @@ mod tests {
             self[512..1536].copy_from_slice(&header.serialize());
             self
         }
+    }
+
+    #[test]
+    fn tables_too_large_to_keep_in_memory_are_refused() {
+        let blocks = MAX_BAT_ENTRIES + 1;
+        let footer = footer_for(blocks * 512, DiskType::Dynamic);
+        let image =
+            assemble(&footer, &header_for(4, 512)).tap_table(&header_for(blocks as u32, 512));
+        let err = open_vec(image).unwrap_err();
+        assert!(matches!(err.kind(), ErrorKind::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("more than the 67108864"), "{err}");
     }
 
     #[test]

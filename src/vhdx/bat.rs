@@ -1,0 +1,405 @@
+//! The block allocation table: one u64 per payload block, with one sector-bitmap entry
+//! after every `chunk_ratio` payload entries, held in memory for the whole session.
+
+use super::fields::{MIB, u64_at};
+use crate::error::{CorruptionKind, Error, Result};
+
+pub const BAT_ENTRY_LEN: u64 = 8;
+/// The unit in which BAT changes are journaled.
+pub const BAT_PAGE_LEN: usize = 4096;
+const ENTRIES_PER_PAGE: usize = BAT_PAGE_LEN / BAT_ENTRY_LEN as usize;
+// Bit layout of one entry.
+const STATE_MASK: u64 = 0x7; // bits 0-2
+const FILE_OFFSET_MASK: u64 = !(MIB - 1); // bits 20-63: offset in MiB units
+/// Bits of the virtual disk one sector-bitmap block covers (2^23 sectors).
+const SECTORS_PER_CHUNK: u64 = 1 << 23;
+
+/// What a payload entry says about its block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadState {
+    NotPresent,
+    Undefined,
+    Zero,
+    /// Value 3; value 5 (from the 0.95 draft) is read as this too.
+    Unmapped,
+    FullyPresent,
+    PartiallyPresent,
+}
+
+impl PayloadState {
+    pub fn code(self) -> u64 {
+        match self {
+            PayloadState::NotPresent => 0,
+            PayloadState::Undefined => 1,
+            PayloadState::Zero => 2,
+            PayloadState::Unmapped => 3,
+            PayloadState::FullyPresent => 6,
+            PayloadState::PartiallyPresent => 7,
+        }
+    }
+}
+
+/// One raw BAT entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatEntry(pub u64);
+
+impl BatEntry {
+    pub fn new(state: PayloadState, file_offset: u64) -> Self {
+        debug_assert_eq!(file_offset & !FILE_OFFSET_MASK, 0);
+        BatEntry(file_offset | state.code())
+    }
+
+    /// The payload state, or `None` for the reserved value 4.
+    pub fn payload_state(self) -> Option<PayloadState> {
+        Some(match self.0 & STATE_MASK {
+            0 => PayloadState::NotPresent,
+            1 => PayloadState::Undefined,
+            2 => PayloadState::Zero,
+            3 | 5 => PayloadState::Unmapped,
+            6 => PayloadState::FullyPresent,
+            7 => PayloadState::PartiallyPresent,
+            _ => return None,
+        })
+    }
+
+    pub fn file_offset(self) -> u64 {
+        self.0 & FILE_OFFSET_MASK
+    }
+}
+
+/// How BAT indices map onto the virtual disk (FORMATS §5.1, §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatLayout {
+    pub block_size: u64,
+    /// Payload blocks per sector-bitmap block.
+    pub chunk_ratio: u64,
+    pub payload_blocks: u64,
+    /// Entries the BAT must hold.
+    pub total_entries: u64,
+}
+
+impl BatLayout {
+    pub fn new(
+        virtual_size: u64,
+        block_size: u32,
+        logical_sector_size: u32,
+        has_parent: bool,
+    ) -> Self {
+        let block_size = u64::from(block_size);
+        // Both factors are validated powers of two, so the ratio is exact and >= 16.
+        let chunk_ratio = SECTORS_PER_CHUNK * u64::from(logical_sector_size) / block_size;
+        let payload_blocks = virtual_size.div_ceil(block_size);
+        let total_entries = if has_parent {
+            payload_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
+        } else {
+            payload_blocks + (payload_blocks - 1) / chunk_ratio
+        };
+        BatLayout {
+            block_size,
+            chunk_ratio,
+            payload_blocks,
+            total_entries,
+        }
+    }
+
+    /// BAT index of payload block `block`: each chunk's sector-bitmap entry follows its
+    /// `chunk_ratio` payload entries.
+    pub fn payload_index(&self, block: u64) -> u64 {
+        block + block / self.chunk_ratio
+    }
+
+    /// BAT index of the sector-bitmap entry of the chunk holding payload block `block`.
+    pub fn sector_bitmap_index(&self, block: u64) -> u64 {
+        (block / self.chunk_ratio) * (self.chunk_ratio + 1) + self.chunk_ratio
+    }
+
+    pub fn is_sector_bitmap_index(&self, index: u64) -> bool {
+        index % (self.chunk_ratio + 1) == self.chunk_ratio
+    }
+
+    /// Payload block number of a payload index.
+    pub fn block_of_index(&self, index: u64) -> u64 {
+        index - index / (self.chunk_ratio + 1)
+    }
+}
+
+/// A file range the BAT's blocks must stay clear of (log, BAT, metadata region).
+#[derive(Debug, Clone)]
+pub struct ReservedRange {
+    pub start: u64,
+    pub end: u64,
+    pub name: &'static str,
+}
+
+/// The in-memory BAT: every entry of the pages covering the used entries, so a journaled
+/// page always carries its neighbours' current values.
+#[derive(Debug, Clone)]
+pub struct Bat {
+    pub layout: BatLayout,
+    entries: Vec<BatEntry>,
+}
+
+impl Bat {
+    /// Bytes of the BAT region that are held in memory (whole pages, within the region).
+    pub fn loaded_len(layout: &BatLayout, region_len: u64) -> Result<usize> {
+        let needed = layout.total_entries * BAT_ENTRY_LEN;
+        if needed > region_len {
+            return Err(Error::corrupt(
+                CorruptionKind::Truncated,
+                "BAT region",
+                format!(
+                    "holds {:#x} bytes but {} entries need {needed:#x}",
+                    region_len, layout.total_entries
+                ),
+            ));
+        }
+        let pages = needed.div_ceil(BAT_PAGE_LEN as u64) * BAT_PAGE_LEN as u64;
+        usize::try_from(pages.min(region_len))
+            .map_err(|_| Error::unsupported("BAT region too large for this machine"))
+    }
+
+    /// Builds the BAT from the first `loaded_len` bytes of its region.
+    pub fn from_bytes(layout: BatLayout, bytes: &[u8]) -> Self {
+        let entries = bytes
+            .chunks_exact(BAT_ENTRY_LEN as usize)
+            .map(|e| BatEntry(u64_at(e, 0)))
+            .collect();
+        Bat { layout, entries }
+    }
+
+    pub fn entry(&self, index: u64) -> BatEntry {
+        self.entries[index as usize]
+    }
+
+    pub fn set(&mut self, index: u64, entry: BatEntry) {
+        self.entries[index as usize] = entry;
+    }
+
+    pub fn payload(&self, block: u64) -> BatEntry {
+        self.entry(self.layout.payload_index(block))
+    }
+
+    /// The on-disk bytes of BAT page `page`.
+    pub fn page_bytes(&self, page: usize) -> [u8; BAT_PAGE_LEN] {
+        let mut buf = [0u8; BAT_PAGE_LEN];
+        let first = page * ENTRIES_PER_PAGE;
+        let last = (first + ENTRIES_PER_PAGE).min(self.entries.len());
+        for (i, entry) in self.entries[first..last].iter().enumerate() {
+            buf[i * 8..i * 8 + 8].copy_from_slice(&entry.0.to_le_bytes());
+        }
+        buf
+    }
+
+    /// Checks every used entry against the file: valid states, present blocks inside the
+    /// file (`file_len`), past the header area, clear of `reserved` and of each other.
+    /// The last block only needs its part inside the virtual disk to be in the file.
+    pub fn validate(
+        &self,
+        virtual_size: u64,
+        file_len: u64,
+        reserved: &[ReservedRange],
+    ) -> Result<()> {
+        let layout = &self.layout;
+        let mut used: Vec<(u64, u64, u64)> = Vec::new();
+        for index in 0..layout.total_entries {
+            let entry = self.entry(index);
+            let fail = |kind, problem: String| {
+                Err(Error::corrupt(kind, format!("BAT entry {index}"), problem))
+            };
+            let len = if layout.is_sector_bitmap_index(index) {
+                match entry.0 & STATE_MASK {
+                    0 => continue,
+                    6 => MIB,
+                    state => {
+                        return fail(
+                            CorruptionKind::InvalidField,
+                            format!("invalid sector bitmap state {state}"),
+                        );
+                    }
+                }
+            } else {
+                match entry.payload_state() {
+                    None => {
+                        return fail(
+                            CorruptionKind::InvalidField,
+                            format!("invalid payload state {}", entry.0 & STATE_MASK),
+                        );
+                    }
+                    Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent) => {
+                        let start = layout.block_of_index(index) * layout.block_size;
+                        layout.block_size.min(virtual_size - start)
+                    }
+                    Some(_) => continue,
+                }
+            };
+            let offset = entry.file_offset();
+            if offset < MIB {
+                return fail(
+                    CorruptionKind::OutOfBounds,
+                    format!("points into the header area (offset {offset:#x})"),
+                );
+            }
+            match offset.checked_add(len) {
+                Some(end) if end <= file_len => {}
+                _ => {
+                    return fail(
+                        CorruptionKind::OutOfBounds,
+                        format!("points past end of file (offset {offset:#x})"),
+                    );
+                }
+            }
+            if let Some(r) = reserved
+                .iter()
+                .find(|r| offset < r.end && r.start < offset + len)
+            {
+                return fail(
+                    CorruptionKind::OutOfBounds,
+                    format!("overlaps the {} (offset {offset:#x})", r.name),
+                );
+            }
+            used.push((offset, offset + len, index));
+        }
+        used.sort_unstable();
+        for pair in used.windows(2) {
+            if pair[1].0 < pair[0].1 {
+                let (first, second) = (pair[0].2.min(pair[1].2), pair[0].2.max(pair[1].2));
+                return Err(Error::corrupt(
+                    CorruptionKind::OutOfBounds,
+                    format!("BAT entry {second}"),
+                    format!(
+                        "overlaps the block of BAT entry {first} (offset {:#x})",
+                        pair[1].0
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of payload blocks with data in the file.
+    pub fn allocated_blocks(&self) -> u64 {
+        (0..self.layout.payload_blocks)
+            .filter(|&b| self.payload(b).payload_state() == Some(PayloadState::FullyPresent))
+            .count() as u64
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::type_complexity)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_worked_examples() {
+        let gib = 1u64 << 30;
+        let l = BatLayout::new(10 * gib, 32 << 20, 512, false);
+        assert_eq!(
+            (l.chunk_ratio, l.payload_blocks, l.total_entries),
+            (128, 320, 322)
+        );
+        assert_eq!(
+            BatLayout::new(10 * gib, 32 << 20, 512, true).total_entries,
+            387
+        );
+        let l = BatLayout::new(100 * gib, 32 << 20, 512, false);
+        assert_eq!(l.total_entries, 3224);
+        assert_eq!(BatLayout::new(gib, 1 << 20, 4096, false).chunk_ratio, 32768);
+        assert_eq!(BatLayout::new(gib, 256 << 20, 512, false).chunk_ratio, 16);
+    }
+
+    #[test]
+    fn payload_and_bitmap_entries_interleave() {
+        let l = BatLayout::new(1 << 40, 256 << 20, 512, false);
+        assert_eq!(l.payload_index(15), 15);
+        assert_eq!(l.sector_bitmap_index(15), 16);
+        assert_eq!(l.payload_index(16), 17);
+        assert_eq!(l.sector_bitmap_index(16), 33);
+        assert!(l.is_sector_bitmap_index(33) && !l.is_sector_bitmap_index(34));
+        for block in [0, 15, 16, 31, 32, 1000] {
+            assert_eq!(l.block_of_index(l.payload_index(block)), block);
+        }
+    }
+
+    #[test]
+    fn entry_states_round_trip_and_legacy_unmapped_reads_as_unmapped() {
+        for state in [
+            PayloadState::NotPresent,
+            PayloadState::Undefined,
+            PayloadState::Zero,
+            PayloadState::Unmapped,
+            PayloadState::FullyPresent,
+            PayloadState::PartiallyPresent,
+        ] {
+            let e = BatEntry::new(state, 7 * MIB);
+            assert_eq!(e.payload_state(), Some(state));
+            assert_eq!(e.file_offset(), 7 * MIB);
+        }
+        assert_eq!(BatEntry(5).payload_state(), Some(PayloadState::Unmapped));
+        assert_eq!(BatEntry(4).payload_state(), None);
+    }
+
+    fn bat_with(entries: &[u64]) -> Bat {
+        let layout = BatLayout::new(8 * MIB, MIB as u32, 512, false);
+        let mut bytes = vec![0u8; 4096];
+        for (i, e) in entries.iter().enumerate() {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_le_bytes());
+        }
+        Bat::from_bytes(layout, &bytes)
+    }
+
+    #[test]
+    fn page_bytes_round_trip() {
+        let bat = bat_with(&[6 | (5 * MIB), 2, 0, 6 | (9 * MIB)]);
+        assert_eq!(
+            Bat::from_bytes(bat.layout, &bat.page_bytes(0)).entry(3),
+            bat.entry(3)
+        );
+        assert_eq!(bat.allocated_blocks(), 2);
+    }
+
+    #[test]
+    fn validate_rejects_each_bad_entry() {
+        let reserved = [ReservedRange {
+            start: MIB,
+            end: 3 * MIB,
+            name: "log",
+        }];
+        let file_len = 20 * MIB;
+        assert!(
+            bat_with(&[6 | (5 * MIB), 6 | (6 * MIB), 3 | (6 * MIB)])
+                .validate(8 * MIB, file_len, &reserved)
+                .is_ok()
+        );
+        let cases: [(&[u64], &str); 5] = [
+            (&[0, 4], "BAT entry 1: invalid payload state 4"),
+            (
+                &[6 | (20 * MIB)],
+                "BAT entry 0: points past end of file (offset 0x1400000)",
+            ),
+            (&[0, 0, 6], "BAT entry 2: points into the header area"),
+            (&[6 | (2 * MIB)], "BAT entry 0: overlaps the log"),
+            (
+                &[6 | (5 * MIB), 0, 6 | (5 * MIB)],
+                "BAT entry 2: overlaps the block of BAT entry 0",
+            ),
+        ];
+        for (entries, text) in cases {
+            let err = bat_with(entries)
+                .validate(8 * MIB, file_len, &reserved)
+                .unwrap_err();
+            assert!(err.to_string().starts_with(text), "{err} is not {text}");
+        }
+    }
+
+    #[test]
+    fn region_too_small_for_the_entries_is_refused() {
+        let layout = BatLayout::new(1 << 40, MIB as u32, 512, false);
+        let err = Bat::loaded_len(&layout, MIB).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("BAT region: holds 0x100000 bytes")
+        );
+        let small = BatLayout::new(8 * MIB, MIB as u32, 512, false);
+        assert_eq!(Bat::loaded_len(&small, MIB).unwrap(), 4096);
+    }
+}

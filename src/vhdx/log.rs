@@ -1,0 +1,664 @@
+//! The metadata log: a ring of entries, each a list of 4 KiB page writes and zeroed ranges
+//! that must reach their final places in the file. Parses entries, finds the active
+//! sequence to replay (FORMATS §6.4), and builds entries for the writer.
+
+use super::fields::{
+    crc32c_matches, guid_at, put_guid, put_u32, put_u64, seal_crc32c, u32_at, u64_at,
+};
+use crate::error::{CorruptionKind, Error, IoContext, Result};
+use crate::storage::Storage;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+pub const LOG_SECTOR: usize = 4096;
+const SECTOR: u64 = LOG_SECTOR as u64;
+
+// Entry header, at the start of the entry's first sector.
+const ENTRY_SIGNATURE: &[u8; 4] = b"loge";
+const ENTRY_CHECKSUM_OFF: usize = 4; // u32 CRC-32C over EntryLength bytes, this field zeroed
+const ENTRY_LENGTH_OFF: usize = 8; // u32, multiple of 4 KiB
+const ENTRY_TAIL_OFF: usize = 12; // u32 log offset of the sequence's oldest entry
+const ENTRY_SEQUENCE_OFF: usize = 16; // u64, > 0, +1 per entry of a sequence
+const ENTRY_DESCRIPTOR_COUNT_OFF: usize = 24; // u32
+const ENTRY_LOG_GUID_OFF: usize = 32; // GUID, must equal the header's LogGuid
+const ENTRY_FLUSHED_FILE_OFFSET_OFF: usize = 48; // u64, durable file size when written
+const ENTRY_LAST_FILE_OFFSET_OFF: usize = 56; // u64, size holding every structure
+const ENTRY_HEADER_LEN: usize = 64;
+// Descriptors (32 bytes each) follow the header in the descriptor sectors.
+const DESCRIPTOR_LEN: usize = 32;
+const ZERO_SIGNATURE: &[u8; 4] = b"zero";
+const DATA_DESCRIPTOR_SIGNATURE: &[u8; 4] = b"desc";
+const DESC_TRAILING_OFF: usize = 4; // 4 bytes: bytes 4092..4096 of the page
+const DESC_LEADING_OFF: usize = 8; // 8 bytes: bytes 0..8 of the page
+const ZERO_LENGTH_OFF: usize = 8; // u64, multiple of 4 KiB
+const DESC_FILE_OFFSET_OFF: usize = 16; // u64, multiple of 4 KiB
+const DESC_SEQUENCE_OFF: usize = 24; // u64, = the entry's sequence number
+// Data sectors, one per data descriptor, after the descriptor sectors.
+const DATA_SIGNATURE: &[u8; 4] = b"data";
+const DATA_SEQUENCE_HIGH_OFF: usize = 4; // u32
+const DATA_PAYLOAD_OFF: usize = 8; // 4084 bytes: bytes 8..4092 of the page
+const DATA_SEQUENCE_LOW_OFF: usize = 4092; // u32
+/// File identifier and headers are never written through the log.
+const LOWEST_LOG_TARGET: u64 = 192 * 1024;
+
+/// One write an entry carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogUpdate {
+    Page {
+        file_offset: u64,
+        data: Box<[u8; LOG_SECTOR]>,
+    },
+    Zero {
+        file_offset: u64,
+        length: u64,
+    },
+}
+
+impl LogUpdate {
+    pub fn file_offset(&self) -> u64 {
+        match self {
+            LogUpdate::Page { file_offset, .. } | LogUpdate::Zero { file_offset, .. } => {
+                *file_offset
+            }
+        }
+    }
+
+    /// Bytes of the file the update covers.
+    pub fn covered_len(&self) -> u64 {
+        match self {
+            LogUpdate::Page { .. } => SECTOR,
+            LogUpdate::Zero { length, .. } => *length,
+        }
+    }
+}
+
+/// A valid, parsed log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Where the entry starts, relative to the log.
+    pub position: u64,
+    pub length: u64,
+    pub tail: u64,
+    pub sequence: u64,
+    pub flushed_file_offset: u64,
+    pub last_file_offset: u64,
+    pub updates: Vec<LogUpdate>,
+}
+
+/// Sector count of the descriptor area for `descriptors` descriptors (never 0): the first
+/// sector holds the 64-byte header plus 126 descriptors.
+fn descriptor_sectors(descriptors: u64) -> u64 {
+    (descriptors + 2).div_ceil(128)
+}
+
+/// `len` bytes of the ring starting at `position`, wrapping past its end.
+fn ring_bytes(log: &[u8], position: u64, len: u64) -> Vec<u8> {
+    let start = position as usize;
+    let len = len as usize;
+    let first = len.min(log.len() - start);
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&log[start..start + first]);
+    out.extend_from_slice(&log[..len - first]);
+    out
+}
+
+/// Parses the entry at `position` of the log `log`; `None` if it is not a valid entry of
+/// the sequence identified by `log_guid`.
+pub fn parse_entry(log: &[u8], position: u64, log_guid: Uuid) -> Option<LogEntry> {
+    let log_len = log.len() as u64;
+    let head = ring_bytes(log, position, SECTOR);
+    if &head[..4] != ENTRY_SIGNATURE {
+        return None;
+    }
+    let length = u64::from(u32_at(&head, ENTRY_LENGTH_OFF));
+    let tail = u64::from(u32_at(&head, ENTRY_TAIL_OFF));
+    let sequence = u64_at(&head, ENTRY_SEQUENCE_OFF);
+    let descriptors = u64::from(u32_at(&head, ENTRY_DESCRIPTOR_COUNT_OFF));
+    if length == 0
+        || !length.is_multiple_of(SECTOR)
+        || length > log_len
+        || !tail.is_multiple_of(SECTOR)
+        || tail >= log_len
+        || sequence == 0
+        || guid_at(&head, ENTRY_LOG_GUID_OFF) != log_guid
+    {
+        return None;
+    }
+    let desc_sectors = descriptor_sectors(descriptors);
+    if desc_sectors * SECTOR > length {
+        return None;
+    }
+    let bytes = ring_bytes(log, position, length);
+    if !crc32c_matches(&bytes, ENTRY_CHECKSUM_OFF) {
+        return None;
+    }
+    let mut updates = Vec::with_capacity(descriptors as usize);
+    let mut data_sector = desc_sectors;
+    for i in 0..descriptors as usize {
+        let at = ENTRY_HEADER_LEN + i * DESCRIPTOR_LEN;
+        let d = &bytes[at..at + DESCRIPTOR_LEN];
+        let file_offset = u64_at(d, DESC_FILE_OFFSET_OFF);
+        if u64_at(d, DESC_SEQUENCE_OFF) != sequence
+            || !file_offset.is_multiple_of(SECTOR)
+            || file_offset < LOWEST_LOG_TARGET
+        {
+            return None;
+        }
+        let update = if &d[..4] == ZERO_SIGNATURE {
+            let length = u64_at(d, ZERO_LENGTH_OFF);
+            if !length.is_multiple_of(SECTOR) || file_offset.checked_add(length).is_none() {
+                return None;
+            }
+            LogUpdate::Zero {
+                file_offset,
+                length,
+            }
+        } else if &d[..4] == DATA_DESCRIPTOR_SIGNATURE {
+            if (data_sector + 1) * SECTOR > length {
+                return None;
+            }
+            let s = &bytes[(data_sector * SECTOR) as usize..((data_sector + 1) * SECTOR) as usize];
+            let seq_in_sector = (u64::from(u32_at(s, DATA_SEQUENCE_HIGH_OFF)) << 32)
+                | u64::from(u32_at(s, DATA_SEQUENCE_LOW_OFF));
+            if &s[..4] != DATA_SIGNATURE || seq_in_sector != sequence {
+                return None;
+            }
+            data_sector += 1;
+            let mut page = Box::new([0u8; LOG_SECTOR]);
+            page[..8].copy_from_slice(&d[DESC_LEADING_OFF..DESC_LEADING_OFF + 8]);
+            page[8..4092].copy_from_slice(&s[DATA_PAYLOAD_OFF..DATA_SEQUENCE_LOW_OFF]);
+            page[4092..].copy_from_slice(&d[DESC_TRAILING_OFF..DESC_TRAILING_OFF + 4]);
+            LogUpdate::Page {
+                file_offset,
+                data: page,
+            }
+        } else {
+            return None;
+        };
+        updates.push(update);
+    }
+    Some(LogEntry {
+        position,
+        length,
+        tail,
+        sequence,
+        flushed_file_offset: u64_at(&head, ENTRY_FLUSHED_FILE_OFFSET_OFF),
+        last_file_offset: u64_at(&head, ENTRY_LAST_FILE_OFFSET_OFF),
+        updates,
+    })
+}
+
+/// The entries to replay, oldest first (from the head's Tail through the head).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveSequence {
+    pub entries: Vec<LogEntry>,
+}
+
+impl ActiveSequence {
+    pub fn head(&self) -> &LogEntry {
+        self.entries.last().unwrap()
+    }
+}
+
+/// Finds the active sequence in the log ring `log` (FORMATS §6.4): the valid run of
+/// consecutive entries with the highest head sequence number whose head's Tail points at
+/// one of its own entries. `None` when the log holds no valid sequence.
+pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Option<ActiveSequence> {
+    let log_len = log.len() as u64;
+    let mut best: Option<Vec<LogEntry>> = None;
+    let mut start = 0u64;
+    // Each pass moves `start` forward; the scan ends once it has gone round the ring.
+    let mut scanned = 0u64;
+    while scanned < log_len {
+        let mut run: Vec<LogEntry> = Vec::new();
+        let mut pos = start;
+        let mut run_len = 0u64;
+        while run_len < log_len {
+            let Some(entry) = parse_entry(log, pos, log_guid) else {
+                break;
+            };
+            if run
+                .last()
+                .is_some_and(|last| entry.sequence != last.sequence + 1)
+            {
+                break;
+            }
+            run_len += entry.length;
+            pos = (pos + entry.length) % log_len;
+            run.push(entry);
+        }
+        let valid = run
+            .last()
+            .is_some_and(|head| run.iter().any(|e| e.position == head.tail));
+        let advance = if valid { run_len } else { SECTOR };
+        if valid
+            && best
+                .as_ref()
+                .is_none_or(|b| run.last().unwrap().sequence > b.last().unwrap().sequence)
+        {
+            best = Some(run);
+        }
+        start = (start + advance) % log_len;
+        scanned += advance;
+    }
+    best.map(|mut run| {
+        let tail = run.last().unwrap().tail;
+        let first = run.iter().position(|e| e.position == tail).unwrap();
+        ActiveSequence {
+            entries: run.split_off(first),
+        }
+    })
+}
+
+/// Reads the whole log ring of a dirty image.
+pub fn read_ring(storage: &dyn Storage, log_offset: u64, log_length: u32) -> Result<Vec<u8>> {
+    let mut log = vec![0u8; log_length as usize];
+    storage
+        .read_at(&mut log, log_offset)
+        .context(|| format!("reading log at {log_offset:#x}"))?;
+    Ok(log)
+}
+
+/// Checks what the head entry says about the file: never shorter than FlushedFileOffset,
+/// and no update below the file identifier and headers (already excluded when parsing).
+pub fn check_sequence_against_file(sequence: &ActiveSequence, file_len: u64) -> Result<()> {
+    let head = sequence.head();
+    if head.flushed_file_offset > file_len {
+        return Err(Error::corrupt(
+            CorruptionKind::Truncated,
+            format!("log entry {}", head.sequence),
+            format!(
+                "file is truncated: {file_len:#x} bytes, but the log says {:#x} were flushed",
+                head.flushed_file_offset
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Merges byte-range updates (any alignment) into whole 4 KiB pages, taking the bytes they
+/// do not cover from `current_page(page_offset)`. Updates later in `updates` win.
+pub fn merge_into_pages(
+    updates: &[(u64, &[u8])],
+    mut current_page: impl FnMut(u64) -> Result<[u8; LOG_SECTOR]>,
+) -> Result<Vec<(u64, Box<[u8; LOG_SECTOR]>)>> {
+    let mut pages: BTreeMap<u64, Box<[u8; LOG_SECTOR]>> = BTreeMap::new();
+    for &(offset, bytes) in updates {
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let at = offset + done as u64;
+            let page_offset = at - at % SECTOR;
+            let in_page = (at - page_offset) as usize;
+            let n = (LOG_SECTOR - in_page).min(bytes.len() - done);
+            let page = match pages.entry(page_offset) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(Box::new(current_page(page_offset)?))
+                }
+            };
+            page[in_page..in_page + n].copy_from_slice(&bytes[done..done + n]);
+            done += n;
+        }
+    }
+    Ok(pages.into_iter().collect())
+}
+
+/// Builds the on-disk bytes of one entry.
+pub struct EntryBuilder<'a> {
+    pub sequence: u64,
+    pub tail: u64,
+    pub log_guid: Uuid,
+    pub flushed_file_offset: u64,
+    pub last_file_offset: u64,
+    pub updates: &'a [LogUpdate],
+}
+
+impl EntryBuilder<'_> {
+    /// Bytes an entry with these updates occupies in the log.
+    pub fn entry_len(updates: &[LogUpdate]) -> u64 {
+        let pages = updates
+            .iter()
+            .filter(|u| matches!(u, LogUpdate::Page { .. }))
+            .count() as u64;
+        (descriptor_sectors(updates.len() as u64) + pages) * SECTOR
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let desc_sectors = descriptor_sectors(self.updates.len() as u64) as usize;
+        let mut buf = vec![0u8; Self::entry_len(self.updates) as usize];
+        buf[..4].copy_from_slice(ENTRY_SIGNATURE);
+        let entry_len = buf.len() as u32;
+        put_u32(&mut buf, ENTRY_LENGTH_OFF, entry_len);
+        put_u32(&mut buf, ENTRY_TAIL_OFF, self.tail as u32);
+        put_u64(&mut buf, ENTRY_SEQUENCE_OFF, self.sequence);
+        put_u32(
+            &mut buf,
+            ENTRY_DESCRIPTOR_COUNT_OFF,
+            self.updates.len() as u32,
+        );
+        put_guid(&mut buf, ENTRY_LOG_GUID_OFF, &self.log_guid);
+        put_u64(
+            &mut buf,
+            ENTRY_FLUSHED_FILE_OFFSET_OFF,
+            self.flushed_file_offset,
+        );
+        put_u64(&mut buf, ENTRY_LAST_FILE_OFFSET_OFF, self.last_file_offset);
+        let mut data_sector = desc_sectors;
+        for (i, update) in self.updates.iter().enumerate() {
+            let at = ENTRY_HEADER_LEN + i * DESCRIPTOR_LEN;
+            match update {
+                LogUpdate::Zero {
+                    file_offset,
+                    length,
+                } => {
+                    let d = &mut buf[at..at + DESCRIPTOR_LEN];
+                    d[..4].copy_from_slice(ZERO_SIGNATURE);
+                    put_u64(d, ZERO_LENGTH_OFF, *length);
+                    put_u64(d, DESC_FILE_OFFSET_OFF, *file_offset);
+                    put_u64(d, DESC_SEQUENCE_OFF, self.sequence);
+                }
+                LogUpdate::Page { file_offset, data } => {
+                    let d = &mut buf[at..at + DESCRIPTOR_LEN];
+                    d[..4].copy_from_slice(DATA_DESCRIPTOR_SIGNATURE);
+                    d[DESC_TRAILING_OFF..DESC_TRAILING_OFF + 4].copy_from_slice(&data[4092..]);
+                    d[DESC_LEADING_OFF..DESC_LEADING_OFF + 8].copy_from_slice(&data[..8]);
+                    put_u64(d, DESC_FILE_OFFSET_OFF, *file_offset);
+                    put_u64(d, DESC_SEQUENCE_OFF, self.sequence);
+                    let s = &mut buf[data_sector * LOG_SECTOR..(data_sector + 1) * LOG_SECTOR];
+                    s[..4].copy_from_slice(DATA_SIGNATURE);
+                    put_u32(s, DATA_SEQUENCE_HIGH_OFF, (self.sequence >> 32) as u32);
+                    s[DATA_PAYLOAD_OFF..DATA_SEQUENCE_LOW_OFF].copy_from_slice(&data[8..4092]);
+                    put_u32(s, DATA_SEQUENCE_LOW_OFF, self.sequence as u32);
+                    data_sector += 1;
+                }
+            }
+        }
+        seal_crc32c(&mut buf, ENTRY_CHECKSUM_OFF);
+        buf
+    }
+}
+
+/// Where the next entry goes. Every entry is applied (and flushed) before the next one is
+/// written, so each entry's Tail is its own position; entries are kept to at most half the
+/// ring so writing one never overwrites the previous one, which must stay replayable until
+/// its successor is durable.
+#[derive(Debug, Clone)]
+pub struct LogWriter {
+    pub log_offset: u64,
+    pub log_length: u64,
+    pub log_guid: Uuid,
+    next_sequence: u64,
+    head: u64,
+}
+
+impl LogWriter {
+    /// A writer for a freshly installed `log_guid`: no valid entry of it exists yet.
+    pub fn new(log_offset: u64, log_length: u32, log_guid: Uuid) -> Self {
+        LogWriter {
+            log_offset,
+            log_length: u64::from(log_length),
+            log_guid,
+            next_sequence: 1,
+            head: 0,
+        }
+    }
+
+    /// The largest entry allowed (see the type's comment).
+    pub fn max_entry_len(&self) -> u64 {
+        self.log_length / 2
+    }
+
+    /// Splits `updates` into groups that each fit one entry.
+    pub fn split<'u>(&self, updates: &'u [LogUpdate]) -> Vec<&'u [LogUpdate]> {
+        let mut groups = Vec::new();
+        let mut start = 0;
+        while start < updates.len() {
+            let mut end = start + 1;
+            while end < updates.len()
+                && EntryBuilder::entry_len(&updates[start..end + 1]) <= self.max_entry_len()
+            {
+                end += 1;
+            }
+            groups.push(&updates[start..end]);
+            start = end;
+        }
+        groups
+    }
+
+    /// Writes one entry (not flushed) holding `updates`, which must fit (see `split`).
+    pub fn write_entry(
+        &mut self,
+        storage: &dyn Storage,
+        updates: &[LogUpdate],
+        flushed_file_offset: u64,
+        last_file_offset: u64,
+    ) -> Result<()> {
+        let bytes = EntryBuilder {
+            sequence: self.next_sequence,
+            tail: self.head,
+            log_guid: self.log_guid,
+            flushed_file_offset,
+            last_file_offset,
+            updates,
+        }
+        .build();
+        debug_assert!(bytes.len() as u64 <= self.max_entry_len());
+        let first = (bytes.len() as u64).min(self.log_length - self.head) as usize;
+        let write = |buf: &[u8], pos: u64| {
+            storage
+                .write_at(buf, self.log_offset + pos)
+                .context(|| format!("writing log entry {}", self.next_sequence))
+        };
+        write(&bytes[..first], self.head)?;
+        if first < bytes.len() {
+            write(&bytes[first..], 0)?;
+        }
+        self.head = (self.head + bytes.len() as u64) % self.log_length;
+        self.next_sequence += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::type_complexity)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    const GUID: Uuid = Uuid::from_u128(0x1111_2222);
+
+    fn page(fill: u8, file_offset: u64) -> LogUpdate {
+        let mut data = Box::new([fill; LOG_SECTOR]);
+        data[0] = 0xA0;
+        data[4095] = 0x0B;
+        LogUpdate::Page { file_offset, data }
+    }
+
+    fn entry(sequence: u64, tail: u64, updates: &[LogUpdate]) -> Vec<u8> {
+        EntryBuilder {
+            sequence,
+            tail,
+            log_guid: GUID,
+            flushed_file_offset: 4 << 20,
+            last_file_offset: 5 << 20,
+            updates,
+        }
+        .build()
+    }
+
+    fn put(log: &mut [u8], pos: usize, bytes: &[u8]) {
+        for (i, b) in bytes.iter().enumerate() {
+            let at = (pos + i) % log.len();
+            log[at] = *b;
+        }
+    }
+
+    #[test]
+    fn entry_round_trips_pages_and_zero_ranges() {
+        let updates = vec![
+            page(1, 0x30_0000),
+            LogUpdate::Zero {
+                file_offset: 0x40_0000,
+                length: 0x20_0000,
+            },
+            page(2, 0x30_1000),
+        ];
+        let bytes = entry(7, 0, &updates);
+        assert_eq!(bytes.len(), 3 * LOG_SECTOR);
+        let mut log = vec![0u8; 1 << 20];
+        put(&mut log, 0, &bytes);
+        let parsed = parse_entry(&log, 0, GUID).unwrap();
+        assert_eq!(parsed.updates, updates);
+        assert_eq!(
+            (
+                parsed.sequence,
+                parsed.flushed_file_offset,
+                parsed.last_file_offset
+            ),
+            (7, 4 << 20, 5 << 20)
+        );
+        assert!(
+            parse_entry(&log, 0, Uuid::from_u128(3)).is_none(),
+            "wrong guid"
+        );
+    }
+
+    #[test]
+    fn many_descriptors_spill_into_further_descriptor_sectors() {
+        let updates: Vec<LogUpdate> = (0..300)
+            .map(|i| LogUpdate::Zero {
+                file_offset: (1 << 20) + i * 4096,
+                length: 4096,
+            })
+            .collect();
+        let bytes = entry(1, 0, &updates);
+        assert_eq!(bytes.len(), 3 * LOG_SECTOR);
+        let mut log = vec![0u8; 1 << 20];
+        put(&mut log, 0, &bytes);
+        assert_eq!(parse_entry(&log, 0, GUID).unwrap().updates, updates);
+    }
+
+    #[test]
+    fn damaged_entries_are_invalid() {
+        let bytes = entry(3, 0, &[page(5, 0x20_0000)]);
+        let damage: [fn(&mut Vec<u8>); 6] = [
+            |b| b[0] = b'L',
+            |b| b[200] ^= 1,                            // checksum
+            |b| b[LOG_SECTOR + 100] ^= 1,               // data sector payload
+            |b| put_u64(b, ENTRY_SEQUENCE_OFF, 0),      // sequence 0
+            |b| put_u32(b, ENTRY_LENGTH_OFF, 4 * 4096), // longer than written
+            |b| put_u64(b, ENTRY_HEADER_LEN + DESC_FILE_OFFSET_OFF, 0x1_0000), // header area
+        ];
+        for (i, d) in damage.iter().enumerate() {
+            let mut b = bytes.clone();
+            d(&mut b);
+            if i >= 3 {
+                seal_crc32c(&mut b[..2 * LOG_SECTOR], ENTRY_CHECKSUM_OFF);
+            }
+            let mut log = vec![0u8; 1 << 20];
+            put(&mut log, 0, &b);
+            assert!(parse_entry(&log, 0, GUID).is_none(), "damage {i} accepted");
+        }
+    }
+
+    #[test]
+    fn active_sequence_follows_tail_and_highest_sequence() {
+        let mut log = vec![0u8; 64 * 1024];
+        // A stale run 1..=2 at 0, then the live run 5..=7 whose head's tail points at 6.
+        put(&mut log, 0, &entry(1, 0, &[page(1, 0x20_0000)]));
+        put(&mut log, 8192, &entry(2, 0, &[page(2, 0x20_0000)]));
+        put(&mut log, 16384, &entry(5, 16384, &[page(5, 0x20_0000)]));
+        put(&mut log, 24576, &entry(6, 16384, &[page(6, 0x20_0000)]));
+        put(&mut log, 32768, &entry(7, 24576, &[page(7, 0x21_0000)]));
+        let seq = find_active_sequence(&log, GUID).unwrap();
+        let seqs: Vec<u64> = seq.entries.iter().map(|e| e.sequence).collect();
+        assert_eq!(seqs, vec![6, 7]);
+    }
+
+    #[test]
+    fn gap_or_torn_head_falls_back_to_the_last_complete_sequence() {
+        let mut log = vec![0u8; 64 * 1024];
+        put(&mut log, 0, &entry(1, 0, &[page(1, 0x20_0000)]));
+        put(&mut log, 8192, &entry(2, 8192, &[page(2, 0x20_0000)]));
+        // Sequence 4 after a gap, with its tail pointing back across the gap.
+        put(&mut log, 16384, &entry(4, 8192, &[page(4, 0x20_0000)]));
+        let seq = find_active_sequence(&log, GUID).unwrap();
+        assert_eq!(seq.head().sequence, 2);
+
+        let mut torn = entry(3, 16384, &[page(3, 0x20_0000)]);
+        torn.truncate(5000);
+        put(&mut log, 16384, &torn);
+        assert_eq!(find_active_sequence(&log, GUID).unwrap().head().sequence, 2);
+        assert!(find_active_sequence(&vec![0u8; 8192], GUID).is_none());
+    }
+
+    #[test]
+    fn entries_wrap_around_the_ring_end() {
+        let mut log = vec![0u8; 32 * 1024];
+        let e = entry(9, 24576, &[page(9, 0x20_0000), page(8, 0x20_1000)]);
+        put(&mut log, 24576, &e);
+        let seq = find_active_sequence(&log, GUID).unwrap();
+        assert_eq!(seq.head().sequence, 9);
+        assert_eq!(seq.head().updates[1], page(8, 0x20_1000));
+    }
+
+    #[test]
+    fn head_flushed_offset_past_end_of_file_means_truncated() {
+        let mut log = vec![0u8; 64 * 1024];
+        put(&mut log, 0, &entry(1, 0, &[page(1, 0x20_0000)]));
+        let seq = find_active_sequence(&log, GUID).unwrap();
+        assert!(check_sequence_against_file(&seq, 4 << 20).is_ok());
+        let err = check_sequence_against_file(&seq, 3 << 20).unwrap_err();
+        assert_eq!(err.corruption_kind(), Some(CorruptionKind::Truncated));
+        assert!(
+            err.to_string()
+                .starts_with("log entry 1: file is truncated")
+        );
+    }
+
+    #[test]
+    fn partial_page_updates_merge_with_both_neighbours() {
+        // An update straddling a page boundary must keep the bytes around it in BOTH pages
+        // (the trailing page is merged from its own offset, not the first page's).
+        let disk: Vec<u8> = (0..3 * LOG_SECTOR).map(|i| (i % 251) as u8).collect();
+        let update = vec![0xEEu8; 24];
+        let at = 2 * LOG_SECTOR as u64 - 8;
+        let pages = merge_into_pages(&[(at, &update)], |off| {
+            Ok(disk[off as usize..off as usize + LOG_SECTOR]
+                .try_into()
+                .unwrap())
+        })
+        .unwrap();
+        let mut expected = disk.clone();
+        expected[at as usize..at as usize + 24].fill(0xEE);
+        assert_eq!(pages.len(), 2);
+        for (off, data) in pages {
+            assert_eq!(
+                &data[..],
+                &expected[off as usize..off as usize + LOG_SECTOR]
+            );
+        }
+    }
+
+    #[test]
+    fn writer_keeps_entries_small_and_wraps_the_ring() {
+        let storage = MemStorage::from_vec(vec![0u8; 2 << 20]);
+        let mut w = LogWriter::new(1 << 20, 1 << 20, GUID);
+        let updates: Vec<LogUpdate> = (0..200)
+            .map(|i| page(i as u8, 0x20_0000 + i * 4096))
+            .collect();
+        let groups = w.split(&updates);
+        assert!(groups.len() >= 2);
+        assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), 200);
+        for _ in 0..5 {
+            for g in &groups {
+                w.write_entry(&storage, g, 2 << 20, 2 << 20).unwrap();
+            }
+        }
+        let log = storage.contents()[1 << 20..].to_vec();
+        let seq = find_active_sequence(&log, GUID).unwrap();
+        assert_eq!(seq.entries.len(), 1, "each entry's tail is itself");
+        assert_eq!(seq.head().sequence, 5 * groups.len() as u64);
+        assert_eq!(seq.head().updates.as_slice(), *groups.last().unwrap());
+    }
+}

@@ -1,0 +1,289 @@
+//! The region table (two 64 KiB copies at 192 KiB and 256 KiB): where the BAT and the
+//! metadata region live.
+
+use super::fields::{
+    MIB, crc32c_matches, guid_at, is_mib_aligned, put_guid, put_u32, put_u64, seal_crc32c, u32_at,
+    u64_at,
+};
+use crate::error::{CorruptionKind, Error, Result};
+use uuid::Uuid;
+
+pub const REGION_TABLE_LEN: usize = 64 * 1024;
+/// File offsets of the two copies.
+pub const REGION_TABLE_OFFSETS: [u64; 2] = [192 * 1024, 256 * 1024];
+
+pub const BAT_REGION: Uuid = Uuid::from_u128(0x2DC27766_F623_4200_9D64_115E9BFD4A08);
+pub const METADATA_REGION: Uuid = Uuid::from_u128(0x8B7CA206_4790_4B9A_B8FE_575F050F886E);
+
+const SIGNATURE: &[u8; 4] = b"regi";
+const MAX_ENTRIES: u32 = 2047;
+// Offsets inside the table header.
+const SIGNATURE_OFF: usize = 0; // 4 bytes "regi"
+const CHECKSUM_OFF: usize = 4; // u32 CRC-32C over all 64 KiB, this field zeroed
+const ENTRY_COUNT_OFF: usize = 8; // u32, at most 2047
+const ENTRIES_OFF: usize = 16; // first 32-byte entry
+const ENTRY_LEN: usize = 32;
+// Offsets inside one entry.
+const ENTRY_GUID_OFF: usize = 0; // GUID, region type
+const ENTRY_FILE_OFFSET_OFF: usize = 16; // u64, multiple of 1 MiB, at least 1 MiB
+const ENTRY_LENGTH_OFF: usize = 24; // u32, multiple of 1 MiB
+const ENTRY_REQUIRED_OFF: usize = 28; // u32, bit 0: refuse to open if the GUID is unknown
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionEntry {
+    pub guid: Uuid,
+    pub file_offset: u64,
+    pub length: u32,
+    pub required: bool,
+}
+
+impl RegionEntry {
+    pub fn end(&self) -> u64 {
+        // Cannot overflow: checked by `RegionTable::parse`.
+        self.file_offset + u64::from(self.length)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionTable {
+    pub entries: Vec<RegionEntry>,
+}
+
+impl RegionTable {
+    /// Parses one copy; `name` ("region table 1"/"region table 2") goes into the error.
+    pub fn parse(buf: &[u8], name: &str) -> Result<Self> {
+        let corrupt = |kind, problem: String| Error::corrupt(kind, name, problem);
+        if buf.len() != REGION_TABLE_LEN {
+            return Err(corrupt(
+                CorruptionKind::Truncated,
+                format!("is {} bytes, expected 64 KiB", buf.len()),
+            ));
+        }
+        if &buf[SIGNATURE_OFF..SIGNATURE_OFF + 4] != SIGNATURE {
+            return Err(corrupt(
+                CorruptionKind::BadSignature,
+                "signature is not 'regi'".into(),
+            ));
+        }
+        if !crc32c_matches(buf, CHECKSUM_OFF) {
+            return Err(corrupt(
+                CorruptionKind::BadChecksum,
+                "checksum mismatch".into(),
+            ));
+        }
+        let count = u32_at(buf, ENTRY_COUNT_OFF);
+        if count > MAX_ENTRIES {
+            return Err(corrupt(
+                CorruptionKind::InvalidField,
+                format!("entry count {count} exceeds {MAX_ENTRIES}"),
+            ));
+        }
+        let mut entries: Vec<RegionEntry> = Vec::with_capacity(count as usize);
+        for i in 0..count as usize {
+            let e = &buf[ENTRIES_OFF + i * ENTRY_LEN..ENTRIES_OFF + (i + 1) * ENTRY_LEN];
+            let entry = RegionEntry {
+                guid: guid_at(e, ENTRY_GUID_OFF),
+                file_offset: u64_at(e, ENTRY_FILE_OFFSET_OFF),
+                length: u32_at(e, ENTRY_LENGTH_OFF),
+                required: u32_at(e, ENTRY_REQUIRED_OFF) & 1 != 0,
+            };
+            let what = |problem: String| {
+                corrupt(
+                    CorruptionKind::OutOfBounds,
+                    format!("region {}: {problem}", entry.guid),
+                )
+            };
+            if entry.file_offset < MIB || !is_mib_aligned(entry.file_offset) {
+                return Err(what(format!(
+                    "offset {:#x} is not 1 MiB aligned past the header area",
+                    entry.file_offset
+                )));
+            }
+            if entry.length == 0 || !is_mib_aligned(u64::from(entry.length)) {
+                return Err(what(format!(
+                    "length {:#x} is not a non-zero multiple of 1 MiB",
+                    entry.length
+                )));
+            }
+            if entry
+                .file_offset
+                .checked_add(u64::from(entry.length))
+                .is_none()
+            {
+                return Err(what("ends past the largest file offset".into()));
+            }
+            if entries.iter().any(|other| other.guid == entry.guid) {
+                return Err(corrupt(
+                    CorruptionKind::InvalidField,
+                    format!("region {} appears twice", entry.guid),
+                ));
+            }
+            if let Some(other) = entries
+                .iter()
+                .find(|o| o.file_offset < entry.end() && entry.file_offset < o.end())
+            {
+                return Err(what(format!("overlaps region {}", other.guid)));
+            }
+            entries.push(entry);
+        }
+        for entry in &entries {
+            if entry.required && entry.guid != BAT_REGION && entry.guid != METADATA_REGION {
+                return Err(Error::unsupported(format!(
+                    "{name}: unknown required region {}",
+                    entry.guid
+                )));
+            }
+        }
+        for (guid, region) in [(BAT_REGION, "BAT"), (METADATA_REGION, "metadata")] {
+            if !entries.iter().any(|e| e.guid == guid) {
+                return Err(corrupt(
+                    CorruptionKind::InvalidField,
+                    format!("has no {region} region"),
+                ));
+            }
+        }
+        Ok(RegionTable { entries })
+    }
+
+    /// Parses copy 1, falling back to copy 2 when copy 1 is damaged.
+    pub fn parse_either(copies: [&[u8]; 2]) -> Result<Self> {
+        match Self::parse(copies[0], "region table 1") {
+            Ok(table) => Ok(table),
+            Err(first) if first.corruption_kind().is_some() => {
+                let table = Self::parse(copies[1], "region table 2").map_err(|second| {
+                    Error::corrupt(
+                        first.corruption_kind().unwrap(),
+                        "region tables",
+                        format!("no valid copy ({first}; {second})"),
+                    )
+                })?;
+                log::warn!("{first}; using region table 2");
+                Ok(table)
+            }
+            Err(unsupported) => Err(unsupported),
+        }
+    }
+
+    pub fn find(&self, guid: Uuid) -> &RegionEntry {
+        // Both known regions are guaranteed by `parse`.
+        self.entries.iter().find(|e| e.guid == guid).unwrap()
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; REGION_TABLE_LEN];
+        buf[..4].copy_from_slice(SIGNATURE);
+        put_u32(&mut buf, ENTRY_COUNT_OFF, self.entries.len() as u32);
+        for (i, entry) in self.entries.iter().enumerate() {
+            let e = &mut buf[ENTRIES_OFF + i * ENTRY_LEN..ENTRIES_OFF + (i + 1) * ENTRY_LEN];
+            put_guid(e, ENTRY_GUID_OFF, &entry.guid);
+            put_u64(e, ENTRY_FILE_OFFSET_OFF, entry.file_offset);
+            put_u32(e, ENTRY_LENGTH_OFF, entry.length);
+            put_u32(e, ENTRY_REQUIRED_OFF, u32::from(entry.required));
+        }
+        seal_crc32c(&mut buf, CHECKSUM_OFF);
+        buf
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::type_complexity)]
+mod tests {
+    use super::*;
+
+    fn sample() -> RegionTable {
+        RegionTable {
+            entries: vec![
+                RegionEntry {
+                    guid: BAT_REGION,
+                    file_offset: 2 * MIB,
+                    length: MIB as u32,
+                    required: true,
+                },
+                RegionEntry {
+                    guid: METADATA_REGION,
+                    file_offset: 3 * MIB,
+                    length: MIB as u32,
+                    required: true,
+                },
+                RegionEntry {
+                    guid: Uuid::from_u128(77),
+                    file_offset: 9 * MIB,
+                    length: 2 * MIB as u32,
+                    required: false,
+                },
+            ],
+        }
+    }
+
+    fn parse(t: &RegionTable) -> Result<RegionTable> {
+        RegionTable::parse(&t.to_bytes(), "region table 1")
+    }
+
+    #[test]
+    fn round_trips_known_and_optional_regions() {
+        let t = sample();
+        assert_eq!(parse(&t).unwrap(), t);
+        assert_eq!(t.find(METADATA_REGION).file_offset, 3 * MIB);
+    }
+
+    #[test]
+    fn rejects_corrupt_fields() {
+        let cases: [(fn(&mut RegionTable), &str); 6] = [
+            (|t| t.entries[0].file_offset = 4096, "not 1 MiB aligned"),
+            (|t| t.entries[1].file_offset = 0, "not 1 MiB aligned"),
+            (|t| t.entries[0].length = 0, "non-zero multiple"),
+            (|t| t.entries[1].file_offset = 2 * MIB, "overlaps region"),
+            (|t| t.entries[2].guid = BAT_REGION, "appears twice"),
+            (|t| t.entries.truncate(1), "has no metadata region"),
+        ];
+        for (mutate, text) in cases {
+            let mut t = sample();
+            mutate(&mut t);
+            let err = parse(&t).unwrap_err();
+            assert!(err.to_string().contains(text), "{err} lacks {text}");
+            assert!(err.to_string().starts_with("region table 1: "));
+        }
+        let mut t = sample();
+        t.entries[0].file_offset = !(MIB - 1);
+        assert!(
+            parse(&t)
+                .unwrap_err()
+                .to_string()
+                .contains("past the largest")
+        );
+    }
+
+    #[test]
+    fn unknown_required_region_is_refused_by_name() {
+        let mut t = sample();
+        t.entries[2].required = true;
+        let err = parse(&t).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "region table 1: unknown required region 00000000-0000-0000-0000-00000000004d"
+        );
+    }
+
+    #[test]
+    fn damaged_copy_1_falls_back_to_copy_2() {
+        let good = sample().to_bytes();
+        let mut bad = good.clone();
+        bad[40] ^= 1;
+        let err = RegionTable::parse(&bad, "region table 1").unwrap_err();
+        assert_eq!(err.to_string(), "region table 1: checksum mismatch");
+        assert_eq!(RegionTable::parse_either([&bad, &good]).unwrap(), sample());
+        let mut bad_sig = good.clone();
+        bad_sig[0] = b'R';
+        let err = RegionTable::parse_either([&bad, &bad_sig]).unwrap_err();
+        assert!(err.to_string().starts_with("region tables: no valid copy"));
+        let mut many = good.clone();
+        put_u32(&mut many, ENTRY_COUNT_OFF, 2048);
+        seal_crc32c(&mut many, CHECKSUM_OFF);
+        assert!(
+            RegionTable::parse(&many, "region table 1")
+                .unwrap_err()
+                .to_string()
+                .contains("entry count 2048")
+        );
+    }
+}

@@ -1,5 +1,6 @@
-//! Real-world VHDs from the sample corpus, served through a real mount: the bytes a program
-//! reads from `disk.img` must be the ones two independent readers agreed on.
+//! Real-world VHD and VHDX images from the sample corpus, served through a real mount: the
+//! bytes a program reads from `disk.img` must be the ones two independent readers agreed
+//! on, and a read-only mount must not change the image, even one with a log to replay.
 mod common;
 
 use common::mount::{self, FsMount, LoopDevice, Mount};
@@ -8,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 #[test]
-fn corpus_vhds_read_as_expected_through_the_mount() {
+fn corpus_images_read_as_expected_through_the_mount() {
     if !mount::fuse_available() {
         return;
     }
@@ -19,6 +20,11 @@ fn corpus_vhds_read_as_expected_through_the_mount() {
     for name in [
         "dfvfs__ext2__qemu-img.vhd",
         "qemu-iotests__d2v-zerofilled__disk2vhd.vhd",
+        "qemu-iotests__iotest-dynamic-1G__hyperv-win6.2.vhdx",
+        "qemu-iotests__test-disk2vhd__disk2vhd.vhdx",
+        "discutils__btrfs__win10-15063.vhdx",
+        // A dirty log: read-only mounts replay it in memory only.
+        "discutils__vhdx-log-replay__win10-15063-dirtylog.vhdx",
     ] {
         let image = common::decompress_corpus_image(&corpus, name, dir.path());
         let before = common::sha256_file(&image);

@@ -66,6 +66,29 @@ fn ext4_on_a_dynamic_vhd_survives_remounting() {
 }
 
 #[test]
+fn ext4_on_a_dynamic_vhdx_survives_remounting() {
+    if !mount::loop_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("ext4.vhdx");
+    common::qemu_img(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        image.to_str().unwrap(),
+        "128M",
+    ]);
+    ext4_survives_remounting(&image, &[]);
+    common::qemu_check_clean("vhdx", &image);
+    let raw = dir.path().join("ext4.raw");
+    common::qemu_convert_to_raw("vhdx", &image, &raw);
+    common::run(Command::new("fsck.ext4").arg("-fn").arg(&raw));
+}
+
+#[test]
 fn ext4_on_a_raw_file_survives_remounting() {
     if !mount::loop_available() {
         return;

@@ -9,46 +9,8 @@ const MIB: u64 = 1 << 20;
 /// qemu's default VHD block size.
 const BLOCK: u64 = 2 * MIB;
 
-/// A VHD of `size` bytes (as qemu rounds it) created with `options`, with patterns written
-/// near the start, across a block boundary, in the middle and near the end.
 fn qemu_vhd(dir: &Path, name: &str, options: &str, size: u64) -> PathBuf {
-    let image = dir.join(name);
-    common::qemu_img(&[
-        "create",
-        "-f",
-        "vpc",
-        "-o",
-        options,
-        image.to_str().unwrap(),
-        &size.to_string(),
-    ]);
-    let out = common::qemu_img(&[
-        "info",
-        "-f",
-        "vpc",
-        "--output=json",
-        image.to_str().unwrap(),
-    ]);
-    let info = String::from_utf8(out.stdout).unwrap();
-    let virtual_size: u64 = info
-        // The image's own entry comes after those of its children.
-        .rsplit("\"virtual-size\":")
-        .next()
-        .and_then(|rest| rest.split([',', '}']).next())
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no virtual-size in {info}"));
-    let last = virtual_size / 512 * 512 - 64 * 1024;
-    common::qemu_io(
-        "vpc",
-        &image,
-        &[
-            "write -P 0x11 0 64k",
-            &format!("write -P 0x22 {} 4k", BLOCK - 2048),
-            &format!("write -P 0x33 {} 1m", virtual_size / 2 / 512 * 512),
-            &format!("write -P 0x44 {last} 64k"),
-        ],
-    );
-    image
+    mount::qemu_image_with_patterns(dir, name, "vpc", options, size, BLOCK)
 }
 
 #[test]

@@ -305,6 +305,45 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// An image qemu-img creates in `qemu_format` (`vpc`, `vhdx`) with `options`, `size`
+/// bytes as qemu rounds it, and qemu-io patterns near the start, across the first
+/// `block` boundary, in the middle and near the end.
+pub fn qemu_image_with_patterns(
+    dir: &Path,
+    name: &str,
+    qemu_format: &str,
+    options: &str,
+    size: u64,
+    block: u64,
+) -> PathBuf {
+    let image = dir.join(name);
+    super::qemu_img(&[
+        "create",
+        "-f",
+        qemu_format,
+        "-o",
+        options,
+        image.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    let virtual_size = super::qemu_virtual_size(&format!(
+        "driver={qemu_format},file.filename={}",
+        image.display()
+    ));
+    let last = virtual_size / 512 * 512 - 64 * 1024;
+    super::qemu_io(
+        qemu_format,
+        &image,
+        &[
+            "write -P 0x11 0 64k",
+            &format!("write -P 0x22 {} 4k", block - 2048),
+            &format!("write -P 0x33 {} 1m", virtual_size / 2 / 512 * 512),
+            &format!("write -P 0x44 {last} 64k"),
+        ],
+    );
+    image
+}
+
 /// Writes that stress a disk of `size` bytes with `block` bytes per allocation unit:
 /// unaligned, across block boundaries, a large one, and the last sector and bytes.
 pub fn awkward_writes(size: u64, block: u64) -> Vec<(u64, usize)> {

@@ -125,6 +125,19 @@ impl Mount {
         assert_eq!(status, Some(0), "daemon did not exit cleanly");
     }
 
+    /// Kills the daemon the way the OOM killer would (SIGKILL: nothing flushed, nothing
+    /// closed), then detaches the dead mount it leaves (lazily: files may still be open).
+    pub fn kill(mut self) {
+        let pid = self.daemon.take().unwrap();
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        assert_eq!(wait_for_exit(pid), None, "daemon survived SIGKILL");
+        run(Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(self.mountpoint()));
+        assert!(!is_mounted(self.mountpoint()));
+    }
+
     /// Waits for the daemon to exit after something else ended the mount; returns its exit
     /// code (`None` if a signal killed it).
     pub fn wait_for_exit(mut self) -> Option<i32> {

@@ -27,7 +27,7 @@ use vdisk_mount::{Format, OpenOptions, VhdSizeRule, VirtualDisk};
         format=vhd|vhdx|raw  skip probing; raw serves any file byte for byte\n  \
         size_calc=auto|chs|current_size\n                       \
         which VHD footer field gives the disk size (default auto)\n  \
-        threads=N            worker threads (default: number of CPUs)\n  \
+        threads=N            worker threads (default: number of CPUs, at most 16)\n  \
         allow_other          let other users access the mount\n\n\
         Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`; the daemon then\n\
         flushes and closes the image and exits."
@@ -52,10 +52,14 @@ struct Settings {
     allow_other: bool,
 }
 
+/// More workers than this rarely help one image on one file, whatever the CPU count.
+const DEFAULT_MAX_THREADS: usize = 16;
+
 fn parse_options(lists: &[String]) -> Result<Settings, String> {
     let mut settings = Settings {
         open: OpenOptions::default(),
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        threads: std::thread::available_parallelism()
+            .map_or(1, |n| n.get().min(DEFAULT_MAX_THREADS)),
         allow_other: false,
     };
     for option in lists.iter().flat_map(|list| list.split(',')) {

@@ -163,9 +163,9 @@ impl Drop for Mount {
                     .status();
             }
         }
-        let status = wait_for_exit(daemon);
+        let status = try_wait_for_exit(daemon);
         if !std::thread::panicking() {
-            assert_eq!(status, Some(0), "daemon did not exit cleanly");
+            assert_eq!(status, Ok(Some(0)), "daemon did not exit cleanly");
         }
     }
 }
@@ -211,23 +211,31 @@ fn find_daemon(mountpoint: &Path) -> libc::pid_t {
 
 /// Reaps `pid`, returning its exit code (`None` if killed by a signal).
 fn wait_for_exit(pid: libc::pid_t) -> Option<i32> {
+    try_wait_for_exit(pid).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like [`wait_for_exit`], but reports trouble instead of panicking (for use in `Drop`,
+/// where a second panic would abort the test run).
+fn try_wait_for_exit(pid: libc::pid_t) -> Result<Option<i32>, String> {
     let start = Instant::now();
     loop {
         let mut status = 0;
         // SAFETY: `status` is a valid out pointer; WNOHANG never blocks.
         let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        assert!(
-            rc >= 0,
-            "waitpid({pid}): {}",
-            std::io::Error::last_os_error()
-        );
-        if rc == pid {
-            return libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+        if rc < 0 {
+            return Err(format!(
+                "waitpid({pid}): {}",
+                std::io::Error::last_os_error()
+            ));
         }
-        assert!(
-            start.elapsed() < EXIT_TIMEOUT,
-            "daemon {pid} still running {EXIT_TIMEOUT:?} after unmount"
-        );
+        if rc == pid {
+            return Ok(libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)));
+        }
+        if start.elapsed() > EXIT_TIMEOUT {
+            return Err(format!(
+                "daemon {pid} still running {EXIT_TIMEOUT:?} after unmount"
+            ));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }

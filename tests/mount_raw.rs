@@ -214,3 +214,55 @@ fn parallel_writers_to_disjoint_ranges_all_land() {
     mount.unmount();
     mount::assert_same_bytes(&image, &reference);
 }
+
+/// Reads the first bytes of `file` as the unprivileged user `nobody`.
+fn read_as_nobody(file: &Path) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "head",
+            "-c",
+            "4",
+        ])
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn other_users_get_in_only_with_allow_other() {
+    if !mount::fuse_available() {
+        return;
+    }
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "CI must run as root");
+        eprintln!("SKIPPED: switching to another user needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("shared.raw");
+    std::fs::write(&image, b"abcd".repeat(1024)).unwrap();
+
+    let private = Mount::new(&image, &["format=raw,ro"]);
+    let out = read_as_nobody(&private.disk());
+    assert!(!out.status.success(), "another user read a private mount");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    private.unmount();
+
+    let shared = Mount::new(&image, &["format=raw,ro,allow_other"]);
+    let out = read_as_nobody(&shared.disk());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"abcd");
+    shared.unmount();
+}

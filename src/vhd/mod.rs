@@ -1388,7 +1388,6 @@ mod tests {
 
     fn check_crash_images(storage: &MemStorage, model: &Model, rng: &mut StdRng) {
         for (what, crashed) in crash_images(storage, rng) {
-            let image = crashed.contents();
             let disk = VhdDisk::open(Box::new(crashed), &OpenOptions::default())
                 .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
             model.check(&read_all(&disk), &what);
@@ -1402,7 +1401,6 @@ mod tests {
             after.acked[last as usize..].fill(0xEE);
             after.current[last as usize..].fill(0xEE);
             after.check(&found, &format!("{what}, then a write"));
-            drop(image);
         }
     }
 

@@ -44,6 +44,7 @@ const MAX_BAT_ENTRIES: u64 = 1 << 26;
 /// Largest piece of zeros written at once when discarding.
 const ZERO_CHUNK: u64 = 1 << 20;
 
+/// Opens the VHD image held by `storage` (the driver behind [`crate::open`]).
 pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
     Ok(Box::new(VhdDisk::open(storage, options)?))
 }
@@ -85,6 +86,8 @@ struct FoundFooter {
 }
 
 impl VhdDisk {
+    /// Opens the VHD image held by `storage`; unlike [`open`] it keeps the concrete type,
+    /// for callers that want the accessors below.
     pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<VhdDisk> {
         let file_len = storage
             .len()
@@ -819,6 +822,34 @@ mod tests {
     }
 
     #[test]
+    fn blocks_over_2_mib_carry_longer_bitmaps() {
+        // 4 MiB blocks: 8192 sectors need a 1024-byte bitmap.
+        let block = 4u64 << 20;
+        let size = 2 * block + 4096;
+        let footer = footer_for(size, DiskType::Dynamic);
+        let image = assemble(&footer, &header_for(3, block as u32));
+        let base = image.len() as u64 - 512;
+        let storage = Arc::new(MemStorage::from_vec(image));
+        let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
+        disk.write_at(&[6; 3000], block - 1000).unwrap();
+        disk.write_at(&[7; 100], size - 100).unwrap();
+        disk.close().unwrap();
+        let image = storage.contents();
+        assert_eq!(image.len() as u64, base + 3 * (1024 + block) + 512);
+        // Block 0's bitmap is all ones, its data follows the 1024 bytes.
+        assert!(
+            image[base as usize..base as usize + 1024]
+                .iter()
+                .all(|&b| b == 0xFF)
+        );
+        assert_eq!(image[(base + 1024 + block - 1000) as usize], 6);
+        let mut expected = vec![0u8; size as usize];
+        expected[block as usize - 1000..block as usize + 2000].fill(6);
+        expected[size as usize - 100..].fill(7);
+        assert_same(&read_all(&open_vec(image).unwrap()), &expected);
+    }
+
+    #[test]
     fn unwritten_blocks_read_as_zeros_and_stay_unallocated() {
         let size = 8 * u64::from(BLOCK);
         let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
@@ -1357,7 +1388,6 @@ mod tests {
 
     fn check_crash_images(storage: &MemStorage, model: &Model, rng: &mut StdRng) {
         for (what, crashed) in crash_images(storage, rng) {
-            let image = crashed.contents();
             let disk = VhdDisk::open(Box::new(crashed), &OpenOptions::default())
                 .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
             model.check(&read_all(&disk), &what);
@@ -1371,7 +1401,6 @@ mod tests {
             after.acked[last as usize..].fill(0xEE);
             after.current[last as usize..].fill(0xEE);
             after.check(&found, &format!("{what}, then a write"));
-            drop(image);
         }
     }
 

@@ -177,7 +177,7 @@ fn forced_size_rules_give_qemus_sizes() {
         if disk.size() <= FULL_READ_LIMIT {
             assert_same_content(disk.as_ref(), auto.as_ref(), &format!("{name} {key}"));
         } else {
-            // The digest itself is checked by the ignored full-hash test.
+            // The digest itself is checked by the full-hash test below.
             common::expected_sha256(&corpus, &format!("{name}.force_size_calc={key}.raw"));
             assert_reads_as_zeros(disk.as_ref(), name);
         }
@@ -224,10 +224,8 @@ fn damaged_and_differencing_images_are_refused() {
 /// zeros by the allocation map (checked here and in the fast tests), so the digest of
 /// each size is computed once by feeding zeros, in one pass that finishes the smaller
 /// size on the way to the larger. That still hashes 127 GiB: about two minutes in a
-/// release build, too slow for every run.
-/// Run with `cargo test --release --test vhd_corpus -- --ignored`.
+/// release build, which is how the test suite runs.
 #[test]
-#[ignore = "hashes 127 GiB; run explicitly in release mode"]
 fn huge_sparse_images_hash_to_their_expected_digests() {
     let Some(corpus) = common::corpus_dir() else {
         return;

@@ -21,6 +21,7 @@
 //! it before any metadata points at it, so a crash at any instant leaves an image that
 //! opens and holds every write that a flush acknowledged.
 
+pub mod chain;
 pub mod disk;
 pub mod error;
 pub mod raw;

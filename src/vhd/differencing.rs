@@ -1,0 +1,647 @@
+//! Differencing disks (FORMATS.md §8.10): a dynamic disk whose sectors default to its
+//! parent's. Each allocated block's bitmap says, per sector, whether the data is in this
+//! file (bit set) or in the parent (clear); blocks never allocated are the parent's whole.
+//! Past the parent's end, a larger child reads zeros.
+//!
+//! The bitmaps are read once at open and kept in memory beside the BAT, so reads never
+//! go to metadata on disk. Writes that only touch sectors already in this file go
+//! straight to the data. Anything else runs with the allocator held:
+//!
+//! * a new block is placed like any dynamic block (see the module above), but its bitmap
+//!   goes down clear and its data in whole sectors, a partly written sector first merged
+//!   with the parent's bytes;
+//! * in an allocated block, sectors still in the parent are written whole in the same
+//!   way, then flushed;
+//! * only then are the written sectors' bits set, rewriting whole bitmap sectors. A crash
+//!   before that leaves the sectors reading from the parent, as if never written; a set bit
+//!   never covers data that may not be on the medium.
+
+use super::bat::{Bat, BlockLayout};
+use super::bitmap::SectorBitmap;
+use super::dynamic_header::DynamicHeader;
+use super::parent_locator::ParentLocator;
+use super::{Dynamic, ParentResolver, SECTOR, VhdDisk, ZERO_CHUNK, for_each_piece};
+use crate::chain::{ParentPath, ParentRequest};
+use crate::disk::{Allocation, Extent, Format, VirtualDisk, push_extent};
+use crate::error::{IoContext, Result};
+use crate::storage::Storage;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// How a differencing disk names its parent, and where in the file those names lie.
+#[derive(Debug, Default)]
+pub(super) struct ParentPaths {
+    /// Most trusted first: locators by platform, then the Parent Unicode Name.
+    pub paths: Vec<ParentPath>,
+    /// File ranges holding locator data, which no block may overlap.
+    pub areas: Vec<Range<u64>>,
+}
+
+/// Reads the parent locators of `header` from a file whose data area ends at `data_end`.
+pub(super) fn read_parent_paths(
+    storage: &dyn Storage,
+    header: &DynamicHeader,
+    data_end: u64,
+) -> Result<ParentPaths> {
+    let mut ranked = Vec::new();
+    let mut areas = Vec::new();
+    for (index, locator) in ParentLocator::parse_all(&header.parent_locators)
+        .into_iter()
+        .enumerate()
+    {
+        let Some(rank) = locator.platform.rank() else {
+            continue;
+        };
+        let range = locator.data_range(index, data_end)?;
+        // `data_range` bounds the length to a path's.
+        let mut data = vec![0u8; (range.end - range.start) as usize];
+        storage
+            .read_at(&mut data, range.start)
+            .context(|| format!("reading the data of VHD parent locator {index}"))?;
+        if let Some(path) = locator.decode(index, &data)? {
+            ranked.push((rank, index, path));
+        }
+        if !range.is_empty() {
+            areas.push(range);
+        }
+    }
+    ranked.sort_by_key(|&(rank, index, _)| (rank, index));
+    let mut paths: Vec<ParentPath> = ranked.into_iter().map(|(_, _, path)| path).collect();
+    let name = header.parent_name();
+    if !name.is_empty() {
+        paths.push(ParentPath::FileName(name));
+    }
+    Ok(ParentPaths { paths, areas })
+}
+
+#[derive(Debug, Clone)]
+struct DiffBlock {
+    /// File offset of the block's bitmap.
+    at: u64,
+    bitmap: SectorBitmap,
+}
+
+pub(super) struct Differencing {
+    /// Opened read-only: other children may share it.
+    parent: Box<dyn VirtualDisk>,
+    /// Every allocated block with its bitmap.
+    blocks: RwLock<HashMap<u64, DiffBlock>>,
+}
+
+/// Sectors of a block touched by `len` bytes at `in_block`.
+fn sector_span(in_block: u64, len: usize) -> Range<u64> {
+    in_block / SECTOR..(in_block + len as u64).div_ceil(SECTOR)
+}
+
+/// The bytes of `sectors` that `len` bytes at `in_block` cover, as offsets in the block.
+fn clip(sectors: &Range<u64>, in_block: u64, len: usize) -> Range<u64> {
+    (sectors.start * SECTOR).max(in_block)..(sectors.end * SECTOR).min(in_block + len as u64)
+}
+
+impl Differencing {
+    /// Opens the parent through `resolve_parent` and reads the bitmap of every block `bat`
+    /// allocates.
+    pub(super) fn open(
+        storage: &dyn Storage,
+        header: &DynamicHeader,
+        paths: &[ParentPath],
+        bat: &Bat,
+        layout: BlockLayout,
+        resolve_parent: &ParentResolver,
+    ) -> Result<Differencing> {
+        let parent = resolve_parent(&ParentRequest {
+            paths,
+            identity: header.parent_unique_id,
+            formats: &[Format::Vhd],
+            child_kind: "VHD differencing disk",
+        })?;
+        let mut blocks = HashMap::new();
+        for (block, at) in bat.allocated_blocks() {
+            let mut bytes = vec![0u8; layout.bitmap_bytes as usize];
+            storage
+                .read_at(&mut bytes, at)
+                .context(|| format!("reading the sector bitmap of block {block}"))?;
+            blocks.insert(
+                block,
+                DiffBlock {
+                    at,
+                    bitmap: SectorBitmap::from_bytes(bytes),
+                },
+            );
+        }
+        Ok(Differencing {
+            parent,
+            blocks: RwLock::new(blocks),
+        })
+    }
+
+    /// Reads what the parent holds at `offset`; past its end, zeros.
+    fn read_parent(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let inside = self
+            .parent
+            .size()
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(inside);
+        if !head.is_empty() {
+            self.parent.read_at(head, offset)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    /// Appends how the parent backs `[offset, offset + len)`; past its end, zeros.
+    fn parent_extents(&self, extents: &mut Vec<Extent>, offset: u64, len: u64) -> Result<()> {
+        let inside = self.parent.size().saturating_sub(offset).min(len);
+        if inside > 0 {
+            for e in self.parent.allocation(offset, inside)? {
+                push_extent(extents, e.offset, e.len, e.state);
+            }
+        }
+        push_extent(extents, offset + inside, len - inside, Allocation::Zero);
+        Ok(())
+    }
+
+    /// `data`, meant for `in_block` of the block starting at virtual `block_start`, widened
+    /// to whole sectors with the parent's bytes around it.
+    fn merge_with_parent(&self, block_start: u64, in_block: u64, data: &[u8]) -> Result<Vec<u8>> {
+        let start = in_block / SECTOR * SECTOR;
+        let end = (in_block + data.len() as u64).next_multiple_of(SECTOR);
+        let mut merged = vec![0u8; (end - start) as usize];
+        let head = (in_block - start) as usize;
+        let tail = head + data.len();
+        let sector = SECTOR as usize;
+        if head != 0 {
+            self.read_parent(&mut merged[..sector], block_start + start)?;
+        }
+        if tail < merged.len() {
+            let last = merged.len() - sector;
+            self.read_parent(&mut merged[last..], block_start + end - SECTOR)?;
+        }
+        merged[head..tail].copy_from_slice(data);
+        Ok(merged)
+    }
+}
+
+impl VhdDisk {
+    pub(super) fn read_differencing(
+        &self,
+        d: &Dynamic,
+        diff: &Differencing,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<()> {
+        let block_size = d.layout.block_size;
+        for_each_piece(
+            offset,
+            buf.len() as u64,
+            block_size,
+            |block, in_block, range| {
+                let piece = &mut buf[range];
+                let found = diff
+                    .blocks
+                    .read()
+                    .get(&block)
+                    .map(|b| (b.at, b.bitmap.runs(sector_span(in_block, piece.len()))));
+                let Some((block_at, runs)) = found else {
+                    return diff.read_parent(piece, block * block_size + in_block);
+                };
+                for (sectors, present) in runs {
+                    let bytes = clip(&sectors, in_block, piece.len());
+                    let part = &mut piece
+                        [(bytes.start - in_block) as usize..(bytes.end - in_block) as usize];
+                    if present {
+                        self.storage
+                            .read_at(part, block_at + d.layout.bitmap_bytes + bytes.start)
+                            .context(|| {
+                                format!("reading {} bytes from block {block}", part.len())
+                            })?;
+                    } else {
+                        diff.read_parent(part, block * block_size + bytes.start)?;
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+
+    pub(super) fn write_differencing(
+        &self,
+        d: &Dynamic,
+        diff: &Differencing,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<()> {
+        for_each_piece(
+            offset,
+            buf.len() as u64,
+            d.layout.block_size,
+            |block, in_block, range| {
+                self.write_differencing_piece(d, diff, block, in_block, &buf[range])
+            },
+        )
+    }
+
+    fn write_differencing_piece(
+        &self,
+        d: &Dynamic,
+        diff: &Differencing,
+        block: u64,
+        in_block: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let sectors = sector_span(in_block, data.len());
+        let in_this_file = diff
+            .blocks
+            .read()
+            .get(&block)
+            .filter(|b| b.bitmap.all_set(sectors.clone()))
+            .map(|b| b.at);
+        if let Some(block_at) = in_this_file {
+            return self.write_data(d, block, block_at, in_block, data);
+        }
+
+        let mut allocator = d.allocator.lock();
+        // Another writer may have changed the block while this one waited.
+        let existing = diff.blocks.read().get(&block).cloned();
+        let storage = self.storage.as_ref();
+        let block_start = block * d.layout.block_size;
+        let data_at = |block_at: u64, in_block: u64| block_at + d.layout.bitmap_bytes + in_block;
+        let DiffBlock { at, mut bitmap } = match existing {
+            None => {
+                let merged = diff.merge_with_parent(block_start, in_block, data)?;
+                let clear = SectorBitmap::clear(d.layout.bitmap_bytes as usize);
+                let at = self.place_block(d, &mut allocator, block, |block_at, context| {
+                    storage
+                        .write_at(clear.bytes(), block_at)
+                        .context(|| context("writing the sector bitmap"))?;
+                    storage
+                        .write_at(&merged, data_at(block_at, sectors.start * SECTOR))
+                        .context(|| context("writing data"))
+                })?;
+                let placed = DiffBlock { at, bitmap: clear };
+                diff.blocks.write().insert(block, placed.clone());
+                placed
+            }
+            Some(existing) => {
+                for (run, present) in existing.bitmap.runs(sectors.clone()) {
+                    let bytes = clip(&run, in_block, data.len());
+                    let part =
+                        &data[(bytes.start - in_block) as usize..(bytes.end - in_block) as usize];
+                    let written = if present {
+                        storage.write_at(part, data_at(existing.at, bytes.start))
+                    } else {
+                        let merged = diff.merge_with_parent(block_start, bytes.start, part)?;
+                        storage.write_at(&merged, data_at(existing.at, run.start * SECTOR))
+                    };
+                    written.context(|| format!("writing {} bytes to block {block}", part.len()))?;
+                }
+                storage.flush().context(|| {
+                    format!("flushing the data of block {block} before marking it present")
+                })?;
+                existing
+            }
+        };
+        bitmap.set(sectors.clone());
+        let changed = bitmap.sectors_holding(sectors);
+        storage
+            .write_at(&bitmap.bytes()[changed.clone()], at + changed.start as u64)
+            .context(|| format!("writing the sector bitmap of block {block}"))?;
+        diff.blocks.write().insert(block, DiffBlock { at, bitmap });
+        Ok(())
+    }
+
+    pub(super) fn allocation_differencing(
+        &self,
+        d: &Dynamic,
+        diff: &Differencing,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>> {
+        let block_size = d.layout.block_size;
+        let mut extents = Vec::new();
+        for_each_piece(offset, len, block_size, |block, in_block, range| {
+            let runs = diff
+                .blocks
+                .read()
+                .get(&block)
+                .map(|b| b.bitmap.runs(sector_span(in_block, range.len())));
+            let Some(runs) = runs else {
+                return diff.parent_extents(
+                    &mut extents,
+                    block * block_size + in_block,
+                    range.len() as u64,
+                );
+            };
+            for (sectors, present) in runs {
+                let bytes = clip(&sectors, in_block, range.len());
+                let at = block * block_size + bytes.start;
+                let n = bytes.end - bytes.start;
+                if present {
+                    push_extent(&mut extents, at, n, Allocation::Data);
+                } else {
+                    diff.parent_extents(&mut extents, at, n)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(extents)
+    }
+
+    /// Writes zeros over the range: clearing bits would bring the parent's data back.
+    pub(super) fn discard_differencing(
+        &self,
+        d: &Dynamic,
+        diff: &Differencing,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK);
+            self.write_differencing(d, diff, &zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::OpenOptions;
+    use crate::error::ErrorKind;
+    use crate::storage::MemStorage;
+    use crate::vhd::DiskType;
+    use crate::vhd::tests::{
+        BLOCK, Model, Shared, assemble, assert_same, crash_images, dynamic_image, footer_for,
+        header_for, read_all,
+    };
+    use parking_lot::Mutex;
+    use rand::rngs::StdRng;
+    use rand::{Rng, RngExt, SeedableRng};
+    use std::sync::Arc;
+
+    const PARENT_ID: [u8; 16] = [9; 16];
+
+    /// A dynamic parent of `size` bytes filled with random data (no byte zero, so a sector
+    /// wrongly read from elsewhere shows), as image bytes and as contents.
+    fn parent_image(size: u64, seed: u64) -> (Vec<u8>, Vec<u8>) {
+        let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
+        let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
+        let mut data = vec![0u8; size as usize];
+        StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+        for b in &mut data {
+            *b |= 1;
+        }
+        // Leave the second block unallocated: it reads zeros from the parent.
+        disk.write_at(&data[..BLOCK as usize], 0).unwrap();
+        disk.write_at(&data[2 * BLOCK as usize..], 2 * u64::from(BLOCK))
+            .unwrap();
+        data[BLOCK as usize..2 * BLOCK as usize].fill(0);
+        disk.flush().unwrap();
+        (storage.contents(), data)
+    }
+
+    /// An empty differencing image of `size` bytes whose parent has id `PARENT_ID`.
+    fn child_image(size: u64) -> Vec<u8> {
+        let mut header = header_for(size.div_ceil(u64::from(BLOCK)) as u32, BLOCK);
+        header.parent_unique_id = PARENT_ID;
+        assemble(&footer_for(size, DiskType::Differencing), &header)
+    }
+
+    /// Opens `child` over a read-only parent made of `parent` image bytes; the parent's
+    /// storage is returned too, to check it is never written.
+    fn open_child(child: Box<dyn Storage>, parent: &[u8]) -> (VhdDisk, Arc<MemStorage>) {
+        let parent_storage = Arc::new(MemStorage::from_vec(parent.to_vec()));
+        let parent_disk = VhdDisk::open(
+            Shared::new(parent_storage.clone()),
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(parent_disk.identity(), Some(PARENT_ID));
+        let parent_disk = Mutex::new(Some(parent_disk));
+        let child = VhdDisk::open_with(child, &OpenOptions::default(), &|request| {
+            assert_eq!(request.identity, PARENT_ID);
+            Ok(Box::new(parent_disk.lock().take().unwrap()))
+        })
+        .unwrap();
+        (child, parent_storage)
+    }
+
+    #[test]
+    fn random_writes_over_a_smaller_parent_match_a_model() {
+        let parent_size = 5 * u64::from(BLOCK) + 3 * 512;
+        let size = 9 * u64::from(BLOCK);
+        let (parent, parent_data) = parent_image(parent_size, 1);
+        let storage = Arc::new(MemStorage::from_vec(child_image(size)));
+        let (disk, parent_storage) = open_child(Shared::new(storage.clone()), &parent);
+        let mut model = parent_data.clone();
+        model.resize(size as usize, 0);
+        assert_same(&read_all(&disk), &model);
+
+        let mut rng = StdRng::seed_from_u64(2);
+        for round in 0..300 {
+            let len = rng.random_range(1..2 * BLOCK as usize);
+            let offset = rng.random_range(0..size as usize - len + 1);
+            let mut data = vec![0u8; len];
+            rng.fill_bytes(&mut data);
+            disk.write_at(&data, offset as u64).unwrap();
+            model[offset..offset + len].copy_from_slice(&data);
+            if round % 50 == 0 {
+                assert_same(&read_all(&disk), &model);
+            }
+            let len = rng.random_range(0..3 * BLOCK as usize);
+            let offset = rng.random_range(0..size as usize - len + 1);
+            let mut buf = vec![0u8; len];
+            disk.read_at(&mut buf, offset as u64).unwrap();
+            assert_same(&buf, &model[offset..offset + len]);
+        }
+        disk.close().unwrap();
+        assert_eq!(parent_storage.contents(), parent);
+        assert_eq!(parent_storage.write_count(), 0);
+        let (reopened, _) = open_child(Box::new(MemStorage::from_vec(storage.contents())), &parent);
+        assert_same(&read_all(&reopened), &model);
+    }
+
+    #[test]
+    fn a_partial_sector_write_merges_the_parent_and_sets_one_bit() {
+        let size = 4 * u64::from(BLOCK);
+        let (parent, parent_data) = parent_image(size, 3);
+        let storage = Arc::new(MemStorage::from_vec(child_image(size)));
+        let (disk, _) = open_child(Shared::new(storage.clone()), &parent);
+        let block_file_at = storage.len().unwrap() - 512;
+        // Three bytes inside sector 5 of block 2.
+        let at = 2 * u64::from(BLOCK) + 5 * 512 + 100;
+        disk.write_at(b"abc", at).unwrap();
+        disk.flush().unwrap();
+        let image = storage.contents();
+        let bitmap = &image[block_file_at as usize..block_file_at as usize + 512];
+        assert_eq!(
+            bitmap[0], 0x04,
+            "only sector 5's bit, most significant first"
+        );
+        assert!(bitmap[1..].iter().all(|&b| b == 0));
+        let mut sector = parent_data[at as usize - 100..at as usize + 412].to_vec();
+        sector[100..103].copy_from_slice(b"abc");
+        let data_at = block_file_at as usize + 512 + 5 * 512;
+        assert_eq!(&image[data_at..data_at + 512], &sector[..]);
+        // The other sectors of the new block were never written.
+        assert!(image[data_at + 512..data_at + 1024].iter().all(|&b| b == 0));
+
+        // A second write to the now present sector goes straight to the data.
+        let writes = storage.write_count();
+        let flushes = storage.flush_count();
+        disk.write_at(b"Z", at + 200).unwrap();
+        assert_eq!(storage.write_count(), writes + 1);
+        assert_eq!(storage.flush_count(), flushes);
+        let mut expected = parent_data.clone();
+        expected[at as usize..at as usize + 3].copy_from_slice(b"abc");
+        expected[at as usize + 200] = b'Z';
+        assert_same(&read_all(&disk), &expected);
+    }
+
+    #[test]
+    fn allocation_follows_the_bitmap_then_the_parent() {
+        let parent_size = 3 * u64::from(BLOCK);
+        let size = 5 * u64::from(BLOCK);
+        let (parent, _) = parent_image(parent_size, 4);
+        let (disk, _) = open_child(Box::new(MemStorage::from_vec(child_image(size))), &parent);
+        // One sector of the parent's unallocated block 1, and one past the parent's end.
+        disk.write_at(&[1; 512], u64::from(BLOCK) + 1024).unwrap();
+        disk.write_at(&[2; 10], 4 * u64::from(BLOCK) + 5).unwrap();
+        let extent = |offset: u64, len: u64, state| Extent { offset, len, state };
+        let b = u64::from(BLOCK);
+        assert_eq!(
+            disk.allocation(0, size).unwrap(),
+            vec![
+                extent(0, b, Allocation::Data),
+                extent(b, 1024, Allocation::Zero),
+                extent(b + 1024, 512, Allocation::Data),
+                extent(b + 1536, b - 1536, Allocation::Zero),
+                extent(2 * b, b, Allocation::Data),
+                extent(3 * b, b, Allocation::Zero),
+                extent(4 * b, 512, Allocation::Data),
+                extent(4 * b + 512, b - 512, Allocation::Zero),
+            ]
+        );
+        // Byte-granular queries clip to the request.
+        assert_eq!(
+            disk.allocation(b + 1500, 100).unwrap(),
+            vec![
+                extent(b + 1500, 36, Allocation::Data),
+                extent(b + 1536, 64, Allocation::Zero),
+            ]
+        );
+    }
+
+    #[test]
+    fn discard_reads_zeros_instead_of_the_parent() {
+        let size = 4 * u64::from(BLOCK);
+        let (parent, parent_data) = parent_image(size, 5);
+        let (disk, _) = open_child(Box::new(MemStorage::from_vec(child_image(size))), &parent);
+        disk.discard(700, u64::from(BLOCK) + 1000).unwrap();
+        let mut expected = parent_data.clone();
+        expected[700..700 + BLOCK as usize + 1000].fill(0);
+        assert_same(&read_all(&disk), &expected);
+        assert_eq!(
+            disk.allocation(512, 512).unwrap(),
+            vec![Extent {
+                offset: 512,
+                len: 512,
+                state: Allocation::Data
+            }]
+        );
+    }
+
+    #[test]
+    fn read_only_children_refuse_writes() {
+        let size = 2 * u64::from(BLOCK);
+        let (parent, _) = parent_image(size, 6);
+        let parent_disk = Mutex::new(Some(
+            VhdDisk::open(
+                Box::new(MemStorage::from_vec(parent)),
+                &OpenOptions::default(),
+            )
+            .unwrap(),
+        ));
+        let child = VhdDisk::open_with(
+            Box::new(MemStorage::from_vec(child_image(size))),
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+            &|_| Ok(Box::new(parent_disk.lock().take().unwrap())),
+        )
+        .unwrap();
+        let err = child.write_at(&[1], 0).unwrap_err();
+        assert!(matches!(err.kind(), ErrorKind::ReadOnly));
+    }
+
+    #[test]
+    fn a_crash_at_any_request_keeps_acknowledged_writes_and_sets_no_early_bits() {
+        let parent_size = 6 * u64::from(BLOCK);
+        let size = 7 * u64::from(BLOCK);
+        let (parent, parent_data) = parent_image(parent_size, 7);
+        let mut initial = parent_data.clone();
+        initial.resize(size as usize, 0);
+        let storage = Arc::new(MemStorage::from_vec(child_image(size)));
+        let model = Arc::new(Mutex::new(Model {
+            acked: initial.clone(),
+            current: initial,
+            in_flight: vec![false; size as usize],
+        }));
+        let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let check = {
+            let parent = parent.clone();
+            move |storage: &MemStorage, model: &Model, rng: &mut StdRng| {
+                for (what, crashed) in crash_images(storage, rng) {
+                    let (disk, _) = open_child(Box::new(crashed), &parent);
+                    model.check(&read_all(&disk), &what);
+                }
+            }
+        };
+        let hook = {
+            let (model, checks, check) = (model.clone(), checks.clone(), check.clone());
+            let rng = Mutex::new(StdRng::seed_from_u64(8));
+            move |storage: &MemStorage| {
+                let model = model.lock().clone();
+                check(storage, &model, &mut rng.lock());
+                checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        let (disk, _) = open_child(
+            Box::new(Shared {
+                inner: storage.clone(),
+                before_op: Some(Box::new(hook)),
+            }),
+            &parent,
+        );
+        let mut rng = StdRng::seed_from_u64(9);
+        for _epoch in 0..5 {
+            for _ in 0..3 {
+                // Writes within one epoch never overlap, so each byte has one new value.
+                let (offset, len) = loop {
+                    let len = rng.random_range(1..BLOCK as usize + 1024);
+                    let offset = rng.random_range(0..size as usize - len);
+                    if !model.lock().in_flight[offset..offset + len].contains(&true) {
+                        break (offset, len);
+                    }
+                };
+                // Zeros are the likeliest wrong answer: write none.
+                let data: Vec<u8> = (0..len).map(|_| rng.random::<u8>() | 0x80).collect();
+                model.lock().write(offset, &data);
+                disk.write_at(&data, offset as u64).unwrap();
+            }
+            disk.flush().unwrap();
+            model.lock().flushed();
+        }
+        assert!(checks.load(std::sync::atomic::Ordering::Relaxed) > 40);
+        check(&storage, &model.lock(), &mut rng);
+    }
+}

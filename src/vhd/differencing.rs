@@ -8,13 +8,19 @@
 //! straight to the data. Anything else runs with the allocator held:
 //!
 //! * a new block is placed like any dynamic block (see the module above), but its bitmap
-//!   goes down clear and its data in whole sectors, a partly written sector first merged
-//!   with the parent's bytes;
-//! * in an allocated block, sectors still in the parent are written whole in the same
-//!   way, then flushed;
-//! * only then are the written sectors' bits set, rewriting whole bitmap sectors. A crash
-//!   before that leaves the sectors reading from the parent, as if never written; a set bit
-//!   never covers data that may not be on the medium.
+//!   goes down clear and its data in whole groups of 8 sectors (one bitmap byte, 4 KiB),
+//!   the parent's bytes filling whatever the write leaves of them;
+//! * in an allocated block, sectors of those groups still in the parent are written in
+//!   the same way, then flushed;
+//! * only then are the groups' bits set, rewriting whole bitmap sectors. A crash before
+//!   that leaves the sectors reading from the parent, as if never written; a set bit never
+//!   covers data that may not be on the medium.
+//!
+//! Moving whole bitmap bytes rather than single sectors costs a little copying but keeps
+//! every byte of bitmaps written here 0x00 or 0xFF. libvhdi (vhdimount 20210425) reads a
+//! sector after a set bit in a partly set byte from the child instead of the parent; images
+//! written here read correctly there too. Partly set bytes written by others (Windows
+//! writes them) are read per bit.
 
 use super::bat::{Bat, BlockLayout};
 use super::bitmap::SectorBitmap;
@@ -163,25 +169,35 @@ impl Differencing {
         Ok(())
     }
 
-    /// `data`, meant for `in_block` of the block starting at virtual `block_start`, widened
-    /// to whole sectors with the parent's bytes around it.
-    fn merge_with_parent(&self, block_start: u64, in_block: u64, data: &[u8]) -> Result<Vec<u8>> {
-        let start = in_block / SECTOR * SECTOR;
-        let end = (in_block + data.len() as u64).next_multiple_of(SECTOR);
-        let mut merged = vec![0u8; (end - start) as usize];
-        let head = (in_block - start) as usize;
+    /// The bytes `span` (offsets in the block starting at virtual `block_start`) should
+    /// hold once `data` is written at `in_block` inside it: the parent's bytes around it.
+    fn widen_with_parent(
+        &self,
+        block_start: u64,
+        span: Range<u64>,
+        in_block: u64,
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
+        let mut merged = vec![0u8; (span.end - span.start) as usize];
+        let head = (in_block - span.start) as usize;
         let tail = head + data.len();
-        let sector = SECTOR as usize;
-        if head != 0 {
-            self.read_parent(&mut merged[..sector], block_start + start)?;
+        if head > 0 {
+            self.read_parent(&mut merged[..head], block_start + span.start)?;
         }
         if tail < merged.len() {
-            let last = merged.len() - sector;
-            self.read_parent(&mut merged[last..], block_start + end - SECTOR)?;
+            self.read_parent(&mut merged[tail..], block_start + span.start + tail as u64)?;
         }
         merged[head..tail].copy_from_slice(data);
         Ok(merged)
     }
+}
+
+/// Sectors covered by one bitmap byte: the unit in which sectors move into the child.
+const GROUP: u64 = 8;
+
+/// `sectors` widened to whole bitmap bytes, within a block of `block_sectors` sectors.
+fn whole_groups(sectors: &Range<u64>, block_sectors: u64) -> Range<u64> {
+    sectors.start / GROUP * GROUP..sectors.end.next_multiple_of(GROUP).min(block_sectors)
 }
 
 impl VhdDisk {
@@ -268,16 +284,18 @@ impl VhdDisk {
         let storage = self.storage.as_ref();
         let block_start = block * d.layout.block_size;
         let data_at = |block_at: u64, in_block: u64| block_at + d.layout.bitmap_bytes + in_block;
+        let group = whole_groups(&sectors, d.layout.block_size / SECTOR);
         let DiffBlock { at, mut bitmap } = match existing {
             None => {
-                let merged = diff.merge_with_parent(block_start, in_block, data)?;
+                let span = group.start * SECTOR..group.end * SECTOR;
+                let merged = diff.widen_with_parent(block_start, span.clone(), in_block, data)?;
                 let clear = SectorBitmap::clear(d.layout.bitmap_bytes as usize);
                 let at = self.place_block(d, &mut allocator, block, |block_at, context| {
                     storage
                         .write_at(clear.bytes(), block_at)
                         .context(|| context("writing the sector bitmap"))?;
                     storage
-                        .write_at(&merged, data_at(block_at, sectors.start * SECTOR))
+                        .write_at(&merged, data_at(block_at, span.start))
                         .context(|| context("writing data"))
                 })?;
                 let placed = DiffBlock { at, bitmap: clear };
@@ -285,15 +303,25 @@ impl VhdDisk {
                 placed
             }
             Some(existing) => {
-                for (run, present) in existing.bitmap.runs(sectors.clone()) {
-                    let bytes = clip(&run, in_block, data.len());
-                    let part =
-                        &data[(bytes.start - in_block) as usize..(bytes.end - in_block) as usize];
-                    let written = if present {
-                        storage.write_at(part, data_at(existing.at, bytes.start))
+                for (run, present) in existing.bitmap.runs(group.clone()) {
+                    let overlap = clip(&run, in_block, data.len());
+                    let part = if overlap.start < overlap.end {
+                        &data
+                            [(overlap.start - in_block) as usize..(overlap.end - in_block) as usize]
                     } else {
-                        let merged = diff.merge_with_parent(block_start, bytes.start, part)?;
-                        storage.write_at(&merged, data_at(existing.at, run.start * SECTOR))
+                        &[]
+                    };
+                    let written = if present {
+                        if part.is_empty() {
+                            continue;
+                        }
+                        storage.write_at(part, data_at(existing.at, overlap.start))
+                    } else {
+                        let span = run.start * SECTOR..run.end * SECTOR;
+                        let from = overlap.start.clamp(span.start, span.end);
+                        let merged =
+                            diff.widen_with_parent(block_start, span.clone(), from, part)?;
+                        storage.write_at(&merged, data_at(existing.at, span.start))
                     };
                     written.context(|| format!("writing {} bytes to block {block}", part.len()))?;
                 }
@@ -303,8 +331,8 @@ impl VhdDisk {
                 existing
             }
         };
-        bitmap.set(sectors.clone());
-        let changed = bitmap.sectors_holding(sectors);
+        bitmap.set(group.clone());
+        let changed = bitmap.sectors_holding(group);
         storage
             .write_at(&bitmap.bytes()[changed.clone()], at + changed.start as u64)
             .context(|| format!("writing the sector bitmap of block {block}"))?;
@@ -405,9 +433,13 @@ mod tests {
         (storage.contents(), data)
     }
 
-    /// An empty differencing image of `size` bytes whose parent has id `PARENT_ID`.
-    fn child_image(size: u64) -> Vec<u8> {
-        let mut header = header_for(size.div_ceil(u64::from(BLOCK)) as u32, BLOCK);
+    /// Children's blocks: 32 sectors, four bitmap bytes.
+    const CHILD_BLOCK: u32 = 4 * BLOCK;
+
+    /// An empty differencing image of `size` bytes in blocks of `block` bytes whose
+    /// parent has id `PARENT_ID`.
+    fn child_image(size: u64, block: u32) -> Vec<u8> {
+        let mut header = header_for(size.div_ceil(u64::from(block)) as u32, block);
         header.parent_unique_id = PARENT_ID;
         assemble(&footer_for(size, DiskType::Differencing), &header)
     }
@@ -439,13 +471,19 @@ mod tests {
         let parent_size = 5 * u64::from(BLOCK) + 3 * 512;
         let size = 9 * u64::from(BLOCK);
         let (parent, parent_data) = parent_image(parent_size, 1);
-        let storage = Arc::new(MemStorage::from_vec(child_image(size)));
-        let (disk, parent_storage) = open_child(Shared::new(storage.clone()), &parent);
-        let mut model = parent_data.clone();
+        for block in [BLOCK, CHILD_BLOCK, 512] {
+            random_writes_over(&parent, &parent_data, size, block);
+        }
+    }
+
+    fn random_writes_over(parent: &[u8], parent_data: &[u8], size: u64, block: u32) {
+        let storage = Arc::new(MemStorage::from_vec(child_image(size, block)));
+        let (disk, parent_storage) = open_child(Shared::new(storage.clone()), parent);
+        let mut model = parent_data.to_vec();
         model.resize(size as usize, 0);
         assert_same(&read_all(&disk), &model);
 
-        let mut rng = StdRng::seed_from_u64(2);
+        let mut rng = StdRng::seed_from_u64(u64::from(block));
         for round in 0..300 {
             let len = rng.random_range(1..2 * BLOCK as usize);
             let offset = rng.random_range(0..size as usize - len + 1);
@@ -465,78 +503,134 @@ mod tests {
         disk.close().unwrap();
         assert_eq!(parent_storage.contents(), parent);
         assert_eq!(parent_storage.write_count(), 0);
-        let (reopened, _) = open_child(Box::new(MemStorage::from_vec(storage.contents())), &parent);
+        let (reopened, _) = open_child(Box::new(MemStorage::from_vec(storage.contents())), parent);
         assert_same(&read_all(&reopened), &model);
     }
 
     #[test]
-    fn a_partial_sector_write_merges_the_parent_and_sets_one_bit() {
-        let size = 4 * u64::from(BLOCK);
+    fn a_partial_sector_write_copies_its_bitmap_byte_from_the_parent() {
+        let size = 2 * u64::from(CHILD_BLOCK);
         let (parent, parent_data) = parent_image(size, 3);
-        let storage = Arc::new(MemStorage::from_vec(child_image(size)));
+        let storage = Arc::new(MemStorage::from_vec(child_image(size, CHILD_BLOCK)));
         let (disk, _) = open_child(Shared::new(storage.clone()), &parent);
-        let block_file_at = storage.len().unwrap() - 512;
-        // Three bytes inside sector 5 of block 2.
-        let at = 2 * u64::from(BLOCK) + 5 * 512 + 100;
-        disk.write_at(b"abc", at).unwrap();
+        let block_file_at = storage.len().unwrap() as usize - 512;
+        let data_at = block_file_at + 512;
+        let block_start = CHILD_BLOCK as usize;
+        // Three bytes inside sector 13 of block 1: sectors 8 to 15 move into the child.
+        let at = block_start + 13 * 512 + 100;
+        disk.write_at(b"abc", at as u64).unwrap();
         disk.flush().unwrap();
         let image = storage.contents();
-        let bitmap = &image[block_file_at as usize..block_file_at as usize + 512];
+        let bitmap = &image[block_file_at..block_file_at + 512];
+        assert_eq!(&bitmap[..2], &[0x00, 0xFF]);
+        assert!(bitmap[2..].iter().all(|&b| b == 0));
+        let mut expected = parent_data.clone();
+        expected[at..at + 3].copy_from_slice(b"abc");
+        let group = 8 * 512..16 * 512;
         assert_eq!(
-            bitmap[0], 0x04,
-            "only sector 5's bit, most significant first"
+            &image[data_at + group.start..data_at + group.end],
+            &expected[block_start + group.start..block_start + group.end]
         );
-        assert!(bitmap[1..].iter().all(|&b| b == 0));
-        let mut sector = parent_data[at as usize - 100..at as usize + 412].to_vec();
-        sector[100..103].copy_from_slice(b"abc");
-        let data_at = block_file_at as usize + 512 + 5 * 512;
-        assert_eq!(&image[data_at..data_at + 512], &sector[..]);
-        // The other sectors of the new block were never written.
-        assert!(image[data_at + 512..data_at + 1024].iter().all(|&b| b == 0));
+        // The rest of the new block was never written.
+        assert!(
+            image[data_at..data_at + group.start]
+                .iter()
+                .all(|&b| b == 0)
+        );
+        let block_end = data_at + CHILD_BLOCK as usize;
+        assert!(
+            image[data_at + group.end..block_end]
+                .iter()
+                .all(|&b| b == 0)
+        );
+        assert_same(&read_all(&disk), &expected);
 
-        // A second write to the now present sector goes straight to the data.
+        // A second write to sectors now in the child goes straight to the data.
         let writes = storage.write_count();
         let flushes = storage.flush_count();
-        disk.write_at(b"Z", at + 200).unwrap();
+        disk.write_at(b"Z", at as u64 + 1000).unwrap();
         assert_eq!(storage.write_count(), writes + 1);
         assert_eq!(storage.flush_count(), flushes);
+        expected[at + 1000] = b'Z';
+
+        // Sectors 6 to 9 and 17 written in the now allocated block: sectors 0 to 7 and
+        // 16 to 23 copied, the data flushed before the bits.
+        disk.write_at(&[7; 2048], (block_start + 6 * 512) as u64)
+            .unwrap();
+        disk.write_at(&[8; 512], (block_start + 17 * 512) as u64)
+            .unwrap();
+        expected[block_start + 6 * 512..block_start + 10 * 512].fill(7);
+        expected[block_start + 17 * 512..block_start + 18 * 512].fill(8);
+        assert_eq!(storage.flush_count(), flushes + 2);
+        disk.flush().unwrap();
+        let image = storage.contents();
+        assert_eq!(
+            &image[block_file_at..block_file_at + 4],
+            &[0xFF, 0xFF, 0xFF, 0x00]
+        );
+        assert_eq!(
+            &image[data_at..data_at + 24 * 512],
+            &expected[block_start..block_start + 24 * 512]
+        );
+        assert_same(&read_all(&disk), &expected);
+    }
+
+    /// A bitmap byte set sector by sector, as Windows writes them: each bit counts.
+    #[test]
+    fn partly_set_bitmap_bytes_are_read_per_sector() {
+        let size = 2 * u64::from(BLOCK);
+        let (parent, parent_data) = parent_image(size, 10);
+        let mut image = child_image(size, BLOCK);
+        let block_at = image.len() - 512;
+        let footer = image[block_at..].to_vec();
+        image.truncate(block_at);
+        let mut bitmap = vec![0u8; 512];
+        bitmap[0] = 0b0100_1000; // sectors 1 and 4
+        image.extend_from_slice(&bitmap);
+        image.extend((0..BLOCK).map(|i| (i / 512) as u8 + 0x40));
+        image.extend_from_slice(&footer);
+        image[1536..1540].copy_from_slice(&((block_at / 512) as u32).to_be_bytes());
+        let (disk, _) = open_child(Box::new(MemStorage::from_vec(image)), &parent);
         let mut expected = parent_data.clone();
-        expected[at as usize..at as usize + 3].copy_from_slice(b"abc");
-        expected[at as usize + 200] = b'Z';
+        expected[512..1024].fill(0x41);
+        expected[2048..2560].fill(0x44);
         assert_same(&read_all(&disk), &expected);
     }
 
     #[test]
     fn allocation_follows_the_bitmap_then_the_parent() {
-        let parent_size = 3 * u64::from(BLOCK);
-        let size = 5 * u64::from(BLOCK);
-        let (parent, _) = parent_image(parent_size, 4);
-        let (disk, _) = open_child(Box::new(MemStorage::from_vec(child_image(size))), &parent);
-        // One sector of the parent's unallocated block 1, and one past the parent's end.
-        disk.write_at(&[1; 512], u64::from(BLOCK) + 1024).unwrap();
-        disk.write_at(&[2; 10], 4 * u64::from(BLOCK) + 5).unwrap();
-        let extent = |offset: u64, len: u64, state| Extent { offset, len, state };
         let b = u64::from(BLOCK);
+        let (parent, _) = parent_image(3 * b, 4);
+        let size = 8 * b;
+        let (disk, _) = open_child(
+            Box::new(MemStorage::from_vec(child_image(size, CHILD_BLOCK))),
+            &parent,
+        );
+        // Inside the parent's unallocated block 1, and past the parent's end: one bitmap
+        // byte (4 KiB) each.
+        disk.write_at(&[1; 512], b + 1024).unwrap();
+        disk.write_at(&[2; 10], 5 * b + 5).unwrap();
+        let extent = |offset: u64, len: u64, state| Extent { offset, len, state };
         assert_eq!(
             disk.allocation(0, size).unwrap(),
             vec![
-                extent(0, b, Allocation::Data),
-                extent(b, 1024, Allocation::Zero),
-                extent(b + 1024, 512, Allocation::Data),
-                extent(b + 1536, b - 1536, Allocation::Zero),
-                extent(2 * b, b, Allocation::Data),
-                extent(3 * b, b, Allocation::Zero),
-                extent(4 * b, 512, Allocation::Data),
-                extent(4 * b + 512, b - 512, Allocation::Zero),
+                extent(0, 3 * b, Allocation::Data),
+                extent(3 * b, 2 * b, Allocation::Zero),
+                extent(5 * b, b, Allocation::Data),
+                extent(6 * b, 2 * b, Allocation::Zero),
             ]
         );
         // Byte-granular queries clip to the request.
         assert_eq!(
-            disk.allocation(b + 1500, 100).unwrap(),
+            disk.allocation(5 * b - 100, 200).unwrap(),
             vec![
-                extent(b + 1500, 36, Allocation::Data),
-                extent(b + 1536, 64, Allocation::Zero),
+                extent(5 * b - 100, 100, Allocation::Zero),
+                extent(5 * b, 100, Allocation::Data),
             ]
+        );
+        assert_eq!(
+            disk.allocation(b + 7, 1).unwrap(),
+            vec![extent(b + 7, 1, Allocation::Data)]
         );
     }
 
@@ -544,7 +638,10 @@ mod tests {
     fn discard_reads_zeros_instead_of_the_parent() {
         let size = 4 * u64::from(BLOCK);
         let (parent, parent_data) = parent_image(size, 5);
-        let (disk, _) = open_child(Box::new(MemStorage::from_vec(child_image(size))), &parent);
+        let (disk, _) = open_child(
+            Box::new(MemStorage::from_vec(child_image(size, CHILD_BLOCK))),
+            &parent,
+        );
         disk.discard(700, u64::from(BLOCK) + 1000).unwrap();
         let mut expected = parent_data.clone();
         expected[700..700 + BLOCK as usize + 1000].fill(0);
@@ -571,7 +668,7 @@ mod tests {
             .unwrap(),
         ));
         let child = VhdDisk::open_with(
-            Box::new(MemStorage::from_vec(child_image(size))),
+            Box::new(MemStorage::from_vec(child_image(size, CHILD_BLOCK))),
             &OpenOptions {
                 read_only: true,
                 ..Default::default()
@@ -586,11 +683,11 @@ mod tests {
     #[test]
     fn a_crash_at_any_request_keeps_acknowledged_writes_and_sets_no_early_bits() {
         let parent_size = 6 * u64::from(BLOCK);
-        let size = 7 * u64::from(BLOCK);
+        let size = 9 * u64::from(BLOCK);
         let (parent, parent_data) = parent_image(parent_size, 7);
         let mut initial = parent_data.clone();
         initial.resize(size as usize, 0);
-        let storage = Arc::new(MemStorage::from_vec(child_image(size)));
+        let storage = Arc::new(MemStorage::from_vec(child_image(size, CHILD_BLOCK)));
         let model = Arc::new(Mutex::new(Model {
             acked: initial.clone(),
             current: initial,

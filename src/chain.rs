@@ -107,7 +107,13 @@ fn is_foreign_absolute(path: &str) -> bool {
 
 /// The last component of a host-form path, if it can name a file.
 fn file_name(path: &str) -> Option<&str> {
-    let name = path.rsplit(['/', ':']).next()?;
+    let bytes = path.as_bytes();
+    let path = if bytes.len() >= 2 && bytes[0].is_ascii_alphabetic() && bytes[1] == b':' {
+        &path[2..]
+    } else {
+        path
+    };
+    let name = path.rsplit('/').next()?;
     (!name.is_empty() && name != "." && name != "..").then_some(name)
 }
 
@@ -152,6 +158,32 @@ pub fn candidate_paths(child_dir: &Path, paths: &[ParentPath]) -> Vec<PathBuf> {
 
 /// Places no image may be read from, however a locator points there.
 const FORBIDDEN_ROOTS: [&str; 3] = ["/proc", "/sys", "/dev"];
+/// Filesystems whose files look regular but are kernel interfaces (statfs magic numbers):
+/// proc, sysfs, debugfs, tracefs, securityfs, cgroup2.
+const KERNEL_FILESYSTEMS: [i64; 6] = [
+    0x9fa0,
+    0x6265_6572,
+    0x6462_6720,
+    0x7472_6163,
+    0x7363_6673,
+    0x6367_7270,
+];
+
+/// Whether the open `file` lives on one of the `KERNEL_FILESYSTEMS`.
+fn on_kernel_filesystem(file: &fs::File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut stats = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: the descriptor is open for the call and `stats` is large enough.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), stats.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs succeeded, so it filled `stats`.
+    let kind = unsafe { stats.assume_init() }.f_type;
+    // The field's integer type differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(KERNEL_FILESYSTEMS.contains(&(kind as i64)))
+}
 
 fn describe_type(meta: &Metadata) -> &'static str {
     let t = meta.file_type();
@@ -260,10 +292,12 @@ fn try_parent(
     if !meta.is_file() {
         return Err(refused(candidate, describe_type(&meta)));
     }
-    // Non-blocking, so a FIFO swapped in after the check cannot hang the open.
+    // The checks above ran on a path that may change before the open: the descriptor is
+    // checked again. Non-blocking, so a FIFO swapped in cannot hang the open; no symlink
+    // is followed at the end of a path that had none.
     let file = fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW)
         .open(&canonical)
         .map_err(|e| refused(candidate, format_args!("cannot open: {e}")))?;
     let meta = file
@@ -271,6 +305,11 @@ fn try_parent(
         .map_err(|e| refused(candidate, format_args!("cannot inspect: {e}")))?;
     if !meta.is_file() {
         return Err(refused(candidate, describe_type(&meta)));
+    }
+    match on_kernel_filesystem(&file) {
+        Ok(false) => {}
+        Ok(true) => return Err(refused(candidate, "a kernel interface, not an image")),
+        Err(e) => return Err(refused(candidate, format_args!("cannot inspect: {e}"))),
     }
     if context
         .chain
@@ -397,6 +436,33 @@ mod tests {
             candidates(&[Relative("/abs/x.vhd".into())]),
             ["/vm/child/x.vhd", "/abs/x.vhd"]
         );
+        // Colons are ordinary in host names; only a leading drive letter is dropped.
+        assert_eq!(
+            candidates(&[
+                FileName("ab:c.vhd".into()),
+                Absolute("/data/c:d.vhd".into()),
+                FileName("C:e.vhd".into()),
+            ]),
+            [
+                "/vm/child/ab:c.vhd",
+                "/vm/child/c:d.vhd",
+                "/vm/child/e.vhd",
+                "/data/c:d.vhd"
+            ]
+        );
+    }
+
+    #[test]
+    fn kernel_interfaces_are_recognised_by_their_filesystem() {
+        let proc_file = fs::File::open("/proc/self/status").unwrap();
+        assert!(on_kernel_filesystem(&proc_file).unwrap());
+        let sys_file = fs::File::open("/sys/kernel/mm/transparent_hugepage/enabled")
+            .or_else(|_| fs::File::open("/sys/power/state"));
+        if let Ok(sys_file) = sys_file {
+            assert!(on_kernel_filesystem(&sys_file).unwrap());
+        }
+        let plain = tempfile::tempfile().unwrap();
+        assert!(!on_kernel_filesystem(&plain).unwrap());
     }
 
     #[test]

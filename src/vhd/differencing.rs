@@ -29,7 +29,7 @@ use super::parent_locator::ParentLocator;
 use super::{Dynamic, ParentResolver, SECTOR, VhdDisk, ZERO_CHUNK, for_each_piece};
 use crate::chain::{ParentPath, ParentRequest};
 use crate::disk::{Allocation, Extent, Format, VirtualDisk, push_extent};
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::storage::Storage;
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -81,6 +81,13 @@ pub(super) fn read_parent_paths(
     Ok(ParentPaths { paths, areas })
 }
 
+/// Most memory the bitmaps of one disk may take, with a per-block allowance for the table
+/// that holds them. The largest VHD, fully allocated, needs at most about 800 MiB (one bit
+/// per sector, plus the table for 512 KiB blocks); only blocks of a few KiB, which nobody
+/// uses, need more.
+const MAX_BITMAP_MEMORY: u64 = 1 << 30;
+const BITMAP_OVERHEAD: u64 = 64;
+
 #[derive(Debug, Clone)]
 struct DiffBlock {
     /// File offset of the block's bitmap.
@@ -122,6 +129,17 @@ impl Differencing {
             formats: &[Format::Vhd],
             child_kind: "VHD differencing disk",
         })?;
+        let sectors = layout.block_size / SECTOR;
+        let bitmap_memory = bat
+            .allocated()
+            .checked_mul(sectors.div_ceil(8) + BITMAP_OVERHEAD);
+        if bitmap_memory.is_none_or(|bytes| bytes > MAX_BITMAP_MEMORY) {
+            return Err(Error::unsupported(format!(
+                "VHD differencing disk: the bitmaps of {} allocated blocks take more than the \
+                 {MAX_BITMAP_MEMORY} bytes this reader keeps in memory",
+                bat.allocated()
+            )));
+        }
         let mut blocks = HashMap::new();
         for (block, at) in bat.allocated_blocks() {
             let mut bytes = vec![0u8; layout.bitmap_bytes as usize];
@@ -132,7 +150,7 @@ impl Differencing {
                 block,
                 DiffBlock {
                     at,
-                    bitmap: SectorBitmap::from_bytes(bytes),
+                    bitmap: SectorBitmap::from_stored(bytes, sectors),
                 },
             );
         }
@@ -289,16 +307,19 @@ impl VhdDisk {
             None => {
                 let span = group.start * SECTOR..group.end * SECTOR;
                 let merged = diff.widen_with_parent(block_start, span.clone(), in_block, data)?;
-                let clear = SectorBitmap::clear(d.layout.bitmap_bytes as usize);
+                let clear = vec![0u8; d.layout.bitmap_bytes as usize];
                 let at = self.place_block(d, &mut allocator, block, |block_at, context| {
                     storage
-                        .write_at(clear.bytes(), block_at)
+                        .write_at(&clear, block_at)
                         .context(|| context("writing the sector bitmap"))?;
                     storage
                         .write_at(&merged, data_at(block_at, span.start))
                         .context(|| context("writing data"))
                 })?;
-                let placed = DiffBlock { at, bitmap: clear };
+                let placed = DiffBlock {
+                    at,
+                    bitmap: SectorBitmap::clear(d.layout.block_size / SECTOR),
+                };
                 diff.blocks.write().insert(block, placed.clone());
                 placed
             }
@@ -332,9 +353,9 @@ impl VhdDisk {
             }
         };
         bitmap.set(group.clone());
-        let changed = bitmap.sectors_holding(group);
+        let (changed_at, changed) = bitmap.stored_sectors(group);
         storage
-            .write_at(&bitmap.bytes()[changed.clone()], at + changed.start as u64)
+            .write_at(&changed, at + changed_at)
             .context(|| format!("writing the sector bitmap of block {block}"))?;
         diff.blocks.write().insert(block, DiffBlock { at, bitmap });
         Ok(())

@@ -678,6 +678,39 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_writers_to_one_bitmap_byte_keep_every_write() {
+        let size = 2 * u64::from(CHILD_BLOCK);
+        let (parent, parent_data) = parent_image(size, 11);
+        let storage = Arc::new(MemStorage::from_vec(child_image(size, CHILD_BLOCK)));
+        let (disk, _) = open_child(Shared::new(storage.clone()), &parent);
+        let barrier = std::sync::Barrier::new(8);
+        std::thread::scope(|scope| {
+            for thread in 0..8u64 {
+                let (disk, barrier) = (&disk, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    // Every thread writes part of one sector in each group of each block.
+                    for group in 0..2 * u64::from(CHILD_BLOCK) / 4096 {
+                        let at = group * 4096 + thread * 512 + 100;
+                        disk.write_at(&[thread as u8 + 1; 300], at).unwrap();
+                    }
+                });
+            }
+        });
+        let mut expected = parent_data.clone();
+        for group in 0..2 * CHILD_BLOCK as usize / 4096 {
+            for thread in 0..8 {
+                let at = group * 4096 + thread * 512 + 100;
+                expected[at..at + 300].fill(thread as u8 + 1);
+            }
+        }
+        assert_same(&read_all(&disk), &expected);
+        disk.close().unwrap();
+        let (reopened, _) = open_child(Box::new(MemStorage::from_vec(storage.contents())), &parent);
+        assert_same(&read_all(&reopened), &expected);
+    }
+
+    #[test]
     fn read_only_children_refuse_writes() {
         let size = 2 * u64::from(BLOCK);
         let (parent, _) = parent_image(size, 6);

@@ -661,6 +661,11 @@ impl VirtualDisk for VhdDisk {
         if self.read_only {
             return Ok(());
         }
+        if let Some(d) = &self.dynamic
+            && let Some(diff) = &d.differencing
+        {
+            return self.flush_differencing(d, diff);
+        }
         self.storage
             .flush()
             .context(|| "flushing the image".to_string())

@@ -156,6 +156,11 @@ pub fn candidate_paths(child_dir: &Path, paths: &[ParentPath]) -> Vec<PathBuf> {
     candidates
 }
 
+/// Most images in one chain. Each level opens the next from within its own open, so
+/// the bound keeps a long chain of files from exhausting the stack (32 levels fit in a
+/// 2 MiB thread stack even in a debug build) and the file descriptors.
+pub const MAX_CHAIN_DEPTH: usize = 32;
+
 /// Places no image may be read from, however a locator points there.
 const FORBIDDEN_ROOTS: [&str; 3] = ["/proc", "/sys", "/dev"];
 /// Filesystems whose files look regular but are kernel interfaces (statfs magic numbers):
@@ -234,6 +239,12 @@ pub fn open_parent(
             request.child_kind
         )));
     };
+    if context.chain.len() >= MAX_CHAIN_DEPTH {
+        return Err(Error::unsupported(format!(
+            "{} has more than {MAX_CHAIN_DEPTH} images in its chain of parents",
+            request.child_kind
+        )));
+    }
     let child_dir = child_path.parent().unwrap_or(Path::new("/"));
     let candidates = match &context.parent_override {
         Some(path) => vec![path.clone()],
@@ -499,6 +510,33 @@ mod tests {
             err.to_string(),
             "VHD differencing disk without a file path: its parent cannot be located \
              (open it by path)"
+        );
+    }
+
+    #[test]
+    fn chains_deeper_than_the_limit_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let child = dir.path().join("child.vhd");
+        fs::write(&child, b"x").unwrap();
+        let mut context = ImageContext::top(&child, &fs::metadata(&child).unwrap(), None).unwrap();
+        let request = ParentRequest {
+            paths: &[ParentPath::FileName("base.vhd".into())],
+            identity: [1; 16],
+            formats: &[Format::Vhd],
+            child_kind: "VHD differencing disk",
+        };
+        context.chain = vec![context.chain[0].clone(); MAX_CHAIN_DEPTH - 1];
+        let err = open_parent(&context, &request, &OpenOptions::default())
+            .err()
+            .unwrap();
+        assert!(err.to_string().starts_with("parent not found"), "{err}");
+        context.chain.push(context.chain[0].clone());
+        let err = open_parent(&context, &request, &OpenOptions::default())
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "VHD differencing disk has more than 32 images in its chain of parents"
         );
     }
 

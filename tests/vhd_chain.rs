@@ -473,3 +473,37 @@ fn locators_name_the_parent_relatively_and_absolutely() {
     assert_eq!(&header[64..64 + name.len()], &name[..]);
     assert_eq!(open(&child, true).size(), 2 * MIB);
 }
+
+#[test]
+fn the_deepest_chain_allowed_opens_and_one_more_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let depth = vdisk_mount::chain::MAX_CHAIN_DEPTH;
+    let mut previous = dir.path().join("level0.vhd");
+    create(&previous, VhdKind::Dynamic, MIB);
+    let base = open(&previous, false);
+    base.write_at(b"base", 0).unwrap();
+    base.close().unwrap();
+    drop(base);
+    for level in 1..depth {
+        let path = dir.path().join(format!("level{level}.vhd"));
+        child_of(&previous, &path);
+        let disk = open(&path, false);
+        disk.write_at(&[level as u8], 4 + level as u64).unwrap();
+        disk.close().unwrap();
+        previous = path;
+    }
+    let top = open(&previous, true);
+    let mut found = vec![0u8; 4 + depth];
+    top.read_at(&mut found, 0).unwrap();
+    let mut expected = b"base".to_vec();
+    expected.extend((0..depth).map(|level| level as u8));
+    assert_eq!(found, expected);
+    drop(top);
+    let one_more = dir.path().join("one-more.vhd");
+    child_of(&previous, &one_more);
+    let err = open_error(&one_more, &OpenOptions::default());
+    assert!(
+        err.ends_with("VHD differencing disk has more than 32 images in its chain of parents"),
+        "{err}"
+    );
+}

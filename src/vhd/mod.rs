@@ -19,7 +19,7 @@
 //! Differencing disks (`differencing.rs`) add a parent, found through the chain module
 //! and opened read-only, and per-sector bitmaps kept in memory: a set bit sends the sector
 //! to this file, a clear one to the parent. Their new blocks start with a clear bitmap,
-//! and bits are set only once the data they cover has been flushed.
+//! and bits reach the file only once the data they cover is durable.
 
 mod bat;
 mod bitmap;

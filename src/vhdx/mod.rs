@@ -65,9 +65,11 @@ impl Overlay {
             .physical_len
             .saturating_sub(offset)
             .min(buf.len() as u64) as usize;
-        storage
-            .read_at(&mut buf[..in_file], offset)
-            .context(|| format!("reading {} bytes at {offset:#x}", buf.len()))?;
+        if in_file > 0 {
+            storage
+                .read_at(&mut buf[..in_file], offset)
+                .context(|| format!("reading {} bytes at {offset:#x}", buf.len()))?;
+        }
         buf[in_file..].fill(0);
         for update in &self.updates {
             let (start, len) = (update.file_offset(), update.covered_len());
@@ -610,11 +612,22 @@ fn update_header(
     Ok(())
 }
 
+/// Writes `len` zero bytes at `offset`, a bounded buffer at a time.
+fn write_zeros(storage: &dyn Storage, offset: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; len.min(MIB) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(MIB);
+        storage.write_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Replays the log's updates into the file, then marks the log empty. The header update
 /// before replay keeps the LogGuid, so a crash during replay leaves the log replayable.
 fn replay_to_file(storage: &dyn Storage, j: &mut Journal, replay: &Overlay) -> Result<()> {
     update_header(storage, j, |_| {})?;
-    let zeros = vec![0u8; MIB as usize];
     for update in &replay.updates {
         match update {
             LogUpdate::Page { file_offset, data } => storage
@@ -623,16 +636,8 @@ fn replay_to_file(storage: &dyn Storage, j: &mut Journal, replay: &Overlay) -> R
             LogUpdate::Zero {
                 file_offset,
                 length,
-            } => {
-                let mut done = 0;
-                while done < *length {
-                    let n = (length - done).min(MIB);
-                    storage
-                        .write_at(&zeros[..n as usize], file_offset + done)
-                        .context(|| format!("replaying log zeros to {file_offset:#x}"))?;
-                    done += n;
-                }
-            }
+            } => write_zeros(storage, *file_offset, *length)
+                .context(|| format!("replaying log zeros to {file_offset:#x}"))?,
         }
     }
     let len = storage
@@ -743,7 +748,6 @@ impl VirtualDisk for VhdxDisk {
         check_range(self.size(), offset, len_usize)?;
         self.begin_user_write()?;
         let block_size = u64::from(self.params.block_size);
-        let zeros = vec![0u8; block_size.min(len) as usize];
         let mut whole_blocks = Vec::new();
         for (block, in_block, _, n) in self.pieces(offset, len_usize) {
             let entry = self.bat.read().payload(block);
@@ -756,7 +760,9 @@ impl VirtualDisk for VhdxDisk {
             if in_block == 0 && n as u64 == block_len && !self.params.leave_blocks_allocated {
                 whole_blocks.push(block);
             } else {
-                self.write_payload(&zeros[..n], entry.file_offset() + in_block)?;
+                let at = entry.file_offset() + in_block;
+                write_zeros(self.storage.as_ref(), at, n as u64)
+                    .context(|| format!("zeroing {n} bytes at {at:#x}"))?;
             }
         }
         if whole_blocks.is_empty() {

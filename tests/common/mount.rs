@@ -303,7 +303,10 @@ impl FsMount {
         self.mounted = false;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let out = Command::new("umount").arg(self.dir.path()).output().unwrap();
+            let out = Command::new("umount")
+                .arg(self.dir.path())
+                .output()
+                .unwrap();
             let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
             if out.status.success() || !busy || Instant::now() > deadline {
                 assert!(

@@ -16,7 +16,7 @@ use crate::storage::FileStorage;
 use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 /// A file of a chain, known by device and inode so that a second path to it (a symlink,
 /// a hard link, `..` games) is still recognised.
@@ -115,6 +115,59 @@ fn file_name(path: &str) -> Option<&str> {
     };
     let name = path.rsplit('/').next()?;
     (!name.is_empty() && name != "." && name != "..").then_some(name)
+}
+
+/// `path` in Windows form: backslashes for slashes.
+fn windows_form(path: &Path) -> String {
+    path.to_string_lossy().replace('/', "\\")
+}
+
+/// How to get from directory `from` to `to` (both absolute, symlinks resolved), in
+/// Windows form: `.\name`, `..\dir\name`.
+fn relative_windows_path(from: &Path, to: &Path) -> String {
+    let from: Vec<Component> = from.components().collect();
+    let to: Vec<Component> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec![".".to_string()];
+    if common < from.len() {
+        parts = vec!["..".to_string(); from.len() - common];
+    }
+    parts.extend(
+        to[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    parts.join("\\")
+}
+
+/// The paths a new differencing image records for its parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredParentPaths {
+    /// The parent file, symlinks resolved.
+    pub canonical: PathBuf,
+    /// From the child's directory to the parent, in Windows form (`.\base.vhdx`).
+    pub relative: String,
+    /// The parent's absolute host path in Windows form (`\srv\vm\base.vhdx`).
+    pub absolute: String,
+}
+
+impl StoredParentPaths {
+    /// For a child to be created at `child` over the existing `parent`.
+    pub fn new(child: &Path, parent: &Path) -> Result<StoredParentPaths> {
+        let canonical = fs::canonicalize(parent)
+            .map_err(|e| Error::io("cannot resolve the parent path", e).with_file(parent))?;
+        let child_dir = child
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let child_dir = fs::canonicalize(child_dir)
+            .map_err(|e| Error::io("cannot resolve the image's directory", e))?;
+        Ok(StoredParentPaths {
+            relative: relative_windows_path(&child_dir, &canonical),
+            absolute: windows_form(&canonical),
+            canonical,
+        })
+    }
 }
 
 /// Host paths to try for `paths`, in order: everything that lies beside or below the
@@ -233,6 +286,15 @@ pub fn open_parent(
     request: &ParentRequest,
     options: &OpenOptions,
 ) -> Result<Box<dyn VirtualDisk>> {
+    open_parent_located(context, request, options).map(|(_, disk)| disk)
+}
+
+/// Like [`open_parent`], also returning where the parent was found (symlinks resolved).
+pub fn open_parent_located(
+    context: &ImageContext,
+    request: &ParentRequest,
+    options: &OpenOptions,
+) -> Result<(PathBuf, Box<dyn VirtualDisk>)> {
     let Some(child_path) = &context.path else {
         return Err(Error::invalid_input(format!(
             "{} without a file path: its parent cannot be located (open it by path)",
@@ -253,7 +315,7 @@ pub fn open_parent(
     let mut first_refusal = None;
     for candidate in &candidates {
         match try_parent(context, candidate, request, options) {
-            Ok(disk) => return Ok(disk),
+            Ok(found) => return Ok(found),
             Err(Attempt::Missing) => {}
             Err(Attempt::Refused(e)) => {
                 log::warn!("{e}");
@@ -280,7 +342,7 @@ fn try_parent(
     candidate: &Path,
     request: &ParentRequest,
     options: &OpenOptions,
-) -> std::result::Result<Box<dyn VirtualDisk>, Attempt> {
+) -> std::result::Result<(PathBuf, Box<dyn VirtualDisk>), Attempt> {
     let meta = match fs::metadata(candidate) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Attempt::Missing),
@@ -380,7 +442,7 @@ fn try_parent(
     let disk = crate::disk::open_storage_in(Box::new(storage), &parent_options, &parent_context)
         .map_err(|e| Attempt::Refused(e.with_file(&canonical)))?;
     match disk.identity() {
-        Some(id) if id == request.identity => Ok(disk),
+        Some(id) if id == request.identity => Ok((canonical, disk)),
         found => Err(refused(
             candidate,
             format_args!(
@@ -401,6 +463,28 @@ mod tests {
             .iter()
             .map(|p| p.display().to_string())
             .collect()
+    }
+
+    #[test]
+    fn relative_paths_in_windows_form() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            relative_windows_path(&p("/vm/a"), &p("/vm/a/base.vhd")),
+            ".\\base.vhd"
+        );
+        assert_eq!(
+            relative_windows_path(&p("/vm/a"), &p("/vm/b/base.vhd")),
+            "..\\b\\base.vhd"
+        );
+        assert_eq!(
+            relative_windows_path(&p("/vm/a/x"), &p("/base.vhd")),
+            "..\\..\\..\\base.vhd"
+        );
+        assert_eq!(
+            relative_windows_path(&p("/"), &p("/d/base.vhd")),
+            ".\\d\\base.vhd"
+        );
+        assert_eq!(windows_form(&p("/srv/vm/base.vhd")), "\\srv\\vm\\base.vhd");
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub trait VirtualDisk: Send + Sync {
     fn identity(&self) -> Option<[u8; 16]> {
         None
     }
+    /// A differencing image's parent and the file it was found in.
+    fn parent(&self) -> Option<(&Path, &dyn VirtualDisk)> {
+        None
+    }
     /// Clean shutdown: flush and leave the image in its final, clean on-disk state.
     /// The disk must not be used afterwards.
     fn close(&self) -> Result<()> {
@@ -196,7 +200,7 @@ pub(crate) fn open_storage_in(
     };
     Ok(match format {
         Format::Vhd => crate::vhd::open_in(storage, options, context)?,
-        Format::Vhdx => crate::vhdx::open(storage, options)?,
+        Format::Vhdx => crate::vhdx::open_in(storage, options, context)?,
         Format::Raw => Box::new(crate::raw::RawDisk::open(storage, options)?),
     })
 }

@@ -17,11 +17,12 @@ use super::footer::{DiskType, FOOTER_SIZE, Footer, NO_DATA_OFFSET};
 use super::geometry::Geometry;
 use super::parent_locator::{ENTRY_SIZE, ParentLocator, Platform, encode_utf16le};
 use super::{MAX_BAT_ENTRIES, SECTOR};
+use crate::chain::StoredParentPaths;
 use crate::disk::{Format, OpenOptions};
 use crate::error::{Error, IoContext, Result};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Creator Application of images made here ("vdm " for vdisk-mount). Deliberately not
@@ -107,29 +108,6 @@ fn vhd_timestamp(time: SystemTime) -> u32 {
     u32::try_from(since.as_secs()).unwrap_or(u32::MAX)
 }
 
-/// `path` in Windows form: backslashes for slashes.
-fn windows_form(path: &Path) -> String {
-    path.to_string_lossy().replace('/', "\\")
-}
-
-/// How to get from directory `from` to `to` (both absolute, symlinks resolved), in
-/// Windows form: `.\name`, `..\dir\name`.
-fn relative_windows_path(from: &Path, to: &Path) -> String {
-    let from: Vec<Component> = from.components().collect();
-    let to: Vec<Component> = to.components().collect();
-    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
-    let mut parts: Vec<String> = vec![".".to_string()];
-    if common < from.len() {
-        parts = vec!["..".to_string(); from.len() - common];
-    }
-    parts.extend(
-        to[common..]
-            .iter()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
-    );
-    parts.join("\\")
-}
-
 fn link_to_parent(child: &Path, parent_path: &Path) -> Result<ParentLink> {
     let parent = crate::open(
         parent_path,
@@ -148,20 +126,13 @@ fn link_to_parent(child: &Path, parent_path: &Path) -> Result<ParentLink> {
     let unique_id = parent
         .identity()
         .ok_or_else(|| in_parent("has no unique id".to_string()))?;
-    let canonical = fs::canonicalize(parent_path)
-        .context(|| "cannot resolve the parent path".to_string())
-        .map_err(|e| e.with_file(parent_path))?;
-    let modified = fs::metadata(&canonical)
+    let stored = StoredParentPaths::new(child, parent_path)?;
+    let modified = fs::metadata(&stored.canonical)
         .and_then(|m| m.modified())
         .context(|| "reading the parent's modification time".to_string())
         .map_err(|e| e.with_file(parent_path))?;
-    let child_dir = child
-        .parent()
-        .filter(|dir| !dir.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let child_dir = fs::canonicalize(child_dir)
-        .context(|| "cannot resolve the image's directory".to_string())?;
-    let name = canonical
+    let name = stored
+        .canonical
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -170,8 +141,8 @@ fn link_to_parent(child: &Path, parent_path: &Path) -> Result<ParentLink> {
         timestamp: vhd_timestamp(modified),
         size: parent.size(),
         name,
-        relative: relative_windows_path(&child_dir, &canonical),
-        absolute: windows_form(&canonical),
+        relative: stored.relative,
+        absolute: stored.absolute,
     })
 }
 
@@ -324,28 +295,6 @@ mod tests {
     use super::*;
     use crate::disk::VirtualDisk;
     use crate::vhd::VhdDisk;
-
-    #[test]
-    fn relative_paths_in_windows_form() {
-        let p = |s: &str| PathBuf::from(s);
-        assert_eq!(
-            relative_windows_path(&p("/vm/a"), &p("/vm/a/base.vhd")),
-            ".\\base.vhd"
-        );
-        assert_eq!(
-            relative_windows_path(&p("/vm/a"), &p("/vm/b/base.vhd")),
-            "..\\b\\base.vhd"
-        );
-        assert_eq!(
-            relative_windows_path(&p("/vm/a/x"), &p("/base.vhd")),
-            "..\\..\\..\\base.vhd"
-        );
-        assert_eq!(
-            relative_windows_path(&p("/"), &p("/d/base.vhd")),
-            ".\\d\\base.vhd"
-        );
-        assert_eq!(windows_form(&p("/srv/vm/base.vhd")), "\\srv\\vm\\base.vhd");
-    }
 
     #[test]
     fn timestamps_count_from_2000() {

@@ -179,6 +179,12 @@ impl Bat {
         self.entry(self.layout.payload_index(block))
     }
 
+    /// The sector-bitmap entry of the chunk holding payload block `block` (differencing
+    /// images, whose BAT always holds it).
+    pub fn sector_bitmap(&self, block: u64) -> BatEntry {
+        self.entry(self.layout.sector_bitmap_index(block))
+    }
+
     /// The on-disk bytes of BAT page `page`.
     pub fn page_bytes(&self, page: usize) -> [u8; BAT_PAGE_LEN] {
         let mut buf = [0u8; BAT_PAGE_LEN];
@@ -276,10 +282,15 @@ impl Bat {
         Ok(())
     }
 
-    /// Number of payload blocks with data in the file.
+    /// Number of payload blocks with data in the file (fully or partly present).
     pub fn allocated_blocks(&self) -> u64 {
         (0..self.layout.payload_blocks)
-            .filter(|&b| self.payload(b).payload_state() == Some(PayloadState::FullyPresent))
+            .filter(|&b| {
+                matches!(
+                    self.payload(b).payload_state(),
+                    Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent)
+                )
+            })
             .count() as u64
     }
 }

@@ -13,13 +13,17 @@
 //! applied entry again is harmless. A clean close sets LogGuid back to zero.
 
 pub mod bat;
+pub mod create;
 mod fields;
 pub mod file_identifier;
 pub mod header;
 pub mod log;
 pub mod metadata;
+pub mod parent_locator;
 pub mod region_table;
+pub mod sector_bitmap;
 
+use crate::chain::{ImageContext, ParentRequest};
 use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, check_range, push_extent};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
 use crate::storage::Storage;
@@ -28,16 +32,74 @@ use fields::MIB;
 use file_identifier::{FILE_IDENTIFIER_LEN, FileIdentifier};
 use header::{HEADER_LEN, HEADER_OFFSETS, Header};
 use log::{LogUpdate, LogWriter};
-use metadata::{DiskParameters, METADATA_TABLE_LEN, MetadataTable};
+use metadata::{DiskParameters, METADATA_TABLE_LEN, MetadataTable, PARENT_LOCATOR};
+use parent_locator::ParentLocator;
 use parking_lot::{Mutex, RwLock};
 use region_table::{
     BAT_REGION, METADATA_REGION, REGION_TABLE_LEN, REGION_TABLE_OFFSETS, RegionTable,
 };
+use sector_bitmap::{BitmapPage, SECTOR_BITMAP_LEN, SectorBitmaps};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use uuid::Uuid;
 
+/// Opens the VHDX image held by `storage`, which has no path: a differencing image opened
+/// this way cannot find its parent.
 pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
-    Ok(Box::new(VhdxDisk::open(storage, options)?))
+    open_in(storage, options, &ImageContext::detached())
+}
+
+/// Opens the VHDX image held by `storage` that sits where `context` says.
+pub fn open_in(
+    storage: Box<dyn Storage>,
+    options: &OpenOptions,
+    context: &ImageContext,
+) -> Result<Box<dyn VirtualDisk>> {
+    Ok(Box::new(VhdxDisk::open_in(storage, options, context)?))
+}
+
+/// Finds a differencing image's parent from its locator and logical sector size.
+type ParentResolver<'a> =
+    dyn Fn(&ParentLocator, u32) -> Result<(PathBuf, Box<dyn VirtualDisk>)> + 'a;
+
+/// What a differencing image has besides a dynamic one.
+struct Differencing {
+    parent: Box<dyn VirtualDisk>,
+    parent_path: PathBuf,
+    locator: ParentLocator,
+    /// Sector bitmaps of the chunks that have one; changed only under the journal lock,
+    /// and always before the BAT entries that make them count.
+    bitmaps: RwLock<SectorBitmaps>,
+}
+
+impl Differencing {
+    /// Reads what the parent holds at `offset`; past its end (a larger child), zeros.
+    fn read_parent(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let inside = self
+            .parent
+            .size()
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(inside);
+        if !head.is_empty() {
+            self.parent.read_at(head, offset)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    /// Appends how the parent backs `[offset, offset + len)`; past its end, zeros.
+    fn parent_extents(&self, extents: &mut Vec<Extent>, offset: u64, len: u64) -> Result<()> {
+        let inside = self.parent.size().saturating_sub(offset).min(len);
+        if inside > 0 {
+            for e in self.parent.allocation(offset, inside)? {
+                push_extent(extents, e.offset, e.len, e.state);
+            }
+        }
+        push_extent(extents, offset + inside, len - inside, Allocation::Zero);
+        Ok(())
+    }
 }
 
 /// The replayed view of a dirty image opened read-only: the log's updates laid over the
@@ -134,6 +196,8 @@ pub struct VhdxInfo {
     pub disk_id: Uuid,
     /// LeaveBlockAllocated: a fixed image.
     pub fixed: bool,
+    /// A differencing image's parent locator: key/value pairs as stored.
+    pub parent_locator: Option<Vec<(String, String)>>,
 }
 
 pub struct VhdxDisk {
@@ -143,6 +207,8 @@ pub struct VhdxDisk {
     creator: String,
     bat_offset: u64,
     log_was_dirty: bool,
+    /// How BAT indices map onto the disk (the same as `bat.layout`, without the lock).
+    layout: BatLayout,
     bat: RwLock<Bat>,
     journal: Mutex<Journal>,
     /// Fast path: the header update for user-visible writes is done.
@@ -152,10 +218,34 @@ pub struct VhdxDisk {
     poisoned: AtomicBool,
     /// Only for read-only opens whose replayed log touched payload or extended the file.
     payload_overlay: Option<Overlay>,
+    differencing: Option<Differencing>,
 }
 
 impl VhdxDisk {
+    /// Opens an image without a path: one with a parent cannot be opened this way.
     pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<Self> {
+        Self::open_in(storage, options, &ImageContext::detached())
+    }
+
+    /// Opens the image that sits where `context` says; a differencing image's parent is
+    /// found from there.
+    pub fn open_in(
+        storage: Box<dyn Storage>,
+        options: &OpenOptions,
+        context: &ImageContext,
+    ) -> Result<Self> {
+        Self::open_with(storage, options, &|locator, logical_sector_size| {
+            open_vhdx_parent(context, options, locator, logical_sector_size)
+        })
+    }
+
+    /// Opens the image, asking `resolve_parent` for the parent a differencing image's
+    /// locator names (it must check the identity and sector size).
+    fn open_with(
+        storage: Box<dyn Storage>,
+        options: &OpenOptions,
+        resolve_parent: &ParentResolver,
+    ) -> Result<Self> {
         let file_len = storage
             .len()
             .context(|| "cannot read file size".to_string())?;
@@ -233,9 +323,26 @@ impl VhdxDisk {
             )?;
             Ok(item)
         })?;
-        if params.has_parent {
-            return Err(Error::unsupported("differencing VHDX is not supported yet"));
-        }
+        let locator = if params.has_parent {
+            let item = table.find(PARENT_LOCATOR).ok_or_else(|| {
+                Error::corrupt(
+                    CorruptionKind::InvalidField,
+                    "metadata table",
+                    "a differencing image has no parent locator item",
+                )
+            })?;
+            let mut bytes = vec![0u8; item.length as usize];
+            read_structure(
+                storage.as_ref(),
+                overlay.as_ref(),
+                &mut bytes,
+                meta_region.file_offset + u64::from(item.offset),
+                "parent locator",
+            )?;
+            Some(ParentLocator::parse(&bytes)?)
+        } else {
+            None
+        };
 
         let layout = BatLayout::new(
             params.virtual_size,
@@ -259,6 +366,14 @@ impl VhdxDisk {
         )?;
         let bat = Bat::from_bytes(layout, &bytes);
         bat.validate(params.virtual_size, file_len, &reserved)?;
+        let bitmaps = match &locator {
+            Some(_) => Some(load_sector_bitmaps(
+                storage.as_ref(),
+                overlay.as_ref(),
+                &bat,
+            )?),
+            None => None,
+        };
 
         // The payload path consults the overlay only if the log wrote outside the metadata
         // structures or the file is shorter than the replayed view.
@@ -273,18 +388,33 @@ impl VhdxDisk {
             (!o.updates.is_empty() || o.logical_len > o.physical_len).then_some(o)
         });
 
+        let differencing = match (locator, bitmaps) {
+            (Some(locator), Some(bitmaps)) => {
+                let (parent_path, parent) = resolve_parent(&locator, params.logical_sector_size)?;
+                Some(Differencing {
+                    parent,
+                    parent_path,
+                    locator,
+                    bitmaps: RwLock::new(bitmaps),
+                })
+            }
+            _ => None,
+        };
+
         Ok(VhdxDisk {
             storage,
             read_only: options.read_only,
             creator,
             bat_offset: bat_region.file_offset,
             log_was_dirty,
+            layout: bat.layout,
             bat: RwLock::new(bat),
             journal: Mutex::new(journal),
             data_write_started: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
             payload_overlay,
             params,
+            differencing,
         })
     }
 
@@ -302,7 +432,11 @@ impl VhdxDisk {
             allocated_blocks: bat.allocated_blocks(),
             total_blocks: bat.layout.payload_blocks,
             disk_id: self.params.disk_id,
-            fixed: self.params.leave_blocks_allocated,
+            fixed: self.params.leave_blocks_allocated && self.differencing.is_none(),
+            parent_locator: self
+                .differencing
+                .as_ref()
+                .map(|d| d.locator.entries.clone()),
         }
     }
 
@@ -375,9 +509,15 @@ impl VhdxDisk {
         Ok(())
     }
 
-    /// Journals and applies BAT changes: log entry durable, then BAT pages in place
-    /// durable, then the in-memory BAT.
-    fn commit_bat(&self, j: &mut Journal, changes: &[(u64, BatEntry)]) -> Result<()> {
+    /// Journals and applies BAT entry and sector bitmap page changes: log entry durable,
+    /// then the pages in place durable, then the in-memory bitmaps and BAT (bitmaps first,
+    /// so a reader that sees a new PARTIALLY_PRESENT entry sees its bits).
+    fn commit(
+        &self,
+        j: &mut Journal,
+        changes: &[(u64, BatEntry)],
+        bitmap_pages: &[BitmapPageChange],
+    ) -> Result<()> {
         if j.writer.is_none() {
             let aligned = j.file_end.next_multiple_of(MIB);
             if aligned != j.file_end {
@@ -419,6 +559,11 @@ impl VhdxDisk {
             };
         let updates: Vec<LogUpdate> = pages
             .into_iter()
+            .chain(
+                bitmap_pages
+                    .iter()
+                    .map(|change| (change.file_offset, change.contents.clone())),
+            )
             .map(|(file_offset, data)| LogUpdate::Page { file_offset, data })
             .collect();
         let file_end = j.file_end;
@@ -432,14 +577,22 @@ impl VhdxDisk {
                 LogUpdate::Page { file_offset, data } => self
                     .storage
                     .write_at(&data[..], *file_offset)
-                    .context(|| format!("writing BAT page at {file_offset:#x}")),
-                LogUpdate::Zero { .. } => unreachable!("BAT changes are whole pages"),
+                    .context(|| format!("writing metadata page at {file_offset:#x}")),
+                LogUpdate::Zero { .. } => unreachable!("metadata changes are whole pages"),
             });
-            if let Err(e) =
-                applied.and_then(|_| self.storage.flush().context(|| "flushing BAT".to_string()))
-            {
+            if let Err(e) = applied.and_then(|_| {
+                self.storage
+                    .flush()
+                    .context(|| "flushing metadata pages".to_string())
+            }) {
                 self.poisoned.store(true, Ordering::Release);
                 return Err(e);
+            }
+        }
+        if let Some(d) = &self.differencing {
+            let mut bitmaps = d.bitmaps.write();
+            for change in bitmap_pages {
+                bitmaps.apply_page(change.chunk, change.page, &change.contents);
             }
         }
         let mut bat = self.bat.write();
@@ -449,45 +602,229 @@ impl VhdxDisk {
         Ok(())
     }
 
-    /// Writes pieces that fell into blocks without data: allocates each block at the end of
-    /// the file, writes the data, flushes, then journals the new BAT entries.
+    /// Reserves `len` bytes at the next 1 MiB boundary past the end of the file (reading
+    /// as zeros) and returns where they start.
+    fn extend_file(&self, j: &mut Journal, len: u64, what: &str) -> Result<u64> {
+        let start = j.file_end.next_multiple_of(MIB);
+        let end = start
+            .checked_add(len)
+            .ok_or_else(|| Error::invalid_input("image file would exceed the largest offset"))?;
+        self.storage
+            .set_len(end)
+            .context(|| format!("extending file for {what}"))?;
+        j.file_end = end;
+        Ok(start)
+    }
+
+    /// Writes pieces that need metadata changes: blocks without data are allocated at the
+    /// end of the file, data is written and flushed, then new sector bitmap blocks, and
+    /// after them the payload entries and bitmap bits, are journaled.
     fn write_allocating(&self, pieces: &[(u64, u64, &[u8])]) -> Result<()> {
         let mut j = self.journal.lock();
-        let block_size = u64::from(self.params.block_size);
+        let layout = self.layout;
         let mut changes = Vec::new();
+        let mut new_bitmaps: Vec<(u64, BatEntry)> = Vec::new();
+        let mut bits: BitAssignments = Vec::new();
         for &(block, in_block, data) in pieces {
+            // Another writer may have allocated the block, or set its bits, meanwhile.
+            if self.write_in_place(data, block, in_block)? {
+                continue;
+            }
             let (index, entry) = {
                 let bat = self.bat.read();
-                (bat.layout.payload_index(block), bat.payload(block))
+                (layout.payload_index(block), bat.payload(block))
             };
-            match entry.payload_state() {
-                Some(PayloadState::FullyPresent) => {
-                    // Another writer allocated it while this one waited.
-                    self.write_payload(data, entry.file_offset() + in_block)?;
-                    continue;
+            let written = in_block..in_block + data.len() as u64;
+            match (entry.payload_state(), &self.differencing) {
+                (Some(PayloadState::PartiallyPresent), Some(d)) => {
+                    self.write_sectors(d, block, entry.file_offset(), in_block, data, false)?;
+                    let (chunk, sectors, _) = self.sector_bits(block, &written);
+                    add_bits(&mut bits, chunk, sectors, true);
                 }
-                Some(PayloadState::PartiallyPresent) => return Err(self.partially_present(block)),
-                _ => {}
+                (Some(PayloadState::NotPresent), Some(d)) => {
+                    let start = self.extend_file(&mut j, layout.block_size, "a block")?;
+                    self.write_sectors(d, block, start, in_block, data, true)?;
+                    let (chunk, sectors, base) = self.sector_bits(block, &written);
+                    // Bits of a block that had no data mean nothing: start from clear.
+                    let per_block = layout.block_size / u64::from(self.params.logical_sector_size);
+                    add_bits(&mut bits, chunk, base..base + per_block, false);
+                    add_bits(&mut bits, chunk, sectors, true);
+                    let has_bitmap = self.bat.read().sector_bitmap(block).payload_state()
+                        == Some(PayloadState::FullyPresent);
+                    let bitmap_index = layout.sector_bitmap_index(block);
+                    if !has_bitmap && !new_bitmaps.iter().any(|(i, _)| *i == bitmap_index) {
+                        let at = self.extend_file(&mut j, MIB, "a sector bitmap")?;
+                        new_bitmaps
+                            .push((bitmap_index, BatEntry::new(PayloadState::FullyPresent, at)));
+                    }
+                    changes.push((index, BatEntry::new(PayloadState::PartiallyPresent, start)));
+                }
+                // Blocks that read as zeros: the file's extension reads as zeros, so the
+                // block holds exactly what it must once the data is in.
+                _ => {
+                    let start = self.extend_file(&mut j, layout.block_size, "a block")?;
+                    self.write_payload(data, start + in_block)?;
+                    changes.push((index, BatEntry::new(PayloadState::FullyPresent, start)));
+                }
             }
-            let start = j.file_end.next_multiple_of(MIB);
-            let end = start.checked_add(block_size).ok_or_else(|| {
-                Error::invalid_input("image file would exceed the largest offset")
-            })?;
-            // The extension reads as zeros: the rest of the block needs no explicit write.
-            self.storage
-                .set_len(end)
-                .context(|| format!("extending file for block {block}"))?;
-            j.file_end = end;
-            self.write_payload(data, start + in_block)?;
-            changes.push((index, BatEntry::new(PayloadState::FullyPresent, start)));
         }
-        if changes.is_empty() {
+        if changes.is_empty() && bits.is_empty() {
             return Ok(());
         }
         self.storage
             .flush()
             .context(|| "flushing new blocks".to_string())?;
-        self.commit_bat(&mut j, &changes)
+        // A PARTIALLY_PRESENT entry must never be durable before its chunk's bitmap entry.
+        if !new_bitmaps.is_empty() {
+            self.commit(&mut j, &new_bitmaps, &[])?;
+        }
+        let mut pages = Vec::new();
+        if let Some(d) = &self.differencing {
+            let bat = self.bat.read();
+            let bitmaps = d.bitmaps.read();
+            for (chunk, assign) in &bits {
+                let at = bat.sector_bitmap(chunk * layout.chunk_ratio).file_offset();
+                for (page, contents) in bitmaps.changed_pages(*chunk, assign) {
+                    pages.push(BitmapPageChange {
+                        chunk: *chunk,
+                        page,
+                        file_offset: at + page * BAT_PAGE_LEN as u64,
+                        contents,
+                    });
+                }
+            }
+        }
+        self.commit(&mut j, &changes, &pages)
+    }
+
+    /// Writes `data` where block `block` already keeps it in this file; `false` when the
+    /// write needs metadata changes first.
+    fn write_in_place(&self, data: &[u8], block: u64, in_block: u64) -> Result<bool> {
+        let entry = self.bat.read().payload(block);
+        match (entry.payload_state(), &self.differencing) {
+            (Some(PayloadState::FullyPresent), _) => {}
+            (Some(PayloadState::PartiallyPresent), Some(d)) => {
+                let written = in_block..in_block + data.len() as u64;
+                if self
+                    .sector_runs(d, block, &written)
+                    .iter()
+                    .any(|(_, present)| !present)
+                {
+                    return Ok(false);
+                }
+            }
+            (Some(PayloadState::PartiallyPresent), None) => {
+                return Err(self.partially_present(block));
+            }
+            _ => return Ok(false),
+        }
+        self.write_payload(data, entry.file_offset() + in_block)?;
+        Ok(true)
+    }
+
+    /// Writes `data` at `in_block` of a child's block stored at `file_start`, filling the
+    /// rest of its first and last sectors with the parent's bytes where those sectors are
+    /// still the parent's (all of them if `all_parent`), so whole sectors can become this
+    /// file's.
+    fn write_sectors(
+        &self,
+        d: &Differencing,
+        block: u64,
+        file_start: u64,
+        in_block: u64,
+        data: &[u8],
+        all_parent: bool,
+    ) -> Result<()> {
+        self.write_payload(data, file_start + in_block)?;
+        let sector = u64::from(self.params.logical_sector_size);
+        let block_start = block * self.layout.block_size;
+        let end = in_block + data.len() as u64;
+        let head = in_block - in_block % sector;
+        let tail = end.next_multiple_of(sector);
+        for fill in [head..in_block, end..tail] {
+            if fill.is_empty() {
+                continue;
+            }
+            let sector_start = fill.start - fill.start % sector;
+            let parents =
+                all_parent || !self.sector_runs(d, block, &(sector_start..sector_start + 1))[0].1;
+            if parents {
+                let mut bytes = vec![0u8; (fill.end - fill.start) as usize];
+                d.read_parent(&mut bytes, block_start + fill.start)?;
+                self.write_payload(&bytes, file_start + fill.start)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The chunk of `block`, the bitmap bits of the sectors that the byte range `bytes`
+    /// of the block touches, and the block's first bit.
+    fn sector_bits(&self, block: u64, bytes: &Range<u64>) -> (u64, Range<u64>, u64) {
+        let sector = u64::from(self.params.logical_sector_size);
+        let ratio = self.layout.chunk_ratio;
+        let base = (block % ratio) * (self.layout.block_size / sector);
+        (
+            block / ratio,
+            base + bytes.start / sector..base + bytes.end.div_ceil(sector),
+            base,
+        )
+    }
+
+    /// Splits `bytes` (offsets inside `block`) into runs held by this file (`true`) or by
+    /// the parent, as the block's sector bitmap says.
+    fn sector_runs(
+        &self,
+        d: &Differencing,
+        block: u64,
+        bytes: &Range<u64>,
+    ) -> Vec<(Range<u64>, bool)> {
+        let sector = u64::from(self.params.logical_sector_size);
+        let (chunk, bits, base) = self.sector_bits(block, bytes);
+        d.bitmaps
+            .read()
+            .runs(chunk, bits)
+            .into_iter()
+            .map(|(run, present)| {
+                (
+                    ((run.start - base) * sector).max(bytes.start)
+                        ..((run.end - base) * sector).min(bytes.end),
+                    present,
+                )
+            })
+            .collect()
+    }
+
+    /// Reads `piece` at `in_block` of `block` from wherever its data is.
+    fn read_piece(&self, piece: &mut [u8], block: u64, in_block: u64) -> Result<()> {
+        let entry = self.bat.read().payload(block);
+        let block_start = block * self.layout.block_size;
+        match (entry.payload_state(), &self.differencing) {
+            (Some(PayloadState::FullyPresent), _) => {
+                self.read_payload(piece, entry.file_offset() + in_block)
+            }
+            (Some(PayloadState::NotPresent), Some(d)) => {
+                d.read_parent(piece, block_start + in_block)
+            }
+            (Some(PayloadState::PartiallyPresent), Some(d)) => {
+                let bytes = in_block..in_block + piece.len() as u64;
+                for (run, present) in self.sector_runs(d, block, &bytes) {
+                    let part =
+                        &mut piece[(run.start - in_block) as usize..(run.end - in_block) as usize];
+                    if present {
+                        self.read_payload(part, entry.file_offset() + run.start)?;
+                    } else {
+                        d.read_parent(part, block_start + run.start)?;
+                    }
+                }
+                Ok(())
+            }
+            (Some(PayloadState::PartiallyPresent), None) => Err(self.partially_present(block)),
+            // ZERO, UNMAPPED and UNDEFINED read as zeros even in a child: never the parent.
+            _ => {
+                piece.fill(0);
+                Ok(())
+            }
+        }
     }
 
     fn write_payload(&self, data: &[u8], file_offset: u64) -> Result<()> {
@@ -495,6 +832,111 @@ impl VhdxDisk {
             .write_at(data, file_offset)
             .context(|| format!("writing {} bytes at {file_offset:#x}", data.len()))
     }
+}
+
+/// A sector bitmap page to journal: its new contents and where it goes.
+struct BitmapPageChange {
+    chunk: u64,
+    page: u64,
+    file_offset: u64,
+    contents: BitmapPage,
+}
+
+/// Per chunk, sector ranges and the value their bits take, later ranges winning.
+type BitAssignments = Vec<(u64, Vec<(Range<u64>, bool)>)>;
+
+/// Records that `sectors` (bits of `chunk`) take `value`; later records win.
+fn add_bits(
+    bits: &mut BitAssignments,
+    chunk: u64,
+    sectors: Range<u64>,
+    value: bool,
+) {
+    match bits.iter_mut().find(|(c, _)| *c == chunk) {
+        Some((_, assign)) => assign.push((sectors, value)),
+        None => bits.push((chunk, vec![(sectors, value)])),
+    }
+}
+
+/// Loads the sector bitmap block of every chunk whose BAT entry has one, and checks that
+/// each PARTIALLY_PRESENT block has one.
+fn load_sector_bitmaps(
+    storage: &dyn Storage,
+    overlay: Option<&Overlay>,
+    bat: &Bat,
+) -> Result<SectorBitmaps> {
+    let layout = &bat.layout;
+    let mut bitmaps = SectorBitmaps::default();
+    for chunk in 0..layout.payload_blocks.div_ceil(layout.chunk_ratio) {
+        let first = chunk * layout.chunk_ratio;
+        let entry = bat.sector_bitmap(first);
+        if entry.payload_state() == Some(PayloadState::FullyPresent) {
+            let mut block = Vec::new();
+            block.try_reserve_exact(SECTOR_BITMAP_LEN).map_err(|_| {
+                Error::unsupported("sector bitmaps too large for this machine's memory")
+            })?;
+            block.resize(SECTOR_BITMAP_LEN, 0);
+            read_structure(
+                storage,
+                overlay,
+                &mut block,
+                entry.file_offset(),
+                "sector bitmap",
+            )?;
+            bitmaps.insert(chunk, block);
+            continue;
+        }
+        let last = (first + layout.chunk_ratio).min(layout.payload_blocks);
+        if let Some(block) = (first..last)
+            .find(|&b| bat.payload(b).payload_state() == Some(PayloadState::PartiallyPresent))
+        {
+            return Err(Error::corrupt(
+                CorruptionKind::InvalidField,
+                format!("BAT entry {}", layout.payload_index(block)),
+                "block is PARTIALLY_PRESENT but its chunk has no sector bitmap",
+            ));
+        }
+    }
+    Ok(bitmaps)
+}
+
+/// Finds and opens the parent `locator` names: a VHDX whose DataWriteGuid is the
+/// locator's `parent_linkage` (or `parent_linkage2`), with the same logical sector size.
+fn open_vhdx_parent(
+    context: &ImageContext,
+    options: &OpenOptions,
+    locator: &ParentLocator,
+    logical_sector_size: u32,
+) -> Result<(PathBuf, Box<dyn VirtualDisk>)> {
+    let linkages = locator.linkages()?;
+    let paths = locator.paths();
+    let mut first_error = None;
+    for linkage in linkages {
+        let request = ParentRequest {
+            paths: &paths,
+            identity: *linkage.as_bytes(),
+            formats: &[Format::Vhdx],
+            child_kind: "VHDX differencing disk",
+        };
+        match crate::chain::open_parent_located(context, &request, options) {
+            Ok((path, parent)) => {
+                if parent.logical_sector_size() != logical_sector_size {
+                    return Err(Error::invalid_input(format!(
+                        "parent {}: has {}-byte logical sectors, the child {}-byte ones",
+                        path.display(),
+                        parent.logical_sector_size(),
+                        logical_sector_size
+                    )));
+                }
+                return Ok((path, parent));
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    // `linkages` is never empty, so an error was kept.
+    Err(first_error.unwrap())
 }
 
 /// Replays a dirty log: into the file for read/write opens, or into the returned overlay
@@ -692,15 +1134,7 @@ impl VirtualDisk for VhdxDisk {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size(), offset, buf.len())?;
         for (block, in_block, at, n) in self.pieces(offset, buf.len()) {
-            let entry = self.bat.read().payload(block);
-            let piece = &mut buf[at..at + n];
-            match entry.payload_state() {
-                Some(PayloadState::FullyPresent) => {
-                    self.read_payload(piece, entry.file_offset() + in_block)?
-                }
-                Some(PayloadState::PartiallyPresent) => return Err(self.partially_present(block)),
-                _ => piece.fill(0),
-            }
+            self.read_piece(&mut buf[at..at + n], block, in_block)?;
         }
         Ok(())
     }
@@ -712,22 +1146,17 @@ impl VirtualDisk for VhdxDisk {
             return Ok(());
         }
         self.begin_user_write()?;
-        let mut unallocated = Vec::new();
+        let mut needs_metadata = Vec::new();
         for (block, in_block, at, n) in self.pieces(offset, buf.len()) {
-            let entry = self.bat.read().payload(block);
             let piece = &buf[at..at + n];
-            match entry.payload_state() {
-                Some(PayloadState::FullyPresent) => {
-                    self.write_payload(piece, entry.file_offset() + in_block)?
-                }
-                Some(PayloadState::PartiallyPresent) => return Err(self.partially_present(block)),
-                _ => unallocated.push((block, in_block, piece)),
+            if !self.write_in_place(piece, block, in_block)? {
+                needs_metadata.push((block, in_block, piece));
             }
         }
-        if unallocated.is_empty() {
+        if needs_metadata.is_empty() {
             return Ok(());
         }
-        self.write_allocating(&unallocated)
+        self.write_allocating(&needs_metadata)
     }
 
     fn flush(&self) -> Result<()> {
@@ -744,21 +1173,38 @@ impl VirtualDisk for VhdxDisk {
         let len_usize = usize::try_from(len).map_err(|_| Error::invalid_input("range too long"))?;
         check_range(self.size(), offset, len_usize)?;
         let mut extents = Vec::new();
-        let bat = self.bat.read();
-        for (block, _, at, n) in self.pieces(offset, len_usize) {
-            let state = match bat.payload(block).payload_state() {
-                Some(PayloadState::FullyPresent) => Allocation::Data,
-                Some(PayloadState::PartiallyPresent) => {
-                    drop(bat);
+        for (block, in_block, at, n) in self.pieces(offset, len_usize) {
+            let entry = self.bat.read().payload(block);
+            let (at, n) = (offset + at as u64, n as u64);
+            match (entry.payload_state(), &self.differencing) {
+                (Some(PayloadState::FullyPresent), _) => {
+                    push_extent(&mut extents, at, n, Allocation::Data)
+                }
+                (Some(PayloadState::NotPresent), Some(d)) => {
+                    d.parent_extents(&mut extents, at, n)?
+                }
+                (Some(PayloadState::PartiallyPresent), Some(d)) => {
+                    let block_start = block * self.layout.block_size;
+                    for (run, present) in self.sector_runs(d, block, &(in_block..in_block + n)) {
+                        let (run_at, run_len) = (block_start + run.start, run.end - run.start);
+                        if present {
+                            push_extent(&mut extents, run_at, run_len, Allocation::Data);
+                        } else {
+                            d.parent_extents(&mut extents, run_at, run_len)?;
+                        }
+                    }
+                }
+                (Some(PayloadState::PartiallyPresent), None) => {
                     return Err(self.partially_present(block));
                 }
-                _ => Allocation::Zero,
-            };
-            push_extent(&mut extents, offset + at as u64, n as u64, state);
+                _ => push_extent(&mut extents, at, n, Allocation::Zero),
+            }
         }
         Ok(extents)
     }
 
+    /// Whole blocks become ZERO (in a child too: NOT_PRESENT would bring the parent's data
+    /// back); parts of blocks are overwritten with zeros.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         let len_usize = usize::try_from(len).map_err(|_| Error::invalid_input("range too long"))?;
@@ -767,41 +1213,68 @@ impl VirtualDisk for VhdxDisk {
             return Ok(());
         }
         self.begin_user_write()?;
-        let block_size = u64::from(self.params.block_size);
+        let block_size = self.layout.block_size;
+        let child = self.differencing.is_some();
         let mut whole_blocks = Vec::new();
-        for (block, in_block, _, n) in self.pieces(offset, len_usize) {
+        let mut zero_writes = Vec::new();
+        for (block, in_block, at, n) in self.pieces(offset, len_usize) {
             let entry = self.bat.read().payload(block);
-            match entry.payload_state() {
+            let state = entry.payload_state();
+            match state {
                 Some(PayloadState::FullyPresent) => {}
+                Some(PayloadState::PartiallyPresent) if child => {}
                 Some(PayloadState::PartiallyPresent) => return Err(self.partially_present(block)),
+                Some(PayloadState::NotPresent) if child => {}
                 _ => continue,
             }
             let block_len = block_size.min(self.size() - block * block_size);
-            if in_block == 0 && n as u64 == block_len && !self.params.leave_blocks_allocated {
+            if in_block == 0
+                && n as u64 == block_len
+                && (child || !self.params.leave_blocks_allocated)
+            {
                 whole_blocks.push(block);
-            } else {
+            } else if state == Some(PayloadState::FullyPresent) {
                 let at = entry.file_offset() + in_block;
                 write_zeros(self.storage.as_ref(), at, n as u64)
                     .context(|| format!("zeroing {n} bytes at {at:#x}"))?;
+            } else {
+                zero_writes.push((offset + at as u64, n as u64));
+            }
+        }
+        for (at, n) in zero_writes {
+            let zeros = vec![0u8; n.min(MIB) as usize];
+            let mut done = 0;
+            while done < n {
+                let step = (n - done).min(MIB);
+                self.write_at(&zeros[..step as usize], at + done)?;
+                done += step;
             }
         }
         if whole_blocks.is_empty() {
             return Ok(());
         }
         let mut j = self.journal.lock();
-        let changes: Vec<(u64, BatEntry)> = {
-            let bat = self.bat.read();
-            whole_blocks
-                .iter()
-                .map(|&b| {
-                    (
-                        bat.layout.payload_index(b),
-                        BatEntry::new(PayloadState::Zero, 0),
-                    )
-                })
-                .collect()
-        };
-        self.commit_bat(&mut j, &changes)
+        let changes: Vec<(u64, BatEntry)> = whole_blocks
+            .iter()
+            .map(|&b| {
+                (
+                    self.layout.payload_index(b),
+                    BatEntry::new(PayloadState::Zero, 0),
+                )
+            })
+            .collect();
+        self.commit(&mut j, &changes, &[])
+    }
+
+    /// The current DataWriteGuid, which a child records as its `parent_linkage`.
+    fn identity(&self) -> Option<[u8; 16]> {
+        Some(*self.journal.lock().header.data_write_guid.as_bytes())
+    }
+
+    fn parent(&self) -> Option<(&Path, &dyn VirtualDisk)> {
+        self.differencing
+            .as_ref()
+            .map(|d| (d.parent_path.as_path(), d.parent.as_ref()))
     }
 
     fn close(&self) -> Result<()> {

@@ -4,6 +4,7 @@
 use super::*;
 use crate::storage::{MemStorage, PendingOp, Survives};
 use metadata::tests::region_with;
+use parent_locator::ParentLocator;
 use region_table::RegionEntry;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -559,13 +560,16 @@ fn partially_present_block_fails_only_its_own_requests() {
 }
 
 #[test]
-fn differencing_images_are_refused_for_now() {
+fn a_differencing_image_without_a_parent_locator_is_refused() {
     let mut image = build_image(4 * MIB, MIB as u32, false);
     let mut params = metadata::tests::params();
     params.has_parent = true;
     put(&mut image, META_AT, &region_with(&params, MIB as usize));
     let err = open_mem(image, true).unwrap_err();
-    assert_eq!(err.to_string(), "differencing VHDX is not supported yet");
+    assert_eq!(
+        err.to_string(),
+        "metadata table: a differencing image has no parent locator item"
+    );
 }
 
 #[test]
@@ -758,4 +762,242 @@ fn random_damage_to_metadata_never_panics() {
         opened > 0 && refused > 0,
         "opened {opened}, refused {refused}"
     );
+}
+
+/// A dynamic parent and a differencing child of `child_size` bytes made by `create_vhdx`
+/// (1 MiB blocks), as in-memory files; the parent holds random data.
+fn parent_and_child(
+    parent_size: u64,
+    child_size: u64,
+    logical_sector_size: u32,
+) -> (Arc<MemStorage>, Vec<u8>, Vec<u8>) {
+    use create::{VhdxCreateOptions, VhdxKind, create_vhdx};
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = (dir.path().join("base.vhdx"), dir.path().join("child.vhdx"));
+    let options = |size, kind| VhdxCreateOptions {
+        block_size: MIB as u32,
+        logical_sector_size,
+        ..VhdxCreateOptions::new(size, kind)
+    };
+    create_vhdx(&base, &options(parent_size, VhdxKind::Dynamic)).unwrap();
+    let parent = Arc::new(MemStorage::from_vec(std::fs::read(&base).unwrap()));
+    let disk = open_storage(parent.clone(), false).unwrap();
+    let mut rng = Rng(parent_size);
+    let data = rng.bytes(parent_size as usize);
+    // Leave the second block unallocated in the parent: it reads as zeros there.
+    disk.write_at(&data[..MIB as usize], 0).unwrap();
+    disk.write_at(&data[2 * MIB as usize..], 2 * MIB).unwrap();
+    disk.close().unwrap();
+    drop(disk);
+    std::fs::write(&base, parent.contents()).unwrap();
+    let kind = VhdxKind::Differencing { parent: base };
+    create_vhdx(&child, &options(child_size, kind)).unwrap();
+    let mut model = data;
+    model[MIB as usize..2 * MIB as usize].fill(0);
+    model.resize(child_size as usize, 0);
+    (parent, std::fs::read(&child).unwrap(), model)
+}
+
+/// Opens the in-memory `child` over the in-memory `parent`, whose identity the child's
+/// locator must name, with mutating requests failing once `ops_left` reaches zero.
+fn open_child(
+    child: Arc<MemStorage>,
+    parent: &Arc<MemStorage>,
+    read_only: bool,
+    ops_left: Arc<AtomicU64>,
+) -> Result<VhdxDisk> {
+    let options = OpenOptions {
+        read_only,
+        ..Default::default()
+    };
+    let resolve = |locator: &ParentLocator, lss: u32| {
+        let disk = open_storage(parent.clone(), true)?;
+        assert_eq!(locator.linkages()?, [disk.info().data_write_guid]);
+        assert_eq!(disk.logical_sector_size(), lss);
+        Ok((
+            PathBuf::from("base.vhdx"),
+            Box::new(disk) as Box<dyn VirtualDisk>,
+        ))
+    };
+    let shared = Shared {
+        mem: child,
+        ops_left,
+    };
+    VhdxDisk::open_with(Box::new(shared), &options, &resolve)
+}
+
+fn unlimited() -> Arc<AtomicU64> {
+    Arc::new(AtomicU64::new(u64::MAX))
+}
+
+#[test]
+fn a_child_reads_its_parent_until_written_and_matches_a_model() {
+    for lss in [512u32, 4096] {
+        let parent_size = 3 * MIB + 3 * 4096;
+        let child_size = 6 * MIB;
+        let (parent, child, mut model) = parent_and_child(parent_size, child_size, lss);
+        let parent_before = parent.contents();
+        let storage = Arc::new(MemStorage::from_vec(child));
+        let disk = open_child(storage.clone(), &parent, false, unlimited()).unwrap();
+        assert!(read_all(&disk) == model, "fresh child reads its parent");
+        let extents = disk.allocation(0, child_size).unwrap();
+        assert_eq!(extents[0].state, Allocation::Data);
+        assert_eq!(extents.last().unwrap().state, Allocation::Zero);
+        let mut rng = Rng(u64::from(lss));
+        for step in 0..300 {
+            let at = rng.below(child_size);
+            let len =
+                (1 + rng.below(if step % 10 == 0 { 3 * MIB } else { 9000 })).min(child_size - at);
+            if step % 7 == 3 {
+                disk.discard(at, len).unwrap();
+                model[at as usize..(at + len) as usize].fill(0);
+            } else {
+                let data = rng.bytes(len as usize);
+                disk.write_at(&data, at).unwrap();
+                model[at as usize..(at + len) as usize].copy_from_slice(&data);
+            }
+            let probe = rng.below(child_size - 4096);
+            let mut buf = vec![0u8; 4096];
+            disk.read_at(&mut buf, probe).unwrap();
+            assert!(
+                buf[..] == model[probe as usize..probe as usize + 4096],
+                "lss {lss} step {step}"
+            );
+        }
+        assert!(read_all(&disk) == model, "lss {lss}");
+        let info = disk.info();
+        assert!(info.allocated_blocks > 0 && info.parent_locator.is_some());
+        disk.close().unwrap();
+        drop(disk);
+        let again = open_child(storage.clone(), &parent, true, unlimited()).unwrap();
+        assert!(read_all(&again) == model, "lss {lss}: after reopen");
+        assert!(
+            parent.contents() == parent_before,
+            "the parent is never written"
+        );
+    }
+}
+
+#[test]
+fn writes_to_a_child_set_bits_not_whole_blocks_and_discards_hide_the_parent() {
+    let (parent, child, model) = parent_and_child(4 * MIB, 4 * MIB, 512);
+    let storage = Arc::new(MemStorage::from_vec(child));
+    let disk = open_child(storage.clone(), &parent, false, unlimited()).unwrap();
+    disk.write_at(b"xyz", 700).unwrap();
+    let entry = disk.bat.read().payload(0);
+    assert_eq!(entry.payload_state(), Some(PayloadState::PartiallyPresent));
+    let d = disk.differencing.as_ref().unwrap();
+    assert_eq!(
+        disk.sector_runs(d, 0, &(0..2048)),
+        vec![(0..512, false), (512..1024, true), (1024..2048, false)]
+    );
+    let mut sector = [0u8; 1024];
+    disk.read_at(&mut sector, 0).unwrap();
+    let mut expected = model[..1024].to_vec();
+    expected[700..703].copy_from_slice(b"xyz");
+    assert_eq!(sector[..], expected[..]);
+    // Whole-block and partial discards read zeros afterwards, not the parent.
+    disk.discard(MIB * 2, MIB).unwrap();
+    disk.discard(3 * MIB + 100, 1000).unwrap();
+    assert_eq!(
+        disk.bat.read().payload(2).payload_state(),
+        Some(PayloadState::Zero)
+    );
+    let mut buf = vec![1u8; MIB as usize];
+    disk.read_at(&mut buf, 2 * MIB).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    let mut buf = vec![1u8; 1000];
+    disk.read_at(&mut buf, 3 * MIB + 100).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    assert_eq!(
+        disk.allocation(2 * MIB, MIB).unwrap(),
+        vec![Extent {
+            offset: 2 * MIB,
+            len: MIB,
+            state: Allocation::Zero
+        }]
+    );
+}
+
+#[test]
+fn a_crash_at_any_instant_of_child_writes_keeps_every_acknowledged_one() {
+    let (parent, child, old) = parent_and_child(3 * MIB, 4 * MIB, 512);
+    // Non-overlapping writes, each inside one block, each followed by a flush: new
+    // blocks, partial sectors, blocks already partly present, one past the parent's end.
+    let mut rng = Rng(77);
+    let writes: Vec<(u64, Vec<u8>)> = [
+        (100, 700),
+        (MIB + 4096, 512),
+        (MIB + 10_000, 3000),
+        (2048, 1000),
+        (3 * MIB + 5, 20_000),
+        (2 * MIB, MIB),
+    ]
+    .into_iter()
+    .map(|(at, len)| (at, rng.bytes(len as usize)))
+    .collect();
+    let run = |disk: &VhdxDisk| {
+        let mut acknowledged = 0;
+        for (i, (at, data)) in writes.iter().enumerate() {
+            if disk.write_at(data, *at).and_then(|_| disk.flush()).is_err() {
+                return (acknowledged, i + 1);
+            }
+            acknowledged = i + 1;
+        }
+        (acknowledged, writes.len())
+    };
+    let total_ops = {
+        let ops_left = Arc::new(AtomicU64::new(1 << 40));
+        let storage = Arc::new(MemStorage::from_vec(child.clone()));
+        let disk = open_child(storage, &parent, false, ops_left.clone()).unwrap();
+        assert_eq!(run(&disk), (writes.len(), writes.len()));
+        (1 << 40) - ops_left.load(Ordering::SeqCst)
+    };
+    let check = |contents: Vec<u8>, acknowledged: usize, attempted: usize, what: &str| {
+        let storage = Arc::new(MemStorage::from_vec(contents));
+        let view = read_all(
+            &open_child(storage.clone(), &parent, true, unlimited())
+                .unwrap_or_else(|e| panic!("{what}: {e}")),
+        );
+        for (i, (at, data)) in writes.iter().enumerate() {
+            let range = *at as usize..*at as usize + data.len();
+            let got = &view[range.clone()];
+            if i < acknowledged {
+                assert!(got == &data[..], "{what}: write {i} lost");
+            } else if i < attempted {
+                assert!(
+                    got.iter()
+                        .zip(&old[range.clone()])
+                        .zip(data)
+                        .all(|((g, o), n)| g == o || g == n),
+                    "{what}: write {i} neither old nor new"
+                );
+            } else {
+                assert!(got == &old[range], "{what}: write {i} never issued");
+            }
+        }
+        let rw = open_child(storage, &parent, false, unlimited())
+            .unwrap_or_else(|e| panic!("{what}: read/write reopen: {e}"));
+        assert!(read_all(&rw) == view, "{what}: replayed view differs");
+    };
+    for fail_after in 0..=total_ops {
+        let storage = Arc::new(MemStorage::from_vec(child.clone()));
+        let ops_left = Arc::new(AtomicU64::new(fail_after));
+        let disk = open_child(storage.clone(), &parent, false, ops_left).unwrap();
+        let (acknowledged, attempted) = run(&disk);
+        drop(disk);
+        let pending = storage.pending();
+        for cut in 0..=pending.len() {
+            let crashed = storage.power_loss(|i, op| match i.cmp(&cut) {
+                std::cmp::Ordering::Less => Survives::Everything,
+                std::cmp::Ordering::Equal => match op {
+                    PendingOp::Write { data, .. } => Survives::Prefix(data.len() / 2),
+                    PendingOp::SetLen(_) => Survives::Everything,
+                },
+                std::cmp::Ordering::Greater => Survives::Nothing,
+            });
+            let what = format!("failing after {fail_after}, crash at pending op {cut}");
+            check(crashed.contents(), acknowledged, attempted, &what);
+        }
+    }
 }

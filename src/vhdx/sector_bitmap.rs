@@ -1,0 +1,158 @@
+//! Sector bitmap blocks of a differencing VHDX: 1 MiB, one bit per logical sector of a
+//! chunk (2^23 sectors), LSB first; a set bit means the sector's data is in this file, a
+//! clear one that it is the parent's. Held in memory for every chunk that has one, so a
+//! read never goes to the file for them.
+
+use super::bat::BAT_PAGE_LEN;
+use super::fields::MIB;
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// Bytes of one sector bitmap block.
+pub const SECTOR_BITMAP_LEN: usize = MIB as usize;
+/// Bits in one 4 KiB page, the unit in which bitmap changes are journaled.
+const BITS_PER_PAGE: u64 = BAT_PAGE_LEN as u64 * 8;
+
+/// One page of a bitmap block, as it is to be journaled and written.
+pub type BitmapPage = Box<[u8; BAT_PAGE_LEN]>;
+
+#[derive(Debug, Default)]
+pub struct SectorBitmaps {
+    chunks: HashMap<u64, Box<[u8]>>,
+}
+
+impl SectorBitmaps {
+    /// Takes the stored block of `chunk` (`SECTOR_BITMAP_LEN` bytes).
+    pub fn insert(&mut self, chunk: u64, block: Vec<u8>) {
+        debug_assert_eq!(block.len(), SECTOR_BITMAP_LEN);
+        self.chunks.insert(chunk, block.into_boxed_slice());
+    }
+
+    pub fn contains(&self, chunk: u64) -> bool {
+        self.chunks.contains_key(&chunk)
+    }
+
+    /// Consecutive runs of equal bits over `bits` of `chunk`'s block; a chunk without a
+    /// block has every bit clear.
+    pub fn runs(&self, chunk: u64, bits: Range<u64>) -> Vec<(Range<u64>, bool)> {
+        let block = self.chunks.get(&chunk);
+        let is_set =
+            |bit: u64| block.is_some_and(|b| b[(bit / 8) as usize] & (1 << (bit % 8)) != 0);
+        let mut runs: Vec<(Range<u64>, bool)> = Vec::new();
+        for bit in bits {
+            let set = is_set(bit);
+            match runs.last_mut() {
+                Some((range, value)) if *value == set => range.end = bit + 1,
+                _ => runs.push((bit..bit + 1, set)),
+            }
+        }
+        runs
+    }
+
+    /// The pages of `chunk`'s block (all clear if it has none yet) that change when each
+    /// range of `assign` takes its value, as (page index, new contents).
+    pub fn changed_pages(
+        &self,
+        chunk: u64,
+        assign: &[(Range<u64>, bool)],
+    ) -> Vec<(u64, BitmapPage)> {
+        let mut pages: Vec<(u64, BitmapPage)> = Vec::new();
+        for (range, value) in assign {
+            for bit in range.clone() {
+                let page = bit / BITS_PER_PAGE;
+                let index = match pages.iter().position(|(p, _)| *p == page) {
+                    Some(index) => index,
+                    None => {
+                        let mut contents = Box::new([0u8; BAT_PAGE_LEN]);
+                        if let Some(block) = self.chunks.get(&chunk) {
+                            let start = page as usize * BAT_PAGE_LEN;
+                            contents.copy_from_slice(&block[start..start + BAT_PAGE_LEN]);
+                        }
+                        pages.push((page, contents));
+                        pages.len() - 1
+                    }
+                };
+                let in_page = (bit % BITS_PER_PAGE) as usize;
+                let mask = 1u8 << (in_page % 8);
+                if *value {
+                    pages[index].1[in_page / 8] |= mask;
+                } else {
+                    pages[index].1[in_page / 8] &= !mask;
+                }
+            }
+        }
+        pages
+    }
+
+    /// Installs a page computed by [`Self::changed_pages`] once it is on disk.
+    pub fn apply_page(&mut self, chunk: u64, page: u64, contents: &[u8; BAT_PAGE_LEN]) {
+        let block = self
+            .chunks
+            .entry(chunk)
+            .or_insert_with(|| vec![0u8; SECTOR_BITMAP_LEN].into_boxed_slice());
+        let start = page as usize * BAT_PAGE_LEN;
+        block[start..start + BAT_PAGE_LEN].copy_from_slice(contents);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_are_lsb_first_and_runs_split_where_they_change() {
+        let mut block = vec![0u8; SECTOR_BITMAP_LEN];
+        block[0] = 0b0000_0110;
+        block[1] = 0x80;
+        let mut maps = SectorBitmaps::default();
+        maps.insert(3, block);
+        assert!(maps.contains(3) && !maps.contains(0));
+        assert_eq!(
+            maps.runs(3, 0..17),
+            vec![
+                (0..1, false),
+                (1..3, true),
+                (3..15, false),
+                (15..16, true),
+                (16..17, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn changed_pages_round_trip_through_apply() {
+        let mut maps = SectorBitmaps::default();
+        let bits = BITS_PER_PAGE - 4..BITS_PER_PAGE + 4;
+        let pages = maps.changed_pages(0, &[(bits.clone(), true)]);
+        assert_eq!(pages.iter().map(|(p, _)| *p).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(pages[0].1[BAT_PAGE_LEN - 1], 0xf0);
+        assert_eq!(pages[1].1[0], 0x0f);
+        assert!(!maps.contains(0), "computing pages changes nothing");
+        for (page, contents) in &pages {
+            maps.apply_page(0, *page, contents);
+        }
+        assert_eq!(
+            maps.runs(0, bits.start - 1..bits.end + 1),
+            vec![
+                (bits.start - 1..bits.start, false),
+                (bits.clone(), true),
+                (bits.end..bits.end + 1, false)
+            ]
+        );
+        // Clearing part of a block and setting another part in one change.
+        let pages = maps.changed_pages(
+            0,
+            &[(bits.clone(), false), (bits.start..bits.start + 1, true)],
+        );
+        for (page, contents) in &pages {
+            maps.apply_page(0, *page, contents);
+        }
+        assert_eq!(
+            maps.runs(0, bits.clone()),
+            vec![
+                (bits.start..bits.start + 1, true),
+                (bits.start + 1..bits.end, false)
+            ]
+        );
+    }
+}

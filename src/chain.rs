@@ -280,17 +280,8 @@ fn hex_id(id: &[u8; 16]) -> String {
 }
 
 /// Opens the parent the child described by `request` names, read-only, with its own
-/// parents behind it.
+/// parents behind it; returns where it was found (symlinks resolved) and the disk.
 pub fn open_parent(
-    context: &ImageContext,
-    request: &ParentRequest,
-    options: &OpenOptions,
-) -> Result<Box<dyn VirtualDisk>> {
-    open_parent_located(context, request, options).map(|(_, disk)| disk)
-}
-
-/// Like [`open_parent`], also returning where the parent was found (symlinks resolved).
-pub fn open_parent_located(
     context: &ImageContext,
     request: &ParentRequest,
     options: &OpenOptions,

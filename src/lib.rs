@@ -19,8 +19,10 @@
 //! A differencing image's driver asks [`chain`] for its parent: the paths the image stores
 //! are mapped to host paths, each candidate is checked (a regular image file, not in the
 //! chain already, carrying the identity the child expects) and opened read-only through
-//! the same probing open, recursively. [`vhd::create_vhd`] makes fixed, dynamic and
-//! differencing VHDs.
+//! the same probing open, recursively (a VHD child takes a VHD parent, a VHDX child a VHDX
+//! one). [`create::create`] makes fixed, dynamic and differencing images of both formats
+//! and [`info::image_info`] describes an image and its chain; the `vdisk` command offers
+//! both.
 //!
 //! Drivers keep metadata (BAT, headers, footer, log state) in memory under a lock; data
 //! I/O to allocated blocks runs outside it. Allocating writes put data on disk and flush
@@ -28,9 +30,11 @@
 //! opens and holds every write that a flush acknowledged.
 
 pub mod chain;
+pub mod create;
 pub mod disk;
 pub mod error;
 pub mod fuse;
+pub mod info;
 pub mod raw;
 pub mod storage;
 pub mod vhd;

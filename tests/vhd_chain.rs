@@ -5,77 +5,20 @@
 //! say why.
 mod common;
 
+use common::chain::{
+    MIB, assert_same, check_chain, child_of, open, open_error, random_writes, read_all,
+    unsafe_parent_errors, write_directly,
+};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, RngExt, SeedableRng};
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use vdisk_mount::vhd::{VhdCreateOptions, VhdKind, create_vhd};
-use vdisk_mount::{Allocation, OpenOptions, VirtualDisk};
-
-const MIB: u64 = 1 << 20;
-
-fn open(path: &Path, read_only: bool) -> Box<dyn VirtualDisk> {
-    let options = OpenOptions {
-        read_only,
-        ..Default::default()
-    };
-    vdisk_mount::open(path, &options).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn open_error(path: &Path, options: &OpenOptions) -> String {
-    match vdisk_mount::open(path, options) {
-        Ok(_) => panic!("{} opened", path.display()),
-        Err(e) => e.to_string(),
-    }
-}
-
-fn read_all(disk: &dyn VirtualDisk) -> Vec<u8> {
-    let mut buf = vec![0u8; disk.size() as usize];
-    disk.read_at(&mut buf, 0).unwrap();
-    buf
-}
+use vdisk_mount::{Allocation, OpenOptions};
 
 fn create(path: &Path, kind: VhdKind, size: u64) {
     create_vhd(path, &VhdCreateOptions::new(size, kind)).unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn child_of(parent: &Path, path: &Path) {
-    create(
-        path,
-        VhdKind::Differencing {
-            parent: parent.to_path_buf(),
-        },
-        0,
-    );
-}
-
-/// Like `assert_eq!` on disks, naming the first difference instead of printing them.
-fn assert_same(found: &[u8], expected: &[u8], what: &str) {
-    assert_eq!(found.len(), expected.len(), "{what}: sizes differ");
-    if let Some(at) = found.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: first difference at byte {at}: found {:#x}, expected {:#x}",
-            found[at], expected[at]
-        );
-    }
-}
-
-/// Random writes of every shape: bytes inside a sector, across sectors and blocks.
-fn random_writes(disk: &dyn VirtualDisk, model: &mut [u8], rng: &mut StdRng, count: usize) {
-    for i in 0..count {
-        let len = match i % 3 {
-            0 => rng.random_range(1..512),
-            1 => rng.random_range(512..64 * 1024),
-            _ => rng.random_range(1..3 * MIB as usize),
-        }
-        .min(model.len());
-        let offset = rng.random_range(0..model.len() - len + 1);
-        let mut data = vec![0u8; len];
-        rng.fill_bytes(&mut data);
-        disk.write_at(&data, offset as u64).unwrap();
-        model[offset..offset + len].copy_from_slice(&data);
-    }
 }
 
 #[test]
@@ -99,7 +42,9 @@ fn created_images_read_alike_in_qemu_and_vhdimount() {
         assert_same(&common::vhdimount_read(&path), &model, name);
         let disk = open(&path, false);
         assert_eq!(disk.size(), size);
-        random_writes(disk.as_ref(), &mut model, &mut rng, 12);
+        for (offset, data) in random_writes(&mut model, &mut rng, 12) {
+            disk.write_at(&data, offset).unwrap();
+        }
         disk.close().unwrap();
         let raw = dir.path().join(format!("{name}.raw"));
         common::qemu_convert_to_raw("vpc", &path, &raw);
@@ -114,45 +59,6 @@ fn created_images_read_alike_in_qemu_and_vhdimount() {
     }
 }
 
-/// Builds a chain of `levels` differencing disks over `base`, each written at random
-/// while it is the top, then checks every level against its model, against vhdimount,
-/// and that no parent changed.
-fn check_chain(dir: &Path, base: &Path, levels: usize, seed: u64) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let base_model = common::vhdimount_read(base);
-    assert_same(
-        &read_all(open(base, true).as_ref()),
-        &base_model,
-        "base in vhdimount",
-    );
-    let mut paths = vec![base.to_path_buf()];
-    let mut models = vec![base_model];
-    let mut digests = vec![common::sha256_file(base)];
-    for level in 1..=levels {
-        let path = dir.join(format!("level{level}.vhd"));
-        child_of(paths.last().unwrap(), &path);
-        let disk = open(&path, false);
-        let mut model = models.last().unwrap().clone();
-        assert_same(&read_all(disk.as_ref()), &model, "new child");
-        random_writes(disk.as_ref(), &mut model, &mut rng, 9);
-        disk.close().unwrap();
-        drop(disk);
-        digests.push(common::sha256_file(&path));
-        paths.push(path);
-        models.push(model);
-    }
-    for (level, path) in paths.iter().enumerate() {
-        let what = format!("level {level} of {}", base.display());
-        assert_same(&read_all(open(path, true).as_ref()), &models[level], &what);
-        assert_same(
-            &common::vhdimount_read(path),
-            &models[level],
-            &format!("{what} in vhdimount"),
-        );
-        assert_eq!(common::sha256_file(path), digests[level], "{what} changed");
-    }
-}
-
 #[test]
 fn six_level_chain_over_a_qemu_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,7 +69,7 @@ fn six_level_chain_over_a_qemu_image() {
         &base,
         &["write -P 0x5a 0 1M", "write -P 0xa5 3000k 2500k"],
     );
-    check_chain(dir.path(), &base, 6, 2);
+    check_chain(dir.path(), &base, 6, 2, &write_directly);
 }
 
 #[test]
@@ -173,7 +79,7 @@ fn seven_level_chain_over_a_corpus_image() {
     };
     let dir = tempfile::tempdir().unwrap();
     let base = common::decompress_corpus_image(&corpus, "dfvfs__ext2__qemu-img.vhd", dir.path());
-    check_chain(dir.path(), &base, 7, 3);
+    check_chain(dir.path(), &base, 7, 3, &write_directly);
 }
 
 #[test]
@@ -365,39 +271,9 @@ fn parents_that_are_not_vhd_files_are_refused() {
     let child = dir.path().join("child.vhd");
     create(&base, VhdKind::Dynamic, 4 * MIB);
     child_of(&base, &child);
-    let swap = |make: &dyn Fn(&Path)| {
-        let _ = fs::remove_file(&base);
-        let _ = fs::remove_dir(&base);
-        make(&base);
-        open_error(&child, &OpenOptions::default())
-    };
-    let symlink =
-        |target: &'static str| move |at: &Path| std::os::unix::fs::symlink(target, at).unwrap();
-    for (what, err) in [
-        ("/dev/zero", swap(&symlink("/dev/zero"))),
-        ("/proc/self/mem", swap(&symlink("/proc/self/mem"))),
-        (
-            "FIFO",
-            swap(&|at: &Path| {
-                common::run(std::process::Command::new("mkfifo").arg(at));
-            }),
-        ),
-        ("directory", swap(&|at: &Path| fs::create_dir(at).unwrap())),
-        (
-            "text file",
-            swap(&|at: &Path| fs::write(at, vec![b'x'; 4096]).unwrap()),
-        ),
-        (
-            "itself",
-            swap(&|at: &Path| std::os::unix::fs::symlink("child.vhd", at).unwrap()),
-        ),
-        (
-            "VHDX",
-            swap(&|at: &Path| {
-                common::qemu_img(&["create", "-q", "-f", "vhdx", at.to_str().unwrap(), "4M"]);
-            }),
-        ),
-    ] {
+    for (what, err) in unsafe_parent_errors(&base, &child, &|at: &Path| {
+        common::qemu_img(&["create", "-q", "-f", "vhdx", at.to_str().unwrap(), "4M"]);
+    }) {
         assert_eq!(err.lines().count(), 1, "{what}: {err}");
         let expected = match what {
             "/dev/zero" => "resolves to /dev/zero under /dev, where no image is read from",

@@ -38,6 +38,7 @@ use crate::storage::Storage;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 /// How a differencing disk names its parent, and where in the file those names lie.
 #[derive(Debug, Default)]
@@ -102,6 +103,8 @@ struct DiffBlock {
 pub(super) struct Differencing {
     /// Opened read-only: other children may share it.
     parent: Box<dyn VirtualDisk>,
+    /// Where the parent was found.
+    parent_path: PathBuf,
     /// Every allocated block with its bitmap as reads must see it.
     blocks: RwLock<HashMap<u64, DiffBlock>>,
     /// Blocks whose bitmap in memory has bits the file does not have yet. Changed only
@@ -120,6 +123,11 @@ fn clip(sectors: &Range<u64>, in_block: u64, len: usize) -> Range<u64> {
 }
 
 impl Differencing {
+    /// The parent and where it was found.
+    pub(super) fn parent(&self) -> (&Path, &dyn VirtualDisk) {
+        (&self.parent_path, self.parent.as_ref())
+    }
+
     /// Opens the parent through `resolve_parent` and reads the bitmap of every block `bat`
     /// allocates.
     pub(super) fn open(
@@ -130,7 +138,7 @@ impl Differencing {
         layout: BlockLayout,
         resolve_parent: &ParentResolver,
     ) -> Result<Differencing> {
-        let parent = resolve_parent(&ParentRequest {
+        let (parent_path, parent) = resolve_parent(&ParentRequest {
             paths,
             identity: header.parent_unique_id,
             formats: &[Format::Vhd],
@@ -163,6 +171,7 @@ impl Differencing {
         }
         Ok(Differencing {
             parent,
+            parent_path,
             blocks: RwLock::new(blocks),
             unsaved_bitmaps: Mutex::new(BTreeSet::new()),
         })
@@ -512,7 +521,10 @@ mod tests {
         let parent_disk = Mutex::new(Some(parent_disk));
         let child = VhdDisk::open_with(child, &OpenOptions::default(), &|request| {
             assert_eq!(request.identity, PARENT_ID);
-            Ok(Box::new(parent_disk.lock().take().unwrap()))
+            Ok((
+                PathBuf::from("parent.vhd"),
+                Box::new(parent_disk.lock().take().unwrap()),
+            ))
         })
         .unwrap();
         (child, parent_storage)
@@ -792,7 +804,12 @@ mod tests {
                 read_only: true,
                 ..Default::default()
             },
-            &|_| Ok(Box::new(parent_disk.lock().take().unwrap())),
+            &|_| {
+                Ok((
+                    PathBuf::from("parent.vhd"),
+                    Box::new(parent_disk.lock().take().unwrap()),
+                ))
+            },
         )
         .unwrap();
         let err = child.write_at(&[1], 0).unwrap_err();

@@ -66,15 +66,12 @@ pub fn open_in(
     options: &OpenOptions,
     context: &ImageContext,
 ) -> Result<Box<dyn VirtualDisk>> {
-    Ok(Box::new(VhdDisk::open_with(
-        storage,
-        options,
-        &|request| crate::chain::open_parent(context, request, options),
-    )?))
+    Ok(Box::new(VhdDisk::open_in(storage, options, context)?))
 }
 
 /// Opens the parent a differencing disk describes.
-type ParentResolver<'a> = dyn Fn(&ParentRequest) -> Result<Box<dyn VirtualDisk>> + 'a;
+type ParentResolver<'a> =
+    dyn Fn(&ParentRequest) -> Result<(std::path::PathBuf, Box<dyn VirtualDisk>)> + 'a;
 
 /// An open VHD image.
 pub struct VhdDisk {
@@ -120,6 +117,18 @@ impl VhdDisk {
     pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<VhdDisk> {
         VhdDisk::open_with(storage, options, &|request| {
             crate::chain::open_parent(&ImageContext::detached(), request, options)
+        })
+    }
+
+    /// Opens the VHD image held by `storage` that sits where `context` says, finding its
+    /// parents from there; keeps the concrete type.
+    pub fn open_in(
+        storage: Box<dyn Storage>,
+        options: &OpenOptions,
+        context: &ImageContext,
+    ) -> Result<VhdDisk> {
+        VhdDisk::open_with(storage, options, &|request| {
+            crate::chain::open_parent(context, request, options)
         })
     }
 
@@ -604,6 +613,14 @@ impl VirtualDisk for VhdDisk {
 
     fn identity(&self) -> Option<[u8; 16]> {
         Some(self.footer.unique_id)
+    }
+
+    fn parent(&self) -> Option<(&std::path::Path, &dyn VirtualDisk)> {
+        self.dynamic
+            .as_ref()?
+            .differencing
+            .as_ref()
+            .map(|d| d.parent())
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

@@ -6,7 +6,8 @@
 //! differencing file (every chunk's sector-bitmap entry) whatever the type, rounded up to
 //! 1 MiB. A fixed image has every payload block FULLY_PRESENT in disk order and
 //! LeaveBlockAllocated set; its data area is a hole, reading as zeros without taking
-//! space. Dynamic and differencing images start with every block NOT_PRESENT.
+//! space. Dynamic and differencing images start with every block NOT_PRESENT; a
+//! differencing one also has an empty sector bitmap block for every chunk (holes too).
 //!
 //! A differencing child copies the parent's virtual-disk items (size unless a larger one
 //! is asked for, disk id, sector sizes) and records in its parent locator:
@@ -347,17 +348,27 @@ fn write_image(file: &File, plan: &Plan) -> Result<()> {
     write(&metadata_region(plan)?, metadata_offset, "metadata region")?;
 
     let mut end = payload_offset;
+    let mut bat = vec![0u8; bat_length as usize];
+    let mut set_entry = |index: u64, len: u64| {
+        let entry = BatEntry::new(PayloadState::FullyPresent, end);
+        let at = (index * BAT_ENTRY_LEN) as usize;
+        bat[at..at + 8].copy_from_slice(&entry.0.to_le_bytes());
+        end += len;
+    };
     if plan.fixed {
-        let mut bat = vec![0u8; bat_length as usize];
         for block in 0..layout.payload_blocks {
-            let entry = BatEntry::new(PayloadState::FullyPresent, end);
-            let at = (layout.payload_index(block) * BAT_ENTRY_LEN) as usize;
-            bat[at..at + 8].copy_from_slice(&entry.0.to_le_bytes());
-            end += layout.block_size;
+            set_entry(layout.payload_index(block), layout.block_size);
         }
-        write(&bat, BAT_OFFSET, "BAT")?;
+    } else if plan.locator.is_some() {
+        // Every chunk gets its (empty) sector bitmap block: libvhdi reads the bitmap of a
+        // chunk without one from file offset 0, and so serves a fresh child wrongly.
+        for chunk in 0..layout.payload_blocks.div_ceil(layout.chunk_ratio) {
+            set_entry(layout.sector_bitmap_index(chunk * layout.chunk_ratio), MIB);
+        }
     }
-    // Log, NOT_PRESENT BAT entries and a fixed image's data all read as zeros.
+    write(&bat, BAT_OFFSET, "BAT")?;
+    // Log, NOT_PRESENT BAT entries, empty sector bitmaps and a fixed image's data all
+    // read as zeros.
     file.set_len(end).context(|| "sizing the image".to_string())
 }
 

@@ -846,12 +846,7 @@ struct BitmapPageChange {
 type BitAssignments = Vec<(u64, Vec<(Range<u64>, bool)>)>;
 
 /// Records that `sectors` (bits of `chunk`) take `value`; later records win.
-fn add_bits(
-    bits: &mut BitAssignments,
-    chunk: u64,
-    sectors: Range<u64>,
-    value: bool,
-) {
+fn add_bits(bits: &mut BitAssignments, chunk: u64, sectors: Range<u64>, value: bool) {
     match bits.iter_mut().find(|(c, _)| *c == chunk) {
         Some((_, assign)) => assign.push((sectors, value)),
         None => bits.push((chunk, vec![(sectors, value)])),
@@ -918,7 +913,7 @@ fn open_vhdx_parent(
             formats: &[Format::Vhdx],
             child_kind: "VHDX differencing disk",
         };
-        match crate::chain::open_parent_located(context, &request, options) {
+        match crate::chain::open_parent(context, &request, options) {
             Ok((path, parent)) => {
                 if parent.logical_sector_size() != logical_sector_size {
                     return Err(Error::invalid_input(format!(

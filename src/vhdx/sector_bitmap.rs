@@ -22,12 +22,16 @@ pub struct SectorBitmaps {
 }
 
 impl SectorBitmaps {
-    /// Takes the stored block of `chunk` (`SECTOR_BITMAP_LEN` bytes).
+    /// Takes the stored block of `chunk` (`SECTOR_BITMAP_LEN` bytes). One with no bit set
+    /// is not kept: a chunk without a block reads as all clear.
     pub fn insert(&mut self, chunk: u64, block: Vec<u8>) {
         debug_assert_eq!(block.len(), SECTOR_BITMAP_LEN);
-        self.chunks.insert(chunk, block.into_boxed_slice());
+        if block.iter().any(|&b| b != 0) {
+            self.chunks.insert(chunk, block.into_boxed_slice());
+        }
     }
 
+    #[cfg(test)]
     pub fn contains(&self, chunk: u64) -> bool {
         self.chunks.contains_key(&chunk)
     }
@@ -106,7 +110,11 @@ mod tests {
         block[1] = 0x80;
         let mut maps = SectorBitmaps::default();
         maps.insert(3, block);
-        assert!(maps.contains(3) && !maps.contains(0));
+        maps.insert(4, vec![0u8; SECTOR_BITMAP_LEN]);
+        assert!(
+            maps.contains(3) && !maps.contains(4),
+            "empty blocks are not kept"
+        );
         assert_eq!(
             maps.runs(3, 0..17),
             vec![

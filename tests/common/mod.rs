@@ -2,6 +2,7 @@
 //! (qemu-img, qemu-io, zstd) and file digests. Each test binary uses a different subset.
 #![allow(dead_code)]
 
+pub mod chain;
 pub mod mount;
 
 use sha2::{Digest, Sha256};

@@ -78,14 +78,14 @@ pub fn random_writes(model: &mut [u8], rng: &mut StdRng, count: usize) -> Vec<(u
 
 /// Builds a chain of `levels` differencing disks over `base`, each written at random by
 /// `write` while it is the top, then checks every level against its model, against
-/// vhdimount, and that no parent changed.
+/// vhdimount, and that no parent changed. Returns each level's path and model, base first.
 pub fn check_chain(
     dir: &Path,
     base: &Path,
     levels: usize,
     seed: u64,
     write: &dyn Fn(&Path, &Writes),
-) {
+) -> Vec<(PathBuf, Vec<u8>)> {
     let mut rng = StdRng::seed_from_u64(seed);
     let base_model = vhdimount_read(base);
     assert_same(
@@ -118,6 +118,7 @@ pub fn check_chain(
         );
         assert_eq!(sha256_file(path), digests[level], "{what} changed");
     }
+    paths.into_iter().zip(models).collect()
 }
 
 /// Writes through the library: open read/write, write, close.

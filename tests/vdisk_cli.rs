@@ -1,0 +1,364 @@
+//! The `vdisk` command: `create` makes images that qemu-img and libvhdi's vhdimount accept
+//! and read as we do, with the size asked for; `info --json` reports what the corpus's
+//! independent header analysis found, without changing the image; bad requests fail with
+//! one line.
+mod common;
+
+use common::chain::{MIB, assert_same, open, random_writes, read_all, write_directly};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde_json::Value;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const VDISK: &str = env!("CARGO_BIN_EXE_vdisk");
+
+fn vdisk(args: &[&str]) -> Output {
+    Command::new(VDISK).args(args).output().unwrap()
+}
+
+fn vdisk_ok(args: &[&str]) -> String {
+    let out = vdisk(args);
+    assert!(
+        out.status.success(),
+        "vdisk {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a `vdisk` command that must fail, and returns its one-line message.
+fn vdisk_fails(args: &[&str]) -> String {
+    let out = vdisk(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "vdisk {args:?} succeeded");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn info_json(path: &Path) -> Value {
+    serde_json::from_str(&vdisk_ok(&["info", "--json", path.to_str().unwrap()])).unwrap()
+}
+
+#[test]
+fn created_images_pass_qemu_and_read_alike_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    for (name, args, size, lss) in [
+        (
+            "fixed-azure.vhd",
+            &["--type", "fixed", "--size", "30M"][..],
+            30 * MIB,
+            512,
+        ),
+        ("dynamic.vhd", &["--size", "21M"][..], 21 * MIB, 512),
+        (
+            "fixed.vhdx",
+            &["--type", "fixed", "--size", "40M", "--block-size", "8M"][..],
+            40 * MIB,
+            512,
+        ),
+        ("dynamic.vhdx", &["--size", "100M"][..], 100 * MIB, 512),
+        (
+            "odd.vhdx",
+            &["--size", "5767680", "--block-size", "1M"][..],
+            5767680,
+            512,
+        ),
+        (
+            "dynamic4k.vhdx",
+            &["--size", "64M", "--logical-sector", "4096"][..],
+            64 * MIB,
+            4096,
+        ),
+        (
+            "fixed4k.vhdx",
+            &[
+                "--type",
+                "fixed",
+                "--size",
+                "24M",
+                "--logical-sector",
+                "4096",
+                "--block-size",
+                "4M",
+            ][..],
+            24 * MIB,
+            4096,
+        ),
+    ] {
+        let path = dir.path().join(name);
+        let mut all = vec!["create"];
+        all.extend_from_slice(args);
+        all.push(path.to_str().unwrap());
+        vdisk_ok(&all);
+        let info = info_json(&path);
+        let vhdx = name.ends_with(".vhdx");
+        assert_eq!(info["format"], if vhdx { "vhdx" } else { "vhd" }, "{name}");
+        let fixed = args.contains(&"fixed");
+        assert_eq!(
+            info["subtype"],
+            if fixed { "fixed" } else { "dynamic" },
+            "{name}"
+        );
+        assert_eq!(info["virtual_size"], size, "{name}");
+        assert_eq!(info["logical_sector_size"], lss, "{name}");
+        if vhdx {
+            assert_eq!(info["physical_sector_size"], 4096, "{name}");
+            assert_eq!(info["log"], "clean");
+            assert!(
+                info["creator"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("vdisk-mount ")
+            );
+            if !args.contains(&"--block-size") {
+                assert_eq!(info["block_size"], 32 * MIB, "{name}: Hyper-V's default");
+            }
+        }
+        let qemu_format = if vhdx { "vhdx" } else { "vpc" };
+        let mut model = vec![0u8; size as usize];
+        if lss == 512 {
+            let opts = format!("driver={qemu_format},file.filename={}", path.display());
+            assert_eq!(common::qemu_virtual_size(&opts), size, "{name}");
+            common::qemu_check_clean(qemu_format, &path);
+        }
+        assert_same(&common::vhdimount_read(&path), &model, name);
+        let writes = random_writes(&mut model, &mut rng, 10);
+        write_directly(&path, &writes);
+        assert_same(&read_all(open(&path, true).as_ref()), &model, name);
+        assert_same(
+            &common::vhdimount_read(&path),
+            &model,
+            &format!("{name} in vhdimount"),
+        );
+        if lss == 512 {
+            // qemu cannot open VHDX files with 4096-byte sectors.
+            let raw = dir.path().join(format!("{name}.raw"));
+            fs::write(&raw, &model).unwrap();
+            common::qemu_img(&[
+                "compare",
+                "-q",
+                "-f",
+                qemu_format,
+                "-F",
+                "raw",
+                path.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ]);
+            common::qemu_check_clean(qemu_format, &path);
+        }
+    }
+}
+
+#[test]
+fn create_picks_the_format_and_refuses_what_it_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    vdisk_ok(&["create", "--size", "8M", &at("a.vhd")]);
+    vdisk_ok(&["create", "--size", "8M", &at("b.img")]);
+    vdisk_ok(&["create", "--size", "8M", "--format", "vhd", &at("c.img")]);
+    assert_eq!(info_json(Path::new(&at("a.vhd")))["format"], "vhd");
+    assert_eq!(info_json(Path::new(&at("b.img")))["format"], "vhdx");
+    assert_eq!(info_json(Path::new(&at("c.img")))["format"], "vhd");
+    // Children follow their parent's format and size.
+    vdisk_ok(&["create", "--parent", &at("a.vhd"), &at("a-child.vhd")]);
+    vdisk_ok(&["create", "--parent", &at("b.img"), &at("b-child.vhdx")]);
+    for (child, format, parent) in [
+        ("a-child.vhd", "vhd", "a.vhd"),
+        ("b-child.vhdx", "vhdx", "b.img"),
+    ] {
+        let info = info_json(Path::new(&at(child)));
+        assert_eq!(info["format"], format);
+        assert_eq!(info["subtype"], "differencing");
+        assert_eq!(info["virtual_size"], 8 * MIB);
+        let chain = info["chain"].as_array().unwrap();
+        assert_eq!(chain.len(), 1);
+        let parent_path = fs::canonicalize(at(parent)).unwrap();
+        assert_eq!(chain[0]["path"], parent_path.to_str().unwrap());
+        assert_eq!(chain[0]["matched"], true);
+        let parent_info = info_json(&parent_path);
+        let parent_id = if format == "vhd" {
+            &parent_info["identifiers"]["unique_id"]
+        } else {
+            &parent_info["identifiers"]["data_write_guid"]
+        };
+        assert_eq!(&chain[0]["identity"], parent_id);
+    }
+
+    let before = fs::read(at("a.vhd")).unwrap();
+    let err = vdisk_fails(&["create", "--size", "8M", &at("a.vhd")]);
+    assert!(err.contains("cannot create image"), "{err}");
+    assert_eq!(
+        fs::read(at("a.vhd")).unwrap(),
+        before,
+        "an existing file is kept"
+    );
+    for (args, problem) in [
+        (vec!["create", &at("nosize.vhdx")], "size is required"),
+        (
+            vec!["create", "--size", "12Q", &at("q.vhdx")],
+            "is not a size",
+        ),
+        (
+            vec!["create", "--size", "1000", &at("odd.vhd")],
+            "512-byte sectors",
+        ),
+        (
+            vec![
+                "create",
+                "--size",
+                "8M",
+                "--logical-sector",
+                "4096",
+                &at("x.vhd"),
+            ],
+            "512-byte sectors only",
+        ),
+        (
+            vec![
+                "create",
+                "--parent",
+                &at("a.vhd"),
+                "--format",
+                "vhdx",
+                &at("y.vhdx"),
+            ],
+            "the parent is a vhd image",
+        ),
+        (
+            vec![
+                "create",
+                "--parent",
+                &at("a.vhd"),
+                "--type",
+                "fixed",
+                &at("z.vhd"),
+            ],
+            "cannot be fixed",
+        ),
+        (
+            vec!["create", "--parent", &at("missing.vhdx"), &at("w.vhdx")],
+            "missing.vhdx: cannot open image",
+        ),
+    ] {
+        let out = vdisk(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(problem), "{args:?}: {stderr}");
+    }
+    for name in [
+        "nosize.vhdx",
+        "q.vhdx",
+        "odd.vhd",
+        "x.vhd",
+        "y.vhdx",
+        "z.vhd",
+        "w.vhdx",
+    ] {
+        assert!(!dir.path().join(name).exists(), "{name} left behind");
+    }
+}
+
+/// The current header of a VHDX as the corpus analysis recorded it.
+fn active_header(analysis: &Value) -> &Value {
+    let active = &analysis["active_header_offset"];
+    analysis["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| &h["offset"] == active)
+        .unwrap()
+}
+
+#[test]
+fn info_reports_what_the_corpus_analysis_found_and_changes_nothing() {
+    let Some(corpus) = common::corpus_dir() else {
+        return;
+    };
+    let entries: Vec<Value> =
+        serde_json::from_str(&fs::read_to_string(corpus.join("corpus.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for entry in &entries {
+        let name = entry["file"].as_str().unwrap();
+        let path = common::decompress_corpus_image(&corpus, name, dir.path());
+        if name.starts_with("dfvfs-image-chain/") {
+            // Its child needs the parent beside it.
+            common::decompress_corpus_image(&corpus, "dfvfs-image-chain/image.vhd", dir.path());
+        }
+        let before = common::sha256_file(&path);
+        let a = &entry["header_analysis"];
+        let out = vdisk(&["info", "--json", path.to_str().unwrap()]);
+        assert_eq!(
+            common::sha256_file(&path),
+            before,
+            "{name}: info changed the image"
+        );
+        if !out.status.success() {
+            // Only the images the corpus says a strict reader refuses.
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(stderr.lines().count(), 1, "{name}: {stderr}");
+            assert!(stderr.contains(name), "{name}: {stderr}");
+            let expected = if name.starts_with("dfvfs-image-chain/") {
+                "checksum"
+            } else {
+                "parent not found"
+            };
+            assert!(stderr.to_lowercase().contains(expected), "{name}: {stderr}");
+            continue;
+        }
+        let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ids = &info["identifiers"];
+        match a["format"].as_str().unwrap() {
+            "VHDX" => {
+                assert_eq!(info["format"], "vhdx", "{name}");
+                for field in [
+                    "virtual_size",
+                    "block_size",
+                    "logical_sector_size",
+                    "physical_sector_size",
+                ] {
+                    assert_eq!(info[field], a[field], "{name}: {field}");
+                }
+                assert_eq!(info["creator"], a["creator"], "{name}");
+                assert_eq!(info["log"] == "dirty", a["log_dirty"], "{name}");
+                assert_eq!(info["subtype"], a["disk_type"], "{name}");
+                let header = active_header(a);
+                assert_eq!(ids["data_write_guid"], header["data_write_guid"], "{name}");
+                assert_eq!(ids["file_write_guid"], header["file_write_guid"], "{name}");
+                assert_eq!(ids["log_guid"], header["log_guid"], "{name}");
+                assert_eq!(ids["header_sequence_number"], header["seq"], "{name}");
+                assert_eq!(info["total_blocks"], a["payload_blocks"], "{name}");
+                let present = a["payload_bat_states"]["FULLY_PRESENT"]
+                    .as_u64()
+                    .unwrap_or(0);
+                if !a["log_dirty"].as_bool().unwrap() {
+                    assert_eq!(info["allocated_blocks"], present, "{name}");
+                }
+            }
+            _ => {
+                assert_eq!(info["format"], "vhd", "{name}");
+                assert_eq!(info["subtype"], a["disk_type"], "{name}");
+                assert_eq!(info["block_size"], a["block_size"], "{name}");
+                assert_eq!(info["logical_sector_size"], 512);
+                assert_eq!(ids["unique_id"], a["unique_id"], "{name}");
+                assert_eq!(info["creator"], a["creator_app"], "{name}");
+                assert_eq!(info["allocated_blocks"], a["bat_allocated"], "{name}");
+                if !entry["qemu_img_info_virtual_size"].is_null() {
+                    assert_eq!(
+                        info["virtual_size"], entry["qemu_img_info_virtual_size"],
+                        "{name}"
+                    );
+                }
+            }
+        }
+        // The text form says the same in lines.
+        let text = vdisk_ok(&["info", path.to_str().unwrap()]);
+        assert!(
+            text.contains(&format!("{} bytes", info["virtual_size"])),
+            "{name}: {text}"
+        );
+    }
+}

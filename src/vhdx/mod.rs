@@ -1,14 +1,25 @@
-//! VHDX images (dynamic and fixed): open with log replay, reads, allocating writes whose
-//! BAT changes go through the log, discard.
+//! VHDX images (fixed, dynamic and differencing): open with log replay, reads, allocating
+//! writes whose BAT and sector bitmap changes go through the log, discard.
+//!
+//! Differencing: the parent is found through the chain resolver (its DataWriteGuid must be
+//! the locator's `parent_linkage`, or `parent_linkage2`) and opened read-only. NOT_PRESENT
+//! blocks read from the parent; PARTIALLY_PRESENT ones per sector, as their chunk's sector
+//! bitmap says; ZERO, UNMAPPED and UNDEFINED read zeros, never the parent. A write into a
+//! NOT_PRESENT block allocates it (and its chunk's bitmap block if missing), completes the
+//! partly written first and last sectors with the parent's bytes, flushes, then journals
+//! the bitmap block's BAT entry, and after it the payload entry (PARTIALLY_PRESENT) with
+//! the sectors' bits. A write into a PARTIALLY_PRESENT block whose sectors are all set
+//! goes straight to the file; otherwise its bits are journaled after the data is durable.
+//! Discarding a whole block makes it ZERO, part of one writes zeros: NOT_PRESENT would
+//! bring the parent's data back.
 //!
 //! Locking: the BAT lives in memory under a read/write lock that the data path holds only
 //! long enough to copy one entry; payload I/O runs outside it. Everything that changes
-//! metadata on disk (header updates, block allocation, log entries, BAT pages) is
-//! serialized by the journal mutex, taken before the BAT lock when both are needed.
+//! metadata on disk (header updates, block allocation, log entries, BAT and bitmap pages)
+//! is serialized by the journal mutex, taken before the BAT and bitmap locks.
 //!
 //! Log policy: the first metadata change of a session installs a fresh LogGuid. Each
-//! change is written as a log entry and flushed, then applied to the BAT in place and
-//! flushed, so every entry is fully applied before the next is written (each entry's Tail
+//! change is written as a log entry and flushed, then applied in place and flushed, so every entry is fully applied before the next is written (each entry's Tail
 //! is itself). A crash therefore leaves at most one entry to replay, and replaying an
 //! applied entry again is harmless. A clean close sets LogGuid back to zero.
 

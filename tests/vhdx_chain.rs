@@ -57,6 +57,32 @@ fn seven_level_chain_over_a_corpus_image() {
 }
 
 #[test]
+fn a_child_of_a_parent_with_a_dirty_log_reads_it_replayed_and_never_writes_it() {
+    let Some(corpus) = common::corpus_dir() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let name = "discutils__vhdx-log-replay__win10-15063-dirtylog.vhdx";
+    let base = common::decompress_corpus_image(&corpus, name, dir.path());
+    let before = common::sha256_file(&base);
+    let child = dir.path().join("child.vhdx");
+    child_of(&base, &child);
+    let disk = open(&child, false);
+    assert_eq!(
+        common::sha256_disk(disk.as_ref()),
+        common::expected_sha256(&corpus, &format!("{name}.raw"))
+    );
+    disk.write_at(b"child data", 4096).unwrap();
+    disk.close().unwrap();
+    drop(disk);
+    let disk = open(&child, true);
+    let mut buf = [0u8; 10];
+    disk.read_at(&mut buf, 4096).unwrap();
+    assert_eq!(&buf, b"child data");
+    assert_eq!(common::sha256_file(&base), before, "the parent was written");
+}
+
+#[test]
 fn a_child_larger_than_its_parent_reads_zeros_past_the_parent() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.vhdx");

@@ -7,7 +7,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 use std::fs;
 use std::path::{Path, PathBuf};
-use vdisk_mount::create::{CreateOptions, create};
 use vdisk_mount::{OpenOptions, VirtualDisk};
 
 pub const MIB: u64 = 1 << 20;
@@ -36,13 +35,22 @@ pub fn read_all(disk: &dyn VirtualDisk) -> Vec<u8> {
     buf
 }
 
-/// Makes a differencing child of `parent` at `path`, in the parent's format and size.
+/// Makes a differencing child of `parent` at `path`, in the parent's format and size,
+/// with `vdisk create --parent`.
 pub fn child_of(parent: &Path, path: &Path) {
-    let options = CreateOptions {
-        parent: Some(parent.to_path_buf()),
-        ..Default::default()
-    };
-    create(path, &options).unwrap_or_else(|e| panic!("{e}"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vdisk"))
+        .arg("create")
+        .arg("--parent")
+        .arg(parent)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vdisk create --parent {}: {}",
+        parent.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Like `assert_eq!` on disks, naming the first difference instead of printing them.

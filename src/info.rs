@@ -97,7 +97,7 @@ fn describe(path: &Path, options: &OpenOptions) -> Result<ImageInfo> {
         Some(format) => format,
         None => probe(storage.as_ref())?,
     };
-    let mut info = match format {
+    let info = match format {
         Format::Vhdx => {
             let disk = VhdxDisk::open_in(storage, &options, &context)?;
             let v = disk.info();
@@ -152,7 +152,6 @@ fn describe(path: &Path, options: &OpenOptions) -> Result<ImageInfo> {
             common(path, &disk, "raw")
         }
     };
-    info.path = path.display().to_string();
     Ok(info)
 }
 

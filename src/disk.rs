@@ -5,7 +5,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::storage::{FileStorage, Storage};
 use std::fmt;
 use std::fs::OpenOptions as FsOpenOptions;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// A virtual disk: a flat array of `size()` bytes, whatever the image format behind it.
@@ -98,6 +98,10 @@ pub struct OpenOptions {
     pub vhd_size_rule: VhdSizeRule,
     /// Skip probing and use this format; the only way to open a raw file.
     pub format: Option<Format>,
+    /// Where a differencing image's parent is, instead of where the image says (for
+    /// images moved apart). Applies to the first parent only; its own parents are found
+    /// as it names them.
+    pub parent: Option<PathBuf>,
 }
 
 /// How a range of the virtual disk is backed.

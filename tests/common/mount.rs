@@ -76,6 +76,34 @@ impl Mount {
         mount
     }
 
+    /// Mounts on a fresh directory by running the command `command_for(mountpoint)` builds
+    /// (mount(8), `mount.fuse3`: whatever starts the daemon and returns once it is
+    /// mounted), then takes charge of the daemon it left running.
+    pub fn by_command(command_for: impl FnOnce(&Path) -> Command) -> Mount {
+        let mountpoint = tempfile::tempdir().unwrap();
+        become_subreaper();
+        let mut command = command_for(mountpoint.path());
+        let out = command.output().expect("cannot run the mount command");
+        assert!(
+            out.status.success(),
+            "{command:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let daemon = find_daemon(mountpoint.path());
+        Self::adopt(mountpoint, daemon)
+    }
+
+    /// Takes charge of `daemon`, a child of this process serving `mountpoint`.
+    pub fn adopt(mountpoint: tempfile::TempDir, daemon: libc::pid_t) -> Mount {
+        let mount = Mount {
+            mountpoint,
+            daemon: Some(daemon),
+        };
+        assert!(is_mounted(mount.mountpoint()), "mount is not in the table");
+        mount
+    }
+
     /// Runs `vdisk-mount` in background mode and returns its output, mounted or not.
     pub fn start(image: &Path, options: &[&str], mountpoint: &Path) -> Output {
         become_subreaper();
@@ -136,6 +164,15 @@ impl Mount {
             .args(["-u", "-z"])
             .arg(self.mountpoint()));
         assert!(!is_mounted(self.mountpoint()));
+    }
+
+    /// Sends `signal` to the daemon and returns its exit code once it has exited (`None`
+    /// if the signal killed it).
+    pub fn signal(mut self, signal: libc::c_int) -> Option<i32> {
+        let pid = self.daemon.take().unwrap();
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        wait_for_exit(pid)
     }
 
     /// Waits for the daemon to exit after something else ended the mount; returns its exit
@@ -286,6 +323,12 @@ impl FsMount {
         Self::mount(&["-o", "ro"], device)
     }
 
+    /// A tmpfs of `size` bytes: a filesystem that fills up quickly.
+    pub fn tmpfs(size: u64) -> FsMount {
+        let options = format!("size={size}");
+        Self::mount(&["-t", "tmpfs", "-o", &options], Path::new("tmpfs"))
+    }
+
     fn mount(args: &[&str], device: &Path) -> FsMount {
         let dir = tempfile::tempdir().unwrap();
         run(Command::new("mount").args(args).arg(device).arg(dir.path()));
@@ -300,6 +343,13 @@ impl FsMount {
         self.mounted = false;
         run(Command::new("umount").arg(self.dir.path()));
     }
+
+    /// `umount -l`: the filesystem leaves the namespace at once but lives on for whoever
+    /// still has files open on it.
+    pub fn detach(mut self) {
+        self.mounted = false;
+        run(Command::new("umount").arg("-l").arg(self.dir.path()));
+    }
 }
 
 impl Drop for FsMount {
@@ -311,6 +361,31 @@ impl Drop for FsMount {
                 .status();
         }
     }
+}
+
+/// Runs `program` as user `uid` and group `gid` (no supplementary groups); needs root.
+pub fn run_as(uid: u32, gid: u32, program: &str, args: &[&std::ffi::OsStr]) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Whether this process may act as other users (the tests that do skip otherwise, but
+/// never under `CI`).
+pub fn can_switch_users() -> bool {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } == 0 {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must run as root");
+    eprintln!("SKIPPED: switching to another user needs root");
+    false
 }
 
 /// Deterministic, position-dependent bytes, so a misplaced write shows up.

@@ -274,9 +274,11 @@ impl Service {
         if let Some(ok) = *closed {
             return ok;
         }
+        // Whatever was written since is lost with the file: the service failed.
+        let lost = self.gate.is_image_lost();
         self.gate.stop();
         let ok = match self.disk.close() {
-            Ok(()) => true,
+            Ok(()) => !lost,
             Err(e) => {
                 log::error!("closing the image failed: {e}");
                 false

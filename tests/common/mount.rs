@@ -94,6 +94,35 @@ impl Mount {
         Self::adopt(mountpoint, daemon)
     }
 
+    /// Runs `vdisk-mount -f` (after `configure` has had its say, e.g. to capture stderr or
+    /// set the environment) and returns once it has mounted.
+    pub fn foreground(
+        image: &Path,
+        options: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Mount {
+        let mountpoint = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("-f");
+        for o in options {
+            cmd.args(["-o", o]);
+        }
+        cmd.arg(image).arg(mountpoint.path());
+        configure(&mut cmd);
+        // Reaped by pid once the mount ends, like a background daemon.
+        #[allow(clippy::zombie_processes)]
+        let mut child = cmd.spawn().expect("cannot run vdisk-mount");
+        let start = Instant::now();
+        while !is_mounted(mountpoint.path()) {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("vdisk-mount -f {} exited: {status}", image.display());
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "mount timed out");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self::adopt(mountpoint, child.id() as libc::pid_t)
+    }
+
     /// Takes charge of `daemon`, a child of this process serving `mountpoint`.
     pub fn adopt(mountpoint: tempfile::TempDir, daemon: libc::pid_t) -> Mount {
         let mount = Mount {
@@ -128,7 +157,16 @@ impl Mount {
     }
 
     /// Unmounts as a user would and asserts that the daemon exits 0, with the image closed.
-    pub fn unmount(mut self) {
+    pub fn unmount(self) {
+        assert_eq!(
+            self.unmount_status(),
+            Some(0),
+            "daemon did not exit cleanly"
+        );
+    }
+
+    /// Unmounts as a user would and returns the daemon's exit code.
+    pub fn unmount_status(mut self) -> Option<i32> {
         // A loop device just detached may hold disk.img open for a moment longer.
         let start = Instant::now();
         loop {
@@ -150,7 +188,7 @@ impl Mount {
         }
         let status = wait_for_exit(self.daemon.take().unwrap());
         assert!(!is_mounted(self.mountpoint()));
-        assert_eq!(status, Some(0), "daemon did not exit cleanly");
+        status
     }
 
     /// Kills the daemon the way the OOM killer would (SIGKILL: nothing flushed, nothing

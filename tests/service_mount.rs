@@ -128,41 +128,6 @@ fn mount_fuse3_passes_on_an_unknown_option_and_it_is_refused() {
     assert!(!mount::is_mounted(mountpoint.path()));
 }
 
-/// Where mount(8) finds the daemon: it runs `mount.fuse3` with no PATH at all, so the
-/// shell falls back to its default search path, where an installed vdisk-mount lives.
-const INSTALLED: &str = "/usr/local/sbin/vdisk-mount";
-
-/// Puts the binary under test where mount(8) finds it for as long as this lives.
-struct Installed;
-
-impl Installed {
-    fn new() -> Option<Installed> {
-        match std::fs::read_link(INSTALLED) {
-            Ok(target) if target == Path::new(BIN) => return Some(Installed),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            _ if Path::new(INSTALLED).exists() => {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "{INSTALLED} exists; CI must run the mount(8) test"
-                );
-                eprintln!("SKIPPED: {INSTALLED} is installed already; not replacing it");
-                return None;
-            }
-            _ => {}
-        }
-        let _ = std::fs::remove_file(INSTALLED);
-        std::fs::create_dir_all(Path::new(INSTALLED).parent().unwrap()).unwrap();
-        std::os::unix::fs::symlink(BIN, INSTALLED).unwrap();
-        Some(Installed)
-    }
-}
-
-impl Drop for Installed {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(INSTALLED);
-    }
-}
-
 #[test]
 fn mount_8_mounts_an_fstab_line_and_umount_8_unmounts_it() {
     if !mount::fuse_available() {
@@ -174,7 +139,7 @@ fn mount_8_mounts_an_fstab_line_and_umount_8_unmounts_it() {
         eprintln!("SKIPPED: mount(8) with an fstab needs root");
         return;
     }
-    let Some(_installed) = Installed::new() else {
+    let Some(_installed) = mount::Installed::new() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -247,7 +247,7 @@ impl Drop for Mount {
 
 /// The background daemon outlives the `vdisk-mount` command that started it; as a
 /// subreaper this test process inherits it, so it can wait for it and see its exit code.
-fn become_subreaper() {
+pub fn become_subreaper() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and touches no memory.
@@ -312,6 +312,43 @@ fn try_wait_for_exit(pid: libc::pid_t) -> Result<Option<i32>, String> {
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where an installed vdisk-mount lives: in the shell's default search path, which is
+/// what `mount.fuse3` gets when mount(8) runs it (without PATH), and where the shipped
+/// systemd units expect it.
+pub const INSTALLED: &str = "/usr/local/bin/vdisk-mount";
+
+/// The binary under test at [`INSTALLED`] for as long as this lives. Tests that need it
+/// skip when another vdisk-mount is installed there (never under `CI`).
+pub struct Installed;
+
+impl Installed {
+    pub fn new() -> Option<Installed> {
+        match std::fs::read_link(INSTALLED) {
+            Ok(target) if target == Path::new(BIN) => return Some(Installed),
+            _ if Path::new(INSTALLED).exists() => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "{INSTALLED} exists; CI must run the tests that install vdisk-mount"
+                );
+                eprintln!("SKIPPED: {INSTALLED} is installed already; not replacing it");
+                return None;
+            }
+            _ => {}
+        }
+        // A dangling link left by an interrupted run.
+        let _ = std::fs::remove_file(INSTALLED);
+        std::fs::create_dir_all(Path::new(INSTALLED).parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(BIN, INSTALLED).unwrap();
+        Some(Installed)
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(INSTALLED);
     }
 }
 

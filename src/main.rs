@@ -10,6 +10,7 @@
 mod lock;
 mod notify;
 mod options;
+mod syslog;
 mod watch;
 
 use clap::Parser;
@@ -463,13 +464,13 @@ fn main() -> ExitCode {
     let config = match MountConfig::parse(&cli.options) {
         Ok(config) => config,
         Err(message) => {
-            init_logging(None);
             report_failure(&message);
             return ExitCode::FAILURE;
         }
     };
-    init_logging(config.log_level);
-    if !(cli.foreground || config.foreground) {
+    let foreground = cli.foreground || config.foreground;
+    init_logging(config.log_level, foreground);
+    if !foreground {
         return mount_in_background(&cli, &config);
     }
     match mount(&cli, &config) {
@@ -482,11 +483,20 @@ fn main() -> ExitCode {
 }
 
 /// Errors only by default (fuser logs its own failures, which reach the user once, as
-/// our one-line message); `RUST_LOG` or `-o log_level=` ask for more.
-fn init_logging(level: Option<log::LevelFilter>) {
+/// our one-line message); `RUST_LOG` or `-o log_level=` ask for more. In the foreground
+/// the log goes to stderr (the journal, under systemd), in the background to the system
+/// log; failures to mount reach the user either way, on stderr.
+fn init_logging(level: Option<log::LevelFilter>, foreground: bool) {
     let mut builder = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("error,fuser=off"),
     );
+    if !foreground && Path::new(syslog::SOCKET).exists() {
+        builder
+            .target(env_logger::Target::Pipe(Box::new(
+                syslog::SyslogWriter::new(syslog::SOCKET),
+            )))
+            .format(syslog::format);
+    }
     if let Some(level) = level {
         builder.filter_level(level);
         if level < log::LevelFilter::Debug {

@@ -215,3 +215,77 @@ fn a_lazily_unmounted_filesystem_fails_requests_with_eio_and_keeps_the_image_who
     );
     fs.unmount();
 }
+
+/// Binds the system log socket for as long as this lives, so a test can read what a
+/// background daemon logs; removed on drop.
+struct SystemLog(std::os::unix::net::UnixDatagram);
+
+impl SystemLog {
+    const SOCKET: &str = "/dev/log";
+
+    fn listen() -> Option<SystemLog> {
+        if Path::new(Self::SOCKET).exists() {
+            // A real system log owns it; its records cannot be read back here.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{} exists; CI must run the system-log test",
+                Self::SOCKET
+            );
+            eprintln!("SKIPPED: {} belongs to a running system log", Self::SOCKET);
+            return None;
+        }
+        let socket = std::os::unix::net::UnixDatagram::bind(Self::SOCKET).ok()?;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Some(SystemLog(socket))
+    }
+
+    /// Records received until one contains `needle` (which is returned).
+    fn wait_for(&self, needle: &str) -> String {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self.0.recv(&mut buf).expect("nothing logged");
+            let record = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if record.contains(needle) {
+                return record;
+            }
+        }
+    }
+}
+
+impl Drop for SystemLog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(Self::SOCKET);
+    }
+}
+
+#[test]
+fn a_background_daemon_logs_io_errors_to_the_system_log() {
+    // SAFETY: getuid cannot fail.
+    if !mount::fuse_available() || unsafe { libc::getuid() } != 0 {
+        return;
+    }
+    let Some(system_log) = SystemLog::listen() else {
+        return;
+    };
+    let space = FsMount::tmpfs(12 * MIB);
+    let image = space.path().join("log.vhdx");
+    create(&image, "vhdx", "block_size=1M", 64 * MIB);
+    let mount = Mount::new(&image, &[]);
+    let disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.disk())
+        .unwrap();
+    let (full_at, err) = fill(&disk, 0, 64 * MIB);
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    let record = system_log.wait_for("No space left on device");
+    let expected = format!(
+        "<27>vdisk-mount[{}]: write of {MIB} bytes at offset {} failed",
+        mount.daemon_pid(),
+        full_at * MIB
+    );
+    assert!(record.starts_with(&expected), "{record}");
+    drop(disk);
+    mount.unmount();
+}

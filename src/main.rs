@@ -329,6 +329,10 @@ fn stop_on_signals(service: Arc<Service>, mountpoint: PathBuf) {
 /// Unmounts, or detaches the mount if files are still open on it (they keep failing with
 /// `ENOTCONN` once the daemon exits).
 fn unmount(mountpoint: &Path) -> std::io::Result<()> {
+    if !is_mount_point(mountpoint) {
+        // Unmounted meanwhile by someone else: the session is ending on its own.
+        return Ok(());
+    }
     let path = CString::new(mountpoint.as_os_str().as_bytes())?;
     for flags in [0, libc::MNT_DETACH] {
         // SAFETY: `path` is a valid NUL-terminated string.

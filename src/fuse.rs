@@ -18,7 +18,7 @@
 //! Every request that reaches the disk passes a [`RequestGate`]: stopping the service
 //! closes it and waits for the requests already inside, so the disk can be closed while
 //! the kernel still sends requests; they then fail with `ENOTCONN`, as they would from
-//! a dead mount. An image file that has gone (removed, replaced, its filesystem
+//! a dead mount. An image file that has gone (no name left, or its filesystem
 //! unmounted) closes the gate for good with `EIO`.
 
 use crate::disk::{Allocation, VirtualDisk};

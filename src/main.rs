@@ -123,7 +123,7 @@ fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
 struct Mounted {
     session: Session<DiskFs>,
     service: Arc<Service>,
-    image: ImageIdentity,
+    image: Arc<ImageIdentity>,
     mountpoint: PathBuf,
     /// Hold the image's lock (and its parent's) for as long as the daemon runs.
     _locks: Vec<ImageLock>,
@@ -143,6 +143,7 @@ fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
     }
     let image = ImageIdentity::of(locks[0].file(), &image_path)
         .map_err(|e| format!("{}: cannot open image: {e}", cli.image.display()))?;
+    let image = Arc::new(image);
     let disk: Arc<dyn VirtualDisk> = vdisk_mount::open(&image_path, &config.open)
         .map_err(|e| e.to_string())?
         .into();

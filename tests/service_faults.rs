@@ -200,6 +200,11 @@ fn a_lazily_unmounted_filesystem_fails_requests_with_eio_and_keeps_the_image_who
     expect_eio_soon(&disk);
     drop(disk);
     assert_eq!(mount.unmount_status(), Some(1));
+    let logged = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(
+        logged.contains("filesystem holding the image file was unmounted"),
+        "{logged}"
+    );
 
     // With the daemon gone, the filesystem is really unmounted; mounted again, it holds
     // a clean image with the write acknowledged before the unmount.

@@ -50,7 +50,7 @@ use watch::ImageIdentity;
         threads=N            worker threads (default: number of CPUs, at most 16)\n  \
         debug, log_level=LEVEL\n                       \
         log more (off, error, warn, info, debug, trace)\n  \
-        foreground           same as -f\n\
+        foreground           same as -f\n\n\
         The generic fstab options (defaults, nofail, noauto, _netdev, x-systemd.*, ...) are\n\
         accepted and ignored, so the command works as mount.fuse3 runs it from fstab.\n\n\
         Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`; the daemon then\n\

@@ -73,7 +73,7 @@ fn is_generic(key: &str, value: Option<&str>) -> bool {
     }
 }
 
-pub const KNOWN: &str = "ro, rw, allow_other, allow_root, uid=, gid=, umask=, filename=, \
+const KNOWN: &str = "ro, rw, allow_other, allow_root, uid=, gid=, umask=, filename=, \
                          format=, size_calc=, parent=, threads=, debug, log_level=, foreground, \
                          nodev, nosuid, noexec, and the generic defaults, auto, noauto, nofail, \
                          user, users, _netdev, dev, suid, exec, x-*, comment=";

@@ -1,6 +1,7 @@
 //! The format-driver boundary: every image format is served as a [`VirtualDisk`], and
 //! [`open`] picks the driver by the file's signature, never by its name.
 
+use crate::chain::ImageContext;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::storage::{FileStorage, Storage};
 use std::fmt;
@@ -28,6 +29,11 @@ pub trait VirtualDisk: Send + Sync {
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
     /// The range reads as zeros afterwards; space is released where the format allows.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// The identifier a differencing child records to name this image as its parent
+    /// (VHD: the footer's Unique Id); `None` for formats that cannot be parents.
+    fn identity(&self) -> Option<[u8; 16]> {
+        None
+    }
     /// Clean shutdown: flush and leave the image in its final, clean on-disk state.
     /// The disk must not be used afterwards.
     fn close(&self) -> Result<()> {
@@ -165,20 +171,31 @@ fn open_file(path: &Path, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>>
     if !meta.is_file() {
         return Err(Error::invalid_input("not a regular file"));
     }
-    open_storage(Box::new(FileStorage::new(file)), options)
+    let context = ImageContext::top(path, &meta, options.parent.clone())?;
+    open_storage_in(Box::new(FileStorage::new(file)), options, &context)
 }
 
-/// Opens an image held by any [`Storage`] (tests use an in-memory file).
+/// Opens an image held by any [`Storage`] (tests use an in-memory file). Such an image has
+/// no path, so a differencing image opened this way cannot find its parent.
 pub fn open_storage(
     storage: Box<dyn Storage>,
     options: &OpenOptions,
+) -> Result<Box<dyn VirtualDisk>> {
+    open_storage_in(storage, options, &ImageContext::detached())
+}
+
+/// Opens an image that sits where `context` says, so drivers can find its parents.
+pub(crate) fn open_storage_in(
+    storage: Box<dyn Storage>,
+    options: &OpenOptions,
+    context: &ImageContext,
 ) -> Result<Box<dyn VirtualDisk>> {
     let format = match options.format {
         Some(format) => format,
         None => probe(storage.as_ref())?,
     };
     Ok(match format {
-        Format::Vhd => crate::vhd::open(storage, options)?,
+        Format::Vhd => crate::vhd::open_in(storage, options, context)?,
         Format::Vhdx => crate::vhdx::open(storage, options)?,
         Format::Raw => Box::new(crate::raw::RawDisk::open(storage, options)?),
     })

@@ -170,7 +170,8 @@ pub struct DiskFs {
     image_check: Option<ImageCheck>,
     /// Nanoseconds since the epoch of the last write or discard.
     mtime_ns: AtomicU64,
-    /// Set by every change before it is acknowledged, cleared by the flush that covers it:
+    /// Set by every change after it reached the file and before it is acknowledged,
+    /// cleared by the flush that covers it:
     /// closing a file that only read (every `close` is a flush) then costs no sync.
     unflushed: AtomicBool,
 }
@@ -342,11 +343,9 @@ impl DiskFs {
         }
         let fits = (size - offset).min(data.len() as u64) as usize;
         let written = u32::try_from(fits).map_err(|_| libc::EINVAL)?;
-        self.begin_change();
-        self.disk
-            .write_at(&data[..fits], offset)
-            .map_err(|e| failed("write", offset, fits as u64, &e))?;
-        self.record_change();
+        self.change("write", offset, fits as u64, || {
+            self.disk.write_at(&data[..fits], offset)
+        })?;
         Ok(written)
     }
 
@@ -397,12 +396,9 @@ impl DiskFs {
             return Ok(());
         }
         let _admitted = self.gate.enter()?;
-        self.begin_change();
-        self.disk
-            .discard(offset, end - offset)
-            .map_err(|e| failed("discard", offset, end - offset, &e))?;
-        self.record_change();
-        Ok(())
+        self.change("discard", offset, end - offset, || {
+            self.disk.discard(offset, end - offset)
+        })
     }
 
     /// `SEEK_DATA` and `SEEK_HOLE`, from the driver's allocation map: ranges that read as
@@ -455,15 +451,24 @@ impl DiskFs {
         }
     }
 
-    /// Marks the image as needing a flush before a change is attempted: even a failed
-    /// change may have reached the file in part.
-    fn begin_change(&self) {
+    /// Runs a change to the disk and marks the image as needing a flush once the change
+    /// has reached the file, before it is acknowledged. Marking it earlier would let a
+    /// concurrent flush clear the mark while the change is still in flight, and a later
+    /// fsync would then skip the sync the change needs. A failed change is marked too: it
+    /// may have reached the file in part.
+    fn change(
+        &self,
+        what: &str,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce() -> Result<(), Error>,
+    ) -> FsResult<()> {
+        let result = op();
         self.unflushed.store(true, Ordering::SeqCst);
-    }
-
-    fn record_change(&self) {
+        result.map_err(|e| failed(what, offset, len, &e))?;
         self.mtime_ns
             .store(nanos_since_epoch(SystemTime::now()), Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -971,26 +976,7 @@ mod tests {
     #[test]
     fn driver_errors_reach_the_caller_as_their_errno() {
         let storage = Arc::new(MemStorage::from_vec(vec![0; 4096]));
-        struct Shared(Arc<MemStorage>);
-        impl crate::storage::Storage for Shared {
-            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-                self.0.read_at(buf, offset)
-            }
-            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-                self.0.write_at(buf, offset)
-            }
-            fn flush(&self) -> io::Result<()> {
-                self.0.flush()
-            }
-            fn len(&self) -> io::Result<u64> {
-                self.0.len()
-            }
-            fn set_len(&self, len: u64) -> io::Result<()> {
-                self.0.set_len(len)
-            }
-        }
-        let disk =
-            RawDisk::open(Box::new(Shared(storage.clone())), &OpenOptions::default()).unwrap();
+        let disk = RawDisk::open(Box::new(storage.clone()), &OpenOptions::default()).unwrap();
         let fs = DiskFs::new(Arc::new(disk), View::owned_by(0, 0), UNIX_EPOCH);
         // Closing after reads only costs no sync.
         fs.read(DISK_INO, 0, 10).unwrap();
@@ -1015,6 +1001,67 @@ mod tests {
         fs.flush(DISK_INO).unwrap();
         assert_eq!(storage.flush_count(), 2);
         assert_eq!(storage.contents()[0], b'x');
+    }
+
+    /// A disk whose writes let a flush run while their data is still on its way to the
+    /// file, as a concurrent fsync can.
+    struct FlushMidWrite {
+        inner: RawDisk,
+        fs: std::sync::OnceLock<std::sync::Weak<DiskFs>>,
+    }
+
+    impl VirtualDisk for FlushMidWrite {
+        fn format(&self) -> crate::disk::Format {
+            self.inner.format()
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn logical_sector_size(&self) -> u32 {
+            self.inner.logical_sector_size()
+        }
+        fn physical_sector_size(&self) -> u32 {
+            self.inner.physical_sector_size()
+        }
+        fn is_read_only(&self) -> bool {
+            self.inner.is_read_only()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> crate::Result<()> {
+            if let Some(fs) = self.fs.get().and_then(std::sync::Weak::upgrade) {
+                fs.flush(DISK_INO).unwrap();
+            }
+            self.inner.write_at(buf, offset)
+        }
+        fn flush(&self) -> crate::Result<()> {
+            self.inner.flush()
+        }
+        fn allocation(&self, offset: u64, len: u64) -> crate::Result<Vec<crate::Extent>> {
+            self.inner.allocation(offset, len)
+        }
+        fn discard(&self, offset: u64, len: u64) -> crate::Result<()> {
+            self.inner.discard(offset, len)
+        }
+    }
+
+    #[test]
+    fn a_flush_racing_a_write_in_flight_never_lets_a_later_fsync_skip_it() {
+        let storage = Arc::new(MemStorage::from_vec(vec![0; 4096]));
+        let disk = Arc::new(FlushMidWrite {
+            inner: RawDisk::open(Box::new(storage.clone()), &OpenOptions::default()).unwrap(),
+            fs: std::sync::OnceLock::new(),
+        });
+        let fs = Arc::new(DiskFs::new(disk.clone(), View::owned_by(0, 0), UNIX_EPOCH));
+        fs.write(DISK_INO, 0, b"a").unwrap();
+        disk.fs.set(Arc::downgrade(&fs)).unwrap();
+        // The racing flush syncs "a" but cannot cover "b", which reaches the file after it.
+        fs.write(DISK_INO, 1, b"b").unwrap();
+        assert_eq!(storage.flush_count(), 1);
+        fs.flush(DISK_INO).unwrap();
+        let durable = storage.power_loss_dropping_unflushed().contents();
+        assert_eq!(&durable[..2], b"ab");
     }
 
     #[test]

@@ -16,11 +16,18 @@
 //!              fuse::DiskFs ──► /mountpoint/disk.img
 //! ```
 //!
+//! A differencing image's driver asks [`chain`] for its parent: the paths the image stores
+//! are mapped to host paths, each candidate is checked (a regular image file, not in the
+//! chain already, carrying the identity the child expects) and opened read-only through
+//! the same probing open, recursively. [`vhd::create_vhd`] makes fixed, dynamic and
+//! differencing VHDs.
+//!
 //! Drivers keep metadata (BAT, headers, footer, log state) in memory under a lock; data
 //! I/O to allocated blocks runs outside it. Allocating writes put data on disk and flush
 //! it before any metadata points at it, so a crash at any instant leaves an image that
 //! opens and holds every write that a flush acknowledged.
 
+pub mod chain;
 pub mod disk;
 pub mod error;
 pub mod fuse;

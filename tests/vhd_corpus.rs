@@ -1,6 +1,7 @@
 //! Real VHD images made by Hyper-V, Virtual PC, Disk2vhd and qemu-img read to the digests
 //! two independent readers agree on, with the disk size qemu picks for each creator; the
-//! damaged and differencing samples are refused with errors that say why.
+//! damaged samples and a differencing one without its parent are refused with errors that
+//! say why; given a stand-in parent, that differencing sample reads as libvhdi reads it.
 mod common;
 
 use sha2::{Digest, Sha256};
@@ -17,9 +18,10 @@ const REFUSED: &[(&str, &str)] = &[
         "dfvfs-image-chain/image-differential.vhd",
         "VHD footer: Checksum field",
     ),
+    // Its parent was not kept: the error lists where it was looked for.
     (
         "dfvfs-fat-chain/fat-differential.vhd",
-        "differencing VHD is not supported yet; parent: ",
+        "parent not found; tried ",
     ),
 ];
 
@@ -206,9 +208,19 @@ fn damaged_and_differencing_images_are_refused() {
             assert!(text.starts_with(&expected_start), "{name}: {text}");
             assert!(!text.contains('\n'), "{text}");
             match err.kind() {
-                ErrorKind::Unsupported(_) => {
-                    // The differencing sample names its parent by a Windows path.
-                    assert!(text.ends_with("\\fat-parent.vhd"), "{text}");
+                ErrorKind::Io { .. } => {
+                    // The locators' Windows paths map to the name beside the child.
+                    let tried = path.with_file_name("fat-parent.vhd");
+                    assert_eq!(
+                        text,
+                        format!(
+                            "{}: parent not found; tried {}: No such file or directory \
+                             (os error 2)",
+                            path.display(),
+                            tried.display()
+                        )
+                    );
+                    assert_eq!(err.errno(), libc::ENOENT);
                 }
                 _ => assert_eq!(
                     err.corruption_kind(),
@@ -269,4 +281,59 @@ fn huge_sparse_images_hash_to_their_expected_digests() {
         }
         assert_eq!(&hex(&hasher.clone().finalize()), expected, "{key}");
     }
+}
+
+/// The Windows-made differencing sample over a stand-in for its lost parent: an empty VHD
+/// of its size carrying the identity the child expects. What the child holds then reads
+/// the same here as in libvhdi, sector bitmaps set bit by bit as Windows writes them.
+#[test]
+fn windows_differencing_sample_reads_over_a_stand_in_parent() {
+    let Some(corpus) = common::corpus_dir() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let child = common::decompress_corpus_image(
+        &corpus,
+        "dfvfs-fat-chain/fat-differential.vhd",
+        dir.path(),
+    );
+    let image = std::fs::read(&child).unwrap();
+    let parent_id = &image[512 + 40..512 + 56];
+    let parent = child.with_file_name("fat-parent.vhd");
+    vdisk_mount::vhd::create_vhd(
+        &parent,
+        &vdisk_mount::vhd::VhdCreateOptions::new(4 << 20, vdisk_mount::vhd::VhdKind::Dynamic),
+    )
+    .unwrap();
+    let mut stand_in = std::fs::read(&parent).unwrap();
+    let footer_copies = [0, stand_in.len() - 512];
+    for at in footer_copies {
+        let footer = &mut stand_in[at..at + 512];
+        footer[68..84].copy_from_slice(parent_id);
+        footer[64..68].fill(0);
+        let sum = footer
+            .iter()
+            .fold(0u32, |s, &b| s.wrapping_add(u32::from(b)));
+        footer[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    }
+    std::fs::write(&parent, stand_in).unwrap();
+
+    let disk = open(&child, VhdSizeRule::Auto);
+    assert_eq!(disk.size(), 4 << 20);
+    let mut ours = vec![0u8; disk.size() as usize];
+    disk.read_at(&mut ours, 0).unwrap();
+    let theirs = common::vhdimount_read(&child);
+    assert!(ours == theirs, "the sample reads differently in libvhdi");
+    // The child holds a FAT (media byte 0xF8 at sector 134) and directory entries.
+    assert_eq!(&ours[134 * 512..134 * 512 + 4], &[0xF8, 0xFF, 0xFF, 0xFF]);
+    assert!(ours.iter().filter(|&&b| b != 0).count() > 100);
+    let allocated: u64 = disk
+        .allocation(0, disk.size())
+        .unwrap()
+        .iter()
+        .filter(|e| e.state == Allocation::Data)
+        .map(|e| e.len)
+        .sum();
+    // Bitmap bytes 0x02, 0x01, 0xFF, 0xCB, 0xA8: 18 sectors in the child.
+    assert_eq!(allocated, 18 * 512);
 }

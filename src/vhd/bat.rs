@@ -81,6 +81,15 @@ impl Bat {
         self.entries[usize::try_from(block).expect("block index fits memory")] = sector;
     }
 
+    /// Each allocated block with the file offset of its bitmap, in block order.
+    pub fn allocated_blocks(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|&(_, &entry)| entry != UNALLOCATED)
+            .map(|(block, &entry)| (block as u64, u64::from(entry) * SECTOR))
+    }
+
     pub fn allocated(&self) -> u64 {
         self.entries.iter().filter(|&&e| e != UNALLOCATED).count() as u64
     }
@@ -187,6 +196,7 @@ mod tests {
         assert_eq!(bat.block_offset(0), None);
         assert_eq!(bat.block_offset(1), Some(1536));
         assert_eq!(bat.allocated(), 1);
+        assert_eq!(bat.allocated_blocks().collect::<Vec<_>>(), vec![(1, 1536)]);
         assert_eq!(bat.serialize(3), bytes);
         bat.set(2, 0x1234_5678);
         assert_eq!(bat.block_offset(2), Some(0x1234_5678 * 512));

@@ -110,9 +110,8 @@ impl DynamicHeader {
         })
     }
 
-    /// The header's bytes with a fresh checksum; reserved bytes are zero. Only tests
-    /// build headers: the driver never rewrites one.
-    #[cfg(test)]
+    /// The header's bytes with a fresh checksum; reserved bytes are zero. Used to create
+    /// images: the driver never rewrites a header.
     pub fn serialize(&self) -> [u8; HEADER_SIZE] {
         let mut b = [0u8; HEADER_SIZE];
         b[OFF_COOKIE..OFF_COOKIE + 8].copy_from_slice(COOKIE);

@@ -31,7 +31,6 @@ const OFF_SAVED_STATE: usize = 84; // u8; bytes 85..512 are reserved
 
 const SUPPORTED_MAJOR_VERSION: u32 = 1;
 /// Data Offset of a fixed disk: the specification says 0xFFFFFFFF, tools write all ones.
-#[cfg(test)]
 pub const NO_DATA_OFFSET: u64 = u64::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +50,6 @@ impl DiskType {
         }
     }
 
-    #[cfg(test)]
     fn field(self) -> u32 {
         match self {
             DiskType::Fixed => 2,
@@ -148,9 +146,8 @@ impl Footer {
         })
     }
 
-    /// The footer's bytes with a fresh checksum; reserved bytes are zero. Only tests
-    /// build footers: the driver rewrites the footer it found, reserved bytes and all.
-    #[cfg(test)]
+    /// The footer's bytes with a fresh checksum; reserved bytes are zero. Used to create
+    /// images: the driver rewrites the footer it found, reserved bytes and all.
     pub fn serialize(&self) -> [u8; FOOTER_SIZE] {
         let mut b = [0u8; FOOTER_SIZE];
         b[OFF_COOKIE..OFF_COOKIE + 8].copy_from_slice(COOKIE);

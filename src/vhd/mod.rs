@@ -16,18 +16,27 @@
 //! 3. write the BAT entry. This is the commit point; a crash before it only leaks the
 //!    space, and the entry becomes durable with the next flush like any other write.
 //!
-//! Differencing disks are recognised and refused until parents can be resolved.
+//! Differencing disks (`differencing.rs`) add a parent, found through the chain module
+//! and opened read-only, and per-sector bitmaps kept in memory: a set bit sends the sector
+//! to this file, a clear one to the parent. Their new blocks start with a clear bitmap,
+//! and bits reach the file only once the data they cover is durable.
 
 mod bat;
+mod bitmap;
 mod checksum;
+pub mod create;
+mod differencing;
 mod dynamic_header;
 mod footer;
 mod geometry;
+mod parent_locator;
 
+pub use create::{VhdCreateOptions, VhdKind, create_vhd};
 use dynamic_header::MAX_DISK_SIZE;
 pub use footer::DiskType;
 pub use geometry::Geometry;
 
+use crate::chain::{ImageContext, ParentRequest};
 use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, push_extent};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
 use crate::storage::Storage;
@@ -44,10 +53,28 @@ const MAX_BAT_ENTRIES: u64 = 1 << 26;
 /// Largest piece of zeros written at once when discarding.
 const ZERO_CHUNK: u64 = 1 << 20;
 
-/// Opens the VHD image held by `storage` (the driver behind [`crate::open`]).
+/// Opens the VHD image held by `storage`, which has no path: a differencing image opened
+/// this way cannot find its parent.
 pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
-    Ok(Box::new(VhdDisk::open(storage, options)?))
+    open_in(storage, options, &ImageContext::detached())
 }
+
+/// Opens the VHD image held by `storage` that sits where `context` says (the driver behind
+/// [`crate::open`]).
+pub fn open_in(
+    storage: Box<dyn Storage>,
+    options: &OpenOptions,
+    context: &ImageContext,
+) -> Result<Box<dyn VirtualDisk>> {
+    Ok(Box::new(VhdDisk::open_with(
+        storage,
+        options,
+        &|request| crate::chain::open_parent(context, request, options),
+    )?))
+}
+
+/// Opens the parent a differencing disk describes.
+type ParentResolver<'a> = dyn Fn(&ParentRequest) -> Result<Box<dyn VirtualDisk>> + 'a;
 
 /// An open VHD image.
 pub struct VhdDisk {
@@ -70,6 +97,8 @@ struct Dynamic {
     footer_bytes: [u8; FOOTER_SIZE],
     /// A new block's bitmap: every sector marked as present.
     full_bitmap: Vec<u8>,
+    /// Present for differencing disks.
+    differencing: Option<differencing::Differencing>,
 }
 
 struct Allocator {
@@ -87,8 +116,18 @@ struct FoundFooter {
 
 impl VhdDisk {
     /// Opens the VHD image held by `storage`; unlike [`open`] it keeps the concrete type,
-    /// for callers that want the accessors below.
+    /// for callers that want the accessors below. Like [`open`], it cannot find parents.
     pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<VhdDisk> {
+        VhdDisk::open_with(storage, options, &|request| {
+            crate::chain::open_parent(&ImageContext::detached(), request, options)
+        })
+    }
+
+    fn open_with(
+        storage: Box<dyn Storage>,
+        options: &OpenOptions,
+        resolve_parent: &ParentResolver,
+    ) -> Result<VhdDisk> {
         let file_len = storage
             .len()
             .context(|| "cannot read file size".to_string())?;
@@ -109,9 +148,12 @@ impl VhdDisk {
                 }
                 None
             }
-            DiskType::Dynamic | DiskType::Differencing => {
-                Some(open_dynamic(storage.as_ref(), &found, size)?)
-            }
+            DiskType::Dynamic | DiskType::Differencing => Some(open_dynamic(
+                storage.as_ref(),
+                &found,
+                size,
+                resolve_parent,
+            )?),
         };
         Ok(VhdDisk {
             storage,
@@ -200,6 +242,28 @@ impl VhdDisk {
             drop(allocator);
             return self.write_data(d, block, block_at, in_block, data);
         }
+        let storage = self.storage.as_ref();
+        self.place_block(d, &mut allocator, block, |block_at, context| {
+            storage
+                .write_at(&d.full_bitmap, block_at)
+                .context(|| context("writing the sector bitmap"))?;
+            storage
+                .write_at(data, block_at + d.layout.bitmap_bytes + in_block)
+                .context(|| context("writing data"))
+        })?;
+        Ok(())
+    }
+
+    /// Places `block` at the end of the file with the allocator held: new footer past it,
+    /// flushed; then `fill(block offset, message context)` writes the bitmap and data,
+    /// flushed; then the BAT entry. Returns where the block went.
+    fn place_block(
+        &self,
+        d: &Dynamic,
+        allocator: &mut Allocator,
+        block: u64,
+        fill: impl FnOnce(u64, &dyn Fn(&str) -> String) -> Result<()>,
+    ) -> Result<u64> {
         let block_at = allocator.next_block;
         let sector = u32::try_from(block_at / SECTOR)
             .ok()
@@ -228,12 +292,7 @@ impl VhdDisk {
         storage
             .flush()
             .context(|| context("flushing the new footer"))?;
-        storage
-            .write_at(&d.full_bitmap, block_at)
-            .context(|| context("writing the sector bitmap"))?;
-        storage
-            .write_at(data, block_at + d.layout.bitmap_bytes + in_block)
-            .context(|| context("writing data"))?;
+        fill(block_at, &context)?;
         storage.flush().context(|| context("flushing block data"))?;
         let committed = storage
             .write_at(
@@ -246,7 +305,7 @@ impl VhdDisk {
         allocator.next_block = footer_at;
         committed?;
         d.bat.write().set(block, sector);
-        Ok(())
+        Ok(block_at)
     }
 }
 
@@ -360,7 +419,12 @@ fn out_of_bounds(structure: &str, problem: String) -> Error {
 }
 
 /// Reads and checks the dynamic header and BAT of a disk of `size` bytes.
-fn open_dynamic(storage: &dyn Storage, found: &FoundFooter, size: u64) -> Result<Dynamic> {
+fn open_dynamic(
+    storage: &dyn Storage,
+    found: &FoundFooter,
+    size: u64,
+    resolve_parent: &ParentResolver,
+) -> Result<Dynamic> {
     let data_end = found.data_end;
     let header_at = found.footer.data_offset;
     let header_end = header_at.checked_add(HEADER_SIZE as u64);
@@ -381,12 +445,7 @@ fn open_dynamic(storage: &dyn Storage, found: &FoundFooter, size: u64) -> Result
         .read_at(&mut header_bytes, header_at)
         .context(|| "reading the VHD dynamic header".to_string())?;
     let header = DynamicHeader::parse(&header_bytes)?;
-    if found.footer.disk_type == DiskType::Differencing {
-        return Err(Error::unsupported(format!(
-            "differencing VHD is not supported yet; parent: {}",
-            header.parent_name()
-        )));
-    }
+    let is_differencing = found.footer.disk_type == DiskType::Differencing;
 
     let layout = BlockLayout::new(header.block_size);
     let blocks = size.div_ceil(layout.block_size);
@@ -439,7 +498,12 @@ fn open_dynamic(storage: &dyn Storage, found: &FoundFooter, size: u64) -> Result
         read += n as u64;
     }
 
-    let reserved = [
+    let locators = if is_differencing {
+        differencing::read_parent_paths(storage, &header, data_end)?
+    } else {
+        differencing::ParentPaths::default()
+    };
+    let mut reserved = vec![
         Reserved {
             start: 0,
             len: FOOTER_SIZE as u64,
@@ -456,12 +520,32 @@ fn open_dynamic(storage: &dyn Storage, found: &FoundFooter, size: u64) -> Result
             name: "BAT",
         },
     ];
+    reserved.extend(locators.areas.iter().map(|area| Reserved {
+        start: area.start,
+        len: area.end - area.start,
+        name: "parent locator data",
+    }));
     let blocks_end = bat.validate(layout, &reserved, data_end)?;
-    let structures_end = blocks_end.max(header_region.end).max(table_at + table_len);
+    let structures_end = reserved
+        .iter()
+        .map(|r| r.start + r.len)
+        .fold(blocks_end, u64::max);
     let next_block = if data_end.is_multiple_of(SECTOR) && data_end >= structures_end {
         data_end
     } else {
         structures_end.next_multiple_of(SECTOR)
+    };
+    let differencing = if is_differencing {
+        Some(differencing::Differencing::open(
+            storage,
+            &header,
+            &locators.paths,
+            &bat,
+            layout,
+            resolve_parent,
+        )?)
+    } else {
+        None
     };
     Ok(Dynamic {
         table_offset: table_at,
@@ -470,6 +554,7 @@ fn open_dynamic(storage: &dyn Storage, found: &FoundFooter, size: u64) -> Result
         allocator: Mutex::new(Allocator { next_block }),
         footer_bytes: found.bytes,
         full_bitmap: vec![0xFF; layout.bitmap_bytes as usize],
+        differencing,
     })
 }
 
@@ -517,6 +602,10 @@ impl VirtualDisk for VhdDisk {
         self.read_only
     }
 
+    fn identity(&self) -> Option<[u8; 16]> {
+        Some(self.footer.unique_id)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let Some(d) = &self.dynamic else {
@@ -525,6 +614,9 @@ impl VirtualDisk for VhdDisk {
                 .read_at(buf, offset)
                 .context(|| format!("reading {} bytes at offset {offset}", buf.len()));
         };
+        if let Some(diff) = &d.differencing {
+            return self.read_differencing(d, diff, buf, offset);
+        }
         let len = buf.len() as u64;
         for_each_piece(
             offset,
@@ -554,6 +646,9 @@ impl VirtualDisk for VhdDisk {
                 .write_at(buf, offset)
                 .context(|| format!("writing {} bytes at offset {offset}", buf.len()));
         };
+        if let Some(diff) = &d.differencing {
+            return self.write_differencing(d, diff, buf, offset);
+        }
         for_each_piece(
             offset,
             buf.len() as u64,
@@ -565,6 +660,11 @@ impl VirtualDisk for VhdDisk {
     fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
+        }
+        if let Some(d) = &self.dynamic
+            && let Some(diff) = &d.differencing
+        {
+            return self.flush_differencing(d, diff);
         }
         self.storage
             .flush()
@@ -578,6 +678,9 @@ impl VirtualDisk for VhdDisk {
             push_extent(&mut extents, offset, len, Allocation::Data);
             return Ok(extents);
         };
+        if let Some(diff) = &d.differencing {
+            return self.allocation_differencing(d, diff, offset, len);
+        }
         let bat = d.bat.read();
         for_each_piece(offset, len, d.layout.block_size, |block, _, range| {
             let state = match bat.block_offset(block) {
@@ -595,7 +698,8 @@ impl VirtualDisk for VhdDisk {
         Ok(extents)
     }
 
-    /// Zeros the allocated parts of the range; unallocated parts already read as zeros.
+    /// Zeros the allocated parts of the range; unallocated parts already read as zeros
+    /// (except in differencing disks, where they read the parent and are written over).
     /// Blocks keep their space: a block in the middle of the file cannot be given back.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
@@ -617,6 +721,9 @@ impl VirtualDisk for VhdDisk {
                 format!("discarding {len} bytes at {offset}")
             });
         };
+        if let Some(diff) = &d.differencing {
+            return self.discard_differencing(d, diff, offset, len);
+        }
         for_each_piece(
             offset,
             len,
@@ -646,10 +753,10 @@ mod tests {
     use std::sync::Arc;
 
     /// Small blocks keep images tiny while exercising every path.
-    const BLOCK: u32 = 4096;
-    const SPAN: u64 = 4096 + 512;
+    pub(super) const BLOCK: u32 = 4096;
+    pub(super) const SPAN: u64 = 4096 + 512;
 
-    fn footer_for(size: u64, disk_type: DiskType) -> Footer {
+    pub(super) fn footer_for(size: u64, disk_type: DiskType) -> Footer {
         Footer {
             features: 2,
             version: 0x0001_0000,
@@ -671,7 +778,7 @@ mod tests {
         }
     }
 
-    fn header_for(entries: u32, block_size: u32) -> DynamicHeader {
+    pub(super) fn header_for(entries: u32, block_size: u32) -> DynamicHeader {
         DynamicHeader {
             data_offset: u64::MAX,
             table_offset: 1536,
@@ -687,7 +794,7 @@ mod tests {
 
     /// An empty dynamic image laid out as qemu-img and Hyper-V do: footer copy, header at
     /// 512, BAT at 1536, footer.
-    fn assemble(footer: &Footer, header: &DynamicHeader) -> Vec<u8> {
+    pub(super) fn assemble(footer: &Footer, header: &DynamicHeader) -> Vec<u8> {
         let mut image = footer.serialize().to_vec();
         image.extend_from_slice(&header.serialize());
         image.resize(header.table_offset as usize, 0);
@@ -699,7 +806,7 @@ mod tests {
         image
     }
 
-    fn dynamic_image(size: u64) -> Vec<u8> {
+    pub(super) fn dynamic_image(size: u64) -> Vec<u8> {
         let entries = size.div_ceil(u64::from(BLOCK)) as u32;
         assemble(
             &footer_for(size, DiskType::Dynamic),
@@ -713,17 +820,17 @@ mod tests {
         image
     }
 
-    type BeforeOp = dyn Fn(&MemStorage) + Send + Sync;
+    pub(super) type BeforeOp = dyn Fn(&MemStorage) + Send + Sync;
 
     /// A storage the test keeps a handle on, optionally calling `before_op` ahead of every
     /// request that changes the file.
-    struct Shared {
-        inner: Arc<MemStorage>,
-        before_op: Option<Box<BeforeOp>>,
+    pub(super) struct Shared {
+        pub(super) inner: Arc<MemStorage>,
+        pub(super) before_op: Option<Box<BeforeOp>>,
     }
 
     impl Shared {
-        fn new(inner: Arc<MemStorage>) -> Box<Shared> {
+        pub(super) fn new(inner: Arc<MemStorage>) -> Box<Shared> {
             Box::new(Shared {
                 inner,
                 before_op: None,
@@ -758,7 +865,7 @@ mod tests {
         }
     }
 
-    fn open_vec(image: Vec<u8>) -> Result<VhdDisk> {
+    pub(super) fn open_vec(image: Vec<u8>) -> Result<VhdDisk> {
         VhdDisk::open(
             Box::new(MemStorage::from_vec(image)),
             &OpenOptions::default(),
@@ -767,7 +874,7 @@ mod tests {
 
     /// Like `assert_eq!` on byte slices, but names the first difference instead of
     /// printing whole disks.
-    fn assert_same(found: &[u8], expected: &[u8]) {
+    pub(super) fn assert_same(found: &[u8], expected: &[u8]) {
         assert_eq!(found.len(), expected.len(), "lengths differ");
         if let Some(at) = found.iter().zip(expected).position(|(a, b)| a != b) {
             panic!(
@@ -777,7 +884,7 @@ mod tests {
         }
     }
 
-    fn read_all(disk: &VhdDisk) -> Vec<u8> {
+    pub(super) fn read_all(disk: &VhdDisk) -> Vec<u8> {
         let mut buf = vec![0u8; disk.size() as usize];
         disk.read_at(&mut buf, 0).unwrap();
         buf
@@ -1267,7 +1374,7 @@ mod tests {
     }
 
     #[test]
-    fn differencing_disks_are_refused_naming_the_parent() {
+    fn differencing_disks_without_a_path_cannot_find_their_parent() {
         let size = 4 * u64::from(BLOCK);
         let mut header = header_for(4, BLOCK);
         for (i, unit) in "base.vhd".encode_utf16().enumerate() {
@@ -1275,10 +1382,11 @@ mod tests {
         }
         let image = assemble(&footer_for(size, DiskType::Differencing), &header);
         let err = open_vec(image).unwrap_err();
-        assert!(matches!(err.kind(), ErrorKind::Unsupported(_)));
+        assert!(matches!(err.kind(), ErrorKind::InvalidInput(_)));
         assert_eq!(
             err.to_string(),
-            "differencing VHD is not supported yet; parent: base.vhd"
+            "VHD differencing disk without a file path: its parent cannot be located \
+             (open it by path)"
         );
     }
 
@@ -1301,14 +1409,14 @@ mod tests {
     /// What the disk must hold after a crash: bytes written since the last completed
     /// flush may read old or new, every other byte must read as acknowledged.
     #[derive(Clone)]
-    struct Model {
-        acked: Vec<u8>,
-        current: Vec<u8>,
-        in_flight: Vec<bool>,
+    pub(super) struct Model {
+        pub(super) acked: Vec<u8>,
+        pub(super) current: Vec<u8>,
+        pub(super) in_flight: Vec<bool>,
     }
 
     impl Model {
-        fn new(size: usize) -> Model {
+        pub(super) fn new(size: usize) -> Model {
             Model {
                 acked: vec![0; size],
                 current: vec![0; size],
@@ -1316,17 +1424,17 @@ mod tests {
             }
         }
 
-        fn write(&mut self, offset: usize, data: &[u8]) {
+        pub(super) fn write(&mut self, offset: usize, data: &[u8]) {
             self.current[offset..offset + data.len()].copy_from_slice(data);
             self.in_flight[offset..offset + data.len()].fill(true);
         }
 
-        fn flushed(&mut self) {
+        pub(super) fn flushed(&mut self) {
             self.acked = self.current.clone();
             self.in_flight.fill(false);
         }
 
-        fn check(&self, found: &[u8], what: &str) {
+        pub(super) fn check(&self, found: &[u8], what: &str) {
             for (i, &b) in found.iter().enumerate() {
                 let ok = b == self.acked[i] || (self.in_flight[i] && b == self.current[i]);
                 assert!(
@@ -1341,7 +1449,10 @@ mod tests {
     /// The crashes to try on the file as it is now: every prefix of the unflushed
     /// requests, every prefix followed by a torn multi-sector write, and random subsets.
     /// Requests of at most one sector are atomic, as on real disks.
-    fn crash_images(storage: &MemStorage, rng: &mut StdRng) -> Vec<(String, MemStorage)> {
+    pub(super) fn crash_images(
+        storage: &MemStorage,
+        rng: &mut StdRng,
+    ) -> Vec<(String, MemStorage)> {
         let pending = storage.pending();
         let mut images = Vec::new();
         for keep in 0..=pending.len() {

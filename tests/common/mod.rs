@@ -215,3 +215,28 @@ pub fn sha256_disk(disk: &dyn vdisk_mount::VirtualDisk) -> String {
     let out = child.wait_with_output().unwrap();
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
+
+/// The disk libvhdi's vhdimount reads from the VHD `image` (with its parents, for a
+/// differencing one): mounted at a temporary directory, read whole, unmounted. vhdimount
+/// shows a chain as `vhdi1` (the base) up to `vhdiN` (the image named), so the file with
+/// the highest number is the one read.
+pub fn vhdimount_read(image: &Path) -> Vec<u8> {
+    let mountpoint = tempfile::tempdir().unwrap();
+    run(Command::new("vhdimount").arg(image).arg(mountpoint.path()));
+    let top = std::fs::read_dir(mountpoint.path()).map(|entries| {
+        entries
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("vhdi")?
+                    .parse()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0u32)
+    });
+    let contents = top.and_then(|n| std::fs::read(mountpoint.path().join(format!("vhdi{n}"))));
+    run(Command::new("fusermount3").arg("-u").arg(mountpoint.path()));
+    contents.unwrap_or_else(|e| panic!("reading {} through vhdimount: {e}", image.display()))
+}

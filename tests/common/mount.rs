@@ -414,9 +414,29 @@ impl FsMount {
         self.dir.path()
     }
 
+    /// A clean unmount (not lazy), so the filesystem is written back before it returns.
+    /// Another process briefly looking inside the directory makes the kernel answer
+    /// "busy"; that is retried for a few seconds before it counts as a failure.
     pub fn unmount(mut self) {
         self.mounted = false;
-        run(Command::new("umount").arg(self.dir.path()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("umount")
+                .arg(self.dir.path())
+                .output()
+                .unwrap();
+            let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+            if out.status.success() || !busy || Instant::now() > deadline {
+                assert!(
+                    out.status.success(),
+                    "umount {} failed: {}",
+                    self.dir.path().display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// `umount -l`: the filesystem leaves the namespace at once but lives on for whoever

@@ -1,0 +1,572 @@
+//! Finding and opening the parent of a differencing image, whatever its format.
+//!
+//! A differencing image names its parent by paths written on the machine that made it,
+//! usually Windows ones (`.\base.vhd`, `C:\VMs\base.vhd`, `\\?\C:\VMs\base.vhd`). They are
+//! mapped to host paths and tried beside the child first, then as absolute host paths.
+//! Each candidate must be a regular file outside `/proc`, `/sys` and `/dev` (checked on the
+//! path with symlinks resolved, and again on the opened descriptor, so swapping the file
+//! in between gains nothing), must carry a VHD or VHDX signature, must not already be in
+//! the chain (a cycle), and must carry the identity the child recorded for its parent.
+//! Parents are always opened read-only: many children may share one, and any write to a
+//! parent silently changes what every child reads.
+
+use crate::disk::{Format, OpenOptions, VirtualDisk, probe};
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::FileStorage;
+use std::fs::{self, Metadata};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// A file of a chain, known by device and inode so that a second path to it (a symlink,
+/// a hard link, `..` games) is still recognised.
+#[derive(Debug, Clone)]
+struct ChainFile {
+    dev: u64,
+    ino: u64,
+    path: PathBuf,
+}
+
+/// Where an image being opened sits, for drivers that must find its parent.
+#[derive(Debug, Clone, Default)]
+pub struct ImageContext {
+    /// The image file, symlinks resolved; `None` for an image known only as a storage.
+    path: Option<PathBuf>,
+    /// Where the parent is, instead of where the image says (images moved apart).
+    parent_override: Option<PathBuf>,
+    /// The files from the top of the chain down to this image, this image last.
+    chain: Vec<ChainFile>,
+}
+
+impl ImageContext {
+    /// An image without a file: it can have no parent.
+    pub fn detached() -> ImageContext {
+        ImageContext::default()
+    }
+
+    /// The top image of a chain, opened from `path` (whose attributes are `meta`).
+    pub fn top(path: &Path, meta: &Metadata, parent_override: Option<PathBuf>) -> Result<Self> {
+        let canonical =
+            fs::canonicalize(path).map_err(|e| Error::io("cannot resolve the image path", e))?;
+        Ok(ImageContext {
+            chain: vec![ChainFile {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                path: canonical.clone(),
+            }],
+            path: Some(canonical),
+            parent_override,
+        })
+    }
+}
+
+/// One way a differencing image names its parent, as stored in the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParentPath {
+    /// Relative to the child's directory: `.\base.vhd`, `..\dir\base.vhd`.
+    Relative(String),
+    /// Absolute: `C:\dir\base.vhd`, `\\?\C:\dir\base.vhd`, `\\server\share\base.vhd` or
+    /// a host path.
+    Absolute(String),
+    /// A name to look for beside the child; any directory part is dropped.
+    FileName(String),
+}
+
+/// What the child knows about its parent.
+#[derive(Debug, Clone)]
+pub struct ParentRequest<'a> {
+    /// The paths the child stores, most trusted first.
+    pub paths: &'a [ParentPath],
+    /// The identity the parent must report ([`VirtualDisk::identity`]).
+    pub identity: [u8; 16],
+    /// Formats a parent of this child may have.
+    pub formats: &'a [Format],
+    /// What the child is, for messages: "VHD differencing disk".
+    pub child_kind: &'a str,
+}
+
+/// The host form of a stored path: `\\?\` and `\??\` prefixes dropped, backslashes turned
+/// into slashes, trailing NULs cut.
+fn host_form(stored: &str) -> String {
+    let trimmed = stored.trim_end_matches('\0');
+    let unprefixed = ["\\\\?\\", "\\??\\", "//?/"]
+        .iter()
+        .find_map(|prefix| trimmed.strip_prefix(prefix))
+        .unwrap_or(trimmed);
+    unprefixed.replace('\\', "/")
+}
+
+/// Whether a host-form path is rooted in a way that means nothing on this host: a drive
+/// letter (`C:/...`, `C:name`) or a network share (`//server/...`, `UNC/server/...`).
+fn is_foreign_absolute(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    (bytes.len() >= 2 && bytes[0].is_ascii_alphabetic() && bytes[1] == b':')
+        || path.starts_with("//")
+        || path.starts_with("UNC/")
+}
+
+/// The last component of a host-form path, if it can name a file.
+fn file_name(path: &str) -> Option<&str> {
+    let bytes = path.as_bytes();
+    let path = if bytes.len() >= 2 && bytes[0].is_ascii_alphabetic() && bytes[1] == b':' {
+        &path[2..]
+    } else {
+        path
+    };
+    let name = path.rsplit('/').next()?;
+    (!name.is_empty() && name != "." && name != "..").then_some(name)
+}
+
+/// Host paths to try for `paths`, in order: everything that lies beside or below the
+/// child's directory `child_dir` first, then absolute host paths; no path twice.
+pub fn candidate_paths(child_dir: &Path, paths: &[ParentPath]) -> Vec<PathBuf> {
+    let mut near = Vec::new();
+    let mut absolute = Vec::new();
+    for stored in paths {
+        let (ParentPath::Relative(s) | ParentPath::Absolute(s) | ParentPath::FileName(s)) = stored;
+        let host = host_form(s);
+        if host.is_empty() || host.contains('\0') {
+            continue;
+        }
+        match stored {
+            ParentPath::Relative(_) if !host.starts_with('/') && !is_foreign_absolute(&host) => {
+                let mut relative = host.as_str();
+                while let Some(rest) = relative.strip_prefix("./") {
+                    relative = rest;
+                }
+                near.push(child_dir.join(relative));
+            }
+            ParentPath::FileName(_) => near.extend(file_name(&host).map(|n| child_dir.join(n))),
+            // Absolute paths, and relative ones that turn out not to be: the file is most
+            // likely to have moved along with its child, so look beside the child first.
+            _ => {
+                near.extend(file_name(&host).map(|n| child_dir.join(n)));
+                if host.starts_with('/') && !host.starts_with("//") {
+                    absolute.push(PathBuf::from(&host));
+                }
+            }
+        }
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for path in near.into_iter().chain(absolute) {
+        if !candidates.contains(&path) {
+            candidates.push(path);
+        }
+    }
+    candidates
+}
+
+/// Most images in one chain. Each level opens the next from within its own open, so
+/// the bound keeps a long chain of files from exhausting the stack (32 levels fit in a
+/// 2 MiB thread stack even in a debug build) and the file descriptors.
+pub const MAX_CHAIN_DEPTH: usize = 32;
+
+/// Places no image may be read from, however a locator points there.
+const FORBIDDEN_ROOTS: [&str; 3] = ["/proc", "/sys", "/dev"];
+/// Filesystems whose files look regular but are kernel interfaces (statfs magic numbers):
+/// proc, sysfs, debugfs, tracefs, securityfs, cgroup2.
+const KERNEL_FILESYSTEMS: [i64; 6] = [
+    0x9fa0,
+    0x6265_6572,
+    0x6462_6720,
+    0x7472_6163,
+    0x7363_6673,
+    0x6367_7270,
+];
+
+/// Whether the open `file` lives on one of the `KERNEL_FILESYSTEMS`.
+fn on_kernel_filesystem(file: &fs::File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut stats = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: the descriptor is open for the call and `stats` is large enough.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), stats.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs succeeded, so it filled `stats`.
+    let kind = unsafe { stats.assume_init() }.f_type;
+    // The field's integer type differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(KERNEL_FILESYSTEMS.contains(&(kind as i64)))
+}
+
+fn describe_type(meta: &Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Why one candidate was not the parent.
+enum Attempt {
+    /// Nothing at that path.
+    Missing,
+    /// Something there, refused for the reason given.
+    Refused(Error),
+}
+
+fn refused(candidate: &Path, problem: impl std::fmt::Display) -> Attempt {
+    Attempt::Refused(Error::invalid_input(format!(
+        "parent {}: {problem}",
+        candidate.display()
+    )))
+}
+
+fn hex_id(id: &[u8; 16]) -> String {
+    uuid::Uuid::from_bytes(*id).hyphenated().to_string()
+}
+
+/// Opens the parent the child described by `request` names, read-only, with its own
+/// parents behind it.
+pub fn open_parent(
+    context: &ImageContext,
+    request: &ParentRequest,
+    options: &OpenOptions,
+) -> Result<Box<dyn VirtualDisk>> {
+    let Some(child_path) = &context.path else {
+        return Err(Error::invalid_input(format!(
+            "{} without a file path: its parent cannot be located (open it by path)",
+            request.child_kind
+        )));
+    };
+    if context.chain.len() >= MAX_CHAIN_DEPTH {
+        return Err(Error::unsupported(format!(
+            "{} has more than {MAX_CHAIN_DEPTH} images in its chain of parents",
+            request.child_kind
+        )));
+    }
+    let child_dir = child_path.parent().unwrap_or(Path::new("/"));
+    let candidates = match &context.parent_override {
+        Some(path) => vec![path.clone()],
+        None => candidate_paths(child_dir, request.paths),
+    };
+    let mut first_refusal = None;
+    for candidate in &candidates {
+        match try_parent(context, candidate, request, options) {
+            Ok(disk) => return Ok(disk),
+            Err(Attempt::Missing) => {}
+            Err(Attempt::Refused(e)) => {
+                log::warn!("{e}");
+                first_refusal.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_refusal {
+        return Err(e);
+    }
+    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::io(
+        if tried.is_empty() {
+            "parent not found: the image stores no usable parent path".to_string()
+        } else {
+            format!("parent not found; tried {}", tried.join(", "))
+        },
+        io::Error::from_raw_os_error(libc::ENOENT),
+    ))
+}
+
+fn try_parent(
+    context: &ImageContext,
+    candidate: &Path,
+    request: &ParentRequest,
+    options: &OpenOptions,
+) -> std::result::Result<Box<dyn VirtualDisk>, Attempt> {
+    let meta = match fs::metadata(candidate) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Attempt::Missing),
+        Err(e) => return Err(refused(candidate, format_args!("cannot inspect: {e}"))),
+    };
+    let canonical = fs::canonicalize(candidate)
+        .map_err(|e| refused(candidate, format_args!("cannot resolve: {e}")))?;
+    if let Some(root) = FORBIDDEN_ROOTS
+        .iter()
+        .find(|root| canonical.starts_with(root))
+    {
+        return Err(refused(
+            candidate,
+            format_args!(
+                "resolves to {} under {root}, where no image is read from",
+                canonical.display()
+            ),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(refused(candidate, describe_type(&meta)));
+    }
+    // The checks above ran on a path that may change before the open: the descriptor is
+    // checked again. Non-blocking, so a FIFO swapped in cannot hang the open; no symlink
+    // is followed at the end of a path that had none.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW)
+        .open(&canonical)
+        .map_err(|e| refused(candidate, format_args!("cannot open: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| refused(candidate, format_args!("cannot inspect: {e}")))?;
+    if !meta.is_file() {
+        return Err(refused(candidate, describe_type(&meta)));
+    }
+    match on_kernel_filesystem(&file) {
+        Ok(false) => {}
+        Ok(true) => return Err(refused(candidate, "a kernel interface, not an image")),
+        Err(e) => return Err(refused(candidate, format_args!("cannot inspect: {e}"))),
+    }
+    if context
+        .chain
+        .iter()
+        .any(|f| f.dev == meta.dev() && f.ino == meta.ino())
+    {
+        let chain: Vec<String> = context
+            .chain
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .chain([canonical.display().to_string()])
+            .collect();
+        return Err(refused(
+            candidate,
+            format_args!(
+                "the chain of parents loops back to an image already in it ({})",
+                chain.join(" -> ")
+            ),
+        ));
+    }
+    let storage = FileStorage::new(file);
+    let format = match probe(&storage) {
+        Ok(format) => format,
+        Err(e) if matches!(e.kind(), ErrorKind::NotADiskImage) => {
+            return Err(refused(candidate, "not a VHD or VHDX disk image"));
+        }
+        Err(e) => return Err(Attempt::Refused(e.with_file(&canonical))),
+    };
+    if !request.formats.contains(&format) {
+        let wanted: Vec<String> = request.formats.iter().map(|f| f.to_string()).collect();
+        return Err(refused(
+            candidate,
+            format_args!(
+                "is a {format} image; a {} needs a {} parent",
+                request.child_kind,
+                wanted.join(" or ")
+            ),
+        ));
+    }
+    let mut chain = context.chain.clone();
+    chain.push(ChainFile {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        path: canonical.clone(),
+    });
+    let parent_context = ImageContext {
+        path: Some(canonical.clone()),
+        parent_override: None,
+        chain,
+    };
+    let parent_options = OpenOptions {
+        read_only: true,
+        format: Some(format),
+        parent: None,
+        ..options.clone()
+    };
+    let disk = crate::disk::open_storage_in(Box::new(storage), &parent_options, &parent_context)
+        .map_err(|e| Attempt::Refused(e.with_file(&canonical)))?;
+    match disk.identity() {
+        Some(id) if id == request.identity => Ok(disk),
+        found => Err(refused(
+            candidate,
+            format_args!(
+                "not this image's parent: its identifier is {}, the child expects {}",
+                found.as_ref().map_or("missing".to_string(), hex_id),
+                hex_id(&request.identity)
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidates(paths: &[ParentPath]) -> Vec<String> {
+        candidate_paths(Path::new("/vm/child"), paths)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn windows_paths_map_beside_the_child_first() {
+        use ParentPath::*;
+        assert_eq!(
+            candidates(&[
+                Relative(".\\base.vhd".into()),
+                Absolute("C:\\VMs\\base.vhd".into()),
+                FileName("C:\\VMs\\base.vhd".into()),
+            ]),
+            ["/vm/child/base.vhd"]
+        );
+        assert_eq!(
+            candidates(&[
+                Relative("..\\disks\\base.vhd\0\0".into()),
+                Absolute("\\\\?\\D:\\disks\\base.vhd".into()),
+            ]),
+            ["/vm/child/../disks/base.vhd", "/vm/child/base.vhd"]
+        );
+        // A network share and a host path: the name beside the child, then the host path.
+        assert_eq!(
+            candidates(&[
+                Absolute("\\\\server\\share\\p.vhd".into()),
+                Absolute("\\\\?\\UNC\\server\\share\\q.vhd".into()),
+                Absolute("\\srv\\images\\r.vhd".into()),
+                Absolute("/srv/images/s.vhd".into()),
+            ]),
+            [
+                "/vm/child/p.vhd",
+                "/vm/child/q.vhd",
+                "/vm/child/r.vhd",
+                "/vm/child/s.vhd",
+                "/srv/images/r.vhd",
+                "/srv/images/s.vhd"
+            ]
+        );
+        // A "relative" locator holding an absolute path is treated as absolute.
+        assert_eq!(
+            candidates(&[Relative("E:\\x.vhd".into())]),
+            ["/vm/child/x.vhd"]
+        );
+        assert_eq!(
+            candidates(&[Relative("/abs/x.vhd".into())]),
+            ["/vm/child/x.vhd", "/abs/x.vhd"]
+        );
+        // Colons are ordinary in host names; only a leading drive letter is dropped.
+        assert_eq!(
+            candidates(&[
+                FileName("ab:c.vhd".into()),
+                Absolute("/data/c:d.vhd".into()),
+                FileName("C:e.vhd".into()),
+            ]),
+            [
+                "/vm/child/ab:c.vhd",
+                "/vm/child/c:d.vhd",
+                "/vm/child/e.vhd",
+                "/data/c:d.vhd"
+            ]
+        );
+    }
+
+    #[test]
+    fn kernel_interfaces_are_recognised_by_their_filesystem() {
+        let proc_file = fs::File::open("/proc/self/status").unwrap();
+        assert!(on_kernel_filesystem(&proc_file).unwrap());
+        let sys_file = fs::File::open("/sys/kernel/mm/transparent_hugepage/enabled")
+            .or_else(|_| fs::File::open("/sys/power/state"));
+        if let Ok(sys_file) = sys_file {
+            assert!(on_kernel_filesystem(&sys_file).unwrap());
+        }
+        let plain = tempfile::tempfile().unwrap();
+        assert!(!on_kernel_filesystem(&plain).unwrap());
+    }
+
+    #[test]
+    fn useless_paths_give_no_candidates() {
+        use ParentPath::*;
+        assert!(
+            candidates(&[
+                Relative(String::new()),
+                Relative("\0\0".into()),
+                FileName("C:\\dir\\".into()),
+                FileName("..".into()),
+                Absolute("C:".into()),
+                Relative("a\0b".into()),
+            ])
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn an_image_without_a_path_cannot_have_its_parent_found() {
+        let err = open_parent(
+            &ImageContext::detached(),
+            &ParentRequest {
+                paths: &[ParentPath::FileName("base.vhd".into())],
+                identity: [1; 16],
+                formats: &[Format::Vhd],
+                child_kind: "VHD differencing disk",
+            },
+            &OpenOptions::default(),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "VHD differencing disk without a file path: its parent cannot be located \
+             (open it by path)"
+        );
+    }
+
+    #[test]
+    fn chains_deeper_than_the_limit_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let child = dir.path().join("child.vhd");
+        fs::write(&child, b"x").unwrap();
+        let mut context = ImageContext::top(&child, &fs::metadata(&child).unwrap(), None).unwrap();
+        let request = ParentRequest {
+            paths: &[ParentPath::FileName("base.vhd".into())],
+            identity: [1; 16],
+            formats: &[Format::Vhd],
+            child_kind: "VHD differencing disk",
+        };
+        context.chain = vec![context.chain[0].clone(); MAX_CHAIN_DEPTH - 1];
+        let err = open_parent(&context, &request, &OpenOptions::default())
+            .err()
+            .unwrap();
+        assert!(err.to_string().starts_with("parent not found"), "{err}");
+        context.chain.push(context.chain[0].clone());
+        let err = open_parent(&context, &request, &OpenOptions::default())
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "VHD differencing disk has more than 32 images in its chain of parents"
+        );
+    }
+
+    #[test]
+    fn missing_parents_list_every_path_tried() {
+        let dir = tempfile::tempdir().unwrap();
+        let child = dir.path().join("child.vhd");
+        fs::write(&child, b"x").unwrap();
+        let context = ImageContext::top(&child, &fs::metadata(&child).unwrap(), None).unwrap();
+        let request = ParentRequest {
+            paths: &[
+                ParentPath::Relative(".\\base.vhd".into()),
+                ParentPath::Absolute("\\nowhere\\base2.vhd".into()),
+            ],
+            identity: [1; 16],
+            formats: &[Format::Vhd],
+            child_kind: "VHD differencing disk",
+        };
+        let err = open_parent(&context, &request, &OpenOptions::default())
+            .err()
+            .unwrap();
+        let dir = fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "parent not found; tried {0}/base.vhd, {0}/base2.vhd, /nowhere/base2.vhd: \
+                 No such file or directory (os error 2)",
+                dir.display()
+            )
+        );
+        assert_eq!(err.errno(), libc::ENOENT);
+    }
+}

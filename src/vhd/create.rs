@@ -1,0 +1,435 @@
+//! Creating VHD images: fixed, dynamic and differencing (FORMATS.md §8.16, §8.10).
+//!
+//! Created footers name this library as their creator (`vdm `, see [`CREATOR_APP`]) and
+//! store the requested size in Original and Current Size, with the geometry the
+//! specification derives from it. Readers that size `vpc ` and `qemu` images by geometry
+//! and every other creator by Current Size (this one, qemu since 2024, Hyper-V) therefore
+//! see exactly the size asked for, which Azure needs (a whole number of MiB) and which
+//! geometry can rarely express.
+//!
+//! Layout of dynamic and differencing images, as Hyper-V and qemu write them: footer copy
+//! at 0, dynamic header at 512, BAT at 1536 (all entries unallocated), then for
+//! differencing disks one 512-byte-aligned data area per parent locator, then the footer.
+
+use super::bat::table_bytes;
+use super::dynamic_header::{DynamicHeader, HEADER_SIZE, MAX_DISK_SIZE, PARENT_LOCATORS_LEN};
+use super::footer::{DiskType, FOOTER_SIZE, Footer, NO_DATA_OFFSET};
+use super::geometry::Geometry;
+use super::parent_locator::{ENTRY_SIZE, ParentLocator, Platform, encode_utf16le};
+use super::{MAX_BAT_ENTRIES, SECTOR};
+use crate::disk::{Format, OpenOptions};
+use crate::error::{Error, IoContext, Result};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Creator Application of images made here ("vdm " for vdisk-mount). Deliberately not
+/// `vpc ` or `qemu`, which tell readers to size the disk by its geometry.
+pub const CREATOR_APP: [u8; 4] = *b"vdm ";
+/// Creator Version: 1.0.
+pub const CREATOR_VERSION: u32 = 0x0001_0000;
+/// Creator Host OS: the specification knows only Windows and Macintosh, and Windows is
+/// what the readers that look at it expect.
+const CREATOR_HOST_OS: [u8; 4] = *b"Wi2k";
+/// The block size Virtual PC, Hyper-V and qemu use for dynamic VHDs.
+pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
+/// VHD timestamps count seconds from 2000-01-01 00:00:00 UTC.
+const VHD_EPOCH: Duration = Duration::from_secs(946_684_800);
+/// Bytes the Parent Unicode Name field holds.
+const PARENT_NAME_BYTES: usize = 512;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VhdKind {
+    /// Every byte of the disk allocated up front, in the order of the disk.
+    Fixed,
+    /// Blocks allocated on first write.
+    Dynamic,
+    /// Blocks allocated on first write; everything else reads from the VHD `parent`.
+    Differencing { parent: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhdCreateOptions {
+    /// Disk size in bytes, a multiple of 512. For differencing disks 0 means the parent's
+    /// size; a larger size reads zeros past the parent's end.
+    pub size: u64,
+    pub kind: VhdKind,
+    /// Data bytes per block of dynamic and differencing disks: a power of two of at least
+    /// 512 ([`DEFAULT_BLOCK_SIZE`] unless there is a reason).
+    pub block_size: u32,
+}
+
+impl VhdCreateOptions {
+    pub fn new(size: u64, kind: VhdKind) -> VhdCreateOptions {
+        VhdCreateOptions {
+            size,
+            kind,
+            block_size: DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
+/// Creates the VHD image `path`, which must not exist yet. Nothing is left behind on error.
+pub fn create_vhd(path: &Path, options: &VhdCreateOptions) -> Result<()> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .context(|| "cannot create image".to_string())
+        .map_err(|e| e.with_file(path))?;
+    let written = write_image(&file, path, options).and_then(|()| {
+        file.sync_all()
+            .context(|| "flushing the new image".to_string())
+    });
+    if written.is_err() {
+        drop(file);
+        let _ = fs::remove_file(path);
+    }
+    written.map_err(|e| e.with_file(path))
+}
+
+/// What a differencing child records about its parent.
+struct ParentLink {
+    unique_id: [u8; 16],
+    timestamp: u32,
+    size: u64,
+    name: String,
+    relative: String,
+    absolute: String,
+}
+
+fn vhd_timestamp(time: SystemTime) -> u32 {
+    let since = time
+        .duration_since(UNIX_EPOCH + VHD_EPOCH)
+        .unwrap_or_default();
+    u32::try_from(since.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// `path` in Windows form: backslashes for slashes.
+fn windows_form(path: &Path) -> String {
+    path.to_string_lossy().replace('/', "\\")
+}
+
+/// How to get from directory `from` to `to` (both absolute, symlinks resolved), in
+/// Windows form: `.\name`, `..\dir\name`.
+fn relative_windows_path(from: &Path, to: &Path) -> String {
+    let from: Vec<Component> = from.components().collect();
+    let to: Vec<Component> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec![".".to_string()];
+    if common < from.len() {
+        parts = vec!["..".to_string(); from.len() - common];
+    }
+    parts.extend(
+        to[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    parts.join("\\")
+}
+
+fn link_to_parent(child: &Path, parent_path: &Path) -> Result<ParentLink> {
+    let parent = crate::open(
+        parent_path,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
+    let in_parent = |problem: String| Error::invalid_input(problem).with_file(parent_path);
+    if parent.format() != Format::Vhd {
+        return Err(in_parent(format!(
+            "is a {} image; a VHD differencing disk needs a VHD parent",
+            parent.format()
+        )));
+    }
+    let unique_id = parent
+        .identity()
+        .ok_or_else(|| in_parent("has no unique id".to_string()))?;
+    let canonical = fs::canonicalize(parent_path)
+        .context(|| "cannot resolve the parent path".to_string())
+        .map_err(|e| e.with_file(parent_path))?;
+    let modified = fs::metadata(&canonical)
+        .and_then(|m| m.modified())
+        .context(|| "reading the parent's modification time".to_string())
+        .map_err(|e| e.with_file(parent_path))?;
+    let child_dir = child
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let child_dir = fs::canonicalize(child_dir)
+        .context(|| "cannot resolve the image's directory".to_string())?;
+    let name = canonical
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(ParentLink {
+        unique_id,
+        timestamp: vhd_timestamp(modified),
+        size: parent.size(),
+        name,
+        relative: relative_windows_path(&child_dir, &canonical),
+        absolute: windows_form(&canonical),
+    })
+}
+
+fn invalid(problem: String) -> Error {
+    Error::invalid_input(problem)
+}
+
+fn write_image(file: &File, path: &Path, options: &VhdCreateOptions) -> Result<()> {
+    let parent = match &options.kind {
+        VhdKind::Differencing { parent } => Some(link_to_parent(path, parent)?),
+        _ => None,
+    };
+    let size = match &parent {
+        Some(link) if options.size == 0 => link.size,
+        Some(link) if options.size < link.size => {
+            return Err(invalid(format!(
+                "a differencing disk of {} bytes would cut off the end of its {}-byte parent",
+                options.size, link.size
+            )));
+        }
+        _ => options.size,
+    };
+    if size == 0 || !size.is_multiple_of(SECTOR) || size > MAX_DISK_SIZE {
+        return Err(invalid(format!(
+            "disk size {size} is not a whole number of 512-byte sectors between 512 and \
+             {MAX_DISK_SIZE} bytes"
+        )));
+    }
+    let disk_type = match options.kind {
+        VhdKind::Fixed => DiskType::Fixed,
+        VhdKind::Dynamic => DiskType::Dynamic,
+        VhdKind::Differencing { .. } => DiskType::Differencing,
+    };
+    let footer = Footer {
+        features: 2,
+        version: 0x0001_0000,
+        data_offset: if disk_type == DiskType::Fixed {
+            NO_DATA_OFFSET
+        } else {
+            FOOTER_SIZE as u64
+        },
+        timestamp: vhd_timestamp(SystemTime::now()),
+        creator_app: CREATOR_APP,
+        creator_version: CREATOR_VERSION,
+        creator_host_os: CREATOR_HOST_OS,
+        original_size: size,
+        current_size: size,
+        geometry: Geometry::for_size(size),
+        disk_type,
+        unique_id: *uuid::Uuid::new_v4().as_bytes(),
+        saved_state: 0,
+    }
+    .serialize();
+    let write = |bytes: &[u8], at: u64, what: &str| {
+        file.write_all_at(bytes, at)
+            .context(|| format!("writing the {what}"))
+    };
+    if disk_type == DiskType::Fixed {
+        // The data area stays a hole: it reads as zeros without taking space.
+        file.set_len(size)
+            .context(|| "sizing the data area".to_string())?;
+        return write(&footer, size, "footer");
+    }
+
+    let block_size = options.block_size;
+    if !block_size.is_power_of_two() || block_size < SECTOR as u32 {
+        return Err(invalid(format!(
+            "block size {block_size} is not a power of two of at least 512"
+        )));
+    }
+    let entries = size.div_ceil(u64::from(block_size));
+    if entries > MAX_BAT_ENTRIES {
+        return Err(invalid(format!(
+            "{entries} blocks of {block_size} bytes are more than the {MAX_BAT_ENTRIES} a \
+             VHD opened here may have; choose larger blocks"
+        )));
+    }
+    let table_at = (FOOTER_SIZE + HEADER_SIZE) as u64;
+    // `entries` is at most MAX_BAT_ENTRIES, far below u32::MAX.
+    let max_table_entries = entries as u32;
+    let mut end = table_at + table_bytes(max_table_entries);
+    let mut header = DynamicHeader {
+        data_offset: u64::MAX,
+        table_offset: table_at,
+        version: 0x0001_0000,
+        max_table_entries,
+        block_size,
+        parent_unique_id: [0; 16],
+        parent_timestamp: 0,
+        parent_name: [0; PARENT_NAME_BYTES],
+        parent_locators: [0; PARENT_LOCATORS_LEN],
+    };
+    let mut locator_data = Vec::new();
+    if let Some(link) = &parent {
+        header.parent_unique_id = link.unique_id;
+        header.parent_timestamp = link.timestamp;
+        let name: Vec<u8> = link
+            .name
+            .encode_utf16()
+            .flat_map(u16::to_be_bytes)
+            .collect();
+        if name.len() > PARENT_NAME_BYTES {
+            return Err(invalid(format!(
+                "the parent's file name '{}' is longer than the 256 UTF-16 units a VHD can record",
+                link.name
+            )));
+        }
+        header.parent_name[..name.len()].copy_from_slice(&name);
+        for (slot, (platform, text)) in [
+            (Platform::W2ru, &link.relative),
+            (Platform::W2ku, &link.absolute),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data = encode_utf16le(text);
+            let space = (data.len() as u64).max(1).next_multiple_of(SECTOR);
+            let locator = ParentLocator {
+                platform,
+                data_space: u32::try_from(space)
+                    .map_err(|_| invalid(format!("parent path '{text}' is too long")))?,
+                data_length: data.len() as u32,
+                data_offset: end,
+            };
+            locator
+                .data_range(slot, end + space)
+                .map_err(|_| invalid(format!("parent path '{text}' is too long")))?;
+            header.parent_locators[slot * ENTRY_SIZE..(slot + 1) * ENTRY_SIZE]
+                .copy_from_slice(&locator.serialize());
+            locator_data.push((end, data));
+            end += space;
+        }
+    }
+
+    write(&footer, 0, "footer copy")?;
+    write(&header.serialize(), FOOTER_SIZE as u64, "dynamic header")?;
+    write(
+        &vec![0xFF; table_bytes(max_table_entries) as usize],
+        table_at,
+        "BAT",
+    )?;
+    for (at, data) in &locator_data {
+        write(data, *at, "parent locator data")?;
+    }
+    write(&footer, end, "footer")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::VirtualDisk;
+    use crate::vhd::VhdDisk;
+
+    #[test]
+    fn relative_paths_in_windows_form() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            relative_windows_path(&p("/vm/a"), &p("/vm/a/base.vhd")),
+            ".\\base.vhd"
+        );
+        assert_eq!(
+            relative_windows_path(&p("/vm/a"), &p("/vm/b/base.vhd")),
+            "..\\b\\base.vhd"
+        );
+        assert_eq!(
+            relative_windows_path(&p("/vm/a/x"), &p("/base.vhd")),
+            "..\\..\\..\\base.vhd"
+        );
+        assert_eq!(
+            relative_windows_path(&p("/"), &p("/d/base.vhd")),
+            ".\\d\\base.vhd"
+        );
+        assert_eq!(windows_form(&p("/srv/vm/base.vhd")), "\\srv\\vm\\base.vhd");
+    }
+
+    #[test]
+    fn timestamps_count_from_2000() {
+        assert_eq!(vhd_timestamp(UNIX_EPOCH + VHD_EPOCH), 0);
+        // The Azure sample footer's time: 2024-11-13 17:17:10 UTC.
+        assert_eq!(
+            vhd_timestamp(UNIX_EPOCH + Duration::from_secs(1_731_518_230)),
+            0x2EC7_9B96
+        );
+        assert_eq!(vhd_timestamp(UNIX_EPOCH), 0);
+    }
+
+    #[test]
+    fn created_images_open_with_the_requested_size() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, kind, size) in [
+            ("fixed.vhd", VhdKind::Fixed, 3 << 20),
+            ("dynamic.vhd", VhdKind::Dynamic, (5 << 20) + 512),
+        ] {
+            let path = dir.path().join(name);
+            create_vhd(&path, &VhdCreateOptions::new(size, kind.clone())).unwrap();
+            let disk = VhdDisk::open(
+                Box::new(crate::storage::FileStorage::new(File::open(&path).unwrap())),
+                &OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(disk.size(), size, "{name}");
+            assert_eq!(disk.creator_app(), CREATOR_APP);
+            assert_eq!(disk.geometry(), Geometry::for_size(size));
+            assert_eq!(disk.allocated_blocks().is_some(), kind == VhdKind::Dynamic);
+        }
+    }
+
+    #[test]
+    fn bad_options_are_refused_and_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.vhd");
+        for (options, problem) in [
+            (
+                VhdCreateOptions::new(1000, VhdKind::Dynamic),
+                "not a whole number of 512-byte sectors",
+            ),
+            (
+                VhdCreateOptions::new(0, VhdKind::Fixed),
+                "not a whole number",
+            ),
+            (
+                VhdCreateOptions::new(MAX_DISK_SIZE + 512, VhdKind::Fixed),
+                "not a whole number",
+            ),
+            (
+                VhdCreateOptions {
+                    block_size: 3 << 20,
+                    ..VhdCreateOptions::new(1 << 20, VhdKind::Dynamic)
+                },
+                "block size 3145728 is not a power of two",
+            ),
+            (
+                VhdCreateOptions {
+                    block_size: 512,
+                    ..VhdCreateOptions::new(MAX_DISK_SIZE, VhdKind::Dynamic)
+                },
+                "choose larger blocks",
+            ),
+            (
+                VhdCreateOptions::new(
+                    0,
+                    VhdKind::Differencing {
+                        parent: dir.path().join("missing.vhd"),
+                    },
+                ),
+                "missing.vhd: cannot open image",
+            ),
+        ] {
+            let err = create_vhd(&path, &options).unwrap_err();
+            assert!(err.to_string().contains(problem), "{err}");
+            assert!(!path.exists(), "{err}");
+        }
+        fs::write(&path, b"keep me").unwrap();
+        let err = create_vhd(&path, &VhdCreateOptions::new(1 << 20, VhdKind::Dynamic)).unwrap_err();
+        assert!(err.to_string().contains("cannot create image"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), b"keep me");
+    }
+}

@@ -31,6 +31,7 @@ pub mod chain;
 pub mod disk;
 pub mod error;
 pub mod fuse;
+pub mod lock;
 pub mod raw;
 pub mod storage;
 pub mod vhd;

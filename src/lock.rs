@@ -45,6 +45,49 @@ fn permissions(read_only: bool) -> (&'static [u64], &'static [u64]) {
     }
 }
 
+/// Locks the image open as `file` for reading only (shared with other readers) or for
+/// writing (exclusive), or says who holds it: "image is in use (pid N)". The locks belong
+/// to the open file description: they last until its last descriptor is closed, and a
+/// refused attempt's partial locks go with it.
+pub fn lock(file: &File, read_only: bool) -> Result<(), String> {
+    let (used, unshared) = permissions(read_only);
+    // Locks first, checks second (as qemu does): of two openers racing, at least one
+    // then sees the other, so both can never succeed.
+    let taken = used
+        .iter()
+        .map(|p| PERM_BASE + p)
+        .chain(unshared.iter().map(|p| SHARED_BASE + p));
+    for byte in taken {
+        set_read_lock(file, byte).map_err(|e| format!("cannot lock image: {e}"))?;
+    }
+    let conflicts = used
+        .iter()
+        .map(|p| SHARED_BASE + p)
+        .chain(unshared.iter().map(|p| PERM_BASE + p));
+    for byte in conflicts {
+        let held =
+            held_by_others(file, byte).map_err(|e| format!("cannot test the image's lock: {e}"))?;
+        if held {
+            return Err(format!("image is in use ({})", holder(file, byte)));
+        }
+    }
+    let mode = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a valid descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+        let err = io::Error::last_os_error();
+        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            format!("image is in use ({})", holder(file, 0))
+        } else {
+            format!("cannot lock image: {err}")
+        });
+    }
+    Ok(())
+}
+
 /// An image locked for as long as this value lives.
 #[derive(Debug)]
 pub struct ImageLock {
@@ -52,47 +95,11 @@ pub struct ImageLock {
 }
 
 impl ImageLock {
-    /// Locks `image` for a read-only or read-write mount, or explains who holds it.
+    /// Opens `image` and [`lock`]s it; errors name the image.
     pub fn acquire(image: &Path, read_only: bool) -> Result<ImageLock, String> {
         let name = image.display();
         let file = File::open(image).map_err(|e| format!("{name}: cannot open image: {e}"))?;
-        let (used, unshared) = permissions(read_only);
-        // Locks first, checks second (as qemu does): of two openers racing, at least one
-        // then sees the other, so both can never succeed.
-        for &p in used {
-            set_read_lock(&file, PERM_BASE + p)
-                .map_err(|e| format!("{name}: cannot lock image: {e}"))?;
-        }
-        for &p in unshared {
-            set_read_lock(&file, SHARED_BASE + p)
-                .map_err(|e| format!("{name}: cannot lock image: {e}"))?;
-        }
-        let conflicts = used
-            .iter()
-            .map(|p| SHARED_BASE + p)
-            .chain(unshared.iter().map(|p| PERM_BASE + p));
-        for byte in conflicts {
-            let held = held_by_others(&file, byte)
-                .map_err(|e| format!("{name}: cannot test the image's lock: {e}"))?;
-            if held {
-                // Dropping `file` releases every byte taken above.
-                return Err(format!("{name}: image is in use ({})", holder(&file, byte)));
-            }
-        }
-        let mode = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
-            let err = io::Error::last_os_error();
-            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                format!("{name}: image is in use ({})", holder(&file, 0))
-            } else {
-                format!("{name}: cannot lock image: {err}")
-            });
-        }
+        lock(&file, read_only).map_err(|e| format!("{name}: {e}"))?;
         Ok(ImageLock { file })
     }
 

@@ -7,7 +7,6 @@
 //! `mount.fuse3`, systemd learns readiness through `$NOTIFY_SOCKET`, and the image is
 //! locked the way qemu locks images.
 
-mod lock;
 mod notify;
 mod options;
 mod syslog;
@@ -15,7 +14,6 @@ mod watch;
 
 use clap::Parser;
 use fuser::{Config, MountOption, Session, SessionACL};
-use lock::ImageLock;
 use options::{Access, MountConfig};
 use parking_lot::Mutex;
 use std::ffi::CString;
@@ -29,6 +27,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use vdisk_mount::VirtualDisk;
 use vdisk_mount::fuse::{DiskFs, RequestGate, View};
+use vdisk_mount::lock::ImageLock;
 use watch::ImageIdentity;
 
 #[derive(Parser, Debug)]
@@ -125,8 +124,8 @@ struct Mounted {
     service: Arc<Service>,
     image: Arc<ImageIdentity>,
     mountpoint: PathBuf,
-    /// Hold the image's lock (and its parent's) for as long as the daemon runs.
-    _locks: Vec<ImageLock>,
+    /// Holds the image's lock for as long as the daemon runs.
+    _lock: ImageLock,
 }
 
 fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
@@ -136,12 +135,9 @@ fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
         .image
         .canonicalize()
         .map_err(|e| format!("{}: cannot open image: {e}", cli.image.display()))?;
-    let mut locks = vec![ImageLock::acquire(&image_path, config.open.read_only)?];
-    if let Some(parent) = &config.open.parent {
-        // A parent is only read, and must not change under its children.
-        locks.push(ImageLock::acquire(parent, true)?);
-    }
-    let image = ImageIdentity::of(locks[0].file(), &image_path)
+    // Parents are locked (shared) where the chain opens them, for as long as they are open.
+    let lock = ImageLock::acquire(&image_path, config.open.read_only)?;
+    let image = ImageIdentity::of(lock.file(), &image_path)
         .map_err(|e| format!("{}: cannot open image: {e}", cli.image.display()))?;
     let image = Arc::new(image);
     let disk: Arc<dyn VirtualDisk> = vdisk_mount::open(&image_path, &config.open)
@@ -198,7 +194,7 @@ fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
             service,
             image,
             mountpoint,
-            _locks: locks,
+            _lock: lock,
         }),
         Err(e) => {
             service.close();
@@ -225,7 +221,7 @@ fn serve(mounted: Mounted) -> ExitCode {
         service,
         image,
         mountpoint,
-        _locks,
+        _lock,
     } = mounted;
     stop_on_signals(service.clone(), mountpoint.clone());
     watch::watch(image, service.gate());

@@ -171,3 +171,69 @@ fn qemu_reading_shares_with_read_only_mounts() {
     mount.unmount();
     drop(qemu);
 }
+
+#[test]
+fn parents_are_shared_with_readers_and_kept_from_writers() {
+    if !mount::fuse_available() {
+        return;
+    }
+    use vdisk_mount::vhd::{VhdCreateOptions, VhdKind, create_vhd};
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    common::qemu_img(&[
+        "create",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        base.to_str().unwrap(),
+        "16M",
+    ]);
+    common::qemu_io("vpc", &base, &["write -P 0x3c 0 64k"]);
+    let child = dir.path().join("child.vhd");
+    let kind = VhdKind::Differencing {
+        parent: base.clone(),
+    };
+    create_vhd(&child, &VhdCreateOptions::new(0, kind)).unwrap();
+
+    let mount = Mount::new(&child, &[]);
+    let write = Command::new("qemu-io")
+        .args(["-f", "vpc", "-c", "write 0 4k"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert_qemu_refused(&write, "Failed to get \"write\" lock");
+    let read = Command::new("qemu-io")
+        .args(["-r", "-f", "vpc", "-c", "read -P 0x3c 0 64k"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&read.stdout).contains("fail"));
+    // A second child of the same parent shares it too.
+    let sibling = dir.path().join("sibling.vhd");
+    let kind = VhdKind::Differencing {
+        parent: base.clone(),
+    };
+    create_vhd(&sibling, &VhdCreateOptions::new(0, kind)).unwrap();
+    Mount::new(&sibling, &["ro"]).unmount();
+    mount.unmount();
+
+    // The parent mounted read-write keeps its children out, naming it and its holder.
+    let writer = Mount::new(&base, &[]);
+    let mountpoint = tempfile::tempdir().unwrap();
+    let out = Mount::start(&child, &[], mountpoint.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mounted a child of a parent in use");
+    let expected = format!(
+        "parent {}: image is in use (pid {})",
+        base.display(),
+        writer.daemon_pid()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    writer.unmount();
+}

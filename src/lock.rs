@@ -11,11 +11,12 @@
 //! a read-write mount uses read, write and resize and shares neither write nor resize
 //! (what qemu takes for a writable image); a read-only mount uses read and shares neither
 //! write nor resize (what `qemu-io -r` takes), so read-only users share an image while a
-//! writer excludes everyone else.
+//! writer excludes everyone else. Parents of differencing images are locked as read-only
+//! images are, as qemu locks backing files.
 //!
-//! The daemon also holds a whole-file `flock` (exclusive when read-write), which qemu
-//! ignores but `flock(1)` sees: a script can wait for a daemon to finish closing the
-//! image after `umount` with `flock IMAGE true`.
+//! A whole-file `flock` (exclusive when read-write) comes with the byte locks; qemu
+//! ignores it but `flock(1)` sees it: a script can wait for a daemon to finish closing
+//! the image after `umount` with `flock IMAGE true`.
 //!
 //! OFD locks hide their owner (`F_OFD_GETLK` and `/proc/locks` say pid -1), so the holder
 //! is found through `/proc/PID/fdinfo`, which lists the locks of each open file.

@@ -4,7 +4,8 @@ mod common;
 
 use common::mount::{self, FsMount, LoopDevice, Mount};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -293,4 +294,82 @@ fn a_background_daemon_logs_io_errors_to_the_system_log() {
     assert!(record.starts_with(&expected), "{record}");
     drop(disk);
     mount.unmount();
+}
+
+/// `EXT4_IOC_SHUTDOWN`, `_IOR('X', 125, __u32)`: the filesystem stops, as when its disk
+/// dies, and every later I/O on it fails with `EIO`.
+const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587d;
+/// Drop the journal's uncommitted part, as a dead disk would.
+const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+
+#[test]
+fn a_failing_filesystem_passes_eio_through_and_the_daemon_keeps_answering() {
+    if !mount::loop_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (device, fs, _backing) = ext4(dir.path());
+    let image = fs.path().join("dying.vhdx");
+    create(&image, "vhdx", "block_size=1M", 64 * MIB);
+    let log = dir.path().join("daemon.log");
+    let mount = mount_logging(&image, &log);
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mount.disk())
+        .unwrap();
+    disk.write_all_at(&chunk(0), 0).unwrap();
+    disk.sync_data().unwrap();
+
+    let root = File::open(fs.path()).unwrap();
+    let flags = EXT4_GOING_FLAGS_NOLOGFLUSH;
+    // SAFETY: the ioctl reads one u32 from a valid pointer.
+    let rc = unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_SHUTDOWN, &flags) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    drop(root);
+
+    let err = disk
+        .write_all_at(&chunk(3), 3 * MIB)
+        .and_then(|()| disk.sync_data())
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Reading written data must reach the image file: O_DIRECT passes the kernel's page
+    // cache by. (Unwritten ranges read as zeros without the file, and still do.)
+    let direct = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(mount.disk())
+        .unwrap();
+    let mut aligned = vec![0u8; 8192];
+    let start = aligned.as_ptr().align_offset(4096);
+    let err = direct
+        .read_exact_at(&mut aligned[start..start + 4096], 0)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(direct);
+    // The daemon is still there, answering what needs no image.
+    assert_eq!(std::fs::metadata(mount.disk()).unwrap().len(), 64 * MIB);
+    drop(disk);
+    // Unmounting works; closing the image could not, so the daemon reports failure.
+    assert_eq!(mount.unmount_status(), Some(1));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("Input/output error"), "{logged}");
+    assert!(logged.contains(" at offset "), "{logged}");
+
+    // Mounted again (its journal replayed), the filesystem holds the image as a crash
+    // would have left it: it opens (replaying its own log if the failure left one), holds
+    // what was made durable before the failure, and closes clean for qemu.
+    fs.unmount();
+    let fs = FsMount::new(device.path());
+    let image = fs.path().join("dying.vhdx");
+    let mount = Mount::new(&image, &[]);
+    let mut back = vec![0u8; MIB as usize];
+    File::open(mount.disk())
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert!(back == chunk(0), "the synced chunk is gone");
+    mount.unmount();
+    common::qemu_check_clean("vhdx", &image);
+    fs.unmount();
 }

@@ -7,6 +7,7 @@
 //! `mount.fuse3`, systemd learns readiness through `$NOTIFY_SOCKET`, and the image is
 //! locked the way qemu locks images.
 
+mod kernel_mount;
 mod notify;
 mod options;
 mod syslog;
@@ -160,9 +161,11 @@ fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
     fs.set_image_check(Box::new(move || checked.check()));
     let service = Arc::new(Service::new(disk, fs.gate()));
 
+    let source = fs_name(&image_path);
+    // For unprivileged mounts through fusermount3; root mounts directly (kernel_mount).
     let mut fuse_config = Config::default();
     fuse_config.mount_options = vec![
-        MountOption::FSName(fs_name(&image_path)),
+        MountOption::FSName(source.clone()),
         MountOption::Subtype("vdisk-mount".to_string()),
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
@@ -188,7 +191,24 @@ fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
     };
     fuse_config.n_threads = Some(config.threads);
     fuse_config.clone_fd = true;
-    match Session::new(fs, &mountpoint, &fuse_config) {
+    let spec = kernel_mount::MountSpec {
+        source: &source,
+        read_only: config.open.read_only,
+        no_exec: config.no_exec,
+        others_allowed: config.access != Access::Owner,
+    };
+    let session = match kernel_mount::mount(&mountpoint, &spec) {
+        Ok(Some(device)) => {
+            let acl = fuse_config.acl;
+            Session::from_fd(fs, device, acl, fuse_config).inspect_err(|_| {
+                // The kernel answers a mount whose daemon failed with errors only.
+                let _ = unmount(&mountpoint);
+            })
+        }
+        Ok(None) => Session::new(fs, &mountpoint, &fuse_config),
+        Err(e) => Err(e),
+    };
+    match session {
         Ok(session) => Ok(Mounted {
             session,
             service,
@@ -234,6 +254,10 @@ fn serve(mounted: Mounted) -> ExitCode {
     notify::notify("STOPPING=1");
     if let Err(e) = &served {
         log::error!("serving the mount failed: {e}");
+        // A session that broke down leaves its mount behind, answering only errors.
+        if let Err(e) = unmount(&mountpoint) {
+            log::error!("cannot unmount {}: {e}", mountpoint.display());
+        }
     }
     if service.close() && served.is_ok() {
         ExitCode::SUCCESS

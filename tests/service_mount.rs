@@ -28,14 +28,15 @@ fn path_with_binary(dir: &Path) -> std::ffi::OsString {
     path
 }
 
-fn mount_options_of(mountpoint: &Path) -> String {
+/// The type and options the mount table shows for `mountpoint`.
+fn mount_entry(mountpoint: &Path) -> (String, String) {
     let target = mountpoint.to_str().unwrap();
     let table = std::fs::read_to_string("/proc/self/mounts").unwrap();
     table
         .lines()
         .map(|l| l.split(' ').collect::<Vec<_>>())
         .find(|f| f.get(1) == Some(&target))
-        .map(|f| f[3].to_string())
+        .map(|f| (f[2].to_string(), f[3].to_string()))
         .unwrap_or_else(|| panic!("{target} is not mounted"))
 }
 
@@ -93,7 +94,8 @@ fn mount_fuse3_runs_the_daemon_with_fstab_options() {
         command
     });
     mount::assert_same_bytes(&mount.disk(), &reference);
-    let options = mount_options_of(mount.mountpoint());
+    let (fs_type, options) = mount_entry(mount.mountpoint());
+    assert_eq!(fs_type, "fuse.vdisk-mount");
     for wanted in ["rw", "nodev", "nosuid", "noexec", "allow_other"] {
         assert!(
             options.split(',').any(|o| o == wanted),

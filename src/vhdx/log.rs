@@ -154,7 +154,7 @@ pub fn parse_entry(log: &[u8], position: u64, log_guid: Uuid) -> Option<LogEntry
                 length,
             }
         } else if &d[..4] == DATA_DESCRIPTOR_SIGNATURE {
-            if (data_sector + 1) * SECTOR > length {
+            if (data_sector + 1) * SECTOR > length || file_offset.checked_add(SECTOR).is_none() {
                 return None;
             }
             let s = &bytes[(data_sector * SECTOR) as usize..((data_sector + 1) * SECTOR) as usize];

@@ -244,8 +244,10 @@ fio_common=(--ioengine=libaio --direct=1 --norandommap --randrepeat=0
 
 # Reads fio's terse (v3) output and prints "job value" per job: MiB/s for sequential jobs,
 # IOPS for random ones (fields 7/8: read KiB/s and IOPS, 48/49: the same for writes).
+# Other lines (fio's notes about exec_prerun) are skipped.
 fio_results() {
     awk -F';' '
+        $1 != 3 { next }
         $5 != 0 { print "fio job " $3 " failed with error " $5 > "/dev/stderr"; exit 1 }
         { w = $3 ~ /write/; kib = w ? $48 : $7; iops = w ? $49 : $8 }
         $3 ~ /rand/ { printf "%s %.0f\n", $3, iops; next }
@@ -270,7 +272,8 @@ run_jobs() { # label [reads]
     while read -r name value; do
         result["$label|$name"]=$value
         log "$label $name: $value"
-    done < <(fio "${args[@]}" | fio_results)
+    # exec_prerun leaves its output in the current directory.
+    done < <(cd "$workdir" && fio "${args[@]}" | fio_results)
 }
 
 # Runs the jobs on the current target directly and through a direct-I/O loop device.

@@ -106,16 +106,16 @@ fi
 
 mounts=()    # FUSE mountpoints (directories or qemu export files)
 loop=""      # the attached loop device, if any
-qsd_pids=()  # qemu-storage-daemon processes
+qsd_pid=""   # the running qemu-storage-daemon, if any
 cleanup() {
-    local m p
+    local m
     [ -z "$loop" ] || losetup -d "$loop" 2> /dev/null || true
     for m in "${mounts[@]}"; do
         if mountpoint -q "$m" 2> /dev/null; then
             fusermount3 -u "$m" 2> /dev/null || umount -l "$m" 2> /dev/null || true
         fi
     done
-    for p in "${qsd_pids[@]}"; do kill "$p" 2> /dev/null || true; done
+    [ -z "$qsd_pid" ] || kill "$qsd_pid" 2> /dev/null || true
     if [ "$remove_workdir" = 1 ]; then
         # Only after every mount inside it is gone.
         for m in "${mounts[@]}"; do
@@ -177,19 +177,18 @@ start_vdisk() { # image [mount options]
 }
 
 start_qsd() { # image format
-    local image=$1 format=$2 export pidfile
-    export=$(mktemp "$workdir/qsd-export.XXXXXX")
-    pidfile="$export.pid"
-    mounts+=("$export")
+    local image=$1 format=$2 export_file
+    export_file=$(mktemp "$workdir/qsd-export.XXXXXX")
+    mounts+=("$export_file")
     qemu-storage-daemon \
         --blockdev "driver=file,node-name=file0,filename=$image" \
         --blockdev "driver=$format,node-name=fmt0,file=file0" \
-        --export "type=fuse,id=exp0,node-name=fmt0,mountpoint=$export,writable=on" \
-        --pidfile "$pidfile" --daemonize
-    target_pid=$(cat "$pidfile")
-    qsd_pids+=("$target_pid")
-    target_mount=$export
-    target_file=$export
+        --export "type=fuse,id=exp0,node-name=fmt0,mountpoint=$export_file,writable=on" \
+        --pidfile "$export_file.pid" --daemonize
+    qsd_pid=$(cat "$export_file.pid")
+    target_pid=$qsd_pid
+    target_mount=$export_file
+    target_file=$export_file
     target_kind=qsd
 }
 
@@ -219,6 +218,7 @@ stop_target() {
         qsd) kill "$target_pid" ;;
     esac
     [ -z "$target_pid" ] || wait_gone "$target_pid"
+    [ "$target_kind" != qsd ] || qsd_pid=""
     target_file="" target_pid="" target_mount="" target_kind=""
 }
 

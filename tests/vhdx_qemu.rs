@@ -387,3 +387,109 @@ fn wrapped_log_left_dirty_is_replayed_by_us_and_by_qemu() {
         raw.to_str().unwrap(),
     ]);
 }
+
+/// Bytes written over an image at an offset.
+type Patch = (u64, Vec<u8>);
+
+/// Damage to a qemu-made image: one bad copy of a duplicated structure is survived, anything
+/// else is refused with one line naming the file and the structure.
+#[test]
+fn damaged_qemu_images_are_refused_with_one_line_errors() {
+    use vdisk_mount::vhdx::region_table::BAT_REGION;
+    let dir = tempfile::tempdir().unwrap();
+    let case = Case {
+        block_mib: 1,
+        log_mib: 1,
+        fixed: false,
+        block_state_zero: true,
+        size: 8 * MIB,
+    };
+    let pristine = case.create(dir.path());
+    case.qemu_writes(&pristine);
+    let raw = dir.path().join("expected.raw");
+    common::qemu_convert_to_raw("vhdx", &pristine, &raw);
+    let mut table = vec![0u8; REGION_TABLE_LEN];
+    File::open(&pristine)
+        .unwrap()
+        .read_exact_at(&mut table, 192 * 1024)
+        .unwrap();
+    let regions = RegionTable::parse(&table, "region table 1").unwrap();
+    let bat = regions.find(BAT_REGION).file_offset;
+    let meta = regions.find(METADATA_REGION).file_offset;
+    let file_len = std::fs::metadata(&pristine).unwrap().len();
+
+    let flip = |at: u64| -> Vec<Patch> {
+        let mut byte = [0u8; 1];
+        File::open(&pristine)
+            .unwrap()
+            .read_exact_at(&mut byte, at)
+            .unwrap();
+        vec![(at, vec![byte[0] ^ 0x20])]
+    };
+    let mut overlapping = regions.clone();
+    overlapping.entries[0].file_offset = MIB;
+    let overlapping = overlapping.to_bytes();
+    let past_end = (file_len.next_multiple_of(MIB) + 4 * MIB) | 6;
+    let cases: Vec<(&str, Vec<Patch>, Option<&str>)> = vec![
+        ("header 1", flip(64 * 1024 + 40), None),
+        ("header 2", flip(128 * 1024 + 40), None),
+        (
+            "both headers",
+            [flip(64 * 1024 + 40), flip(128 * 1024 + 40)].concat(),
+            Some("headers: no valid header"),
+        ),
+        ("region table 1", flip(192 * 1024 + 20), None),
+        (
+            "both region tables",
+            [flip(192 * 1024 + 20), flip(256 * 1024 + 20)].concat(),
+            Some("region tables: no valid copy"),
+        ),
+        (
+            "metadata table",
+            flip(meta + 2),
+            Some("metadata table: signature is not 'metadata'"),
+        ),
+        (
+            "BAT entry",
+            vec![(bat + 8 * 5, past_end.to_le_bytes().to_vec())],
+            Some("BAT entry 5: points past end of file"),
+        ),
+        (
+            "overlapping regions",
+            vec![
+                (192 * 1024, overlapping.clone()),
+                (256 * 1024, overlapping.clone()),
+            ],
+            Some(
+                "region table: BAT region 2dc27766-f623-4200-9d64-115e9bfd4a08: at 0x100000 overlaps the log",
+            ),
+        ),
+    ];
+    for (what, patches, refusal) in cases {
+        let damaged = dir.path().join("damaged.vhdx");
+        std::fs::copy(&pristine, &damaged).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&damaged)
+            .unwrap();
+        for (at, bytes) in patches {
+            file.write_all_at(&bytes, at).unwrap();
+        }
+        drop(file);
+        let options = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        match (vdisk_mount::open(&damaged, &options), refusal) {
+            (Ok(disk), None) => assert_disk_equals_file(disk.as_ref(), &raw, what),
+            (Err(e), Some(expected)) => {
+                let text = e.to_string();
+                let prefix = format!("{}: {expected}", damaged.display());
+                assert!(text.starts_with(&prefix), "{what}: {text}");
+                assert!(!text.contains('\n'), "{what}: {text}");
+            }
+            (Ok(_), Some(expected)) => panic!("{what}: opened, expected {expected}"),
+            (Err(e), None) => panic!("{what}: refused: {e}"),
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The metadata log: a ring of entries, each a list of 4 KiB page writes and zeroed ranges
 //! that must reach their final places in the file. Parses entries, finds the active
-//! sequence to replay (FORMATS §6.4), and builds entries for the writer.
+//! sequence to replay (MS-VHDX §2.3.3), and builds entries for the writer.
 
 use super::fields::{
     crc32c_matches, guid_at, put_guid, put_u32, put_u64, seal_crc32c, u32_at, u64_at,
@@ -200,7 +200,7 @@ impl ActiveSequence {
     }
 }
 
-/// Finds the active sequence in the log ring `log` (FORMATS §6.4): the valid run of
+/// Finds the active sequence in the log ring `log` (MS-VHDX §2.3.3): the valid run of
 /// consecutive entries with the highest head sequence number whose head's Tail points at
 /// one of its own entries. `None` when the log holds no valid sequence.
 pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Option<ActiveSequence> {

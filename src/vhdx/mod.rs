@@ -708,6 +708,9 @@ impl VirtualDisk for VhdxDisk {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         check_range(self.size(), offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
         self.begin_user_write()?;
         let mut unallocated = Vec::new();
         for (block, in_block, at, n) in self.pieces(offset, buf.len()) {
@@ -760,6 +763,9 @@ impl VirtualDisk for VhdxDisk {
         self.check_writable()?;
         let len_usize = usize::try_from(len).map_err(|_| Error::invalid_input("range too long"))?;
         check_range(self.size(), offset, len_usize)?;
+        if len == 0 {
+            return Ok(());
+        }
         self.begin_user_write()?;
         let block_size = u64::from(self.params.block_size);
         let mut whole_blocks = Vec::new();

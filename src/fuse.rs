@@ -512,11 +512,27 @@ fn file_attr(a: &NodeAttr) -> FileAttr {
 
 impl Filesystem for DiskFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Asynchronous direct I/O and background requests (readahead, asynchronous direct
+        // I/O) are held back by the kernel beyond this many in flight. It must cover a
+        // loop device's or an application's whole queue, so the worker threads always
+        // have requests to serve; the kernel lowers it for unprivileged mounts.
+        const MAX_BACKGROUND: u16 = 128;
         // Both are capped by the kernel and by fuser; a smaller limit is fine.
         let _ = config.set_max_write(MAX_IO);
         if let Err(kernel_max) = config.set_max_readahead(MAX_IO) {
             let _ = config.set_max_readahead(kernel_max);
         }
+        // Without it the kernel serves each O_DIRECT request (io_submit, a loop device
+        // with direct I/O) to completion before the caller may submit the next, so a
+        // queue depth of 16 would reach the workers one request at a time.
+        if config
+            .add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO)
+            .is_err()
+        {
+            log::warn!("the kernel lacks asynchronous direct I/O; O_DIRECT requests run serially");
+        }
+        // fuser derives the congestion threshold from it (three quarters).
+        let _ = config.set_max_background(MAX_BACKGROUND);
         Ok(())
     }
 

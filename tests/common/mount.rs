@@ -362,6 +362,12 @@ impl LoopDevice {
         Self::losetup(&["-f", "--show"], file)
     }
 
+    /// Attached with direct I/O: the loop driver then submits requests to `file`
+    /// asynchronously, several at a time, as it does for most users.
+    pub fn attach_direct_io(file: &Path) -> LoopDevice {
+        Self::losetup(&["-f", "--show", "--direct-io=on"], file)
+    }
+
     pub fn attach_read_only(file: &Path) -> LoopDevice {
         Self::losetup(&["-f", "--show", "-r"], file)
     }

@@ -254,6 +254,12 @@ impl LoopDevice {
         Self::losetup(&["-f", "--show", "-r"], file)
     }
 
+    /// A read-only loop device over `file` from byte `offset` on (a partition inside a
+    /// disk image).
+    pub fn attach_read_only_at(file: &Path, offset: u64) -> LoopDevice {
+        Self::losetup(&["-f", "--show", "-r", "-o", &offset.to_string()], file)
+    }
+
     fn losetup(args: &[&str], file: &Path) -> LoopDevice {
         let out = run(Command::new("losetup").args(args).arg(file));
         let device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
@@ -286,6 +292,11 @@ impl FsMount {
         Self::mount(&["-o", "ro"], device)
     }
 
+    /// Mounts with `-o options`, e.g. `ro,norecovery`.
+    pub fn with_options(device: &Path, options: &str) -> FsMount {
+        Self::mount(&["-o", options], device)
+    }
+
     fn mount(args: &[&str], device: &Path) -> FsMount {
         let dir = tempfile::tempdir().unwrap();
         run(Command::new("mount").args(args).arg(device).arg(dir.path()));
@@ -311,6 +322,34 @@ impl Drop for FsMount {
                 .status();
         }
     }
+}
+
+/// Byte offsets of the partitions in a partitioned disk (MBR or GPT), as `sfdisk -J`
+/// reads its partition table.
+pub fn partition_offsets(disk: &Path) -> Vec<u64> {
+    let out = run(Command::new("sfdisk").arg("-J").arg(disk));
+    let json = String::from_utf8(out.stdout).unwrap();
+    let number = |line: &str, key: &str| -> Option<u64> {
+        let value = line.trim().strip_prefix(&format!("\"{key}\": "))?;
+        Some(value.trim_end_matches(',').parse().unwrap())
+    };
+    let sector_size = json
+        .lines()
+        .find_map(|line| number(line, "sectorsize"))
+        .unwrap_or_else(|| panic!("sfdisk -J gave no sector size: {json}"));
+    json.lines()
+        .filter_map(|line| number(line, "start"))
+        .map(|start| start * sector_size)
+        .collect()
+}
+
+/// sha256 of a whole file, hashed by `openssl` (fast even in unoptimised test builds, where
+/// the mounted disks of multi-GiB images would take minutes to hash).
+pub fn sha256_by_openssl(path: &Path) -> String {
+    let out = run(Command::new("openssl")
+        .args(["dgst", "-sha256", "-r"])
+        .arg(path));
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
 /// Deterministic, position-dependent bytes, so a misplaced write shows up.

@@ -14,33 +14,6 @@ const DIRTY_LOG_IMAGES: [&str; 2] = [
     "discutils__vhdx-log-replay__win10-15063-dirtylog.vhdx",
 ];
 
-/// The LogGuid of the current VHDX header (the valid one with the higher sequence number),
-/// read straight from the file's bytes: zero means no log is waiting for replay.
-fn current_log_guid(image: &Path) -> [u8; 16] {
-    const HEADER_OFFSETS: [u64; 2] = [64 * 1024, 128 * 1024];
-    const HEADER_SIZE: usize = 4096;
-    let file = std::fs::File::open(image).unwrap();
-    let mut current: Option<(u64, [u8; 16])> = None;
-    for offset in HEADER_OFFSETS {
-        let mut header = vec![0u8; HEADER_SIZE];
-        file.read_exact_at(&mut header, offset).unwrap();
-        // Signature "head" at 0, CRC-32C at 4 (computed with itself zeroed), sequence
-        // number at 8, file and data write GUIDs at 16 and 32, LogGuid at 48.
-        let checksum = u32::from_le_bytes(header[4..8].try_into().unwrap());
-        header[4..8].fill(0);
-        if &header[..4] != b"head" || crc32c::crc32c(&header) != checksum {
-            continue;
-        }
-        let sequence = u64::from_le_bytes(header[8..16].try_into().unwrap());
-        if current.is_none_or(|(s, _)| sequence > s) {
-            current = Some((sequence, header[48..64].try_into().unwrap()));
-        }
-    }
-    current
-        .unwrap_or_else(|| panic!("{}: no valid VHDX header", image.display()))
-        .1
-}
-
 /// A read-only mount reads the replayed disk while leaving the file untouched (log still
 /// pending); a read/write mount replays the log into the file, after which the file is
 /// clean for qemu and still reads the same.
@@ -57,7 +30,7 @@ fn dirty_log_images_are_replayed_in_memory_read_only_and_on_disk_read_write() {
         let image = common::decompress_corpus_image(&corpus, name, dir.path());
         let expected = common::expected_sha256(&corpus, &format!("{name}.raw"));
         assert_ne!(
-            current_log_guid(&image),
+            mount::vhdx_log_guid(&image),
             [0; 16],
             "{name} has no log to replay"
         );
@@ -78,7 +51,7 @@ fn dirty_log_images_are_replayed_in_memory_read_only_and_on_disk_read_write() {
 
         Mount::new(&image, &[]).unmount();
         assert_eq!(
-            current_log_guid(&image),
+            mount::vhdx_log_guid(&image),
             [0; 16],
             "{name}: log left pending"
         );
@@ -306,7 +279,7 @@ fn corpus_images_read_as_expected_through_the_mount() {
         let before = common::sha256_file(&image);
         let mount = Mount::new(&image, &["ro"]);
         assert_eq!(
-            common::sha256_file(&mount.disk()),
+            mount::sha256_by_openssl(&mount.disk()),
             common::expected_sha256(&corpus, &format!("{name}.raw")),
             "{name}"
         );

@@ -303,6 +303,8 @@ struct Tally {
     mid_workload: usize,
     changes: usize,
     acknowledged: usize,
+    /// VHDX kills that left a log for the next open to replay.
+    log_pending: usize,
     fresh_images: usize,
 }
 
@@ -359,10 +361,18 @@ impl<'a> Victim<'a> {
         tally.kills += 1;
         tally.changes += started.len();
         tally.acknowledged += acknowledged;
+        let log_pending =
+            layout.qemu_format == "vhdx" && mount::vhdx_log_guid(&self.path) != [0; 16];
+        tally.log_pending += usize::from(log_pending);
         eprintln!(
             "{context}: killed after {delay:?}: {} changes started, {acknowledged} \
-             acknowledged, writer stopped by {end:?}",
-            started.len()
+             acknowledged, writer stopped by {end:?}{}",
+            started.len(),
+            if log_pending {
+                ", log left to replay"
+            } else {
+                ""
+            }
         );
 
         let vdisk = Mount::new(&self.path, &[]);
@@ -421,11 +431,12 @@ fn survives_kills(name: &str, layouts: &[Layout], turns: &[usize], iterations: u
         }
     }
     eprintln!(
-        "{name}: {} kills in {:?}, {} inside the workload; {} changes, {} acknowledged; \
-         {} images",
+        "{name}: {} kills in {:?}, {} inside the workload, {} leaving a VHDX log to \
+         replay; {} changes, {} acknowledged; {} images",
         tally.kills,
         start.elapsed(),
         tally.mid_workload,
+        tally.log_pending,
         tally.changes,
         tally.acknowledged,
         tally.fresh_images
@@ -487,4 +498,42 @@ fn dynamic_vhd_survives_kills_during_writes() {
         block: 2 * MIB,
     }];
     survives_kills("vhd", &layouts, &[0], iterations().div_ceil(3));
+}
+
+/// The check above must catch what it is there for, or a passing run proves nothing.
+#[test]
+fn crash_check_tells_lost_and_torn_sectors_from_old_and_new_ones() {
+    let before = vec![1u8; 4 * SECTOR as usize];
+    let started = [
+        Change::Write {
+            offset: 10,
+            data: vec![2; 600],
+        },
+        Change::Punch {
+            offset: 2 * SECTOR,
+            len: SECTOR,
+        },
+    ];
+    let mut all_new = before.clone();
+    started.iter().for_each(|c| c.apply(&mut all_new));
+    // Unacknowledged: old or new content, sector by sector, are both fine.
+    assert!(crash_problems(&before, &before, &started, 0).is_empty());
+    assert!(crash_problems(&before, &all_new, &started, 0).is_empty());
+    let mut first_sector_only = before.clone();
+    first_sector_only[10..512].fill(2);
+    assert!(crash_problems(&before, &first_sector_only, &started, 0).is_empty());
+    // Acknowledged and lost.
+    let lost = crash_problems(&before, &first_sector_only, &started, 1);
+    assert!(
+        lost[0].contains("sector at 0x200 lost the acknowledged change 0"),
+        "{lost:?}"
+    );
+    // Torn inside a sector, or changed where nothing was written.
+    let mut torn = before.clone();
+    torn[10..100].fill(2);
+    assert_eq!(crash_problems(&before, &torn, &started, 0).len(), 1);
+    let mut stray = all_new.clone();
+    stray[3 * SECTOR as usize] = 9;
+    let problems = crash_problems(&before, &stray, &started, 2);
+    assert!(problems[0].contains("0x600 holds neither") && problems[0].contains("no change"));
 }

@@ -352,6 +352,33 @@ pub fn sha256_by_openssl(path: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
+/// The LogGuid of the current VHDX header (the valid one with the higher sequence number),
+/// read straight from the file's bytes: zero means no log is waiting for replay.
+pub fn vhdx_log_guid(image: &Path) -> [u8; 16] {
+    const HEADER_OFFSETS: [u64; 2] = [64 * 1024, 128 * 1024];
+    const HEADER_SIZE: usize = 4096;
+    let file = std::fs::File::open(image).unwrap();
+    let mut current: Option<(u64, [u8; 16])> = None;
+    for offset in HEADER_OFFSETS {
+        let mut header = vec![0u8; HEADER_SIZE];
+        file.read_exact_at(&mut header, offset).unwrap();
+        // Signature "head" at 0, CRC-32C at 4 (computed with itself zeroed), sequence
+        // number at 8, file and data write GUIDs at 16 and 32, LogGuid at 48.
+        let checksum = u32::from_le_bytes(header[4..8].try_into().unwrap());
+        header[4..8].fill(0);
+        if &header[..4] != b"head" || crc32c::crc32c(&header) != checksum {
+            continue;
+        }
+        let sequence = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        if current.is_none_or(|(s, _)| sequence > s) {
+            current = Some((sequence, header[48..64].try_into().unwrap()));
+        }
+    }
+    current
+        .unwrap_or_else(|| panic!("{}: no valid VHDX header", image.display()))
+        .1
+}
+
 /// Deterministic, position-dependent bytes, so a misplaced write shows up.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

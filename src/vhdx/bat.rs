@@ -67,7 +67,7 @@ impl BatEntry {
     }
 }
 
-/// How BAT indices map onto the virtual disk (FORMATS §5.1, §5.2).
+/// How BAT indices map onto the virtual disk (MS-VHDX §2.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatLayout {
     pub block_size: u64,

@@ -1,6 +1,6 @@
 //! The metadata log: a ring of entries, each a list of 4 KiB page writes and zeroed ranges
 //! that must reach their final places in the file. Parses entries, finds the active
-//! sequence to replay (FORMATS §6.4), and builds entries for the writer.
+//! sequence to replay (MS-VHDX §2.3.3), and builds entries for the writer.
 
 use super::fields::{
     crc32c_matches, guid_at, put_guid, put_u32, put_u64, seal_crc32c, u32_at, u64_at,
@@ -154,7 +154,7 @@ pub fn parse_entry(log: &[u8], position: u64, log_guid: Uuid) -> Option<LogEntry
                 length,
             }
         } else if &d[..4] == DATA_DESCRIPTOR_SIGNATURE {
-            if (data_sector + 1) * SECTOR > length {
+            if (data_sector + 1) * SECTOR > length || file_offset.checked_add(SECTOR).is_none() {
                 return None;
             }
             let s = &bytes[(data_sector * SECTOR) as usize..((data_sector + 1) * SECTOR) as usize];
@@ -200,7 +200,7 @@ impl ActiveSequence {
     }
 }
 
-/// Finds the active sequence in the log ring `log` (FORMATS §6.4): the valid run of
+/// Finds the active sequence in the log ring `log` (MS-VHDX §2.3.3): the valid run of
 /// consecutive entries with the highest head sequence number whose head's Tail points at
 /// one of its own entries. `None` when the log holds no valid sequence.
 pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Option<ActiveSequence> {

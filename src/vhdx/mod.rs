@@ -65,9 +65,11 @@ impl Overlay {
             .physical_len
             .saturating_sub(offset)
             .min(buf.len() as u64) as usize;
-        storage
-            .read_at(&mut buf[..in_file], offset)
-            .context(|| format!("reading {} bytes at {offset:#x}", buf.len()))?;
+        if in_file > 0 {
+            storage
+                .read_at(&mut buf[..in_file], offset)
+                .context(|| format!("reading {} bytes at {offset:#x}", buf.len()))?;
+        }
         buf[in_file..].fill(0);
         for update in &self.updates {
             let (start, len) = (update.file_offset(), update.covered_len());
@@ -188,54 +190,7 @@ impl VhdxDisk {
             file_end: file_len,
         };
         let log_was_dirty = journal.header.log_is_dirty();
-        let mut overlay = None;
-        if log_was_dirty {
-            let h = &journal.header;
-            let ring = log::read_ring(storage.as_ref(), h.log_offset, h.log_length)?;
-            match log::find_active_sequence(&ring, h.log_guid) {
-                None => ::log::warn!(
-                    "log {} holds no valid sequence; nothing to replay",
-                    h.log_guid
-                ),
-                Some(sequence) => {
-                    log::check_sequence_against_file(&sequence, file_len)?;
-                    let head = sequence.head();
-                    let logical_len = file_len.max(head.last_file_offset);
-                    let updates: Vec<LogUpdate> = sequence
-                        .entries
-                        .into_iter()
-                        .flat_map(|e| {
-                            let seq = e.sequence;
-                            e.updates.into_iter().map(move |u| (seq, u))
-                        })
-                        .map(|(seq, u)| {
-                            if u.file_offset() + u.covered_len() > logical_len {
-                                Err(Error::corrupt(
-                                    CorruptionKind::OutOfBounds,
-                                    format!("log entry {seq}"),
-                                    format!(
-                                        "update at {:#x} lies past the end of the file",
-                                        u.file_offset()
-                                    ),
-                                ))
-                            } else {
-                                Ok(u)
-                            }
-                        })
-                        .collect::<Result<_>>()?;
-                    let replay = Overlay {
-                        updates,
-                        physical_len: file_len,
-                        logical_len,
-                    };
-                    if options.read_only {
-                        overlay = Some(replay);
-                    } else {
-                        replay_to_file(storage.as_ref(), &mut journal, &replay)?;
-                    }
-                }
-            }
-        }
+        let overlay = replay_log(storage.as_ref(), &mut journal, file_len, options.read_only)?;
         let file_len = match &overlay {
             Some(o) => o.logical_len,
             None => storage
@@ -255,40 +210,7 @@ impl VhdxDisk {
             )?;
         }
         let regions = RegionTable::parse_either([&copies[0], &copies[1]])?;
-        let h = &journal.header;
-        let mut reserved = vec![ReservedRange {
-            start: h.log_offset,
-            end: h.log_offset + u64::from(h.log_length),
-            name: "log",
-        }];
-        for region in &regions.entries {
-            let name = match region.guid {
-                BAT_REGION => "BAT region",
-                METADATA_REGION => "metadata region",
-                _ => "region",
-            };
-            let bad = |problem: String| {
-                Err(Error::corrupt(
-                    CorruptionKind::OutOfBounds,
-                    format!("region table: {name} {}", region.guid),
-                    problem,
-                ))
-            };
-            if region.end() > file_len {
-                return bad(format!(
-                    "at {:#x} extends past end of file ({file_len:#x})",
-                    region.file_offset
-                ));
-            }
-            if region.file_offset < reserved[0].end && reserved[0].start < region.end() {
-                return bad(format!("at {:#x} overlaps the log", region.file_offset));
-            }
-            reserved.push(ReservedRange {
-                start: region.file_offset,
-                end: region.end(),
-                name,
-            });
-        }
+        let reserved = reserved_ranges(&journal.header, &regions, file_len)?;
 
         let meta_region = regions.find(METADATA_REGION);
         let mut table = vec![0u8; METADATA_TABLE_LEN];
@@ -575,6 +497,100 @@ impl VhdxDisk {
     }
 }
 
+/// Replays a dirty log: into the file for read/write opens, or into the returned overlay
+/// for read-only ones, which must leave the file untouched.
+fn replay_log(
+    storage: &dyn Storage,
+    journal: &mut Journal,
+    file_len: u64,
+    read_only: bool,
+) -> Result<Option<Overlay>> {
+    let h = &journal.header;
+    if !h.log_is_dirty() {
+        return Ok(None);
+    }
+    let ring = log::read_ring(storage, h.log_offset, h.log_length)?;
+    let Some(sequence) = log::find_active_sequence(&ring, h.log_guid) else {
+        ::log::warn!(
+            "log {} holds no valid sequence; nothing to replay",
+            h.log_guid
+        );
+        return Ok(None);
+    };
+    log::check_sequence_against_file(&sequence, file_len)?;
+    let logical_len = file_len.max(sequence.head().last_file_offset);
+    let mut updates = Vec::new();
+    for entry in sequence.entries {
+        for update in entry.updates {
+            if update.file_offset() + update.covered_len() > logical_len {
+                return Err(Error::corrupt(
+                    CorruptionKind::OutOfBounds,
+                    format!("log entry {}", entry.sequence),
+                    format!(
+                        "update at {:#x} lies past the end of the file",
+                        update.file_offset()
+                    ),
+                ));
+            }
+            updates.push(update);
+        }
+    }
+    let replay = Overlay {
+        updates,
+        physical_len: file_len,
+        logical_len,
+    };
+    if read_only {
+        return Ok(Some(replay));
+    }
+    replay_to_file(storage, journal, &replay)?;
+    Ok(None)
+}
+
+/// Checks every region against the file and the log, and returns the ranges no block may
+/// overlap: the log first, then each region.
+fn reserved_ranges(
+    header: &Header,
+    regions: &RegionTable,
+    file_len: u64,
+) -> Result<Vec<ReservedRange>> {
+    let log = ReservedRange {
+        start: header.log_offset,
+        end: header.log_offset + u64::from(header.log_length),
+        name: "log",
+    };
+    let mut reserved = vec![log];
+    for region in &regions.entries {
+        let name = match region.guid {
+            BAT_REGION => "BAT region",
+            METADATA_REGION => "metadata region",
+            _ => "region",
+        };
+        let bad = |problem: String| {
+            Err(Error::corrupt(
+                CorruptionKind::OutOfBounds,
+                format!("region table: {name} {}", region.guid),
+                problem,
+            ))
+        };
+        if region.end() > file_len {
+            return bad(format!(
+                "at {:#x} extends past end of file ({file_len:#x})",
+                region.file_offset
+            ));
+        }
+        if region.file_offset < reserved[0].end && reserved[0].start < region.end() {
+            return bad(format!("at {:#x} overlaps the log", region.file_offset));
+        }
+        reserved.push(ReservedRange {
+            start: region.file_offset,
+            end: region.end(),
+            name,
+        });
+    }
+    Ok(reserved)
+}
+
 /// Replaces the current header by the two-step procedure: the changed header goes to the
 /// other slot and is flushed, then to the first slot. The first update of a session also
 /// installs a new FileWriteGuid.
@@ -610,11 +626,22 @@ fn update_header(
     Ok(())
 }
 
+/// Writes `len` zero bytes at `offset`, a bounded buffer at a time.
+fn write_zeros(storage: &dyn Storage, offset: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; len.min(MIB) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(MIB);
+        storage.write_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Replays the log's updates into the file, then marks the log empty. The header update
 /// before replay keeps the LogGuid, so a crash during replay leaves the log replayable.
 fn replay_to_file(storage: &dyn Storage, j: &mut Journal, replay: &Overlay) -> Result<()> {
     update_header(storage, j, |_| {})?;
-    let zeros = vec![0u8; MIB as usize];
     for update in &replay.updates {
         match update {
             LogUpdate::Page { file_offset, data } => storage
@@ -623,16 +650,8 @@ fn replay_to_file(storage: &dyn Storage, j: &mut Journal, replay: &Overlay) -> R
             LogUpdate::Zero {
                 file_offset,
                 length,
-            } => {
-                let mut done = 0;
-                while done < *length {
-                    let n = (length - done).min(MIB);
-                    storage
-                        .write_at(&zeros[..n as usize], file_offset + done)
-                        .context(|| format!("replaying log zeros to {file_offset:#x}"))?;
-                    done += n;
-                }
-            }
+            } => write_zeros(storage, *file_offset, *length)
+                .context(|| format!("replaying log zeros to {file_offset:#x}"))?,
         }
     }
     let len = storage
@@ -689,6 +708,9 @@ impl VirtualDisk for VhdxDisk {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         check_range(self.size(), offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
         self.begin_user_write()?;
         let mut unallocated = Vec::new();
         for (block, in_block, at, n) in self.pieces(offset, buf.len()) {
@@ -741,9 +763,11 @@ impl VirtualDisk for VhdxDisk {
         self.check_writable()?;
         let len_usize = usize::try_from(len).map_err(|_| Error::invalid_input("range too long"))?;
         check_range(self.size(), offset, len_usize)?;
+        if len == 0 {
+            return Ok(());
+        }
         self.begin_user_write()?;
         let block_size = u64::from(self.params.block_size);
-        let zeros = vec![0u8; block_size.min(len) as usize];
         let mut whole_blocks = Vec::new();
         for (block, in_block, _, n) in self.pieces(offset, len_usize) {
             let entry = self.bat.read().payload(block);
@@ -756,7 +780,9 @@ impl VirtualDisk for VhdxDisk {
             if in_block == 0 && n as u64 == block_len && !self.params.leave_blocks_allocated {
                 whole_blocks.push(block);
             } else {
-                self.write_payload(&zeros[..n], entry.file_offset() + in_block)?;
+                let at = entry.file_offset() + in_block;
+                write_zeros(self.storage.as_ref(), at, n as u64)
+                    .context(|| format!("zeroing {n} bytes at {at:#x}"))?;
             }
         }
         if whole_blocks.is_empty() {

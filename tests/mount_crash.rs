@@ -193,8 +193,8 @@ impl Planner {
 enum WriterEnd {
     /// It ran out of room for more non-overlapping changes before the kill.
     Exhausted,
-    /// A request failed; after a kill that must be the dead connection's error.
-    Failed(std::io::Error),
+    /// A request failed at the given instant; only the kill may cause that.
+    Failed(std::io::Error, Instant),
 }
 
 /// Applies changes to the mounted disk, fsyncing after every few, until a request fails.
@@ -211,13 +211,13 @@ fn run_writer(disk: File, mut planner: Planner, progress: &Progress) -> WriterEn
             Change::Punch { offset, len } => punch(&disk, offset, len),
         };
         if let Err(e) = result {
-            return WriterEnd::Failed(e);
+            return WriterEnd::Failed(e, Instant::now());
         }
         since_fsync += 1;
         if since_fsync == fsync_every {
             let covered = progress.started.lock().unwrap().len();
             if let Err(e) = disk.sync_all() {
-                return WriterEnd::Failed(e);
+                return WriterEnd::Failed(e, Instant::now());
             }
             progress.acknowledged.store(covered, Ordering::SeqCst);
             since_fsync = 0;
@@ -327,7 +327,7 @@ impl<'a> Victim<'a> {
         }
     }
 
-    /// Runs the writer on a read/write mount, kills the daemon after `delay`, then
+    /// Runs the writer on a read/write mount, kills the daemon after a random delay, then
     /// remounts and checks everything the issue promises.
     fn kill_during_workload(&mut self, rng: &mut StdRng, tally: &mut Tally, context: &str) {
         let layout = self.layout;
@@ -337,17 +337,22 @@ impl<'a> Victim<'a> {
 
         let vdisk = Mount::new(&self.path, &[]);
         let disk = OpenOptions::new().write(true).open(vdisk.disk()).unwrap();
-        let end = std::thread::scope(|scope| {
+        let (end, killed_at) = std::thread::scope(|scope| {
             let writer = scope.spawn(|| run_writer(disk, planner, &progress));
             std::thread::sleep(delay);
+            let killed_at = Instant::now();
             vdisk.kill();
-            writer.join().unwrap()
+            (writer.join().unwrap(), killed_at)
         });
         let started = progress.started.into_inner().unwrap();
         let acknowledged = progress.acknowledged.load(Ordering::SeqCst);
         match &end {
             WriterEnd::Exhausted => {}
-            WriterEnd::Failed(e) => {
+            WriterEnd::Failed(e, failed_at) => {
+                assert!(
+                    *failed_at >= killed_at,
+                    "{context}: a request failed before the kill: {e}"
+                );
                 assert!(
                     matches!(
                         e.raw_os_error(),
@@ -364,9 +369,13 @@ impl<'a> Victim<'a> {
         let log_pending =
             layout.qemu_format == "vhdx" && mount::vhdx_log_guid(&self.path) != [0; 16];
         tally.log_pending += usize::from(log_pending);
+        let stopped_by = match &end {
+            WriterEnd::Exhausted => "running out of room".to_string(),
+            WriterEnd::Failed(e, _) => e.to_string(),
+        };
         eprintln!(
             "{context}: killed after {delay:?}: {} changes started, {acknowledged} \
-             acknowledged, writer stopped by {end:?}{}",
+             acknowledged, writer stopped by {stopped_by}{}",
             started.len(),
             if log_pending {
                 ", log left to replay"

@@ -6,8 +6,9 @@
 //!
 //! Each image lives through many kills in a row, so every kill lands on an image that
 //! already went through crashes and replays. `VDISK_CRASH_ITERATIONS` sets how many kills
-//! the VHDX test makes (default 30; the VHD test makes a third of that) and
-//! `VDISK_CRASH_SEED` replays the run a failure printed.
+//! the VHDX test makes (default 30; the VHD test makes a third of that),
+//! `VDISK_CRASH_SEED` replays the run a failure printed (timing aside) and
+//! `VDISK_CRASH_KEEP` keeps the images, with a copy of each as the last kill left it.
 mod common;
 
 use common::mount::{self, Mount};
@@ -283,9 +284,14 @@ fn crash_problems(
                 owner()
             ));
         } else if actual != old && actual != new {
+            let matching = |other: &[u8]| actual.iter().zip(other).filter(|(a, b)| a == b).count();
             problems.push(format!(
-                "sector at {offset:#x} holds neither its old nor its new content ({})",
-                owner()
+                "sector at {offset:#x} holds neither its old nor its new content ({}; of its \
+                 {SECTOR} bytes {} match the old, {} the new content, {} are zero)",
+                owner(),
+                matching(old),
+                matching(new),
+                actual.iter().filter(|&&b| b == 0).count()
             ));
         }
         if problems.len() == 5 {
@@ -384,6 +390,11 @@ impl<'a> Victim<'a> {
             }
         );
 
+        if std::env::var_os("VDISK_CRASH_KEEP").is_some() {
+            // The state the kill left, before the remount replays it: what a failure
+            // report needs most.
+            std::fs::copy(&self.path, self.path.with_extension("crashed")).unwrap();
+        }
         let vdisk = Mount::new(&self.path, &[]);
         let actual = std::fs::read(vdisk.disk()).unwrap();
         vdisk.unmount();
@@ -420,12 +431,18 @@ fn survives_kills(name: &str, layouts: &[Layout], turns: &[usize], iterations: u
     });
     eprintln!("{name}: {iterations} kills, VDISK_CRASH_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
+    let mut temp = Some(tempfile::tempdir().unwrap());
+    let dir = temp.as_ref().unwrap().path().to_path_buf();
+    if std::env::var_os("VDISK_CRASH_KEEP").is_some() {
+        // Each image and its state right after the last kill stay for inspection.
+        let kept = temp.take().unwrap().keep();
+        eprintln!("{name}: images kept in {}", kept.display());
+    }
     let mut tally = Tally::default();
     let mut victims: Vec<Victim> = layouts
         .iter()
         .enumerate()
-        .map(|(i, layout)| Victim::fresh(layout, dir.path().join(format!("{i}.img"))))
+        .map(|(i, layout)| Victim::fresh(layout, dir.join(format!("{i}.img"))))
         .collect();
     tally.fresh_images = victims.len();
     let start = Instant::now();

@@ -372,6 +372,12 @@ impl LoopDevice {
         Self::losetup(&["-f", "--show", "-r"], file)
     }
 
+    /// A read-only loop device over `file` from byte `offset` on (a partition inside a
+    /// disk image).
+    pub fn attach_read_only_at(file: &Path, offset: u64) -> LoopDevice {
+        Self::losetup(&["-f", "--show", "-r", "-o", &offset.to_string()], file)
+    }
+
     fn losetup(args: &[&str], file: &Path) -> LoopDevice {
         let out = run(Command::new("losetup").args(args).arg(file));
         let device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
@@ -408,6 +414,11 @@ impl FsMount {
     pub fn tmpfs(size: u64) -> FsMount {
         let options = format!("size={size}");
         Self::mount(&["-t", "tmpfs", "-o", &options], Path::new("tmpfs"))
+    }
+
+    /// Mounts with `-o options`, e.g. `ro,norecovery`.
+    pub fn with_options(device: &Path, options: &str) -> FsMount {
+        Self::mount(&["-o", options], device)
     }
 
     fn mount(args: &[&str], device: &Path) -> FsMount {
@@ -487,6 +498,61 @@ pub fn can_switch_users() -> bool {
     assert!(std::env::var_os("CI").is_none(), "CI must run as root");
     eprintln!("SKIPPED: switching to another user needs root");
     false
+}
+
+/// Byte offsets of the partitions in a partitioned disk (MBR or GPT), as `sfdisk -J`
+/// reads its partition table.
+pub fn partition_offsets(disk: &Path) -> Vec<u64> {
+    let out = run(Command::new("sfdisk").arg("-J").arg(disk));
+    let json = String::from_utf8(out.stdout).unwrap();
+    let number = |line: &str, key: &str| -> Option<u64> {
+        let value = line.trim().strip_prefix(&format!("\"{key}\": "))?;
+        Some(value.trim_end_matches(',').parse().unwrap())
+    };
+    let sector_size = json
+        .lines()
+        .find_map(|line| number(line, "sectorsize"))
+        .unwrap_or_else(|| panic!("sfdisk -J gave no sector size: {json}"));
+    json.lines()
+        .filter_map(|line| number(line, "start"))
+        .map(|start| start * sector_size)
+        .collect()
+}
+
+/// sha256 of a whole file, hashed by `openssl` (fast even in unoptimised test builds, where
+/// the mounted disks of multi-GiB images would take minutes to hash).
+pub fn sha256_by_openssl(path: &Path) -> String {
+    let out = run(Command::new("openssl")
+        .args(["dgst", "-sha256", "-r"])
+        .arg(path));
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// The LogGuid of the current VHDX header (the valid one with the higher sequence number),
+/// read straight from the file's bytes: zero means no log is waiting for replay.
+pub fn vhdx_log_guid(image: &Path) -> [u8; 16] {
+    const HEADER_OFFSETS: [u64; 2] = [64 * 1024, 128 * 1024];
+    const HEADER_SIZE: usize = 4096;
+    let file = std::fs::File::open(image).unwrap();
+    let mut current: Option<(u64, [u8; 16])> = None;
+    for offset in HEADER_OFFSETS {
+        let mut header = vec![0u8; HEADER_SIZE];
+        file.read_exact_at(&mut header, offset).unwrap();
+        // Signature "head" at 0, CRC-32C at 4 (computed with itself zeroed), sequence
+        // number at 8, file and data write GUIDs at 16 and 32, LogGuid at 48.
+        let checksum = u32::from_le_bytes(header[4..8].try_into().unwrap());
+        header[4..8].fill(0);
+        if &header[..4] != b"head" || crc32c::crc32c(&header) != checksum {
+            continue;
+        }
+        let sequence = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        if current.is_none_or(|(s, _)| sequence > s) {
+            current = Some((sequence, header[48..64].try_into().unwrap()));
+        }
+    }
+    current
+        .unwrap_or_else(|| panic!("{}: no valid VHDX header", image.display()))
+        .1
 }
 
 /// Deterministic, position-dependent bytes, so a misplaced write shows up.

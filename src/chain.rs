@@ -394,6 +394,9 @@ fn try_parent(
             ),
         ));
     }
+    // A parent must not change under its children: shared with readers, kept from
+    // writers (qemu's included) for as long as it is open.
+    crate::lock::lock(&file, true).map_err(|problem| refused(candidate, problem))?;
     let storage = FileStorage::new(file);
     let format = match probe(&storage) {
         Ok(format) => format,

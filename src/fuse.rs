@@ -14,6 +14,12 @@
 //! - reads past the end return short or empty, as for any file.
 //!
 //! `fsync` and every `close` (FUSE `flush`) make completed writes durable in the image.
+//!
+//! Every request that reaches the disk passes a [`RequestGate`]: stopping the service
+//! closes it and waits for the requests already inside, so the disk can be closed while
+//! the kernel still sends requests; they then fail with `ENOTCONN`, as they would from
+//! a dead mount. An image file that has gone (no name left, or its filesystem
+//! unmounted) closes the gate for good with `EIO`.
 
 use crate::disk::{Allocation, VirtualDisk};
 use crate::error::Error;
@@ -23,15 +29,17 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
     WriteFlags,
 };
+use parking_lot::{RwLock, RwLockReadGuard};
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const ROOT_INO: u64 = 1;
 pub const DISK_INO: u64 = 2;
+/// The file's name unless the mount names it otherwise.
 pub const DISK_FILE_NAME: &str = "disk.img";
 
 /// Largest read or write the kernel sends in one request.
@@ -69,12 +77,12 @@ pub struct NodeAttr {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
+pub struct DirEntry<'a> {
     pub ino: u64,
     /// Where a listing continues after this entry.
     pub next_offset: u64,
     pub kind: NodeKind,
-    pub name: &'static str,
+    pub name: &'a str,
 }
 
 /// `statfs` figures: the filesystem is exactly as big as the disk and full.
@@ -84,16 +92,82 @@ pub struct FsStats {
     pub block_size: u32,
 }
 
-/// Who owns the mounted nodes: the user who mounted them.
-#[derive(Debug, Clone, Copy)]
-pub struct Owner {
+/// How the mount looks: owner, permission bits (write bits are dropped when the disk is
+/// read-only) and the file's name.
+#[derive(Debug, Clone)]
+pub struct View {
     pub uid: u32,
     pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    pub file_name: String,
 }
+
+impl View {
+    /// `disk.img`, rw-r--r--, owned by `uid`/`gid`.
+    pub fn owned_by(uid: u32, gid: u32) -> View {
+        View {
+            uid,
+            gid,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+            file_name: DISK_FILE_NAME.to_string(),
+        }
+    }
+}
+
+const SERVING: u8 = 0;
+const STOPPED: u8 = 1;
+const IMAGE_LOST: u8 = 2;
+
+/// Admits requests to the disk while the service runs; see the module documentation.
+#[derive(Default)]
+pub struct RequestGate {
+    /// Held shared by each request for as long as it uses the disk.
+    in_flight: RwLock<()>,
+    state: AtomicU8,
+}
+
+impl RequestGate {
+    fn enter(&self) -> FsResult<RwLockReadGuard<'_, ()>> {
+        let guard = self.in_flight.read();
+        match self.state.load(Ordering::SeqCst) {
+            SERVING => Ok(guard),
+            STOPPED => Err(libc::ENOTCONN),
+            _ => Err(libc::EIO),
+        }
+    }
+
+    /// Refuses new requests and returns once those already admitted have finished.
+    pub fn stop(&self) {
+        self.state.store(STOPPED, Ordering::SeqCst);
+        // A request admitted before the store holds the lock until it finishes; one
+        // admitted after it sees the new state and leaves at once.
+        drop(self.in_flight.write());
+    }
+
+    /// Fails every later request with `EIO`: the image they would reach is gone.
+    pub fn image_lost(&self) {
+        let _ =
+            self.state
+                .compare_exchange(SERVING, IMAGE_LOST, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    pub fn is_image_lost(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == IMAGE_LOST
+    }
+}
+
+/// Says why the image file can no longer be trusted to keep data, if it cannot.
+pub type ImageCheck = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 pub struct DiskFs {
     disk: Arc<dyn VirtualDisk>,
-    owner: Owner,
+    view: View,
+    gate: Arc<RequestGate>,
+    /// Asked before a flush is acknowledged, so that no flush claims durability for
+    /// writes that went into a file nobody can reach any more.
+    image_check: Option<ImageCheck>,
     /// Nanoseconds since the epoch of the last write or discard.
     mtime_ns: AtomicU64,
     /// Set by every change after it reached the file and before it is acknowledged,
@@ -104,13 +178,23 @@ pub struct DiskFs {
 
 impl DiskFs {
     /// `mtime` is what `disk.img` reports until the first change (the image's own).
-    pub fn new(disk: Arc<dyn VirtualDisk>, owner: Owner, mtime: SystemTime) -> Self {
+    pub fn new(disk: Arc<dyn VirtualDisk>, view: View, mtime: SystemTime) -> Self {
         DiskFs {
             disk,
-            owner,
+            view,
+            gate: Arc::default(),
+            image_check: None,
             mtime_ns: AtomicU64::new(nanos_since_epoch(mtime)),
             unflushed: AtomicBool::new(false),
         }
+    }
+
+    pub fn gate(&self) -> Arc<RequestGate> {
+        self.gate.clone()
+    }
+
+    pub fn set_image_check(&mut self, check: ImageCheck) {
+        self.image_check = Some(check);
     }
 
     fn read_only(&self) -> bool {
@@ -119,20 +203,15 @@ impl DiskFs {
 
     pub fn getattr(&self, ino: u64) -> FsResult<NodeAttr> {
         let mtime = UNIX_EPOCH + Duration::from_nanos(self.mtime_ns.load(Ordering::Relaxed));
-        let (kind, size, perm, nlink) = match ino {
-            ROOT_INO => (
-                NodeKind::Directory,
-                0,
-                if self.read_only() { 0o555 } else { 0o755 },
-                2,
-            ),
-            DISK_INO => (
-                NodeKind::File,
-                self.disk.size(),
-                if self.read_only() { 0o444 } else { 0o644 },
-                1,
-            ),
+        let (kind, size, mode, nlink) = match ino {
+            ROOT_INO => (NodeKind::Directory, 0, self.view.dir_mode, 2),
+            DISK_INO => (NodeKind::File, self.disk.size(), self.view.file_mode, 1),
             _ => return Err(libc::ENOENT),
+        };
+        let perm = if self.read_only() {
+            mode & !0o222
+        } else {
+            mode
         };
         Ok(NodeAttr {
             ino,
@@ -140,8 +219,8 @@ impl DiskFs {
             size,
             perm,
             nlink,
-            uid: self.owner.uid,
-            gid: self.owner.gid,
+            uid: self.view.uid,
+            gid: self.view.gid,
             mtime,
             blksize: self.disk.physical_sector_size().max(4096),
         })
@@ -149,7 +228,7 @@ impl DiskFs {
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<NodeAttr> {
         match parent {
-            ROOT_INO if name == DISK_FILE_NAME => self.getattr(DISK_INO),
+            ROOT_INO if name == self.view.file_name.as_str() => self.getattr(DISK_INO),
             ROOT_INO => Err(libc::ENOENT),
             DISK_INO => Err(libc::ENOTDIR),
             _ => Err(libc::ENOENT),
@@ -157,7 +236,7 @@ impl DiskFs {
     }
 
     /// Entries of the root directory from listing position `offset` on.
-    pub fn readdir(&self, ino: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+    pub fn readdir(&self, ino: u64, offset: u64) -> FsResult<Vec<DirEntry<'_>>> {
         match ino {
             ROOT_INO => {}
             DISK_INO => return Err(libc::ENOTDIR),
@@ -166,7 +245,7 @@ impl DiskFs {
         let all = [
             (ROOT_INO, NodeKind::Directory, "."),
             (ROOT_INO, NodeKind::Directory, ".."),
-            (DISK_INO, NodeKind::File, DISK_FILE_NAME),
+            (DISK_INO, NodeKind::File, self.view.file_name.as_str()),
         ];
         Ok(all
             .iter()
@@ -229,6 +308,7 @@ impl DiskFs {
 
     pub fn read(&self, ino: u64, offset: u64, len: u32) -> FsResult<Vec<u8>> {
         self.expect_disk(ino)?;
+        let _admitted = self.gate.enter()?;
         let size = self.disk.size();
         if offset >= size {
             return Ok(Vec::new());
@@ -256,6 +336,7 @@ impl DiskFs {
         if data.is_empty() {
             return Ok(0);
         }
+        let _admitted = self.gate.enter()?;
         let size = self.disk.size();
         if offset >= size {
             return Err(libc::ENOSPC);
@@ -270,8 +351,18 @@ impl DiskFs {
 
     pub fn flush(&self, ino: u64) -> FsResult<()> {
         self.getattr(ino)?;
-        if ino != DISK_INO || !self.unflushed.swap(false, Ordering::SeqCst) {
+        if ino != DISK_INO {
             return Ok(());
+        }
+        let _admitted = self.gate.enter()?;
+        if !self.unflushed.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Some(Err(why)) = self.image_check.as_ref().map(|check| check()) {
+            self.unflushed.store(true, Ordering::SeqCst);
+            log::error!("flush refused: {why}");
+            self.gate.image_lost();
+            return Err(libc::EIO);
         }
         self.disk.flush().map_err(|e| {
             // The changes are still not durable: the next flush must try again.
@@ -304,6 +395,7 @@ impl DiskFs {
         if offset >= end {
             return Ok(());
         }
+        let _admitted = self.gate.enter()?;
         self.change("discard", offset, end - offset, || {
             self.disk.discard(offset, end - offset)
         })
@@ -323,6 +415,7 @@ impl DiskFs {
         if start >= size {
             return Err(libc::ENXIO);
         }
+        let _admitted = self.gate.enter()?;
         let mut pos = start;
         while pos < size {
             let len = SEEK_WINDOW.min(size - pos);
@@ -419,11 +512,27 @@ fn file_attr(a: &NodeAttr) -> FileAttr {
 
 impl Filesystem for DiskFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Asynchronous direct I/O and background requests (readahead, asynchronous direct
+        // I/O) are held back by the kernel beyond this many in flight. It must cover a
+        // loop device's or an application's whole queue, so the worker threads always
+        // have requests to serve; the kernel lowers it for unprivileged mounts.
+        const MAX_BACKGROUND: u16 = 128;
         // Both are capped by the kernel and by fuser; a smaller limit is fine.
         let _ = config.set_max_write(MAX_IO);
         if let Err(kernel_max) = config.set_max_readahead(MAX_IO) {
             let _ = config.set_max_readahead(kernel_max);
         }
+        // Without it the kernel serves each O_DIRECT request (io_submit, a loop device
+        // with direct I/O) to completion before the caller may submit the next, so a
+        // queue depth of 16 would reach the workers one request at a time.
+        if config
+            .add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO)
+            .is_err()
+        {
+            log::warn!("the kernel lacks asynchronous direct I/O; O_DIRECT requests run serially");
+        }
+        // fuser derives the congestion threshold from it (three quarters).
+        let _ = config.set_max_background(MAX_BACKGROUND);
         Ok(())
     }
 
@@ -709,10 +818,7 @@ mod tests {
         let disk = RawDisk::open(Box::new(MemStorage::from_vec(bytes)), &options).unwrap();
         DiskFs::new(
             Arc::new(disk),
-            Owner {
-                uid: 1234,
-                gid: 5678,
-            },
+            View::owned_by(1234, 5678),
             UNIX_EPOCH + Duration::from_secs(1_000_000),
         )
     }
@@ -887,7 +993,7 @@ mod tests {
     fn driver_errors_reach_the_caller_as_their_errno() {
         let storage = Arc::new(MemStorage::from_vec(vec![0; 4096]));
         let disk = RawDisk::open(Box::new(storage.clone()), &OpenOptions::default()).unwrap();
-        let fs = DiskFs::new(Arc::new(disk), Owner { uid: 0, gid: 0 }, UNIX_EPOCH);
+        let fs = DiskFs::new(Arc::new(disk), View::owned_by(0, 0), UNIX_EPOCH);
         // Closing after reads only costs no sync.
         fs.read(DISK_INO, 0, 10).unwrap();
         fs.flush(DISK_INO).unwrap();
@@ -963,11 +1069,7 @@ mod tests {
             inner: RawDisk::open(Box::new(storage.clone()), &OpenOptions::default()).unwrap(),
             fs: std::sync::OnceLock::new(),
         });
-        let fs = Arc::new(DiskFs::new(
-            disk.clone(),
-            Owner { uid: 0, gid: 0 },
-            UNIX_EPOCH,
-        ));
+        let fs = Arc::new(DiskFs::new(disk.clone(), View::owned_by(0, 0), UNIX_EPOCH));
         fs.write(DISK_INO, 0, b"a").unwrap();
         disk.fs.set(Arc::downgrade(&fs)).unwrap();
         // The racing flush syncs "a" but cannot cover "b", which reaches the file after it.
@@ -976,6 +1078,95 @@ mod tests {
         fs.flush(DISK_INO).unwrap();
         let durable = storage.power_loss_dropping_unflushed().contents();
         assert_eq!(&durable[..2], b"ab");
+    }
+
+    #[test]
+    fn the_view_sets_owner_modes_and_name() {
+        let disk = RawDisk::open(
+            Box::new(MemStorage::from_vec(vec![0; 4096])),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        let view = View {
+            uid: 7,
+            gid: 8,
+            file_mode: 0o660,
+            dir_mode: 0o750,
+            file_name: "sda.raw".to_string(),
+        };
+        let fs = DiskFs::new(Arc::new(disk), view, UNIX_EPOCH);
+        let file = fs.lookup(ROOT_INO, OsStr::new("sda.raw")).unwrap();
+        assert_eq!(
+            (file.ino, file.perm, file.uid, file.gid),
+            (DISK_INO, 0o660, 7, 8)
+        );
+        assert_eq!(fs.getattr(ROOT_INO).unwrap().perm, 0o750);
+        assert_eq!(
+            fs.lookup(ROOT_INO, OsStr::new(DISK_FILE_NAME)).unwrap_err(),
+            libc::ENOENT
+        );
+        let names: Vec<_> = fs
+            .readdir(ROOT_INO, 0)
+            .unwrap()
+            .iter()
+            .map(|e| e.name.to_string())
+            .collect();
+        assert_eq!(names, [".", "..", "sda.raw"]);
+    }
+
+    #[test]
+    fn a_stopped_gate_waits_for_requests_inside_and_refuses_later_ones() {
+        let fs = Arc::new(fs_over(vec![0; 4096], false));
+        let gate = fs.gate();
+        let admitted = gate.enter().unwrap();
+        let stopper = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.stop())
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !stopper.is_finished(),
+            "stop did not wait for the request inside"
+        );
+        drop(admitted);
+        stopper.join().unwrap();
+        assert_eq!(fs.write(DISK_INO, 0, b"x").unwrap_err(), libc::ENOTCONN);
+        assert_eq!(fs.read(DISK_INO, 0, 1).unwrap_err(), libc::ENOTCONN);
+        assert_eq!(fs.flush(DISK_INO).unwrap_err(), libc::ENOTCONN);
+        // Stopping is final: a lost image afterwards changes nothing.
+        gate.image_lost();
+        assert_eq!(fs.read(DISK_INO, 0, 1).unwrap_err(), libc::ENOTCONN);
+        // What needs no disk still answers.
+        assert_eq!(fs.getattr(DISK_INO).unwrap().size, 4096);
+    }
+
+    #[test]
+    fn a_lost_image_fails_requests_with_eio_and_no_flush_succeeds() {
+        let missing = Arc::new(AtomicBool::new(false));
+        let mut fs = fs_over(vec![0; 4096], false);
+        let flag = missing.clone();
+        fs.set_image_check(Box::new(move || {
+            if flag.load(Ordering::SeqCst) {
+                Err("image.vhd: removed".to_string())
+            } else {
+                Ok(())
+            }
+        }));
+        assert_eq!(fs.write(DISK_INO, 0, b"x").unwrap(), 1);
+        fs.flush(DISK_INO).unwrap();
+        assert_eq!(fs.write(DISK_INO, 0, b"y").unwrap(), 1);
+        missing.store(true, Ordering::SeqCst);
+        assert_eq!(fs.flush(DISK_INO).unwrap_err(), libc::EIO);
+        assert!(fs.gate().is_image_lost());
+        assert_eq!(fs.read(DISK_INO, 0, 1).unwrap_err(), libc::EIO);
+        assert_eq!(fs.write(DISK_INO, 0, b"z").unwrap_err(), libc::EIO);
+        assert_eq!(fs.flush(DISK_INO).unwrap_err(), libc::EIO);
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(fs.fallocate(DISK_INO, 0, 1, punch).unwrap_err(), libc::EIO);
+        assert_eq!(
+            fs.seek(DISK_INO, 0, libc::SEEK_DATA).unwrap_err(),
+            libc::EIO
+        );
     }
 
     #[test]

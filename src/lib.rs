@@ -35,6 +35,7 @@ pub mod disk;
 pub mod error;
 pub mod fuse;
 pub mod info;
+pub mod lock;
 pub mod raw;
 pub mod storage;
 pub mod vhd;

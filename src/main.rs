@@ -3,9 +3,20 @@
 //! Without `-f` the command returns only once the mount is live (exit 0) or has failed (one
 //! line on stderr, non-zero exit, nothing left mounted); the daemon keeps serving in the
 //! background until the mountpoint is unmounted, then closes the image cleanly and exits.
+//! It follows the conventions of system services: mount(8) and fstab run it through
+//! `mount.fuse3`, systemd learns readiness through `$NOTIFY_SOCKET`, and the image is
+//! locked the way qemu locks images.
+
+mod kernel_mount;
+mod notify;
+mod options;
+mod syslog;
+mod watch;
 
 use clap::Parser;
 use fuser::{Config, MountOption, Session, SessionACL};
+use options::{Access, MountConfig};
+use parking_lot::Mutex;
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -15,8 +26,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::SystemTime;
-use vdisk_mount::fuse::{DiskFs, Owner};
-use vdisk_mount::{Format, OpenOptions, VhdSizeRule, VirtualDisk};
+use vdisk_mount::VirtualDisk;
+use vdisk_mount::fuse::{DiskFs, RequestGate, View};
+use vdisk_mount::lock::ImageLock;
+use watch::ImageIdentity;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,72 +40,33 @@ use vdisk_mount::{Format, OpenOptions, VhdSizeRule, VirtualDisk};
         format=vhd|vhdx|raw  skip probing; raw serves any file byte for byte\n  \
         size_calc=auto|chs|current_size\n                       \
         which VHD footer field gives the disk size (default auto)\n  \
+        parent=PATH          where a differencing image's parent is\n  \
+        uid=N, gid=N         owner of the mounted file (default: the mounting user)\n  \
+        umask=OCTAL          permission bits taken away (default 022: rw-r--r--)\n  \
+        filename=NAME        name of the file in MOUNTPOINT (default disk.img)\n  \
+        allow_other          let other users access the mount\n  \
+        allow_root           let root access the mount\n  \
+        nodev, nosuid, noexec\n  \
         threads=N            worker threads (default: number of CPUs, at most 16)\n  \
-        allow_other          let other users access the mount\n\n\
+        debug, log_level=LEVEL\n                       \
+        log more (off, error, warn, info, debug, trace)\n  \
+        foreground           same as -f\n\n\
+        The generic fstab options (defaults, nofail, noauto, _netdev, x-systemd.*, ...) are\n\
+        accepted and ignored, so the command works as mount.fuse3 runs it from fstab.\n\n\
         Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`; the daemon then\n\
-        flushes and closes the image and exits."
+        flushes and closes the image and exits. SIGTERM, SIGINT and SIGHUP do the same."
 )]
 struct Cli {
     /// Mount options, see below
     #[arg(short = 'o', value_name = "OPTION[,OPTION...]")]
     options: Vec<String>,
-    /// Stay in the foreground and log to stderr (RUST_LOG=info for more)
+    /// Stay in the foreground and log to stderr
     #[arg(short, long)]
     foreground: bool,
     /// The disk image (VHD, VHDX, or any file with format=raw)
     image: PathBuf,
     /// An existing directory; disk.img appears inside it
     mountpoint: PathBuf,
-}
-
-#[derive(Debug)]
-struct Settings {
-    open: OpenOptions,
-    threads: usize,
-    allow_other: bool,
-}
-
-/// More workers than this rarely help one image on one file, whatever the CPU count.
-const DEFAULT_MAX_THREADS: usize = 16;
-
-fn parse_options(lists: &[String]) -> Result<Settings, String> {
-    let mut settings = Settings {
-        open: OpenOptions::default(),
-        threads: std::thread::available_parallelism()
-            .map_or(1, |n| n.get().min(DEFAULT_MAX_THREADS)),
-        allow_other: false,
-    };
-    for option in lists.iter().flat_map(|list| list.split(',')) {
-        let (key, value) = match option.split_once('=') {
-            Some((key, value)) => (key, Some(value)),
-            None => (option, None),
-        };
-        let bad = |e: vdisk_mount::Error| format!("-o {option}: {e}");
-        match (key, value) {
-            ("", None) => {}
-            ("ro", None) => settings.open.read_only = true,
-            ("rw", None) => settings.open.read_only = false,
-            ("allow_other", None) => settings.allow_other = true,
-            ("format", Some(v)) => settings.open.format = Some(v.parse::<Format>().map_err(bad)?),
-            ("size_calc", Some(v)) => {
-                settings.open.vhd_size_rule = v.parse::<VhdSizeRule>().map_err(bad)?
-            }
-            ("threads", Some(v)) => {
-                settings.threads = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=256).contains(n))
-                    .ok_or_else(|| format!("-o {option}: expected a thread count from 1 to 256"))?
-            }
-            _ => {
-                return Err(format!(
-                    "unknown mount option '{option}' (known: ro, rw, format=, size_calc=, \
-                     threads=, allow_other)"
-                ));
-            }
-        }
-    }
-    Ok(settings)
 }
 
 /// The mountpoint as an absolute path (the daemon leaves its working directory), after
@@ -148,77 +122,102 @@ fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
 /// A live mount and the disk behind it.
 struct Mounted {
     session: Session<DiskFs>,
-    disk: Arc<dyn VirtualDisk>,
+    service: Arc<Service>,
+    image: Arc<ImageIdentity>,
     mountpoint: PathBuf,
-    /// Holds the image's lock for as long as the daemon serves it.
-    _lock: File,
+    /// Holds the image's lock for as long as the daemon runs.
+    _lock: ImageLock,
 }
 
-/// Two daemons writing one image would corrupt it, so a read-write mount takes an
-/// exclusive lock on the image file and a read-only one a shared lock.
-fn lock_image(image: &Path, read_only: bool) -> Result<File, String> {
-    let name = image.display();
-    let file = File::open(image).map_err(|e| format!("{name}: cannot open image: {e}"))?;
-    let mode = if read_only {
-        libc::LOCK_SH
-    } else {
-        libc::LOCK_EX
-    };
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            format!("{name}: image is in use by another vdisk-mount")
-        } else {
-            format!("{name}: cannot lock image: {err}")
-        });
-    }
-    Ok(file)
-}
-
-fn mount(cli: &Cli, settings: &Settings) -> Result<Mounted, String> {
+fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
     // Checked before the image is opened: opening read-write may already touch the image.
     let mountpoint = check_mountpoint(&cli.mountpoint)?;
-    let lock = lock_image(&cli.image, settings.open.read_only)?;
-    let disk: Arc<dyn VirtualDisk> = vdisk_mount::open(&cli.image, &settings.open)
+    let image_path = cli
+        .image
+        .canonicalize()
+        .map_err(|e| format!("{}: cannot open image: {e}", cli.image.display()))?;
+    // Parents are locked (shared) where the chain opens them, for as long as they are open.
+    let lock = ImageLock::acquire(&image_path, config.open.read_only)?;
+    let image = ImageIdentity::of(lock.file(), &image_path)
+        .map_err(|e| format!("{}: cannot open image: {e}", cli.image.display()))?;
+    let image = Arc::new(image);
+    let disk: Arc<dyn VirtualDisk> = vdisk_mount::open(&image_path, &config.open)
         .map_err(|e| e.to_string())?
         .into();
-    let mtime = fs::metadata(&cli.image)
+    let mtime = fs::metadata(&image_path)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| SystemTime::now());
     // SAFETY: getuid and getgid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = DiskFs::new(disk.clone(), Owner { uid, gid }, mtime);
+    let view = View {
+        uid: config.uid.unwrap_or(uid),
+        gid: config.gid.unwrap_or(gid),
+        file_mode: config.file_mode(),
+        dir_mode: config.dir_mode(),
+        file_name: config.file_name.clone(),
+    };
+    let mut fs = DiskFs::new(disk.clone(), view, mtime);
+    let checked = image.clone();
+    fs.set_image_check(Box::new(move || checked.check()));
+    let service = Arc::new(Service::new(disk, fs.gate()));
 
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(fs_name(&cli.image)),
+    let source = fs_name(&image_path);
+    // For unprivileged mounts through fusermount3; root mounts directly (kernel_mount).
+    let mut fuse_config = Config::default();
+    fuse_config.mount_options = vec![
+        MountOption::FSName(source.clone()),
         MountOption::Subtype("vdisk-mount".to_string()),
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
-        if settings.open.read_only {
+        if config.open.read_only {
             MountOption::RO
         } else {
             MountOption::RW
         },
     ];
-    if settings.allow_other {
-        config.acl = SessionACL::All;
+    for (wanted, option) in [
+        (config.no_dev, MountOption::NoDev),
+        (config.no_suid, MountOption::NoSuid),
+        (config.no_exec, MountOption::NoExec),
+    ] {
+        if wanted {
+            fuse_config.mount_options.push(option);
+        }
     }
-    config.n_threads = Some(settings.threads);
-    config.clone_fd = true;
-    match Session::new(fs, &mountpoint, &config) {
+    fuse_config.acl = match config.access {
+        Access::Owner => SessionACL::Owner,
+        Access::OwnerAndRoot => SessionACL::RootAndOwner,
+        Access::Everyone => SessionACL::All,
+    };
+    fuse_config.n_threads = Some(config.threads);
+    fuse_config.clone_fd = true;
+    let spec = kernel_mount::MountSpec {
+        source: &source,
+        read_only: config.open.read_only,
+        no_exec: config.no_exec,
+        others_allowed: config.access != Access::Owner,
+    };
+    let session = match kernel_mount::mount(&mountpoint, &spec) {
+        Ok(Some(device)) => {
+            let acl = fuse_config.acl;
+            Session::from_fd(fs, device, acl, fuse_config).inspect_err(|_| {
+                // The kernel answers a mount whose daemon failed with errors only.
+                let _ = unmount(&mountpoint);
+            })
+        }
+        Ok(None) => Session::new(fs, &mountpoint, &fuse_config),
+        Err(e) => Err(e),
+    };
+    match session {
         Ok(session) => Ok(Mounted {
             session,
-            disk,
+            service,
+            image,
             mountpoint,
             _lock: lock,
         }),
         Err(e) => {
-            if let Err(close_error) = disk.close() {
-                log::error!("closing the image after a failed mount: {close_error}");
-            }
+            service.close();
             Err(format!("{}: cannot mount: {e}", cli.mountpoint.display()))
         }
     }
@@ -234,31 +233,88 @@ fn fs_name(image: &Path) -> String {
     }
 }
 
-/// Serves requests until the mountpoint is unmounted, then closes the image. SIGINT,
-/// SIGTERM and SIGHUP unmount, so stopping the daemon never leaves a dead mount behind.
+/// Serves requests until the mountpoint is unmounted or a signal stops the daemon, then
+/// closes the image and exits.
 fn serve(mounted: Mounted) -> ExitCode {
     let Mounted {
         session,
-        disk,
+        service,
+        image,
         mountpoint,
         _lock,
     } = mounted;
-    unmount_on_signals(mountpoint);
+    stop_on_signals(service.clone(), mountpoint.clone());
+    watch::watch(image, service.gate());
+    notify::notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=Serving {}",
+        std::process::id(),
+        mountpoint.display()
+    ));
     let served = session.run();
+    notify::notify("STOPPING=1");
     if let Err(e) = &served {
         log::error!("serving the mount failed: {e}");
-    }
-    match disk.close() {
-        Ok(()) if served.is_ok() => ExitCode::SUCCESS,
-        Ok(()) => ExitCode::FAILURE,
-        Err(e) => {
-            log::error!("closing the image failed: {e}");
-            ExitCode::FAILURE
+        // A session that broke down leaves its mount behind, answering only errors.
+        if let Err(e) = unmount(&mountpoint) {
+            log::error!("cannot unmount {}: {e}", mountpoint.display());
         }
+    }
+    if service.close() && served.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
-fn unmount_on_signals(mountpoint: PathBuf) {
+/// The disk behind a mount, closed exactly once by whoever ends the service first: the
+/// session when the mountpoint is unmounted, or a signal.
+struct Service {
+    disk: Arc<dyn VirtualDisk>,
+    gate: Arc<RequestGate>,
+    /// Whether closing succeeded, once it has happened.
+    closed: Mutex<Option<bool>>,
+}
+
+impl Service {
+    fn new(disk: Arc<dyn VirtualDisk>, gate: Arc<RequestGate>) -> Service {
+        Service {
+            disk,
+            gate,
+            closed: Mutex::new(None),
+        }
+    }
+
+    fn gate(&self) -> Arc<RequestGate> {
+        self.gate.clone()
+    }
+
+    /// Lets the requests in progress finish, refuses later ones, then flushes data and
+    /// metadata and leaves the image in its final clean state. Returns whether that
+    /// succeeded; later calls return the first call's answer.
+    fn close(&self) -> bool {
+        let mut closed = self.closed.lock();
+        if let Some(ok) = *closed {
+            return ok;
+        }
+        // Whatever was written since is lost with the file: the service failed.
+        let lost = self.gate.is_image_lost();
+        self.gate.stop();
+        let ok = match self.disk.close() {
+            Ok(()) => !lost,
+            Err(e) => {
+                log::error!("closing the image failed: {e}");
+                false
+            }
+        };
+        *closed = Some(ok);
+        ok
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP end the service cleanly: requests in progress finish, the
+/// image is closed, the mount goes away, and the daemon exits 0. Files still open on the
+/// mount then fail with `ENOTCONN`, as on any FUSE mount whose daemon has gone.
+fn stop_on_signals(service: Arc<Service>, mountpoint: PathBuf) {
     // SAFETY: the set is initialised by sigemptyset before use, and blocking signals in
     // this thread (inherited by the worker threads started later) only defers them to the
     // sigwait below.
@@ -272,40 +328,58 @@ fn unmount_on_signals(mountpoint: PathBuf) {
         set
     };
     std::thread::spawn(move || {
-        loop {
-            let mut signal = 0;
-            // SAFETY: `set` is a valid, initialised signal set; `signal` is a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-                return;
-            }
-            log::info!("signal {signal}: unmounting {}", mountpoint.display());
-            if let Err(e) = unmount(&mountpoint) {
-                log::error!("cannot unmount {}: {e}", mountpoint.display());
-            }
+        let mut signal = 0;
+        // SAFETY: `set` is a valid, initialised signal set; `signal` is a valid out pointer.
+        if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+            return;
         }
+        log::info!(
+            "signal {signal}: closing the image and unmounting {}",
+            mountpoint.display()
+        );
+        notify::notify("STOPPING=1");
+        let closed = service.close();
+        if let Err(e) = unmount(&mountpoint) {
+            log::error!("cannot unmount {}: {e}", mountpoint.display());
+        }
+        // Further signals stay blocked and pending; the process ends here.
+        std::process::exit(if closed { 0 } else { 1 });
     });
 }
 
+/// Unmounts, or detaches the mount if files are still open on it (they keep failing with
+/// `ENOTCONN` once the daemon exits).
 fn unmount(mountpoint: &Path) -> std::io::Result<()> {
-    let path = CString::new(mountpoint.as_os_str().as_bytes())?;
-    // SAFETY: `path` is a valid NUL-terminated string.
-    if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+    if !is_mount_point(mountpoint) {
+        // Unmounted meanwhile by someone else: the session is ending on its own.
         return Ok(());
     }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EPERM) {
-        return Err(err);
+    let path = CString::new(mountpoint.as_os_str().as_bytes())?;
+    for flags in [0, libc::MNT_DETACH] {
+        // SAFETY: `path` is a valid NUL-terminated string.
+        if unsafe { libc::umount2(path.as_ptr(), flags) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EBUSY) => continue,
+            Some(libc::EPERM) => break,
+            _ => return Err(err),
+        }
     }
     // Unprivileged mounts are undone by the setuid helper.
-    let status = Command::new("fusermount3")
-        .args(["-u", "--"])
-        .arg(mountpoint)
-        .status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!("fusermount3 -u: {status}")))
+    for lazy in [false, true] {
+        let mut command = Command::new("fusermount3");
+        command
+            .arg("-u")
+            .args(lazy.then_some("-z"))
+            .arg("--")
+            .arg(mountpoint);
+        if command.status()?.success() {
+            return Ok(());
+        }
     }
+    Err(std::io::Error::other("fusermount3 -u -z failed"))
 }
 
 /// What the daemon tells the waiting parent: this byte alone means mounted, anything else
@@ -314,7 +388,7 @@ const READY: u8 = 0;
 
 /// Forks before any thread exists; the child mounts and reports through a pipe, the parent
 /// waits for that report and exits with it.
-fn mount_in_background(cli: &Cli, settings: &Settings) -> ExitCode {
+fn mount_in_background(cli: &Cli, config: &MountConfig) -> ExitCode {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 returns.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -338,7 +412,7 @@ fn mount_in_background(cli: &Cli, settings: &Settings) -> ExitCode {
         }
         0 => {
             drop(read_end);
-            run_daemon(cli, settings, File::from(write_end))
+            run_daemon(cli, config, File::from(write_end))
         }
         child => {
             drop(write_end);
@@ -347,11 +421,11 @@ fn mount_in_background(cli: &Cli, settings: &Settings) -> ExitCode {
     }
 }
 
-fn run_daemon(cli: &Cli, settings: &Settings, mut report: File) -> ExitCode {
+fn run_daemon(cli: &Cli, config: &MountConfig, mut report: File) -> ExitCode {
     // SAFETY: setsid has no memory effects; it fails only for a group leader, which a
     // freshly forked child is not.
     unsafe { libc::setsid() };
-    match mount(cli, settings) {
+    match mount(cli, config) {
         Err(message) => {
             let _ = report.write_all(message.as_bytes());
             ExitCode::FAILURE
@@ -412,20 +486,19 @@ fn report_failure(message: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // fuser logs its own failures, which reach the user once, as our one-line message.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error,fuser=off"))
-        .init();
-    let settings = match parse_options(&cli.options) {
-        Ok(settings) => settings,
+    let config = match MountConfig::parse(&cli.options) {
+        Ok(config) => config,
         Err(message) => {
             report_failure(&message);
             return ExitCode::FAILURE;
         }
     };
-    if !cli.foreground {
-        return mount_in_background(&cli, &settings);
+    let foreground = cli.foreground || config.foreground;
+    init_logging(config.log_level, foreground);
+    if !foreground {
+        return mount_in_background(&cli, &config);
     }
-    match mount(&cli, &settings) {
+    match mount(&cli, &config) {
         Ok(mounted) => serve(mounted),
         Err(message) => {
             report_failure(&message);
@@ -434,45 +507,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// Errors only by default (fuser logs its own failures, which reach the user once, as
+/// our one-line message); `RUST_LOG` or `-o log_level=` ask for more. In the foreground
+/// the log goes to stderr (the journal, under systemd), in the background to the system
+/// log; failures to mount reach the user either way, on stderr.
+fn init_logging(level: Option<log::LevelFilter>, foreground: bool) {
+    let mut builder = env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("error,fuser=off"),
+    );
+    if !foreground && Path::new(syslog::SOCKET).exists() {
+        builder
+            .target(env_logger::Target::Pipe(Box::new(
+                syslog::SyslogWriter::new(syslog::SOCKET),
+            )))
+            .format(syslog::format);
+    }
+    if let Some(level) = level {
+        builder.filter_level(level);
+        if level < log::LevelFilter::Debug {
+            builder.filter_module("fuser", log::LevelFilter::Off);
+        }
+    }
+    builder.init();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(lists: &[&str]) -> Result<Settings, String> {
-        parse_options(&lists.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-    }
-
-    #[test]
-    fn options_combine_across_lists_and_later_ones_win() {
-        let s = parse(&["ro,format=vhd", "size_calc=chs,threads=3", "allow_other"]).unwrap();
-        assert!(s.open.read_only);
-        assert_eq!(s.open.format, Some(Format::Vhd));
-        assert_eq!(s.open.vhd_size_rule, VhdSizeRule::Chs);
-        assert_eq!((s.threads, s.allow_other), (3, true));
-        let s = parse(&["ro", "rw,format=raw,size_calc=current_size"]).unwrap();
-        assert!(!s.open.read_only);
-        assert_eq!(s.open.format, Some(Format::Raw));
-        assert_eq!(s.open.vhd_size_rule, VhdSizeRule::CurrentSize);
-        let s = parse(&[]).unwrap();
-        assert!(!s.open.read_only && s.open.format.is_none() && s.threads >= 1);
-    }
-
-    #[test]
-    fn unknown_or_malformed_options_are_rejected_by_name() {
-        for (lists, needle) in [
-            (&["ro,bogus"][..], "'bogus'"),
-            (&["ro=1"], "'ro=1'"),
-            (&["format"], "'format'"),
-            (&["format=qcow2"], "qcow2"),
-            (&["size_calc=lba"], "lba"),
-            (&["threads=0"], "threads=0"),
-            (&["threads=x"], "threads=x"),
-        ] {
-            let err = parse(lists).unwrap_err();
-            assert!(err.contains(needle), "{lists:?}: {err}");
-            assert!(!err.contains('\n'));
-        }
-    }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {

@@ -259,10 +259,26 @@ pub fn read_ring(storage: &dyn Storage, log_offset: u64, log_length: u32) -> Res
     Ok(log)
 }
 
+/// No file holding a VHDX disk (at most 64 TiB, plus its BAT, sector bitmaps, log and
+/// metadata) comes near this size; a log asking for a larger file is damaged, and
+/// replaying it would extend the image to absurd lengths.
+const MAX_FILE_LEN: u64 = 1 << 47;
+
 /// Checks what the head entry says about the file: never shorter than FlushedFileOffset,
-/// and no update below the file identifier and headers (already excluded when parsing).
+/// no longer than any VHDX file can be, and no update below the file identifier and
+/// headers (already excluded when parsing).
 pub fn check_sequence_against_file(sequence: &ActiveSequence, file_len: u64) -> Result<()> {
     let head = sequence.head();
+    if head.last_file_offset > MAX_FILE_LEN {
+        return Err(Error::corrupt(
+            CorruptionKind::InvalidField,
+            format!("log entry {}", head.sequence),
+            format!(
+                "LastFileOffset {:#x} is beyond the largest possible VHDX file ({MAX_FILE_LEN:#x})",
+                head.last_file_offset
+            ),
+        ));
+    }
     if head.flushed_file_offset > file_len {
         return Err(Error::corrupt(
             CorruptionKind::Truncated,
@@ -614,6 +630,25 @@ mod tests {
             err.to_string()
                 .starts_with("log entry 1: file is truncated")
         );
+    }
+
+    #[test]
+    fn head_last_file_offset_beyond_any_vhdx_file_is_refused() {
+        let mut log = vec![0u8; 64 * 1024];
+        let huge = EntryBuilder {
+            sequence: 1,
+            tail: 0,
+            log_guid: GUID,
+            flushed_file_offset: 4 << 20,
+            last_file_offset: !0xF_FFFF,
+            updates: &[page(1, 0x20_0000)],
+        }
+        .build();
+        put(&mut log, 0, &huge);
+        let seq = find_active_sequence(&log, GUID).unwrap();
+        let err = check_sequence_against_file(&seq, 4 << 20).unwrap_err();
+        assert_eq!(err.corruption_kind(), Some(CorruptionKind::InvalidField));
+        assert!(err.to_string().contains("LastFileOffset"), "{err}");
     }
 
     #[test]

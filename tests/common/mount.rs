@@ -76,6 +76,63 @@ impl Mount {
         mount
     }
 
+    /// Mounts on a fresh directory by running the command `command_for(mountpoint)` builds
+    /// (mount(8), `mount.fuse3`: whatever starts the daemon and returns once it is
+    /// mounted), then takes charge of the daemon it left running.
+    pub fn by_command(command_for: impl FnOnce(&Path) -> Command) -> Mount {
+        let mountpoint = tempfile::tempdir().unwrap();
+        become_subreaper();
+        let mut command = command_for(mountpoint.path());
+        let out = command.output().expect("cannot run the mount command");
+        assert!(
+            out.status.success(),
+            "{command:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let daemon = find_daemon(mountpoint.path());
+        Self::adopt(mountpoint, daemon)
+    }
+
+    /// Runs `vdisk-mount -f` (after `configure` has had its say, e.g. to capture stderr or
+    /// set the environment) and returns once it has mounted.
+    pub fn foreground(
+        image: &Path,
+        options: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Mount {
+        let mountpoint = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("-f");
+        for o in options {
+            cmd.args(["-o", o]);
+        }
+        cmd.arg(image).arg(mountpoint.path());
+        configure(&mut cmd);
+        // Reaped by pid once the mount ends, like a background daemon.
+        #[allow(clippy::zombie_processes)]
+        let mut child = cmd.spawn().expect("cannot run vdisk-mount");
+        let start = Instant::now();
+        while !is_mounted(mountpoint.path()) {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("vdisk-mount -f {} exited: {status}", image.display());
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "mount timed out");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self::adopt(mountpoint, child.id() as libc::pid_t)
+    }
+
+    /// Takes charge of `daemon`, a child of this process serving `mountpoint`.
+    pub fn adopt(mountpoint: tempfile::TempDir, daemon: libc::pid_t) -> Mount {
+        let mount = Mount {
+            mountpoint,
+            daemon: Some(daemon),
+        };
+        assert!(is_mounted(mount.mountpoint()), "mount is not in the table");
+        mount
+    }
+
     /// Runs `vdisk-mount` in background mode and returns its output, mounted or not.
     pub fn start(image: &Path, options: &[&str], mountpoint: &Path) -> Output {
         become_subreaper();
@@ -100,7 +157,16 @@ impl Mount {
     }
 
     /// Unmounts as a user would and asserts that the daemon exits 0, with the image closed.
-    pub fn unmount(mut self) {
+    pub fn unmount(self) {
+        assert_eq!(
+            self.unmount_status(),
+            Some(0),
+            "daemon did not exit cleanly"
+        );
+    }
+
+    /// Unmounts as a user would and returns the daemon's exit code.
+    pub fn unmount_status(mut self) -> Option<i32> {
         // A loop device just detached may hold disk.img open for a moment longer.
         let start = Instant::now();
         loop {
@@ -122,7 +188,7 @@ impl Mount {
         }
         let status = wait_for_exit(self.daemon.take().unwrap());
         assert!(!is_mounted(self.mountpoint()));
-        assert_eq!(status, Some(0), "daemon did not exit cleanly");
+        status
     }
 
     /// Kills the daemon the way the OOM killer would (SIGKILL: nothing flushed, nothing
@@ -136,6 +202,15 @@ impl Mount {
             .args(["-u", "-z"])
             .arg(self.mountpoint()));
         assert!(!is_mounted(self.mountpoint()));
+    }
+
+    /// Sends `signal` to the daemon and returns its exit code once it has exited (`None`
+    /// if the signal killed it).
+    pub fn signal(mut self, signal: libc::c_int) -> Option<i32> {
+        let pid = self.daemon.take().unwrap();
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        wait_for_exit(pid)
     }
 
     /// Waits for the daemon to exit after something else ended the mount; returns its exit
@@ -172,7 +247,7 @@ impl Drop for Mount {
 
 /// The background daemon outlives the `vdisk-mount` command that started it; as a
 /// subreaper this test process inherits it, so it can wait for it and see its exit code.
-fn become_subreaper() {
+pub fn become_subreaper() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and touches no memory.
@@ -240,6 +315,43 @@ fn try_wait_for_exit(pid: libc::pid_t) -> Result<Option<i32>, String> {
     }
 }
 
+/// Where an installed vdisk-mount lives: in the shell's default search path, which is
+/// what `mount.fuse3` gets when mount(8) runs it (without PATH), and where the shipped
+/// systemd units expect it.
+pub const INSTALLED: &str = "/usr/local/bin/vdisk-mount";
+
+/// The binary under test at [`INSTALLED`] for as long as this lives. Tests that need it
+/// skip when another vdisk-mount is installed there (never under `CI`).
+pub struct Installed;
+
+impl Installed {
+    pub fn new() -> Option<Installed> {
+        match std::fs::read_link(INSTALLED) {
+            Ok(target) if target == Path::new(BIN) => return Some(Installed),
+            _ if Path::new(INSTALLED).exists() => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "{INSTALLED} exists; CI must run the tests that install vdisk-mount"
+                );
+                eprintln!("SKIPPED: {INSTALLED} is installed already; not replacing it");
+                return None;
+            }
+            _ => {}
+        }
+        // A dangling link left by an interrupted run.
+        let _ = std::fs::remove_file(INSTALLED);
+        std::fs::create_dir_all(Path::new(INSTALLED).parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(BIN, INSTALLED).unwrap();
+        Some(Installed)
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(INSTALLED);
+    }
+}
+
 /// A loop device over a file, detached on drop.
 pub struct LoopDevice {
     device: PathBuf,
@@ -250,8 +362,20 @@ impl LoopDevice {
         Self::losetup(&["-f", "--show"], file)
     }
 
+    /// Attached with direct I/O: the loop driver then submits requests to `file`
+    /// asynchronously, several at a time, as it does for most users.
+    pub fn attach_direct_io(file: &Path) -> LoopDevice {
+        Self::losetup(&["-f", "--show", "--direct-io=on"], file)
+    }
+
     pub fn attach_read_only(file: &Path) -> LoopDevice {
         Self::losetup(&["-f", "--show", "-r"], file)
+    }
+
+    /// A read-only loop device over `file` from byte `offset` on (a partition inside a
+    /// disk image).
+    pub fn attach_read_only_at(file: &Path, offset: u64) -> LoopDevice {
+        Self::losetup(&["-f", "--show", "-r", "-o", &offset.to_string()], file)
     }
 
     fn losetup(args: &[&str], file: &Path) -> LoopDevice {
@@ -284,6 +408,17 @@ impl FsMount {
 
     pub fn new_read_only(device: &Path) -> FsMount {
         Self::mount(&["-o", "ro"], device)
+    }
+
+    /// A tmpfs of `size` bytes: a filesystem that fills up quickly.
+    pub fn tmpfs(size: u64) -> FsMount {
+        let options = format!("size={size}");
+        Self::mount(&["-t", "tmpfs", "-o", &options], Path::new("tmpfs"))
+    }
+
+    /// Mounts with `-o options`, e.g. `ro,norecovery`.
+    pub fn with_options(device: &Path, options: &str) -> FsMount {
+        Self::mount(&["-o", options], device)
     }
 
     fn mount(args: &[&str], device: &Path) -> FsMount {
@@ -320,6 +455,13 @@ impl FsMount {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+
+    /// `umount -l`: the filesystem leaves the namespace at once but lives on for whoever
+    /// still has files open on it.
+    pub fn detach(mut self) {
+        self.mounted = false;
+        run(Command::new("umount").arg("-l").arg(self.dir.path()));
+    }
 }
 
 impl Drop for FsMount {
@@ -331,6 +473,86 @@ impl Drop for FsMount {
                 .status();
         }
     }
+}
+
+/// Runs `program` as user `uid` and group `gid` (no supplementary groups); needs root.
+pub fn run_as(uid: u32, gid: u32, program: &str, args: &[&std::ffi::OsStr]) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Whether this process may act as other users (the tests that do skip otherwise, but
+/// never under `CI`).
+pub fn can_switch_users() -> bool {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } == 0 {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must run as root");
+    eprintln!("SKIPPED: switching to another user needs root");
+    false
+}
+
+/// Byte offsets of the partitions in a partitioned disk (MBR or GPT), as `sfdisk -J`
+/// reads its partition table.
+pub fn partition_offsets(disk: &Path) -> Vec<u64> {
+    let out = run(Command::new("sfdisk").arg("-J").arg(disk));
+    let json = String::from_utf8(out.stdout).unwrap();
+    let number = |line: &str, key: &str| -> Option<u64> {
+        let value = line.trim().strip_prefix(&format!("\"{key}\": "))?;
+        Some(value.trim_end_matches(',').parse().unwrap())
+    };
+    let sector_size = json
+        .lines()
+        .find_map(|line| number(line, "sectorsize"))
+        .unwrap_or_else(|| panic!("sfdisk -J gave no sector size: {json}"));
+    json.lines()
+        .filter_map(|line| number(line, "start"))
+        .map(|start| start * sector_size)
+        .collect()
+}
+
+/// sha256 of a whole file, hashed by `openssl` (fast even in unoptimised test builds, where
+/// the mounted disks of multi-GiB images would take minutes to hash).
+pub fn sha256_by_openssl(path: &Path) -> String {
+    let out = run(Command::new("openssl")
+        .args(["dgst", "-sha256", "-r"])
+        .arg(path));
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// The LogGuid of the current VHDX header (the valid one with the higher sequence number),
+/// read straight from the file's bytes: zero means no log is waiting for replay.
+pub fn vhdx_log_guid(image: &Path) -> [u8; 16] {
+    const HEADER_OFFSETS: [u64; 2] = [64 * 1024, 128 * 1024];
+    const HEADER_SIZE: usize = 4096;
+    let file = std::fs::File::open(image).unwrap();
+    let mut current: Option<(u64, [u8; 16])> = None;
+    for offset in HEADER_OFFSETS {
+        let mut header = vec![0u8; HEADER_SIZE];
+        file.read_exact_at(&mut header, offset).unwrap();
+        // Signature "head" at 0, CRC-32C at 4 (computed with itself zeroed), sequence
+        // number at 8, file and data write GUIDs at 16 and 32, LogGuid at 48.
+        let checksum = u32::from_le_bytes(header[4..8].try_into().unwrap());
+        header[4..8].fill(0);
+        if &header[..4] != b"head" || crc32c::crc32c(&header) != checksum {
+            continue;
+        }
+        let sequence = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        if current.is_none_or(|(s, _)| sequence > s) {
+            current = Some((sequence, header[48..64].try_into().unwrap()));
+        }
+    }
+    current
+        .unwrap_or_else(|| panic!("{}: no valid VHDX header", image.display()))
+        .1
 }
 
 /// Deterministic, position-dependent bytes, so a misplaced write shows up.

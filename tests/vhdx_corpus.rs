@@ -2,24 +2,8 @@
 //! agree on, including images whose log must be replayed first.
 mod common;
 
-use std::path::Path;
-use vdisk_mount::storage::FileStorage;
-use vdisk_mount::vhdx::VhdxDisk;
-use vdisk_mount::{Allocation, OpenOptions, VirtualDisk};
-
-fn open_vhdx(path: &Path, read_only: bool) -> VhdxDisk {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .unwrap();
-    let options = OpenOptions {
-        read_only,
-        ..Default::default()
-    };
-    VhdxDisk::open(Box::new(FileStorage::new(file)), &options)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
+use common::open_vhdx;
+use vdisk_mount::{Allocation, VirtualDisk};
 
 #[test]
 fn corpus_vhdx_images_read_to_expected_contents() {

@@ -2,44 +2,17 @@
 //! as through qemu and libvhdi; images written by this library stay valid for both.
 mod common;
 
+use common::mount::pattern;
+use common::open_vhdx;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vdisk_mount::storage::FileStorage;
-use vdisk_mount::vhdx::VhdxDisk;
 use vdisk_mount::vhdx::metadata::{LOGICAL_SECTOR_SIZE, METADATA_TABLE_LEN, MetadataTable};
 use vdisk_mount::vhdx::region_table::{METADATA_REGION, REGION_TABLE_LEN, RegionTable};
 use vdisk_mount::{OpenOptions, VirtualDisk};
 
 const MIB: u64 = 1 << 20;
-
-fn open_vhdx(path: &Path, read_only: bool) -> VhdxDisk {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .unwrap();
-    let options = OpenOptions {
-        read_only,
-        ..Default::default()
-    };
-    VhdxDisk::open(Box::new(FileStorage::new(file)), &options)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Deterministic bytes that differ per write.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// Fails at the first offset where the disk and the raw file differ.
 fn assert_disk_equals_file(disk: &dyn VirtualDisk, raw: &Path, what: &str) {

@@ -241,3 +241,22 @@ pub fn vhdimount_read(image: &Path) -> Vec<u8> {
     run(Command::new("fusermount3").arg("-u").arg(mountpoint.path()));
     contents.unwrap_or_else(|e| panic!("reading {} through vhdimount: {e}", image.display()))
 }
+
+/// Opens a VHDX image straight through the VHDX driver (no probing), read-only or
+/// read/write.
+pub fn open_vhdx(path: &Path, read_only: bool) -> vdisk_mount::vhdx::VhdxDisk {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .unwrap();
+    let options = vdisk_mount::OpenOptions {
+        read_only,
+        ..Default::default()
+    };
+    vdisk_mount::vhdx::VhdxDisk::open(
+        Box::new(vdisk_mount::storage::FileStorage::new(file)),
+        &options,
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

@@ -10,7 +10,7 @@
 //! Parents are always opened read-only: many children may share one, and any write to a
 //! parent silently changes what every child reads.
 
-use crate::disk::{Format, OpenOptions, VirtualDisk, probe};
+use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, probe, push_extent};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::FileStorage;
 use std::fs::{self, Metadata};
@@ -277,6 +277,35 @@ fn refused(candidate: &Path, problem: impl std::fmt::Display) -> Attempt {
 
 fn hex_id(id: &[u8; 16]) -> String {
     uuid::Uuid::from_bytes(*id).hyphenated().to_string()
+}
+
+/// Reads what `parent` holds at `offset` into `buf`; past its end (a child may be larger
+/// than its parent), zeros.
+pub fn read_parent(parent: &dyn VirtualDisk, buf: &mut [u8], offset: u64) -> Result<()> {
+    let inside = parent.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+    let (head, tail) = buf.split_at_mut(inside);
+    if !head.is_empty() {
+        parent.read_at(head, offset)?;
+    }
+    tail.fill(0);
+    Ok(())
+}
+
+/// Appends how `parent` backs `[offset, offset + len)`; past its end, zeros.
+pub fn parent_extents(
+    parent: &dyn VirtualDisk,
+    extents: &mut Vec<Extent>,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    let inside = parent.size().saturating_sub(offset).min(len);
+    if inside > 0 {
+        for e in parent.allocation(offset, inside)? {
+            push_extent(extents, e.offset, e.len, e.state);
+        }
+    }
+    push_extent(extents, offset + inside, len - inside, Allocation::Zero);
+    Ok(())
 }
 
 /// Opens the parent the child described by `request` names, read-only, with its own

@@ -87,29 +87,12 @@ struct Differencing {
 impl Differencing {
     /// Reads what the parent holds at `offset`; past its end (a larger child), zeros.
     fn read_parent(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let inside = self
-            .parent
-            .size()
-            .saturating_sub(offset)
-            .min(buf.len() as u64) as usize;
-        let (head, tail) = buf.split_at_mut(inside);
-        if !head.is_empty() {
-            self.parent.read_at(head, offset)?;
-        }
-        tail.fill(0);
-        Ok(())
+        crate::chain::read_parent(self.parent.as_ref(), buf, offset)
     }
 
     /// Appends how the parent backs `[offset, offset + len)`; past its end, zeros.
     fn parent_extents(&self, extents: &mut Vec<Extent>, offset: u64, len: u64) -> Result<()> {
-        let inside = self.parent.size().saturating_sub(offset).min(len);
-        if inside > 0 {
-            for e in self.parent.allocation(offset, inside)? {
-                push_extent(extents, e.offset, e.len, e.state);
-            }
-        }
-        push_extent(extents, offset + inside, len - inside, Allocation::Zero);
-        Ok(())
+        crate::chain::parent_extents(self.parent.as_ref(), extents, offset, len)
     }
 }
 

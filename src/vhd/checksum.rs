@@ -11,6 +11,15 @@ pub fn vhd_checksum(bytes: &[u8], field: usize) -> u32 {
     !sum
 }
 
+/// Test helper for the structures' rejection tests: sets the bytes at `at` and repairs
+/// the checksum at `field`, so only the changed field is wrong.
+#[cfg(test)]
+pub fn set_field_keeping_checksum(bytes: &mut [u8], at: usize, value: &[u8], field: usize) {
+    bytes[at..at + value.len()].copy_from_slice(value);
+    let checksum = vhd_checksum(bytes, field);
+    bytes[field..field + 4].copy_from_slice(&checksum.to_be_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -246,9 +246,7 @@ mod tests {
     /// Sets a field and repairs the checksum, so only the field itself is wrong.
     fn with_field(at: usize, value: &[u8]) -> [u8; FOOTER_SIZE] {
         let mut b = sample().serialize();
-        b[at..at + value.len()].copy_from_slice(value);
-        let checksum = vhd_checksum(&b, OFF_CHECKSUM);
-        b[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&checksum.to_be_bytes());
+        super::super::checksum::set_field_keeping_checksum(&mut b, at, value, OFF_CHECKSUM);
         b
     }
 

@@ -3,7 +3,7 @@
 
 use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, check_range};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::storage::Storage;
+use crate::storage::{self, Storage};
 
 pub struct RawDisk {
     storage: Box<dyn Storage>,
@@ -81,17 +81,8 @@ impl VirtualDisk for RawDisk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        const CHUNK: usize = 1 << 20;
-        let zeros = vec![0u8; CHUNK];
-        let end = offset + len;
         check_range(self.size, offset, len as usize)?;
-        let mut pos = offset;
-        while pos < end {
-            let n = CHUNK.min((end - pos) as usize);
-            self.write_at(&zeros[..n], pos)?;
-            pos += n as u64;
-        }
-        Ok(())
+        storage::zero_chunks(offset, len, |zeros, at| self.write_at(zeros, at))
     }
 }
 

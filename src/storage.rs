@@ -4,6 +4,16 @@
 //! is a [`FileStorage`] (pread/pwrite/fdatasync on one file descriptor, no shared seek
 //! offset); in tests it is a [`MemStorage`], which can fail requests on demand and simulate
 //! a power loss that keeps only what was flushed (plus any chosen part of what was not).
+//!
+//! A daemon killed in the middle of a write (SIGKILL, the OOM killer) must leave every
+//! sector of the image holding its old or its new content, as a disk would. Linux copies a
+//! write into the page cache with page faults disabled; at the first source page that is
+//! not mapped yet it stops, commits what it copied, and checks for a pending kill before
+//! faulting the page in. A kill there cuts the write wherever that page begins in the
+//! source, which for a buffer at an arbitrary address is not a sector boundary of the file.
+//! Two things keep the cut on sector boundaries: [`FileStorage`] maps every source page
+//! before it writes, and zeros come from [`zero_chunks`], whose pages begin where file
+//! pages do.
 
 use parking_lot::Mutex;
 use std::fs::File;
@@ -72,6 +82,7 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        map_pages(buf);
         self.file.write_all_at(buf, offset)
     }
 
@@ -86,6 +97,59 @@ impl Storage for FileStorage {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
+}
+
+/// Smallest page size Linux uses; touching one byte per 4 KiB maps every page of any
+/// larger size too.
+const PAGE: usize = 4096;
+
+/// Touches one byte of every page `buf` spans, so the kernel finds them all mapped when it
+/// copies from them (see the module documentation). A fresh allocation, whose pages the
+/// allocator has not touched, is the usual case.
+fn map_pages(buf: &[u8]) {
+    let skew = buf.as_ptr() as usize % PAGE;
+    let first_page_end = PAGE - skew;
+    for i in std::iter::once(0).chain((first_page_end..buf.len()).step_by(PAGE)) {
+        if let Some(byte) = buf.get(i) {
+            // SAFETY: `byte` is a valid reference; the volatile read only keeps the
+            // compiler from dropping a load whose value is unused.
+            unsafe { std::ptr::read_volatile(byte) };
+        }
+    }
+}
+
+/// Largest piece of zeros [`zero_chunks`] hands out.
+pub const ZERO_CHUNK: usize = 1 << 20;
+
+#[repr(C, align(4096))]
+struct PageAlignedZeros([u8; ZERO_CHUNK + PAGE]);
+
+static ZEROS: PageAlignedZeros = PageAlignedZeros([0; ZERO_CHUNK + PAGE]);
+
+/// Calls `write(zeros, at)` for consecutive pieces covering `len` bytes from `offset`, with
+/// no allocation. Each piece of zeros starts at the same offset within a page as `at` does,
+/// so a write of it that a kill cuts short ends on a sector boundary of the file even when
+/// the pages were never touched. That holds for an `at` that is a virtual disk offset too,
+/// since every format places blocks at sector-aligned file offsets.
+pub fn zero_chunks<E>(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(&'static [u8], u64) -> Result<(), E>,
+) -> Result<(), E> {
+    let end = offset.saturating_add(len);
+    let mut at = offset;
+    while at < end {
+        let skew = (at % PAGE as u64) as usize;
+        let n = (end - at).min(ZERO_CHUNK as u64) as usize;
+        write(&ZEROS.0[skew..skew + n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Writes `len` zero bytes at `offset` of `storage`.
+pub fn write_zeros(storage: &dyn Storage, offset: u64, len: u64) -> io::Result<()> {
+    zero_chunks(offset, len, |zeros, at| storage.write_at(zeros, at))
 }
 
 /// One change made since the last flush, kept so a power loss can drop or tear it.
@@ -350,5 +414,32 @@ mod tests {
         s.set_len(4).unwrap();
         assert!(s.read_at(&mut buf, 0).is_err());
         s.flush().unwrap();
+    }
+
+    #[test]
+    fn zero_chunks_cover_the_range_with_pages_congruent_to_the_file() {
+        for (offset, len) in [
+            (0, 1),
+            (511, 2 * ZERO_CHUNK as u64 + 3),
+            (4096 * 7 + 100, 9000),
+        ] {
+            let mut next = offset;
+            zero_chunks::<()>(offset, len, |zeros, at| {
+                assert_eq!(at, next);
+                assert!(zeros.iter().all(|&b| b == 0));
+                assert!(zeros.len() <= ZERO_CHUNK);
+                assert_eq!(zeros.as_ptr() as u64 % PAGE as u64, at % PAGE as u64);
+                next += zeros.len() as u64;
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(next, offset + len);
+        }
+        let s = MemStorage::from_vec(vec![7; 6000]);
+        write_zeros(&s, 1000, 4000).unwrap();
+        let mut buf = vec![0u8; 6000];
+        s.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..1000].iter().chain(&buf[5000..]).all(|&b| b == 7));
+        assert!(buf[1000..5000].iter().all(|&b| b == 0));
     }
 }

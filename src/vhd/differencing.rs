@@ -30,11 +30,11 @@ use super::bat::{Bat, BlockLayout};
 use super::bitmap::SectorBitmap;
 use super::dynamic_header::DynamicHeader;
 use super::parent_locator::ParentLocator;
-use super::{Dynamic, ParentResolver, SECTOR, VhdDisk, ZERO_CHUNK, for_each_piece};
+use super::{Dynamic, ParentResolver, SECTOR, VhdDisk, for_each_piece};
 use crate::chain::{ParentPath, ParentRequest};
 use crate::disk::{Allocation, Extent, Format, VirtualDisk, push_extent};
 use crate::error::{Error, IoContext, Result};
-use crate::storage::Storage;
+use crate::storage::{self, Storage};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -429,14 +429,9 @@ impl VhdDisk {
         offset: u64,
         len: u64,
     ) -> Result<()> {
-        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(ZERO_CHUNK);
-            self.write_differencing(d, diff, &zeros[..n as usize], offset + done)?;
-            done += n;
-        }
-        Ok(())
+        storage::zero_chunks(offset, len, |zeros, at| {
+            self.write_differencing(d, diff, zeros, at)
+        })
     }
 }
 

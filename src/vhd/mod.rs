@@ -39,7 +39,7 @@ pub use geometry::Geometry;
 use crate::chain::{ImageContext, ParentRequest};
 use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, push_extent};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
-use crate::storage::Storage;
+use crate::storage::{self, Storage};
 use bat::{Bat, BlockLayout, Reserved, UNALLOCATED};
 use dynamic_header::{DynamicHeader, HEADER_SIZE};
 use footer::{FOOTER_SIZE, Footer, LEGACY_FOOTER_SIZE};
@@ -50,8 +50,6 @@ const SECTOR: u64 = 512;
 /// Most BAT entries kept in memory (256 MiB). Real disks need far fewer (2040 GiB in
 /// 32 KiB blocks); the bound stops a crafted sparse file from exhausting memory.
 const MAX_BAT_ENTRIES: u64 = 1 << 26;
-/// Largest piece of zeros written at once when discarding.
-const ZERO_CHUNK: u64 = 1 << 20;
 
 /// Opens the VHD image held by `storage`, which has no path: a differencing image opened
 /// this way cannot find its parent.
@@ -721,17 +719,8 @@ impl VirtualDisk for VhdDisk {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
-        let write_zeros = |mut at: u64, len: u64, what: &dyn Fn() -> String| -> Result<()> {
-            let end = at + len;
-            while at < end {
-                let n = (end - at).min(ZERO_CHUNK);
-                self.storage
-                    .write_at(&zeros[..n as usize], at)
-                    .context(what)?;
-                at += n;
-            }
-            Ok(())
+        let write_zeros = |at: u64, len: u64, what: &dyn Fn() -> String| -> Result<()> {
+            storage::write_zeros(self.storage.as_ref(), at, len).context(what)
         };
         let Some(d) = &self.dynamic else {
             return write_zeros(offset, len, &|| {

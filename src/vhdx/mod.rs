@@ -37,7 +37,7 @@ pub mod sector_bitmap;
 use crate::chain::{ImageContext, ParentRequest};
 use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, check_range, push_extent};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
-use crate::storage::Storage;
+use crate::storage::{self, Storage, write_zeros};
 use bat::{BAT_ENTRY_LEN, BAT_PAGE_LEN, Bat, BatEntry, BatLayout, PayloadState, ReservedRange};
 use fields::MIB;
 use file_identifier::{FILE_IDENTIFIER_LEN, FileIdentifier};
@@ -1057,18 +1057,6 @@ fn update_header(
     Ok(())
 }
 
-/// Writes `len` zero bytes at `offset`, a bounded buffer at a time.
-fn write_zeros(storage: &dyn Storage, offset: u64, len: u64) -> std::io::Result<()> {
-    let zeros = vec![0u8; len.min(MIB) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(MIB);
-        storage.write_at(&zeros[..n as usize], offset + done)?;
-        done += n;
-    }
-    Ok(())
-}
-
 /// Replays the log's updates into the file, then marks the log empty. The header update
 /// before replay keeps the LogGuid, so a crash during replay leaves the log replayable.
 fn replay_to_file(storage: &dyn Storage, j: &mut Journal, replay: &Overlay) -> Result<()> {
@@ -1231,13 +1219,7 @@ impl VirtualDisk for VhdxDisk {
             }
         }
         for (at, n) in zero_writes {
-            let zeros = vec![0u8; n.min(MIB) as usize];
-            let mut done = 0;
-            while done < n {
-                let step = (n - done).min(MIB);
-                self.write_at(&zeros[..step as usize], at + done)?;
-                done += step;
-            }
+            storage::zero_chunks(at, n, |zeros, at| self.write_at(zeros, at))?;
         }
         if whole_blocks.is_empty() {
             return Ok(());

@@ -444,7 +444,7 @@ mod tests {
     use crate::vhd::DiskType;
     use crate::vhd::tests::{
         BLOCK, Model, Shared, assemble, assert_same, crash_images, dynamic_image, footer_for,
-        header_for, read_all,
+        header_for, new_block_data_at, read_all,
     };
     use parking_lot::Mutex;
     use rand::rngs::StdRng;
@@ -555,8 +555,8 @@ mod tests {
         let (parent, parent_data) = parent_image(size, 3);
         let storage = Arc::new(MemStorage::from_vec(child_image(size, CHILD_BLOCK)));
         let (disk, _) = open_child(Shared::new(storage.clone()), &parent);
-        let block_file_at = storage.len().unwrap() as usize - 512;
-        let data_at = block_file_at + 512;
+        let data_at = new_block_data_at(storage.len().unwrap() - 512, 0) as usize;
+        let block_file_at = data_at - 512;
         let block_start = CHILD_BLOCK as usize;
         // Three bytes inside sector 13 of block 1: sectors 8 to 15 move into the child.
         let at = block_start + 13 * 512 + 100;

@@ -5,12 +5,15 @@
 //! under a lock that is held only to look entries up or change them. Data I/O to allocated
 //! blocks runs outside every lock, one positional request per block touched.
 //!
-//! A new block goes where the trailing footer was. Allocation keeps the file openable at
-//! every instant and never lets the BAT point at data that may not be on the medium:
+//! A new block goes where the trailing footer was, moved forward by less than 4 KiB so its
+//! data starts on a page boundary of the file: a 4 KiB write then covers whole pages, where
+//! unaligned data makes the page cache read two pages for every page written. Allocation
+//! keeps the file openable at every instant and never lets the BAT point at data that may
+//! not be on the medium:
 //!
 //! 1. write the footer past the end of the new block, flush: the file always ends in a
-//!    valid footer, the old one becoming dead space inside the new block;
-//! 2. write the block's bitmap (all ones) over the old footer and the caller's data into
+//!    valid footer, the old one becoming dead space before or inside the new block;
+//! 2. zero the old footer, write the block's bitmap (all ones) and the caller's data into
 //!    the block, flush: the rest of the block reads as zeros because the file grew past
 //!    it in step 1;
 //! 3. write the BAT entry. This is the commit point; a crash before it only leaks the
@@ -50,6 +53,9 @@ const SECTOR: u64 = 512;
 /// Most BAT entries kept in memory (256 MiB). Real disks need far fewer (2040 GiB in
 /// 32 KiB blocks); the bound stops a crafted sparse file from exhausting memory.
 const MAX_BAT_ENTRIES: u64 = 1 << 26;
+/// New blocks place their data at a multiple of this in the file (or of the block size,
+/// if smaller).
+const DATA_ALIGNMENT: u64 = 4096;
 
 /// Opens the VHD image held by `storage`, which has no path: a differencing image opened
 /// this way cannot find its parent.
@@ -271,7 +277,10 @@ impl VhdDisk {
         block: u64,
         fill: impl FnOnce(u64, &dyn Fn(&str) -> String) -> Result<()>,
     ) -> Result<u64> {
-        let block_at = allocator.next_block;
+        let old_footer_at = allocator.next_block;
+        let data_alignment = d.layout.block_size.min(DATA_ALIGNMENT);
+        let block_at = (old_footer_at + d.layout.bitmap_bytes).next_multiple_of(data_alignment)
+            - d.layout.bitmap_bytes;
         let sector = u32::try_from(block_at / SECTOR)
             .ok()
             .filter(|&sector| sector != UNALLOCATED)
@@ -288,9 +297,9 @@ impl VhdDisk {
         // Whatever follows the old footer (a legacy short footer, or a block left behind
         // by a failed allocation) is cut off so the new block's unwritten sectors are zeros.
         let file_len = storage.len().context(|| context("reading file size"))?;
-        if file_len != block_at + FOOTER_SIZE as u64 {
+        if file_len != old_footer_at + FOOTER_SIZE as u64 {
             storage
-                .set_len(block_at)
+                .set_len(old_footer_at)
                 .context(|| context("trimming the file end"))?;
         }
         storage
@@ -299,6 +308,10 @@ impl VhdDisk {
         storage
             .flush()
             .context(|| context("flushing the new footer"))?;
+        // A stale footer left in the gap before the block would look like the end of an
+        // image to a tool that scans for one.
+        storage::write_zeros(storage, old_footer_at, block_at - old_footer_at)
+            .context(|| context("clearing the old footer"))?;
         fill(block_at, &context)?;
         storage.flush().context(|| context("flushing block data"))?;
         let committed = storage
@@ -762,6 +775,13 @@ mod tests {
     pub(super) const BLOCK: u32 = 4096;
     pub(super) const SPAN: u64 = 4096 + 512;
 
+    /// Where the data of the `i`th block allocated after the footer at `footer_at` goes:
+    /// on the first page boundary that leaves room for the bitmap before it. Blocks of
+    /// 4 KiB then take two pages each: the bitmap at the end of one, the data in the next.
+    pub(super) fn new_block_data_at(footer_at: u64, i: u64) -> u64 {
+        (footer_at + 512).next_multiple_of(4096) + i * 2 * 4096
+    }
+
     pub(super) fn footer_for(size: u64, disk_type: DiskType) -> Footer {
         Footer {
             features: 2,
@@ -948,18 +968,62 @@ mod tests {
         disk.write_at(&[7; 100], size - 100).unwrap();
         disk.close().unwrap();
         let image = storage.contents();
-        assert_eq!(image.len() as u64, base + 3 * (1024 + block) + 512);
-        // Block 0's bitmap is all ones, its data follows the 1024 bytes.
-        assert!(
-            image[base as usize..base as usize + 1024]
-                .iter()
-                .all(|&b| b == 0xFF)
-        );
-        assert_eq!(image[(base + 1024 + block - 1000) as usize], 6);
+        // Each block's data starts on a page boundary, its 1024-byte bitmap right before.
+        let data_at = |i: u64| (base + 1024).next_multiple_of(4096) + i * (block + 4096);
+        assert_eq!(image.len() as u64, data_at(2) + block + 512);
+        let bitmap = data_at(0) as usize - 1024..data_at(0) as usize;
+        assert!(image[bitmap].iter().all(|&b| b == 0xFF));
+        assert_eq!(image[(data_at(0) + block - 1000) as usize], 6);
         let mut expected = vec![0u8; size as usize];
         expected[block as usize - 1000..block as usize + 2000].fill(6);
         expected[size as usize - 100..].fill(7);
         assert_same(&read_all(&open_vec(image).unwrap()), &expected);
+    }
+
+    #[test]
+    fn new_blocks_put_their_data_on_page_boundaries() {
+        // 2 MiB blocks, as Windows and qemu make them: 512-byte bitmap, so a block placed
+        // right at the footer would start its data 512 bytes past a page boundary.
+        let block = 2u64 << 20;
+        let size = 4 * block;
+        let image = assemble(
+            &footer_for(size, DiskType::Dynamic),
+            &header_for(4, block as u32),
+        );
+        let storage = Arc::new(MemStorage::from_vec(image));
+        let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
+        for (i, b) in [2u64, 0, 3].into_iter().enumerate() {
+            disk.write_at(&[i as u8 + 1; 4096], b * block + 4096)
+                .unwrap();
+        }
+        disk.close().unwrap();
+        let image = storage.contents();
+        let d = disk.dynamic.as_ref().unwrap();
+        let bat = d.bat.read();
+        let mut previous_end = 2048;
+        for b in [2u64, 0, 3] {
+            let bitmap_at = bat.block_offset(b).unwrap() as usize;
+            let data_at = bitmap_at + 512;
+            assert_eq!(data_at % 4096, 0, "block {b} data at {data_at:#x}");
+            // Less than a page is given up, and it holds zeros, not the old footer.
+            assert!(bitmap_at - previous_end < 4096);
+            assert!(image[previous_end..bitmap_at].iter().all(|&x| x == 0));
+            previous_end = data_at + block as usize;
+        }
+        assert_eq!(image.len(), previous_end + 512);
+        let mut expected = vec![0u8; size as usize];
+        for (i, b) in [2usize, 0, 3].into_iter().enumerate() {
+            let at = b * block as usize + 4096;
+            expected[at..at + 4096].fill(i as u8 + 1);
+        }
+        assert_same(&read_all(&open_vec(image).unwrap()), &expected);
+
+        // Blocks smaller than a page are not padded: each takes exactly its span.
+        let image = assemble(&footer_for(8 * 512, DiskType::Dynamic), &header_for(8, 512));
+        let old_len = image.len();
+        let disk = open_vec(image).unwrap();
+        disk.write_at(&[1; 3 * 512], 512).unwrap();
+        assert_eq!(disk.storage.len().unwrap() as usize, old_len + 3 * 1024);
     }
 
     #[test]
@@ -993,11 +1057,14 @@ mod tests {
                 },
             ]
         );
-        // The block sits where the footer was, bitmap all ones, and the footer moved.
+        // The block sits where the footer was, moved up so its data starts on a page
+        // boundary; the old footer is cleared, the bitmap all ones, and the footer moved.
         let image = storage.contents();
         let old_end = dynamic_image(size).len() - 512;
-        assert_eq!(image.len(), old_end + SPAN as usize + 512);
-        assert!(image[old_end..old_end + 512].iter().all(|&b| b == 0xFF));
+        let data_at = new_block_data_at(old_end as u64, 0) as usize;
+        assert_eq!(image.len(), data_at + BLOCK as usize + 512);
+        assert!(image[old_end..data_at - 512].iter().all(|&b| b == 0));
+        assert!(image[data_at - 512..data_at].iter().all(|&b| b == 0xFF));
         assert_eq!(&image[image.len() - 512..], &image[..512]);
     }
 
@@ -1053,12 +1120,11 @@ mod tests {
         disk.read_at(&mut buf, 10).unwrap();
         assert_eq!(buf[BLOCK as usize - 10], 1);
         assert_eq!(buf[3 * BLOCK as usize - 10], 2);
-        let first_block = 1536 + 512 + 512;
         assert_eq!(
             *reads.lock(),
             vec![
-                (first_block, BLOCK as usize),
-                (first_block + SPAN, BLOCK as usize)
+                (new_block_data_at(2048, 0), BLOCK as usize),
+                (new_block_data_at(2048, 1), BLOCK as usize)
             ]
         );
     }
@@ -1073,7 +1139,8 @@ mod tests {
         // flush like any other write.
         assert_eq!(storage.flush_count(), flushes + 2);
         match storage.pending().as_slice() {
-            [PendingOp::Write { offset: 1536, data }] => assert_eq!(data, &[0, 0, 0, 4]),
+            // The bitmap sector before the first page-aligned data after the footer at 2048.
+            [PendingOp::Write { offset: 1536, data }] => assert_eq!(data, &[0, 0, 0, 7]),
             other => panic!("unexpected pending writes {other:?}"),
         }
     }
@@ -1230,7 +1297,7 @@ mod tests {
         expected[BLOCK as usize + 7] = 1;
         assert_same(&read_all(&disk), &expected);
         let image = storage.contents();
-        assert_eq!(image.len() as u64, 2048 + SPAN + 512);
+        assert_eq!(image.len() as u64, new_block_data_at(2048, 0) + 4096 + 512);
         assert_eq!(&image[image.len() - 512..], &image[..512]);
         assert_same(&read_all(&open_vec(image).unwrap()), &expected);
     }
@@ -1246,7 +1313,7 @@ mod tests {
         disk.write_at(&[8; 100], 3 * u64::from(BLOCK)).unwrap();
         disk.flush().unwrap();
         let image = storage.contents();
-        assert_eq!(image.len() as u64, 1536 + 512 + SPAN + 512);
+        assert_eq!(image.len() as u64, new_block_data_at(2048, 0) + 4096 + 512);
         assert_eq!(read_all(&open_vec(image).unwrap())[3 * BLOCK as usize], 8);
 
         let mut fixed = fixed_image(&[4; 1024]);
@@ -1575,10 +1642,10 @@ mod tests {
     #[test]
     fn failed_requests_report_the_errno_and_leave_a_consistent_image() {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        // Allocation writes the footer, flushes, writes bitmap and data, flushes, writes
-        // the BAT entry: fail each of these six requests in turn.
+        // Allocation writes the footer, flushes, clears the old footer, writes bitmap and
+        // data, flushes, writes the BAT entry: fail each of these seven requests in turn.
         let size = 6 * u64::from(BLOCK);
-        for fail_at in 0..6 {
+        for fail_at in 0..7 {
             let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
             // Counts requests once armed and injects the fault just before request
             // `fail_at`, whichever kind it is.
@@ -1612,7 +1679,7 @@ mod tests {
             seen.store(0, Ordering::SeqCst);
             let result = disk.write_at(&[2; 900], 2 * u64::from(BLOCK) + 3);
             seen.store(usize::MAX, Ordering::SeqCst);
-            let errno = if fail_at == 1 || fail_at == 4 {
+            let errno = if fail_at == 1 || fail_at == 5 {
                 libc::EIO
             } else {
                 libc::ENOSPC
@@ -1681,7 +1748,11 @@ mod tests {
             }
         });
         assert_eq!(disk.allocated_blocks(), Some(blocks));
-        assert_eq!(storage.len().unwrap(), initial_len + blocks * SPAN);
+        let last_data_at = new_block_data_at(initial_len - 512, blocks - 1);
+        assert_eq!(
+            storage.len().unwrap(),
+            last_data_at + u64::from(BLOCK) + 512
+        );
         disk.flush().unwrap();
         let found = read_all(&open_vec(storage.contents()).unwrap());
         for sector in 0..sectors {

@@ -11,7 +11,8 @@
 # --output  where the results go (default: BENCHMARKS.md beside this directory).
 # --workdir where images are created (default: a new directory under /var/tmp, removed
 #           afterwards). It must be on a disk filesystem that supports O_DIRECT.
-# VDISK_MOUNT=path selects the binary; by default `cargo build --release` builds it.
+# VDISK_MOUNT=path selects the binary (its companion `vdisk` must sit beside it); by
+# default `cargo build --release` builds both.
 # VDISK_MOUNT_OPTIONS=opts adds `-o opts` to every vdisk-mount (e.g. threads=16).
 #
 # Needs root (mounts, loop devices, dropping the page cache) and these tools, which it
@@ -75,6 +76,7 @@ else
     bin="$repo/target/release/vdisk-mount"
 fi
 [ -x "$bin" ] || { echo "no vdisk-mount binary at $bin" >&2; exit 1; }
+[ -x "$(dirname "$bin")/vdisk" ] || { echo "no vdisk binary beside $bin" >&2; exit 1; }
 
 # --- sizes and durations -----------------------------------------------------------------
 
@@ -305,8 +307,14 @@ vhdx_fixed="$workdir/fixed.vhdx"
 qemu-img create -q -f vhdx -o "subformat=fixed,block_size=$vhdx_block,block_state_zero=off" \
     "$vhdx_fixed" "$size"
 qemu-img convert -n -f raw -O vhdx "$raw" "$vhdx_fixed"
+# Filled through vdisk-mount, which starts each block's data on a page boundary; qemu-img
+# convert starts it 512 bytes past one, which costs any reader of the file (BENCHMARKS.md,
+# Findings). vdisk-mount and qemu-storage-daemon are both measured on this same file.
 vhd_dyn="$workdir/dynamic.vhd"
-qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$raw" "$vhd_dyn"
+"$(dirname "$bin")/vdisk" create --format vhd --size "$size" "$vhd_dyn" > /dev/null
+start_vdisk "$vhd_dyn"
+dd if="$raw" of="$target_file" bs=1M oflag=direct conv=notrunc,fsync status=none
+stop_target
 
 # --- the measured targets ------------------------------------------------------------------
 

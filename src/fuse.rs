@@ -21,8 +21,10 @@
 //! a dead mount. An image file that has gone (no name left, or its filesystem
 //! unmounted) closes the gate for good with `EIO`.
 
+use crate::blocking_pool::BlockingPool;
 use crate::disk::{Allocation, VirtualDisk};
 use crate::error::Error;
+use crate::storage;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
     LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
@@ -174,6 +176,8 @@ pub struct DiskFs {
     /// cleared by the flush that covers it:
     /// closing a file that only read (every `close` is a flush) then costs no sync.
     unflushed: AtomicBool,
+    /// Serves the reads that must wait for the disk (see [`DiskFs::read_if_cached`]).
+    waiting_reads: BlockingPool,
 }
 
 impl DiskFs {
@@ -186,6 +190,7 @@ impl DiskFs {
             image_check: None,
             mtime_ns: AtomicU64::new(nanos_since_epoch(mtime)),
             unflushed: AtomicBool::new(false),
+            waiting_reads: BlockingPool::default(),
         }
     }
 
@@ -308,23 +313,23 @@ impl DiskFs {
 
     pub fn read(&self, ino: u64, offset: u64, len: u32) -> FsResult<Vec<u8>> {
         self.expect_disk(ino)?;
-        let _admitted = self.gate.enter()?;
-        let size = self.disk.size();
-        if offset >= size {
-            return Ok(Vec::new());
+        read_waiting(self.disk.as_ref(), &self.gate, offset, len)
+    }
+
+    /// The read if the page cache holds everything it needs (image data and, for a
+    /// differencing disk, its parents'), or `None` if it would have to wait for the disk.
+    pub fn read_if_cached(&self, ino: u64, offset: u64, len: u32) -> FsResult<Option<Vec<u8>>> {
+        self.expect_disk(ino)?;
+        match read_disk(
+            self.disk.as_ref(),
+            &self.gate,
+            offset,
+            len,
+            Waiting::NotAllowed,
+        )? {
+            Read::Done(data) => Ok(Some(data)),
+            Read::MustWait => Ok(None),
         }
-        // The kernel never asks for more than it negotiated; anything larger is refused
-        // rather than answered short, which it would take as end of file.
-        if len > MAX_IO {
-            log::error!("read of {len} bytes at offset {offset} exceeds the {MAX_IO}-byte limit");
-            return Err(libc::EINVAL);
-        }
-        let n = (size - offset).min(u64::from(len));
-        let mut buf = vec![0u8; n as usize];
-        self.disk
-            .read_at(&mut buf, offset)
-            .map_err(|e| failed("read", offset, n, &e))?;
-        Ok(buf)
     }
 
     /// Writes what fits inside the disk and returns how much that was.
@@ -477,6 +482,63 @@ fn nanos_since_epoch(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    Allowed,
+    NotAllowed,
+}
+
+enum Read {
+    Done(Vec<u8>),
+    MustWait,
+}
+
+/// Reads `len` bytes at `offset`, fewer at the end of the disk. With
+/// `Waiting::NotAllowed` it gives up with `Read::MustWait` at the first piece that is not
+/// in the page cache.
+fn read_disk(
+    disk: &dyn VirtualDisk,
+    gate: &RequestGate,
+    offset: u64,
+    len: u32,
+    waiting: Waiting,
+) -> FsResult<Read> {
+    let _admitted = gate.enter()?;
+    let size = disk.size();
+    if offset >= size {
+        return Ok(Read::Done(Vec::new()));
+    }
+    // The kernel never asks for more than it negotiated; anything larger is refused
+    // rather than answered short, which it would take as end of file.
+    if len > MAX_IO {
+        log::error!("read of {len} bytes at offset {offset} exceeds the {MAX_IO}-byte limit");
+        return Err(libc::EINVAL);
+    }
+    let n = (size - offset).min(u64::from(len));
+    let mut buf = vec![0u8; n as usize];
+    let read = match waiting {
+        Waiting::Allowed => disk.read_at(&mut buf, offset),
+        Waiting::NotAllowed => storage::cached_reads_only(|| disk.read_at(&mut buf, offset)),
+    };
+    match read {
+        Ok(()) => Ok(Read::Done(buf)),
+        Err(e) if waiting == Waiting::NotAllowed && e.errno() == libc::EAGAIN => Ok(Read::MustWait),
+        Err(e) => Err(failed("read", offset, n, &e)),
+    }
+}
+
+fn read_waiting(
+    disk: &dyn VirtualDisk,
+    gate: &RequestGate,
+    offset: u64,
+    len: u32,
+) -> FsResult<Vec<u8>> {
+    match read_disk(disk, gate, offset, len, Waiting::Allowed)? {
+        Read::Done(data) => Ok(data),
+        Read::MustWait => unreachable!("a read allowed to wait never asks to"),
+    }
+}
+
 /// Logs a driver failure with the request it broke and returns the errno for the caller.
 fn failed(op: &str, offset: u64, len: u64, err: &Error) -> i32 {
     log::error!("{op} of {len} bytes at offset {offset} failed: {err}");
@@ -619,8 +681,19 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match DiskFs::read(self, ino.0, offset, size) {
-            Ok(data) => reply.data(&data),
+        // Cached data is served on this thread; a read that must wait for the disk goes to
+        // a thread that may wait, so that reads queued behind it reach the disk together.
+        match DiskFs::read_if_cached(self, ino.0, offset, size) {
+            Ok(Some(data)) => reply.data(&data),
+            Ok(None) => {
+                let (disk, gate) = (self.disk.clone(), self.gate.clone());
+                self.waiting_reads.submit(move || {
+                    match read_waiting(disk.as_ref(), &gate, offset, size) {
+                        Ok(data) => reply.data(&data),
+                        Err(e) => reply.error(errno(e)),
+                    }
+                });
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -29,6 +29,7 @@
 //! it before any metadata points at it, so a crash at any instant leaves an image that
 //! opens and holds every write that a flush acknowledged.
 
+mod blocking_pool;
 pub mod chain;
 pub mod create;
 pub mod disk;

@@ -16,10 +16,12 @@
 //! pages do.
 
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 /// Positional access to one image file. All methods take `&self`: implementations must be
 /// safe to call from many threads at once.
@@ -61,14 +63,78 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
 }
 
+thread_local! {
+    /// Set while this thread runs inside [`cached_reads_only`].
+    static CACHED_READS_ONLY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every [`FileStorage`] read on this thread limited to what the page cache
+/// holds: a read that would have to wait for the disk fails at once with
+/// [`io::ErrorKind::WouldBlock`] (`EAGAIN`) instead. A caller with few threads can so serve
+/// cached data itself and pass only reads that must wait to threads that may block.
+/// Where the filesystem cannot tell (no `RWF_NOWAIT`: FUSE, some network filesystems)
+/// every read counts as one that would wait, as it well may.
+pub fn cached_reads_only<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CACHED_READS_ONLY.set(self.0);
+        }
+    }
+    let _reset = Reset(CACHED_READS_ONLY.replace(true));
+    f()
+}
+
 /// A real file.
 pub struct FileStorage {
     file: File,
+    /// The file's filesystem refused `RWF_NOWAIT`.
+    nowait_unsupported: AtomicBool,
 }
 
 impl FileStorage {
     pub fn new(file: File) -> Self {
-        FileStorage { file }
+        FileStorage {
+            file,
+            nowait_unsupported: AtomicBool::new(false),
+        }
+    }
+
+    /// Reads from the page cache alone, as [`cached_reads_only`] describes.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let would_block = || Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        if self.nowait_unsupported.load(Ordering::Relaxed) {
+            return would_block();
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            let at = libc::off_t::try_from(offset + done as u64)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: `iov` describes `rest`, which stays borrowed for the call.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+            match n {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let err = io::Error::last_os_error();
+                    match err.raw_os_error() {
+                        Some(libc::EINTR) => {}
+                        Some(libc::EAGAIN) => return would_block(),
+                        Some(libc::EOPNOTSUPP) => {
+                            self.nowait_unsupported.store(true, Ordering::Relaxed);
+                            return would_block();
+                        }
+                        _ => return Err(err),
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn file(&self) -> &File {
@@ -78,6 +144,9 @@ impl FileStorage {
 
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if CACHED_READS_ONLY.get() {
+            return self.read_cached(buf, offset);
+        }
         self.file.read_exact_at(buf, offset)
     }
 
@@ -441,5 +510,42 @@ mod tests {
         s.read_at(&mut buf, 0).unwrap();
         assert!(buf[..1000].iter().chain(&buf[5000..]).all(|&b| b == 7));
         assert!(buf[1000..5000].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn cached_reads_only_fail_fast_where_the_page_cache_lacks_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        file.sync_all().unwrap();
+        // SAFETY: plain syscalls on an open descriptor.
+        let (dropped, on_tmpfs) = unsafe {
+            let dropped = libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            let mut fs: libc::statfs = std::mem::zeroed();
+            assert_eq!(libc::fstatfs(file.as_raw_fd(), &mut fs), 0);
+            (dropped == 0, fs.f_type == libc::TMPFS_MAGIC)
+        };
+        let storage = FileStorage::new(file);
+        let mut buf = vec![0u8; 8192];
+        if dropped && !on_tmpfs {
+            // Clean pages just dropped: the data is on the disk only.
+            let err = cached_reads_only(|| storage.read_at(&mut buf, 65536)).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        }
+        storage.read_at(&mut buf, 65536).unwrap();
+        assert_eq!(buf, data[65536..65536 + 8192]);
+        buf.fill(0);
+        cached_reads_only(|| storage.read_at(&mut buf, 65536)).unwrap();
+        assert_eq!(buf, data[65536..65536 + 8192]);
+        // Past the end is an error of its own, not a read that would wait.
+        let tail = data.len() as u64 - 10;
+        storage.read_at(&mut [0u8; 10], tail).unwrap();
+        let err =
+            cached_reads_only(|| storage.read_at(&mut buf, data.len() as u64 - 10)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        // The mode ends with the call.
+        assert!(!CACHED_READS_ONLY.get());
     }
 }

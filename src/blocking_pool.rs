@@ -66,19 +66,32 @@ fn serve(jobs: &Mutex<Receiver<Job>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Barrier;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
 
     #[test]
     fn jobs_wait_side_by_side() {
         let pool = BlockingPool::default();
-        // Every job waits until all of them run: that needs THREADS jobs at once.
-        let barrier = Arc::new(Barrier::new(BlockingPool::THREADS + 1));
+        // Each job waits (at most ten seconds, so a broken pool fails rather than hangs)
+        // until all of them run at once, which needs THREADS threads.
+        let running = Arc::new(AtomicUsize::new(0));
+        let (done, finished) = std::sync::mpsc::channel();
         for _ in 0..BlockingPool::THREADS {
-            let barrier = barrier.clone();
+            let (running, done) = (running.clone(), done.clone());
             pool.submit(move || {
-                barrier.wait();
+                running.fetch_add(1, Ordering::SeqCst);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while running.load(Ordering::SeqCst) < BlockingPool::THREADS
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                done.send(running.load(Ordering::SeqCst)).unwrap();
             });
         }
-        barrier.wait();
+        for _ in 0..BlockingPool::THREADS {
+            let seen = finished.recv_timeout(Duration::from_secs(20)).unwrap();
+            assert_eq!(seen, BlockingPool::THREADS);
+        }
     }
 }

@@ -2,12 +2,10 @@
 //! that must reach their final places in the file. Parses entries, finds the active
 //! sequence to replay (MS-VHDX §2.3.3), and builds entries for the writer.
 
-use super::fields::{
-    crc32c_matches, guid_at, put_guid, put_u32, put_u64, seal_crc32c, u32_at, u64_at,
-};
+use super::fields::{guid_at, put_guid, put_u32, put_u64, seal_crc32c, u32_at, u64_at};
 use crate::error::{CorruptionKind, Error, IoContext, Result};
 use crate::storage::Storage;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 pub const LOG_SECTOR: usize = 4096;
@@ -91,47 +89,97 @@ fn descriptor_sectors(descriptors: u64) -> u64 {
     (descriptors + 2).div_ceil(128)
 }
 
-/// `len` bytes of the ring starting at `position`, wrapping past its end.
-fn ring_bytes(log: &[u8], position: u64, len: u64) -> Vec<u8> {
-    let start = position as usize;
-    let len = len as usize;
-    let first = len.min(log.len() - start);
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(&log[start..start + first]);
-    out.extend_from_slice(&log[..len - first]);
-    out
+/// A log ring in memory, with the CRC-32C of every sector-aligned prefix of the ring laid
+/// twice end to end. The checksum of any entry, wrapping or not, then costs the same
+/// whatever length it claims, so scanning a ring whose every sector claims to start an
+/// entry as long as the ring stays linear in the ring's size.
+pub struct LogRing<'a> {
+    bytes: &'a [u8],
+    prefix_crcs: Vec<u32>,
 }
 
-/// Parses the entry at `position` of the log `log`; `None` if it is not a valid entry of
-/// the sequence identified by `log_guid`.
-pub fn parse_entry(log: &[u8], position: u64, log_guid: Uuid) -> Option<LogEntry> {
-    let log_len = log.len() as u64;
-    let head = ring_bytes(log, position, SECTOR);
+impl<'a> LogRing<'a> {
+    /// `bytes` is a whole number of sectors.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        debug_assert!(bytes.len().is_multiple_of(LOG_SECTOR));
+        let mut prefix_crcs = Vec::with_capacity(2 * bytes.len() / LOG_SECTOR + 1);
+        let mut crc = 0;
+        prefix_crcs.push(crc);
+        for sector in bytes
+            .chunks_exact(LOG_SECTOR)
+            .chain(bytes.chunks_exact(LOG_SECTOR))
+        {
+            crc = crc32c::crc32c_append(crc, sector);
+            prefix_crcs.push(crc);
+        }
+        LogRing { bytes, prefix_crcs }
+    }
+
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    /// `len` bytes from `position` (both multiples of the sector, `len` at most the ring),
+    /// wrapping past the end.
+    fn copy(&self, position: u64, len: u64) -> Vec<u8> {
+        let start = position as usize;
+        let len = len as usize;
+        let first = len.min(self.bytes.len() - start);
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&self.bytes[start..start + first]);
+        out.extend_from_slice(&self.bytes[..len - first]);
+        out
+    }
+
+    /// Whether the entry of `len` bytes at `position` carries its own checksum: CRC-32C
+    /// over its bytes with the checksum field taken as zero. CRC-32C is linear: the CRC
+    /// of a stretch is the CRC of the prefix ending with it less the earlier prefix's CRC
+    /// carried over the stretch's length, and zeroing the field changes the result by the
+    /// field's own contribution carried over the bytes after it.
+    fn entry_checksum_matches(&self, position: u64, len: u64) -> bool {
+        let first = (position / SECTOR) as usize;
+        let last = first + (len / SECTOR) as usize;
+        let stretch = self.prefix_crcs[last]
+            ^ crc32c::crc32c_combine(self.prefix_crcs[first], 0, len as usize);
+        let at = position as usize + ENTRY_CHECKSUM_OFF;
+        let field = &self.bytes[at..at + 4];
+        let field_share = crc32c::crc32c_combine(
+            crc32c::crc32c(field) ^ crc32c::crc32c(&[0; 4]),
+            0,
+            len as usize - ENTRY_CHECKSUM_OFF - 4,
+        );
+        stretch ^ field_share == u32_at(field, 0)
+    }
+}
+
+/// Parses the entry at `position` of `ring`; `None` if it is not a valid entry of the
+/// sequence identified by `log_guid`. Costs the same for any claimed length until the
+/// checksum matched, and then what the entry really holds.
+pub fn parse_entry(ring: &LogRing, position: u64, log_guid: Uuid) -> Option<LogEntry> {
+    let log_len = ring.len();
+    let head = &ring.bytes[position as usize..position as usize + LOG_SECTOR];
     if &head[..4] != ENTRY_SIGNATURE {
         return None;
     }
-    let length = u64::from(u32_at(&head, ENTRY_LENGTH_OFF));
-    let tail = u64::from(u32_at(&head, ENTRY_TAIL_OFF));
-    let sequence = u64_at(&head, ENTRY_SEQUENCE_OFF);
-    let descriptors = u64::from(u32_at(&head, ENTRY_DESCRIPTOR_COUNT_OFF));
+    let length = u64::from(u32_at(head, ENTRY_LENGTH_OFF));
+    let tail = u64::from(u32_at(head, ENTRY_TAIL_OFF));
+    let sequence = u64_at(head, ENTRY_SEQUENCE_OFF);
+    let descriptors = u64::from(u32_at(head, ENTRY_DESCRIPTOR_COUNT_OFF));
     if length == 0
         || !length.is_multiple_of(SECTOR)
         || length > log_len
         || !tail.is_multiple_of(SECTOR)
         || tail >= log_len
         || sequence == 0
-        || guid_at(&head, ENTRY_LOG_GUID_OFF) != log_guid
+        || guid_at(head, ENTRY_LOG_GUID_OFF) != log_guid
     {
         return None;
     }
     let desc_sectors = descriptor_sectors(descriptors);
-    if desc_sectors * SECTOR > length {
+    if desc_sectors * SECTOR > length || !ring.entry_checksum_matches(position, length) {
         return None;
     }
-    let bytes = ring_bytes(log, position, length);
-    if !crc32c_matches(&bytes, ENTRY_CHECKSUM_OFF) {
-        return None;
-    }
+    let bytes = ring.copy(position, length);
     let mut updates = Vec::with_capacity(descriptors as usize);
     let mut data_sector = desc_sectors;
     for i in 0..descriptors as usize {
@@ -182,8 +230,8 @@ pub fn parse_entry(log: &[u8], position: u64, log_guid: Uuid) -> Option<LogEntry
         length,
         tail,
         sequence,
-        flushed_file_offset: u64_at(&head, ENTRY_FLUSHED_FILE_OFFSET_OFF),
-        last_file_offset: u64_at(&head, ENTRY_LAST_FILE_OFFSET_OFF),
+        flushed_file_offset: u64_at(head, ENTRY_FLUSHED_FILE_OFFSET_OFF),
+        last_file_offset: u64_at(head, ENTRY_LAST_FILE_OFFSET_OFF),
         updates,
     })
 }
@@ -200,58 +248,129 @@ impl ActiveSequence {
     }
 }
 
+/// The valid entries of a ring, each parsed once, with the stretches of ring they occupy.
+struct ValidEntries<'r, 'a> {
+    ring: &'r LogRing<'a>,
+    log_guid: Uuid,
+    parsed: HashMap<u64, Option<LogEntry>>,
+    /// Occupied stretches as `start -> (end, entry position)`, a wrapping entry as two.
+    occupied: BTreeMap<u64, (u64, u64)>,
+}
+
+impl ValidEntries<'_, '_> {
+    fn at(&mut self, position: u64) -> Result<Option<&LogEntry>> {
+        if !self.parsed.contains_key(&position) {
+            let entry = parse_entry(self.ring, position, self.log_guid);
+            if let Some(entry) = &entry {
+                self.occupy(entry)?;
+            }
+            self.parsed.insert(position, entry);
+        }
+        Ok(self.parsed[&position].as_ref())
+    }
+
+    /// Records where `entry` lies. Entries a writer leaves never overlap: writing one over
+    /// part of another breaks the older one's checksum. Overlapping valid entries are
+    /// crafted, and refusing them keeps the work of a scan within the ring's size.
+    fn occupy(&mut self, entry: &LogEntry) -> Result<()> {
+        let log_len = self.ring.len();
+        let end = entry.position + entry.length;
+        let mut stretches = vec![(entry.position, end.min(log_len))];
+        if end > log_len {
+            stretches.push((0, end - log_len));
+        }
+        for (start, end) in stretches {
+            if let Some((_, &(other_end, other))) = self.occupied.range(..end).next_back()
+                && other_end > start
+            {
+                return Err(Error::corrupt(
+                    CorruptionKind::OutOfBounds,
+                    format!("log entry {}", entry.sequence),
+                    format!(
+                        "at log offset {:#x} overlaps the valid entry at {other:#x}",
+                        entry.position
+                    ),
+                ));
+            }
+            self.occupied.insert(start, (end, entry.position));
+        }
+        Ok(())
+    }
+}
+
 /// Finds the active sequence in the log ring `log` (MS-VHDX §2.3.3): the valid run of
 /// consecutive entries with the highest head sequence number whose head's Tail points at
-/// one of its own entries. `None` when the log holds no valid sequence.
-pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Option<ActiveSequence> {
-    let log_len = log.len() as u64;
-    let mut best: Option<Vec<LogEntry>> = None;
+/// one of its own entries. `None` when the log holds no valid sequence; an error when
+/// valid entries overlap.
+///
+/// The specification moves on by one sector after a run that is not valid. A writer's
+/// valid entries never overlap, and every later entry of such a run heads a run with the
+/// same head (which misses the same Tail), so the scan skips the whole run instead: each
+/// sector of the ring is looked at once, and the result is the specification's for every
+/// log a writer can leave.
+pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Result<Option<ActiveSequence>> {
+    let ring = LogRing::new(log);
+    let log_len = ring.len();
+    let mut valid = ValidEntries {
+        ring: &ring,
+        log_guid,
+        parsed: HashMap::new(),
+        occupied: BTreeMap::new(),
+    };
+    let mut best: Option<(u64, Vec<u64>)> = None;
     let mut start = 0u64;
-    // Each pass moves `start` forward; the scan ends once it has gone round the ring.
     let mut scanned = 0u64;
     while scanned < log_len {
-        let mut run: Vec<LogEntry> = Vec::new();
+        let mut run: Vec<u64> = Vec::new();
         let mut pos = start;
         let mut run_len = 0u64;
+        let mut head: Option<(u64, u64)> = None;
         while run_len < log_len {
-            let Some(entry) = parse_entry(log, pos, log_guid) else {
+            let Some(entry) = valid.at(pos)? else {
                 break;
             };
-            if run
-                .last()
-                .is_some_and(|last| entry.sequence != last.sequence + 1)
-            {
+            if head.is_some_and(|(sequence, _)| entry.sequence != sequence + 1) {
                 break;
             }
+            head = Some((entry.sequence, entry.tail));
+            run.push(pos);
             run_len += entry.length;
             pos = (pos + entry.length) % log_len;
-            run.push(entry);
         }
-        let valid = run
-            .last()
-            .is_some_and(|head| run.iter().any(|e| e.position == head.tail));
-        let advance = if valid { run_len } else { SECTOR };
-        if valid
+        if let Some((sequence, tail)) = head
+            && run.contains(&tail)
             && best
                 .as_ref()
-                .is_none_or(|b| run.last().unwrap().sequence > b.last().unwrap().sequence)
+                .is_none_or(|(best_seq, _)| sequence > *best_seq)
         {
-            best = Some(run);
+            let first = run.iter().position(|&p| p == tail).unwrap();
+            best = Some((sequence, run.split_off(first)));
         }
+        let advance = if head.is_some() { run_len } else { SECTOR };
         start = (start + advance) % log_len;
         scanned += advance;
     }
-    best.map(|mut run| {
-        let tail = run.last().unwrap().tail;
-        let first = run.iter().position(|e| e.position == tail).unwrap();
-        ActiveSequence {
-            entries: run.split_off(first),
-        }
-    })
+    Ok(best.map(|(_, run)| ActiveSequence {
+        entries: run
+            .iter()
+            .map(|p| valid.parsed.remove(p).flatten().unwrap())
+            .collect(),
+    }))
 }
+
+/// Largest log this reader replays. Hyper-V and qemu make 1 MiB logs unless told
+/// otherwise; the format allows up to 4 GiB, all of which a replay must hold in memory.
+pub const MAX_REPLAYED_LOG: u32 = 32 << 20;
 
 /// Reads the whole log ring of a dirty image.
 pub fn read_ring(storage: &dyn Storage, log_offset: u64, log_length: u32) -> Result<Vec<u8>> {
+    if log_length > MAX_REPLAYED_LOG {
+        return Err(Error::unsupported(format!(
+            "log of {} MiB must be replayed, but this reader replays logs of at most {} MiB",
+            log_length >> 20,
+            MAX_REPLAYED_LOG >> 20
+        )));
+    }
     let mut log = vec![0u8; log_length as usize];
     storage
         .read_at(&mut log, log_offset)
@@ -523,7 +642,7 @@ mod tests {
         assert_eq!(bytes.len(), 3 * LOG_SECTOR);
         let mut log = vec![0u8; 1 << 20];
         put(&mut log, 0, &bytes);
-        let parsed = parse_entry(&log, 0, GUID).unwrap();
+        let parsed = parse_entry(&LogRing::new(&log), 0, GUID).unwrap();
         assert_eq!(parsed.updates, updates);
         assert_eq!(
             (
@@ -534,7 +653,7 @@ mod tests {
             (7, 4 << 20, 5 << 20)
         );
         assert!(
-            parse_entry(&log, 0, Uuid::from_u128(3)).is_none(),
+            parse_entry(&LogRing::new(&log), 0, Uuid::from_u128(3)).is_none(),
             "wrong guid"
         );
     }
@@ -551,7 +670,10 @@ mod tests {
         assert_eq!(bytes.len(), 3 * LOG_SECTOR);
         let mut log = vec![0u8; 1 << 20];
         put(&mut log, 0, &bytes);
-        assert_eq!(parse_entry(&log, 0, GUID).unwrap().updates, updates);
+        assert_eq!(
+            parse_entry(&LogRing::new(&log), 0, GUID).unwrap().updates,
+            updates
+        );
     }
 
     #[test]
@@ -573,7 +695,10 @@ mod tests {
             }
             let mut log = vec![0u8; 1 << 20];
             put(&mut log, 0, &b);
-            assert!(parse_entry(&log, 0, GUID).is_none(), "damage {i} accepted");
+            assert!(
+                parse_entry(&LogRing::new(&log), 0, GUID).is_none(),
+                "damage {i} accepted"
+            );
         }
     }
 
@@ -586,7 +711,7 @@ mod tests {
         put(&mut log, 16384, &entry(5, 16384, &[page(5, 0x20_0000)]));
         put(&mut log, 24576, &entry(6, 16384, &[page(6, 0x20_0000)]));
         put(&mut log, 32768, &entry(7, 24576, &[page(7, 0x21_0000)]));
-        let seq = find_active_sequence(&log, GUID).unwrap();
+        let seq = find_active_sequence(&log, GUID).unwrap().unwrap();
         let seqs: Vec<u64> = seq.entries.iter().map(|e| e.sequence).collect();
         assert_eq!(seqs, vec![6, 7]);
     }
@@ -598,14 +723,74 @@ mod tests {
         put(&mut log, 8192, &entry(2, 8192, &[page(2, 0x20_0000)]));
         // Sequence 4 after a gap, with its tail pointing back across the gap.
         put(&mut log, 16384, &entry(4, 8192, &[page(4, 0x20_0000)]));
-        let seq = find_active_sequence(&log, GUID).unwrap();
+        let seq = find_active_sequence(&log, GUID).unwrap().unwrap();
         assert_eq!(seq.head().sequence, 2);
 
         let mut torn = entry(3, 16384, &[page(3, 0x20_0000)]);
         torn.truncate(5000);
         put(&mut log, 16384, &torn);
-        assert_eq!(find_active_sequence(&log, GUID).unwrap().head().sequence, 2);
-        assert!(find_active_sequence(&vec![0u8; 8192], GUID).is_none());
+        assert_eq!(
+            find_active_sequence(&log, GUID)
+                .unwrap()
+                .unwrap()
+                .head()
+                .sequence,
+            2
+        );
+        assert!(find_active_sequence(&[0u8; 8192], GUID).unwrap().is_none());
+    }
+
+    #[test]
+    fn ring_checksums_match_a_direct_computation_wrapped_or_not() {
+        let mut log: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 253) as u8).collect();
+        for (position, len) in [
+            (0u64, 4096u64),
+            (8192, 3 * 4096),
+            (61440, 2 * 4096),
+            (4096, 65536),
+        ] {
+            let mut bytes = LogRing::new(&log).copy(position, len);
+            seal_crc32c(&mut bytes, ENTRY_CHECKSUM_OFF);
+            put(&mut log, position as usize, &bytes);
+            assert!(LogRing::new(&log).entry_checksum_matches(position, len));
+            log[((position + len - 1) % 65536) as usize] ^= 1;
+            assert!(!LogRing::new(&log).entry_checksum_matches(position, len));
+        }
+    }
+
+    #[test]
+    fn overlapping_valid_entries_are_refused() {
+        let mut log = vec![0u8; 64 * 1024];
+        put(&mut log, 8192, &entry(1, 8192, &[]));
+        // An entry at 40 KiB sealed over the rest of the ring and round to 12 KiB, the
+        // valid entry at 8 KiB included: both carry valid checksums, which no writer can
+        // leave.
+        let len = log.len() - 40960 + 12288;
+        let mut wrapping = LogRing::new(&log).copy(40960, len as u64);
+        wrapping[..LOG_SECTOR].copy_from_slice(&entry(5, 40960, &[])[..LOG_SECTOR]);
+        put_u32(&mut wrapping, ENTRY_LENGTH_OFF, len as u32);
+        seal_crc32c(&mut wrapping, ENTRY_CHECKSUM_OFF);
+        put(&mut log, 40960, &wrapping);
+        assert!(parse_entry(&LogRing::new(&log), 8192, GUID).is_some());
+        assert!(parse_entry(&LogRing::new(&log), 40960, GUID).is_some());
+        let err = find_active_sequence(&log, GUID).unwrap_err();
+        assert!(
+            err.to_string().contains("overlaps the valid entry"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_ring_of_entries_claiming_its_whole_length_scans_each_sector_once() {
+        // Every sector starts an entry that claims the whole ring, with a wrong checksum:
+        // checking each must not read the ring again.
+        let mut log = vec![0u8; 16 << 20];
+        let mut header = entry(1, 0, &[]);
+        put_u32(&mut header, ENTRY_LENGTH_OFF, log.len() as u32);
+        for pos in (0..log.len()).step_by(LOG_SECTOR) {
+            log[pos..pos + LOG_SECTOR].copy_from_slice(&header[..LOG_SECTOR]);
+        }
+        assert!(find_active_sequence(&log, GUID).unwrap().is_none());
     }
 
     #[test]
@@ -613,7 +798,7 @@ mod tests {
         let mut log = vec![0u8; 32 * 1024];
         let e = entry(9, 24576, &[page(9, 0x20_0000), page(8, 0x20_1000)]);
         put(&mut log, 24576, &e);
-        let seq = find_active_sequence(&log, GUID).unwrap();
+        let seq = find_active_sequence(&log, GUID).unwrap().unwrap();
         assert_eq!(seq.head().sequence, 9);
         assert_eq!(seq.head().updates[1], page(8, 0x20_1000));
     }
@@ -622,7 +807,7 @@ mod tests {
     fn head_flushed_offset_past_end_of_file_means_truncated() {
         let mut log = vec![0u8; 64 * 1024];
         put(&mut log, 0, &entry(1, 0, &[page(1, 0x20_0000)]));
-        let seq = find_active_sequence(&log, GUID).unwrap();
+        let seq = find_active_sequence(&log, GUID).unwrap().unwrap();
         assert!(check_sequence_against_file(&seq, 4 << 20).is_ok());
         let err = check_sequence_against_file(&seq, 3 << 20).unwrap_err();
         assert_eq!(err.corruption_kind(), Some(CorruptionKind::Truncated));
@@ -645,7 +830,7 @@ mod tests {
         }
         .build();
         put(&mut log, 0, &huge);
-        let seq = find_active_sequence(&log, GUID).unwrap();
+        let seq = find_active_sequence(&log, GUID).unwrap().unwrap();
         let err = check_sequence_against_file(&seq, 4 << 20).unwrap_err();
         assert_eq!(err.corruption_kind(), Some(CorruptionKind::InvalidField));
         assert!(err.to_string().contains("LastFileOffset"), "{err}");
@@ -691,7 +876,7 @@ mod tests {
             }
         }
         let log = storage.contents()[1 << 20..].to_vec();
-        let seq = find_active_sequence(&log, GUID).unwrap();
+        let seq = find_active_sequence(&log, GUID).unwrap().unwrap();
         assert_eq!(seq.entries.len(), 1, "each entry's tail is itself");
         assert_eq!(seq.head().sequence, 5 * groups.len() as u64);
         assert_eq!(seq.head().updates.as_slice(), *groups.last().unwrap());

@@ -27,6 +27,8 @@ pub mod bat;
 pub mod create;
 mod fields;
 pub mod file_identifier;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod header;
 pub mod log;
 pub mod metadata;
@@ -941,7 +943,7 @@ fn replay_log(
         return Ok(None);
     }
     let ring = log::read_ring(storage, h.log_offset, h.log_length)?;
-    let Some(sequence) = log::find_active_sequence(&ring, h.log_guid) else {
+    let Some(sequence) = log::find_active_sequence(&ring, h.log_guid)? else {
         ::log::warn!(
             "log {} holds no valid sequence; nothing to replay",
             h.log_guid
@@ -1066,11 +1068,22 @@ fn replay_to_file(storage: &dyn Storage, j: &mut Journal, replay: &Overlay) -> R
             LogUpdate::Page { file_offset, data } => storage
                 .write_at(&data[..], *file_offset)
                 .context(|| format!("replaying log page to {file_offset:#x}"))?,
+            // Past the end of the file is zeros already, or will be once the file is
+            // extended below: only what the file holds is written, whatever length a
+            // damaged entry claims.
             LogUpdate::Zero {
                 file_offset,
                 length,
-            } => write_zeros(storage, *file_offset, *length)
-                .context(|| format!("replaying log zeros to {file_offset:#x}"))?,
+            } => {
+                let file_len = storage
+                    .len()
+                    .context(|| "cannot read file size".to_string())?;
+                let end = (file_offset + length).min(file_len);
+                if end > *file_offset {
+                    write_zeros(storage, *file_offset, end - file_offset)
+                        .context(|| format!("replaying log zeros to {file_offset:#x}"))?;
+                }
+            }
         }
     }
     let len = storage

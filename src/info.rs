@@ -4,7 +4,7 @@
 use crate::chain::ImageContext;
 use crate::disk::{Format, OpenOptions, VirtualDisk, probe};
 use crate::error::{Error, IoContext, Result};
-use crate::storage::FileStorage;
+use crate::storage::{FileStorage, Storage};
 use crate::vhd::DiskType;
 use crate::vhd::VhdDisk;
 use crate::vhdx::VhdxDisk;
@@ -92,14 +92,28 @@ fn describe(path: &Path, options: &OpenOptions) -> Result<ImageInfo> {
         return Err(Error::invalid_input("not a regular file"));
     }
     let context = ImageContext::top(path, &meta, options.parent.clone())?;
-    let storage = Box::new(FileStorage::new(file));
+    describe_storage(path, Box::new(FileStorage::new(file)), &options, &context)
+}
+
+/// Describes the image held by `storage`, known as `path`, opened read-only whatever
+/// `options` say; `context` says where it sits for finding its parents.
+pub fn describe_storage(
+    path: &Path,
+    storage: Box<dyn Storage>,
+    options: &OpenOptions,
+    context: &ImageContext,
+) -> Result<ImageInfo> {
+    let options = OpenOptions {
+        read_only: true,
+        ..options.clone()
+    };
     let format = match options.format {
         Some(format) => format,
         None => probe(storage.as_ref())?,
     };
     let info = match format {
         Format::Vhdx => {
-            let disk = VhdxDisk::open_in(storage, &options, &context)?;
+            let disk = VhdxDisk::open_in(storage, &options, context)?;
             let v = disk.info();
             let subtype = if v.parent_locator.is_some() {
                 "differencing"
@@ -132,7 +146,7 @@ fn describe(path: &Path, options: &OpenOptions) -> Result<ImageInfo> {
             info
         }
         Format::Vhd => {
-            let disk = VhdDisk::open_in(storage, &options, &context)?;
+            let disk = VhdDisk::open_in(storage, &options, context)?;
             let subtype = match disk.disk_type() {
                 DiskType::Fixed => "fixed",
                 DiskType::Dynamic => "dynamic",

@@ -31,6 +31,8 @@ pub mod create;
 mod differencing;
 mod dynamic_header;
 mod footer;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod geometry;
 mod parent_locator;
 

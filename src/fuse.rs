@@ -1196,6 +1196,13 @@ mod tests {
             let gate = gate.clone();
             std::thread::spawn(move || gate.stop())
         };
+        // Until stop has refused new requests its thread may not even have run, and a
+        // check would prove nothing.
+        while gate.state.load(Ordering::SeqCst) != STOPPED {
+            assert!(!stopper.is_finished(), "stop returned without stopping");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Time for a stop that does not wait to return; a stop that waits never does.
         std::thread::sleep(Duration::from_millis(100));
         assert!(
             !stopper.is_finished(),

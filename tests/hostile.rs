@@ -988,6 +988,30 @@ fn vhd_sparse_with_huge_bat(dir: &Path) -> PathBuf {
     path
 }
 
+/// A differencing child of the largest VHD (2040 GiB of 2 MiB blocks) whose BAT claims
+/// every one of its million blocks, each in its own place in a sparse 2 TiB file: a
+/// million sector bitmaps to keep in memory.
+fn vhd_child_with_every_block_allocated(dir: &Path) -> PathBuf {
+    let size = 0xFF00_0000u64 * 512;
+    let parent = dir.join("parent.vhd");
+    create(&parent, &options(Format::Vhd, size, 2 << 20)).unwrap();
+    let path = dir.join("child.vhd");
+    let child = CreateOptions {
+        parent: Some(parent),
+        ..Default::default()
+    };
+    create(&path, &child).unwrap();
+    let blocks = size / (2 << 20);
+    let span = ((2 << 20) + 512) / 512;
+    let first = file_len(&path).div_ceil(512);
+    let table: Vec<u8> = (0..blocks)
+        .flat_map(|i| ((first + i * span) as u32).to_be_bytes())
+        .collect();
+    patch(&path, vhd_table_at(&path), &table);
+    vhd_extend(&path, (first + blocks * span) * 512 + 512);
+    path
+}
+
 #[test]
 fn vhd_huge_declared_sizes() {
     run_cases(&[
@@ -1014,6 +1038,11 @@ fn vhd_huge_declared_sizes() {
             name: "vhd BAT of 64 million entries in a sparse 1 TiB file",
             build: vhd_sparse_with_huge_bat,
             mentions: "VHD dynamic header",
+        },
+        Case {
+            name: "vhd differencing child claiming a million blocks in a sparse 2 TiB file",
+            build: vhd_child_with_every_block_allocated,
+            mentions: "VHD differencing disk",
         },
         Case {
             name: "vhd 2000 GiB disk in a sparse 1 TiB file",

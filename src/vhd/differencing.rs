@@ -87,10 +87,10 @@ pub(super) fn read_parent_paths(
 }
 
 /// Most memory the bitmaps of one disk may take, with a per-block allowance for the table
-/// that holds them. The largest VHD, fully allocated, needs at most about 800 MiB (one bit
-/// per sector, plus the table for 512 KiB blocks); only blocks of a few KiB, which nobody
-/// uses, need more.
-const MAX_BITMAP_MEMORY: u64 = 1 << 30;
+/// that holds them: enough for about 450 GiB of data written to a differencing disk of
+/// 2 MiB blocks, while keeping the daemon well inside a few hundred MiB whatever a crafted
+/// sparse file claims to have allocated.
+const MAX_BITMAP_MEMORY: u64 = 128 << 20;
 const BITMAP_OVERHEAD: u64 = 64;
 
 #[derive(Debug, Clone)]

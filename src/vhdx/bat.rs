@@ -13,6 +13,12 @@ const STATE_MASK: u64 = 0x7; // bits 0-2
 const FILE_OFFSET_MASK: u64 = !(MIB - 1); // bits 20-63: offset in MiB units
 /// Bits of the virtual disk one sector-bitmap block covers (2^23 sectors).
 const SECTORS_PER_CHUNK: u64 = 1 << 23;
+/// Most BAT bytes kept in memory: 4 Mi entries, enough for 8 TiB in 2 MiB blocks or the
+/// format's 64 TiB in blocks of 16 MiB and more. The bound keeps a crafted size, with a
+/// BAT region in a sparse file to match, from taking the machine's memory.
+pub const MAX_LOADED_BAT: u64 = 32 << 20;
+/// Bytes of the BAT read at a time while loading it.
+const LOAD_PIECE: usize = 1 << 20;
 
 /// What a payload entry says about its block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +147,7 @@ pub struct Bat {
 
 impl Bat {
     /// Bytes of the BAT region that are held in memory (whole pages, within the region).
-    pub fn loaded_len(layout: &BatLayout, region_len: u64) -> Result<usize> {
+    pub fn loaded_len(layout: &BatLayout, region_len: u64) -> Result<u64> {
         let needed = layout.total_entries * BAT_ENTRY_LEN;
         if needed > region_len {
             return Err(Error::corrupt(
@@ -153,18 +159,43 @@ impl Bat {
                 ),
             ));
         }
-        let pages = needed.div_ceil(BAT_PAGE_LEN as u64) * BAT_PAGE_LEN as u64;
-        usize::try_from(pages.min(region_len))
-            .map_err(|_| Error::unsupported("BAT region too large for this machine"))
+        let loaded = needed.div_ceil(BAT_PAGE_LEN as u64) * BAT_PAGE_LEN as u64;
+        if loaded > MAX_LOADED_BAT {
+            return Err(Error::unsupported(format!(
+                "BAT of {} MiB for {} entries; this reader keeps at most {} MiB of BAT in \
+                 memory (a disk this large needs larger blocks)",
+                loaded >> 20,
+                layout.total_entries,
+                MAX_LOADED_BAT >> 20
+            )));
+        }
+        Ok(loaded.min(region_len))
     }
 
-    /// Builds the BAT from the first `loaded_len` bytes of its region.
-    pub fn from_bytes(layout: BatLayout, bytes: &[u8]) -> Self {
-        let entries = bytes
-            .chunks_exact(BAT_ENTRY_LEN as usize)
-            .map(|e| BatEntry(u64_at(e, 0)))
-            .collect();
-        Bat { layout, entries }
+    /// Builds the BAT from the first `loaded_len` bytes of its region, which
+    /// `read(buf, offset)` reads piece by piece so the raw bytes are never held whole.
+    pub fn load(
+        layout: BatLayout,
+        loaded_len: u64,
+        mut read: impl FnMut(&mut [u8], u64) -> Result<()>,
+    ) -> Result<Self> {
+        let mut entries = Vec::new();
+        entries
+            .try_reserve_exact((loaded_len / BAT_ENTRY_LEN) as usize)
+            .map_err(|_| Error::unsupported("BAT too large for this machine's memory"))?;
+        let mut piece = vec![0u8; LOAD_PIECE.min(loaded_len as usize)];
+        let mut offset = 0;
+        while offset < loaded_len {
+            let n = (loaded_len - offset).min(LOAD_PIECE as u64) as usize;
+            read(&mut piece[..n], offset)?;
+            entries.extend(
+                piece[..n]
+                    .chunks_exact(BAT_ENTRY_LEN as usize)
+                    .map(|e| BatEntry(u64_at(e, 0))),
+            );
+            offset += n as u64;
+        }
+        Ok(Bat { layout, entries })
     }
 
     pub fn entry(&self, index: u64) -> BatEntry {
@@ -206,7 +237,8 @@ impl Bat {
         reserved: &[ReservedRange],
     ) -> Result<()> {
         let layout = &self.layout;
-        let mut used: Vec<(u64, u64, u64)> = Vec::new();
+        // (offset, index): ends are found again from the index, keeping this list small.
+        let mut used: Vec<(u64, u32)> = Vec::new();
         for index in 0..layout.total_entries {
             let entry = self.entry(index);
             let fail = |kind, problem: String| {
@@ -215,7 +247,7 @@ impl Bat {
             let len = if layout.is_sector_bitmap_index(index) {
                 match entry.0 & STATE_MASK {
                     0 => continue,
-                    6 => MIB,
+                    6 => self.used_len(index, virtual_size),
                     state => {
                         return fail(
                             CorruptionKind::InvalidField,
@@ -232,8 +264,7 @@ impl Bat {
                         );
                     }
                     Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent) => {
-                        let start = layout.block_of_index(index) * layout.block_size;
-                        layout.block_size.min(virtual_size - start)
+                        self.used_len(index, virtual_size)
                     }
                     Some(_) => continue,
                 }
@@ -263,12 +294,12 @@ impl Bat {
                     format!("overlaps the {} (offset {offset:#x})", r.name),
                 );
             }
-            used.push((offset, offset + len, index));
+            used.push((offset, index as u32));
         }
         used.sort_unstable();
         for pair in used.windows(2) {
-            if pair[1].0 < pair[0].1 {
-                let (first, second) = (pair[0].2.min(pair[1].2), pair[0].2.max(pair[1].2));
+            if pair[1].0 < pair[0].0 + self.used_len(u64::from(pair[0].1), virtual_size) {
+                let (first, second) = (pair[0].1.min(pair[1].1), pair[0].1.max(pair[1].1));
                 return Err(Error::corrupt(
                     CorruptionKind::OutOfBounds,
                     format!("BAT entry {second}"),
@@ -280,6 +311,17 @@ impl Bat {
             }
         }
         Ok(())
+    }
+
+    /// File bytes the allocated entry `index` uses: a sector bitmap block, or the part of
+    /// a payload block inside the virtual disk.
+    fn used_len(&self, index: u64, virtual_size: u64) -> u64 {
+        if self.layout.is_sector_bitmap_index(index) {
+            MIB
+        } else {
+            let start = self.layout.block_of_index(index) * self.layout.block_size;
+            self.layout.block_size.min(virtual_size - start)
+        }
     }
 
     /// Number of payload blocks with data in the file (fully or partly present).
@@ -349,20 +391,38 @@ mod tests {
         assert_eq!(BatEntry(4).payload_state(), None);
     }
 
+    #[test]
+    fn a_bat_larger_than_memory_allows_is_refused_before_it_is_read() {
+        let tib = 1u64 << 40;
+        let small_blocks = BatLayout::new(64 * tib, MIB as u32, 512, false);
+        let err = Bat::loaded_len(&small_blocks, 1 << 31).unwrap_err();
+        assert!(err.to_string().contains("at most 32 MiB of BAT"), "{err}");
+        let hyper_v_blocks = BatLayout::new(64 * tib, 32 * MIB as u32, 512, false);
+        assert!(Bat::loaded_len(&hyper_v_blocks, 1 << 31).unwrap() <= MAX_LOADED_BAT);
+    }
+
+    fn from_bytes(layout: BatLayout, bytes: &[u8]) -> Bat {
+        Bat::load(layout, bytes.len() as u64, |buf, offset| {
+            buf.copy_from_slice(&bytes[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        })
+        .unwrap()
+    }
+
     fn bat_with(entries: &[u64]) -> Bat {
         let layout = BatLayout::new(8 * MIB, MIB as u32, 512, false);
         let mut bytes = vec![0u8; 4096];
         for (i, e) in entries.iter().enumerate() {
             bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_le_bytes());
         }
-        Bat::from_bytes(layout, &bytes)
+        from_bytes(layout, &bytes)
     }
 
     #[test]
     fn page_bytes_round_trip() {
         let bat = bat_with(&[6 | (5 * MIB), 2, 0, 6 | (9 * MIB)]);
         assert_eq!(
-            Bat::from_bytes(bat.layout, &bat.page_bytes(0)).entry(3),
+            from_bytes(bat.layout, &bat.page_bytes(0)).entry(3),
             bat.entry(3)
         );
         assert_eq!(bat.allocated_blocks(), 2);

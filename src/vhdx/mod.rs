@@ -51,7 +51,7 @@ use parking_lot::{Mutex, RwLock};
 use region_table::{
     BAT_REGION, METADATA_REGION, REGION_TABLE_LEN, REGION_TABLE_OFFSETS, RegionTable,
 };
-use sector_bitmap::{BitmapPage, SECTOR_BITMAP_LEN, SectorBitmaps};
+use sector_bitmap::{BitmapPage, MAX_LOADED_PAGES, SECTOR_BITMAP_LEN, SectorBitmaps};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -348,19 +348,15 @@ impl VhdxDisk {
         );
         let bat_region = regions.find(BAT_REGION);
         let loaded = Bat::loaded_len(&layout, u64::from(bat_region.length))?;
-        let mut bytes = Vec::new();
-        bytes
-            .try_reserve_exact(loaded)
-            .map_err(|_| Error::unsupported("BAT too large for this machine's memory"))?;
-        bytes.resize(loaded, 0);
-        read_structure(
-            storage.as_ref(),
-            overlay.as_ref(),
-            &mut bytes,
-            bat_region.file_offset,
-            "BAT",
-        )?;
-        let bat = Bat::from_bytes(layout, &bytes);
+        let bat = Bat::load(layout, loaded, |buf, offset| {
+            read_structure(
+                storage.as_ref(),
+                overlay.as_ref(),
+                buf,
+                bat_region.file_offset + offset,
+                "BAT",
+            )
+        })?;
         bat.validate(params.virtual_size, file_len, &reserved)?;
         let bitmaps = match &locator {
             Some(_) => Some(load_sector_bitmaps(
@@ -858,15 +854,11 @@ fn load_sector_bitmaps(
 ) -> Result<SectorBitmaps> {
     let layout = &bat.layout;
     let mut bitmaps = SectorBitmaps::default();
+    let mut block = vec![0u8; SECTOR_BITMAP_LEN];
     for chunk in 0..layout.payload_blocks.div_ceil(layout.chunk_ratio) {
         let first = chunk * layout.chunk_ratio;
         let entry = bat.sector_bitmap(first);
         if entry.payload_state() == Some(PayloadState::FullyPresent) {
-            let mut block = Vec::new();
-            block.try_reserve_exact(SECTOR_BITMAP_LEN).map_err(|_| {
-                Error::unsupported("sector bitmaps too large for this machine's memory")
-            })?;
-            block.resize(SECTOR_BITMAP_LEN, 0);
             read_structure(
                 storage,
                 overlay,
@@ -874,7 +866,14 @@ fn load_sector_bitmaps(
                 entry.file_offset(),
                 "sector bitmap",
             )?;
-            bitmaps.insert(chunk, block);
+            bitmaps.insert(chunk, &block);
+            if bitmaps.page_count() > MAX_LOADED_PAGES {
+                return Err(Error::unsupported(format!(
+                    "sector bitmaps with more than {} MiB of set bits; this reader keeps \
+                     at most that much in memory",
+                    MAX_LOADED_PAGES * BAT_PAGE_LEN >> 20
+                )));
+            }
             continue;
         }
         let last = (first + layout.chunk_ratio).min(layout.payload_blocks);

@@ -1,6 +1,6 @@
 //! Sector bitmap blocks of a differencing VHDX: 1 MiB, one bit per logical sector of a
 //! chunk (2^23 sectors), LSB first; a set bit means the sector's data is in this file, a
-//! clear one that it is the parent's. Held in memory for every chunk that has one, so a
+//! clear one that it is the parent's. Their pages with a bit set are held in memory, so a
 //! read never goes to the file for them.
 
 use super::bat::BAT_PAGE_LEN;
@@ -12,39 +12,54 @@ use std::ops::Range;
 pub const SECTOR_BITMAP_LEN: usize = MIB as usize;
 /// Bits in one 4 KiB page, the unit in which bitmap changes are journaled.
 const BITS_PER_PAGE: u64 = BAT_PAGE_LEN as u64 * 8;
+/// Most bitmap pages holding a set bit kept in memory at open (128 MiB, the sectors of
+/// 512 TiB of written data). Past it an image is refused rather than allowed to take the
+/// machine's memory.
+pub const MAX_LOADED_PAGES: usize = 32 * 1024;
 
 /// One page of a bitmap block, as it is to be journaled and written.
 pub type BitmapPage = Box<[u8; BAT_PAGE_LEN]>;
 
+/// The set bits of every chunk, kept by page: a page with no bit set is not held, so
+/// memory follows what was written rather than how many chunks have a bitmap block.
 #[derive(Debug, Default)]
 pub struct SectorBitmaps {
-    chunks: HashMap<u64, Box<[u8]>>,
+    pages: HashMap<(u64, u64), BitmapPage>,
 }
 
 impl SectorBitmaps {
-    /// Takes the stored block of `chunk` (`SECTOR_BITMAP_LEN` bytes). One with no bit set
-    /// is not kept: a chunk without a block reads as all clear.
-    pub fn insert(&mut self, chunk: u64, block: Vec<u8>) {
+    /// Takes the stored block of `chunk` (`SECTOR_BITMAP_LEN` bytes), keeping its pages
+    /// that have a bit set.
+    pub fn insert(&mut self, chunk: u64, block: &[u8]) {
         debug_assert_eq!(block.len(), SECTOR_BITMAP_LEN);
-        if block.iter().any(|&b| b != 0) {
-            self.chunks.insert(chunk, block.into_boxed_slice());
+        for (page, contents) in block.chunks_exact(BAT_PAGE_LEN).enumerate() {
+            self.apply_page(chunk, page as u64, contents.try_into().unwrap());
         }
+    }
+
+    /// Pages held in memory.
+    pub fn page_count(&self) -> usize {
+        self.pages.len()
     }
 
     #[cfg(test)]
     pub fn contains(&self, chunk: u64) -> bool {
-        self.chunks.contains_key(&chunk)
+        self.pages.keys().any(|&(c, _)| c == chunk)
+    }
+
+    fn is_set(&self, chunk: u64, bit: u64) -> bool {
+        let in_page = bit % BITS_PER_PAGE;
+        self.pages
+            .get(&(chunk, bit / BITS_PER_PAGE))
+            .is_some_and(|p| p[(in_page / 8) as usize] & (1 << (in_page % 8)) != 0)
     }
 
     /// Consecutive runs of equal bits over `bits` of `chunk`'s block; a chunk without a
     /// block has every bit clear.
     pub fn runs(&self, chunk: u64, bits: Range<u64>) -> Vec<(Range<u64>, bool)> {
-        let block = self.chunks.get(&chunk);
-        let is_set =
-            |bit: u64| block.is_some_and(|b| b[(bit / 8) as usize] & (1 << (bit % 8)) != 0);
         let mut runs: Vec<(Range<u64>, bool)> = Vec::new();
         for bit in bits {
-            let set = is_set(bit);
+            let set = self.is_set(chunk, bit);
             match runs.last_mut() {
                 Some((range, value)) if *value == set => range.end = bit + 1,
                 _ => runs.push((bit..bit + 1, set)),
@@ -67,11 +82,11 @@ impl SectorBitmaps {
                 let index = match pages.iter().position(|(p, _)| *p == page) {
                     Some(index) => index,
                     None => {
-                        let mut contents = Box::new([0u8; BAT_PAGE_LEN]);
-                        if let Some(block) = self.chunks.get(&chunk) {
-                            let start = page as usize * BAT_PAGE_LEN;
-                            contents.copy_from_slice(&block[start..start + BAT_PAGE_LEN]);
-                        }
+                        let contents = self
+                            .pages
+                            .get(&(chunk, page))
+                            .cloned()
+                            .unwrap_or_else(|| Box::new([0u8; BAT_PAGE_LEN]));
                         pages.push((page, contents));
                         pages.len() - 1
                     }
@@ -88,14 +103,14 @@ impl SectorBitmaps {
         pages
     }
 
-    /// Installs a page computed by [`Self::changed_pages`] once it is on disk.
+    /// Installs a page read from the file, or computed by [`Self::changed_pages`] once it
+    /// is on disk.
     pub fn apply_page(&mut self, chunk: u64, page: u64, contents: &[u8; BAT_PAGE_LEN]) {
-        let block = self
-            .chunks
-            .entry(chunk)
-            .or_insert_with(|| vec![0u8; SECTOR_BITMAP_LEN].into_boxed_slice());
-        let start = page as usize * BAT_PAGE_LEN;
-        block[start..start + BAT_PAGE_LEN].copy_from_slice(contents);
+        if contents.iter().any(|&b| b != 0) {
+            self.pages.insert((chunk, page), Box::new(*contents));
+        } else {
+            self.pages.remove(&(chunk, page));
+        }
     }
 }
 
@@ -109,8 +124,8 @@ mod tests {
         block[0] = 0b0000_0110;
         block[1] = 0x80;
         let mut maps = SectorBitmaps::default();
-        maps.insert(3, block);
-        maps.insert(4, vec![0u8; SECTOR_BITMAP_LEN]);
+        maps.insert(3, &block);
+        maps.insert(4, &vec![0u8; SECTOR_BITMAP_LEN]);
         assert!(
             maps.contains(3) && !maps.contains(4),
             "empty blocks are not kept"

@@ -513,8 +513,10 @@ fn child(dir: &Path, format: Format) -> PathBuf {
         options(format, 8 * MIB, 1 << 20),
     );
     let path = dir.join(format!("child.{ext}"));
+    // 1 MiB blocks, as the parent has: cases that patch a child's BAT count on them.
     let child = CreateOptions {
         parent: Some(parent),
+        block_size: Some(1 << 20),
         ..Default::default()
     };
     create(&path, &child).unwrap_or_else(|e| panic!("{e}"));
@@ -996,8 +998,10 @@ fn vhd_child_with_every_block_allocated(dir: &Path) -> PathBuf {
     let parent = dir.join("parent.vhd");
     create(&parent, &options(Format::Vhd, size, 2 << 20)).unwrap();
     let path = dir.join("child.vhd");
+    // 1 MiB blocks, as the parent has: cases that patch a child's BAT count on them.
     let child = CreateOptions {
         parent: Some(parent),
+        block_size: Some(1 << 20),
         ..Default::default()
     };
     create(&path, &child).unwrap();

@@ -12,10 +12,13 @@ use vdisk_mount_fuzz::{Bytes, decode_image};
 const MAX_OPS: usize = 64;
 const PAGE: u64 = 4096;
 
+/// One page of the model: its bytes, and which of them are known.
+type ModelPage = (Box<[u8; PAGE as usize]>, Box<[bool; PAGE as usize]>);
+
 /// What this session knows the disk holds: bytes written or discarded, page by page.
 #[derive(Default)]
 struct Model {
-    pages: HashMap<u64, (Box<[u8; PAGE as usize]>, Box<[bool; PAGE as usize]>)>,
+    pages: HashMap<u64, ModelPage>,
 }
 
 impl Model {

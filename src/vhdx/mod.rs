@@ -871,7 +871,7 @@ fn load_sector_bitmaps(
                 return Err(Error::unsupported(format!(
                     "sector bitmaps with more than {} MiB of set bits; this reader keeps \
                      at most that much in memory",
-                    MAX_LOADED_PAGES * BAT_PAGE_LEN >> 20
+                    (MAX_LOADED_PAGES * BAT_PAGE_LEN) >> 20
                 )));
             }
             continue;

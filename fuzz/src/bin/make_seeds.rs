@@ -199,7 +199,7 @@ fn log_rings() -> Vec<Vec<u8>> {
         vec![
             (0, entry(4, 0, &[page(4, 0x30_0000)])),
             (8192, entry(5, 0, &[page(5, 0x30_1000), zero.clone()])),
-            (16384, entry(6, 8192, &[zero.clone()])),
+            (16384, entry(6, 8192, std::slice::from_ref(&zero))),
         ],
         vec![(
             24576,

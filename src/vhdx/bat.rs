@@ -263,6 +263,9 @@ impl Bat {
                             format!("invalid payload state {}", entry.0 & STATE_MASK),
                         );
                     }
+                    // A differencing BAT holds whole chunks: entries past the disk's last
+                    // block name no data, whatever they say, and are never read.
+                    _ if layout.block_of_index(index) >= layout.payload_blocks => continue,
                     Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent) => {
                         self.used_len(index, virtual_size)
                     }
@@ -399,6 +402,21 @@ mod tests {
         assert!(err.to_string().contains("at most 32 MiB of BAT"), "{err}");
         let hyper_v_blocks = BatLayout::new(64 * tib, 32 * MIB as u32, 512, false);
         assert!(Bat::loaded_len(&hyper_v_blocks, 1 << 31).unwrap() <= MAX_LOADED_BAT);
+    }
+
+    #[test]
+    fn present_entries_past_the_disk_in_a_differencing_bat_are_ignored() {
+        // 4 MiB of 1 MiB blocks: one chunk, whose entries 4..4096 lie past the disk.
+        let layout = BatLayout::new(4 * MIB, MIB as u32, 512, true);
+        let mut bytes = vec![0u8; Bat::loaded_len(&layout, 1 << 20).unwrap() as usize];
+        bytes[100 * 8..101 * 8].copy_from_slice(
+            &BatEntry::new(PayloadState::FullyPresent, 8 * MIB)
+                .0
+                .to_le_bytes(),
+        );
+        let bat = from_bytes(layout, &bytes);
+        bat.validate(4 * MIB, 16 * MIB, &[]).unwrap();
+        assert_eq!(bat.allocated_blocks(), 0);
     }
 
     fn from_bytes(layout: BatLayout, bytes: &[u8]) -> Bat {

@@ -4,7 +4,7 @@
 use super::fields::{guid_at, seal_crc32c, u32_at, u64_at};
 use super::header::{HEADER_LEN, HEADER_OFFSETS, Header};
 use super::log::{self, LOG_SECTOR};
-use super::metadata::MetadataTable;
+use super::metadata::{DiskParameters, METADATA_TABLE_LEN, MetadataTable};
 use super::parent_locator::ParentLocator;
 use super::region_table::{REGION_TABLE_LEN, REGION_TABLE_OFFSETS, RegionTable};
 use crate::storage::Storage;
@@ -53,7 +53,17 @@ pub fn parse_structures(bytes: &[u8]) {
             let _ = RegionTable::parse_either([table, table]);
         }
     }
-    let _ = MetadataTable::parse(bytes, bytes.len() as u64);
+    let mut table = vec![0u8; METADATA_TABLE_LEN];
+    let n = bytes.len().min(METADATA_TABLE_LEN);
+    table[..n].copy_from_slice(&bytes[..n]);
+    if let Ok(table) = MetadataTable::parse(&table, u64::from(u32::MAX)) {
+        let _ = DiskParameters::read(&table, |offset, len| {
+            let start = (offset as usize).min(bytes.len());
+            let mut item = bytes[start..(start + len).min(bytes.len())].to_vec();
+            item.resize(len, 0);
+            Ok(item)
+        });
+    }
     if let Ok(locator) = ParentLocator::parse(bytes) {
         let _ = locator.linkages();
         let _ = locator.paths();

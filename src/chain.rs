@@ -17,6 +17,8 @@ use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A file of a chain, known by device and inode so that a second path to it (a symlink,
 /// a hard link, `..` games) is still recognised.
@@ -27,6 +29,16 @@ struct ChainFile {
     path: PathBuf,
 }
 
+/// Most memory the metadata held for a whole chain may take (BATs and sector bitmaps of
+/// every image in it). One image stays well below it (VHDX: 32 MiB of BAT and 128 MiB of
+/// bitmaps at most); the bound keeps a chain of crafted images from adding up past what
+/// a daemon should hold.
+pub const CHAIN_METADATA_MEMORY: u64 = 192 << 20;
+
+/// Memory charged to a chain's metadata so far, shared by every image of the chain.
+#[derive(Debug, Default)]
+struct MetadataMemory(AtomicU64);
+
 /// Where an image being opened sits, for drivers that must find its parent.
 #[derive(Debug, Clone, Default)]
 pub struct ImageContext {
@@ -36,6 +48,7 @@ pub struct ImageContext {
     parent_override: Option<PathBuf>,
     /// The files from the top of the chain down to this image, this image last.
     chain: Vec<ChainFile>,
+    memory: Arc<MetadataMemory>,
 }
 
 impl ImageContext {
@@ -56,7 +69,22 @@ impl ImageContext {
             }],
             path: Some(canonical),
             parent_override,
+            memory: Arc::default(),
         })
+    }
+
+    /// Counts `bytes` of metadata an image of this chain keeps in memory (`what`, for the
+    /// message), failing once the chain as a whole would hold more than
+    /// [`CHAIN_METADATA_MEMORY`].
+    pub fn charge_metadata(&self, bytes: u64, what: &str) -> Result<()> {
+        let before = self.memory.0.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > CHAIN_METADATA_MEMORY {
+            return Err(Error::unsupported(format!(
+                "{what} would take the metadata this chain keeps in memory past {} MiB",
+                CHAIN_METADATA_MEMORY >> 20
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -455,6 +483,7 @@ fn try_parent(
         path: Some(canonical.clone()),
         parent_override: None,
         chain,
+        memory: context.memory.clone(),
     };
     let parent_options = OpenOptions {
         read_only: true,
@@ -486,6 +515,26 @@ mod tests {
             .iter()
             .map(|p| p.display().to_string())
             .collect()
+    }
+
+    #[test]
+    fn the_images_of_a_chain_share_one_metadata_budget() {
+        let top = ImageContext::detached();
+        top.charge_metadata(CHAIN_METADATA_MEMORY - 10, "the child's BAT")
+            .unwrap();
+        let parent = ImageContext {
+            memory: top.memory.clone(),
+            ..ImageContext::detached()
+        };
+        let err = parent.charge_metadata(20, "the parent's BAT").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the parent's BAT would take the metadata this chain keeps"),
+            "{err}"
+        );
+        ImageContext::detached()
+            .charge_metadata(20, "another chain's BAT")
+            .unwrap();
     }
 
     #[test]

@@ -994,18 +994,22 @@ fn vhd_sparse_with_huge_bat(dir: &Path) -> PathBuf {
 /// every one of its million blocks, each in its own place in a sparse 2 TiB file: a
 /// million sector bitmaps to keep in memory.
 fn vhd_child_with_every_block_allocated(dir: &Path) -> PathBuf {
-    let size = 0xFF00_0000u64 * 512;
     let parent = dir.join("parent.vhd");
-    create(&parent, &options(Format::Vhd, size, 2 << 20)).unwrap();
-    let path = dir.join("child.vhd");
-    // 1 MiB blocks, as the parent has: cases that patch a child's BAT count on them.
+    create(&parent, &options(Format::Vhd, LARGEST_VHD, 2 << 20)).unwrap();
+    vhd_child_claiming(dir, &parent, "child.vhd", LARGEST_VHD / (2 << 20))
+}
+
+const LARGEST_VHD: u64 = 0xFF00_0000 * 512;
+
+/// A differencing child named `name` of the 2040 GiB VHD `parent`, of 2 MiB blocks, whose
+/// BAT claims its first `blocks` blocks, each in its own place in a sparse file.
+fn vhd_child_claiming(dir: &Path, parent: &Path, name: &str, blocks: u64) -> PathBuf {
+    let path = dir.join(name);
     let child = CreateOptions {
-        parent: Some(parent),
-        block_size: Some(1 << 20),
+        parent: Some(parent.to_path_buf()),
         ..Default::default()
     };
     create(&path, &child).unwrap();
-    let blocks = size / (2 << 20);
     let span = ((2 << 20) + 512) / 512;
     let first = file_len(&path).div_ceil(512);
     let table: Vec<u8> = (0..blocks)
@@ -1014,6 +1018,18 @@ fn vhd_child_with_every_block_allocated(dir: &Path) -> PathBuf {
     patch(&path, vhd_table_at(&path), &table);
     vhd_extend(&path, (first + blocks * span) * 512 + 512);
     path
+}
+
+/// Three differencing children over an empty 2040 GiB VHD, each claiming 128 Ki blocks:
+/// each alone keeps 72 MiB of bitmaps, well within what one image may, but the chain as
+/// a whole would hold more than its metadata may take.
+fn vhd_chain_of_heavy_children(dir: &Path) -> PathBuf {
+    let mut parent = dir.join("base.vhd");
+    create(&parent, &options(Format::Vhd, LARGEST_VHD, 2 << 20)).unwrap();
+    for level in 1..=3 {
+        parent = vhd_child_claiming(dir, &parent, &format!("child{level}.vhd"), 128 << 10);
+    }
+    parent
 }
 
 #[test]
@@ -1047,6 +1063,11 @@ fn vhd_huge_declared_sizes() {
             name: "vhd differencing child claiming a million blocks in a sparse 2 TiB file",
             build: vhd_child_with_every_block_allocated,
             mentions: "VHD differencing disk",
+        },
+        Case {
+            name: "vhd chain of three children each claiming 128 Ki blocks",
+            build: vhd_chain_of_heavy_children,
+            mentions: "metadata this chain keeps in memory",
         },
         Case {
             name: "vhd 2000 GiB disk in a sparse 1 TiB file",

@@ -31,7 +31,7 @@ use super::bitmap::SectorBitmap;
 use super::dynamic_header::DynamicHeader;
 use super::parent_locator::ParentLocator;
 use super::{Dynamic, ParentResolver, SECTOR, VhdDisk, for_each_piece};
-use crate::chain::{ParentPath, ParentRequest};
+use crate::chain::{ImageContext, ParentPath, ParentRequest};
 use crate::disk::{Allocation, Extent, Format, VirtualDisk, push_extent};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::{self, Storage};
@@ -136,6 +136,7 @@ impl Differencing {
         paths: &[ParentPath],
         bat: &Bat,
         layout: BlockLayout,
+        context: &ImageContext,
         resolve_parent: &ParentResolver,
     ) -> Result<Differencing> {
         let (parent_path, parent) = resolve_parent(&ParentRequest {
@@ -155,6 +156,10 @@ impl Differencing {
                 bat.allocated()
             )));
         }
+        context.charge_metadata(
+            bitmap_memory.unwrap_or(u64::MAX),
+            "the sector bitmaps of this VHD differencing disk",
+        )?;
         let mut blocks = HashMap::new();
         for (block, at) in bat.allocated_blocks() {
             let mut bytes = vec![0u8; layout.bitmap_bytes as usize];
@@ -497,13 +502,18 @@ mod tests {
         .unwrap();
         assert_eq!(parent_disk.identity(), Some(PARENT_ID));
         let parent_disk = Mutex::new(Some(parent_disk));
-        let child = VhdDisk::open_with(child, &OpenOptions::default(), &|request| {
-            assert_eq!(request.identity, PARENT_ID);
-            Ok((
-                PathBuf::from("parent.vhd"),
-                Box::new(parent_disk.lock().take().unwrap()),
-            ))
-        })
+        let child = VhdDisk::open_with(
+            child,
+            &OpenOptions::default(),
+            &ImageContext::detached(),
+            &|request| {
+                assert_eq!(request.identity, PARENT_ID);
+                Ok((
+                    PathBuf::from("parent.vhd"),
+                    Box::new(parent_disk.lock().take().unwrap()),
+                ))
+            },
+        )
         .unwrap();
         (child, parent_storage)
     }
@@ -782,6 +792,7 @@ mod tests {
                 read_only: true,
                 ..Default::default()
             },
+            &ImageContext::detached(),
             &|_| {
                 Ok((
                     PathBuf::from("parent.vhd"),

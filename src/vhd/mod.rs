@@ -122,8 +122,9 @@ impl VhdDisk {
     /// Opens the VHD image held by `storage`; unlike [`open`] it keeps the concrete type,
     /// for callers that want the accessors below. Like [`open`], it cannot find parents.
     pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<VhdDisk> {
-        VhdDisk::open_with(storage, options, &|request| {
-            crate::chain::open_parent(&ImageContext::detached(), request, options)
+        let context = ImageContext::detached();
+        VhdDisk::open_with(storage, options, &context, &|request| {
+            crate::chain::open_parent(&context, request, options)
         })
     }
 
@@ -134,14 +135,17 @@ impl VhdDisk {
         options: &OpenOptions,
         context: &ImageContext,
     ) -> Result<VhdDisk> {
-        VhdDisk::open_with(storage, options, &|request| {
+        VhdDisk::open_with(storage, options, context, &|request| {
             crate::chain::open_parent(context, request, options)
         })
     }
 
+    /// Opens the image, asking `resolve_parent` for a differencing image's parent; the
+    /// metadata kept in memory is charged to `context`'s chain.
     fn open_with(
         storage: Box<dyn Storage>,
         options: &OpenOptions,
+        context: &ImageContext,
         resolve_parent: &ParentResolver,
     ) -> Result<VhdDisk> {
         let file_len = storage
@@ -168,6 +172,7 @@ impl VhdDisk {
                 storage.as_ref(),
                 &found,
                 size,
+                context,
                 resolve_parent,
             )?),
         };
@@ -446,6 +451,7 @@ fn open_dynamic(
     storage: &dyn Storage,
     found: &FoundFooter,
     size: u64,
+    context: &ImageContext,
     resolve_parent: &ParentResolver,
 ) -> Result<Dynamic> {
     let data_end = found.data_end;
@@ -509,6 +515,7 @@ fn open_dynamic(
     }
 
     // The table fits in the file, so its size is bounded by the file's.
+    context.charge_metadata(blocks * bat::ENTRY_SIZE, "the VHD BAT")?;
     let mut bat = Bat::parse(&[]);
     let mut chunk = vec![0u8; (blocks * bat::ENTRY_SIZE).min(1 << 20) as usize];
     let mut read = 0;
@@ -565,6 +572,7 @@ fn open_dynamic(
             &locators.paths,
             &bat,
             layout,
+            context,
             resolve_parent,
         )?)
     } else {

@@ -230,16 +230,23 @@ impl VhdxDisk {
         options: &OpenOptions,
         context: &ImageContext,
     ) -> Result<Self> {
-        Self::open_with(storage, options, &|locator, logical_sector_size| {
-            open_vhdx_parent(context, options, locator, logical_sector_size)
-        })
+        Self::open_with(
+            storage,
+            options,
+            context,
+            &|locator, logical_sector_size| {
+                open_vhdx_parent(context, options, locator, logical_sector_size)
+            },
+        )
     }
 
     /// Opens the image, asking `resolve_parent` for the parent a differencing image's
-    /// locator names (it must check the identity and sector size).
+    /// locator names (it must check the identity and sector size); the metadata kept in
+    /// memory is charged to `context`'s chain.
     fn open_with(
         storage: Box<dyn Storage>,
         options: &OpenOptions,
+        context: &ImageContext,
         resolve_parent: &ParentResolver,
     ) -> Result<Self> {
         let file_len = storage
@@ -348,6 +355,7 @@ impl VhdxDisk {
         );
         let bat_region = regions.find(BAT_REGION);
         let loaded = Bat::loaded_len(&layout, u64::from(bat_region.length))?;
+        context.charge_metadata(loaded, "the VHDX BAT")?;
         let bat = Bat::load(layout, loaded, |buf, offset| {
             read_structure(
                 storage.as_ref(),
@@ -359,11 +367,14 @@ impl VhdxDisk {
         })?;
         bat.validate(params.virtual_size, file_len, &reserved)?;
         let bitmaps = match &locator {
-            Some(_) => Some(load_sector_bitmaps(
-                storage.as_ref(),
-                overlay.as_ref(),
-                &bat,
-            )?),
+            Some(_) => {
+                let bitmaps = load_sector_bitmaps(storage.as_ref(), overlay.as_ref(), &bat)?;
+                context.charge_metadata(
+                    (bitmaps.page_count() * BAT_PAGE_LEN) as u64,
+                    "the sector bitmaps of this VHDX differencing disk",
+                )?;
+                Some(bitmaps)
+            }
             None => None,
         };
 

@@ -823,7 +823,12 @@ fn open_child(
         mem: child,
         ops_left,
     };
-    VhdxDisk::open_with(Box::new(shared), &options, &resolve)
+    VhdxDisk::open_with(
+        Box::new(shared),
+        &options,
+        &ImageContext::detached(),
+        &resolve,
+    )
 }
 
 fn unlimited() -> Arc<AtomicU64> {

@@ -283,7 +283,7 @@ impl VhdxDisk {
             file_end: file_len,
         };
         let log_was_dirty = journal.header.log_is_dirty();
-        let overlay = replay_log(storage.as_ref(), &mut journal, file_len, options.read_only)?;
+        let overlay = replay_log(storage.as_ref(), &journal, file_len)?;
         let file_len = match &overlay {
             Some(o) => o.logical_len,
             None => storage
@@ -378,19 +378,6 @@ impl VhdxDisk {
             None => None,
         };
 
-        // The payload path consults the overlay only if the log wrote outside the metadata
-        // structures or the file is shorter than the replayed view.
-        let payload_overlay = overlay.and_then(|mut o| {
-            let metadata_area = |u: &LogUpdate| {
-                let (s, e) = (u.file_offset(), u.file_offset() + u.covered_len());
-                (s >= REGION_TABLE_OFFSETS[0]
-                    && e <= REGION_TABLE_OFFSETS[1] + REGION_TABLE_LEN as u64)
-                    || reserved[1..].iter().any(|r| s >= r.start && e <= r.end)
-            };
-            o.updates.retain(|u| !metadata_area(u));
-            (!o.updates.is_empty() || o.logical_len > o.physical_len).then_some(o)
-        });
-
         let differencing = match (locator, bitmaps) {
             (Some(locator), Some(bitmaps)) => {
                 let (parent_path, parent) = resolve_parent(&locator, params.logical_sector_size)?;
@@ -402,6 +389,28 @@ impl VhdxDisk {
                 })
             }
             _ => None,
+        };
+
+        // A read/write open writes the replayed log into the file only now, once all it
+        // holds was checked: an image refused above is left as it was. Reads then find
+        // everything in the file; a read-only open keeps the replayed view, and its payload
+        // path consults it only if the log wrote outside the metadata structures or the
+        // file is shorter than the view.
+        let payload_overlay = match overlay {
+            Some(replay) if !options.read_only => {
+                replay_to_file(storage.as_ref(), &mut journal, &replay)?;
+                None
+            }
+            overlay => overlay.and_then(|mut o| {
+                let metadata_area = |u: &LogUpdate| {
+                    let (s, e) = (u.file_offset(), u.file_offset() + u.covered_len());
+                    (s >= REGION_TABLE_OFFSETS[0]
+                        && e <= REGION_TABLE_OFFSETS[1] + REGION_TABLE_LEN as u64)
+                        || reserved[1..].iter().any(|r| s >= r.start && e <= r.end)
+                };
+                o.updates.retain(|u| !metadata_area(u));
+                (!o.updates.is_empty() || o.logical_len > o.physical_len).then_some(o)
+            }),
         };
 
         Ok(VhdxDisk {
@@ -942,12 +951,7 @@ fn open_vhdx_parent(
 
 /// Replays a dirty log: into the file for read/write opens, or into the returned overlay
 /// for read-only ones, which must leave the file untouched.
-fn replay_log(
-    storage: &dyn Storage,
-    journal: &mut Journal,
-    file_len: u64,
-    read_only: bool,
-) -> Result<Option<Overlay>> {
+fn replay_log(storage: &dyn Storage, journal: &Journal, file_len: u64) -> Result<Option<Overlay>> {
     let h = &journal.header;
     if !h.log_is_dirty() {
         return Ok(None);
@@ -978,16 +982,11 @@ fn replay_log(
             updates.push(update);
         }
     }
-    let replay = Overlay {
+    Ok(Some(Overlay {
         updates,
         physical_len: file_len,
         logical_len,
-    };
-    if read_only {
-        return Ok(Some(replay));
-    }
-    replay_to_file(storage, journal, &replay)?;
-    Ok(None)
+    }))
 }
 
 /// Checks every region against the file and the log, and returns the ranges no block may

@@ -522,6 +522,22 @@ fn dirty_log_is_replayed_in_memory_when_read_only_and_in_place_when_writable() {
 }
 
 #[test]
+fn a_writable_open_refused_after_reading_the_log_leaves_the_file_unchanged() {
+    let (mut image, _) = image_with_pending_log_entry();
+    // Metadata the log does not touch is damaged: the open must fail before the replay
+    // reaches the file.
+    image[META_AT as usize] ^= 0xFF;
+    let storage = Arc::new(MemStorage::from_vec(image.clone()));
+    let err = open_storage(storage.clone(), false).unwrap_err();
+    assert_eq!(err.corruption_kind(), Some(CorruptionKind::BadSignature));
+    assert!(
+        storage.contents() == image,
+        "a refused open wrote to the image"
+    );
+    assert_eq!(storage.write_count(), 0);
+}
+
+#[test]
 fn damaged_log_entries_are_not_replayed_and_truncation_is_refused() {
     let (image, _) = image_with_pending_log_entry();
     // The entry sits at the start of the log; a flipped byte invalidates it and the log

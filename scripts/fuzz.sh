@@ -42,6 +42,19 @@ if [ -d "$corpus/images" ]; then
 else
     echo "fuzz.sh: no sample corpus at $corpus; seeding from images made here only"
 fi
+# qemu lays its images out differently from this project's own (log and metadata places,
+# BAT padding, block alignment): a second writer's images seed the targets too.
+if command -v qemu-img >/dev/null; then
+    mkdir -p "$seeds/images"
+    for spec in "vhdx 64M subformat=dynamic,block_size=1M" "vhdx 8M subformat=fixed" \
+        "vpc 16M subformat=dynamic" "vpc 4M subformat=fixed"; do
+        read -r format size opts <<<"$spec"
+        image="$seeds/images/qemu-$format-$size-${opts//[=,]/-}"
+        qemu-img create -q -f "$format" -o "$opts" "$image" "$size"
+        qemu-io -f "$format" -c "write -P 0x5a 0 64k" -c "write -P 0xa5 1M 4k" "$image" >/dev/null
+        images+=("$image")
+    done
+fi
 target/x86_64-unknown-linux-gnu/release/make_seeds "$seeds/seeds" "${images[@]}"
 rm -rf "$seeds/images"
 

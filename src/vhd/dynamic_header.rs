@@ -7,7 +7,7 @@ use crate::error::{CorruptionKind, Error, Result};
 
 pub const HEADER_SIZE: usize = 1024;
 
-const COOKIE: &[u8; 8] = b"cxsparse";
+pub(super) const COOKIE: &[u8; 8] = b"cxsparse";
 // Field offsets inside the header.
 const OFF_COOKIE: usize = 0; // 8 bytes, "cxsparse"
 const OFF_DATA_OFFSET: usize = 8; // u64, unused (all ones)
@@ -15,7 +15,7 @@ const OFF_TABLE_OFFSET: usize = 16; // u64, absolute offset of the BAT
 const OFF_VERSION: usize = 24; // u32, major version in the high 16 bits
 const OFF_MAX_TABLE_ENTRIES: usize = 28; // u32
 const OFF_BLOCK_SIZE: usize = 32; // u32, data bytes per block, bitmap excluded
-const OFF_CHECKSUM: usize = 36; // u32
+pub(super) const OFF_CHECKSUM: usize = 36; // u32
 const OFF_PARENT_UNIQUE_ID: usize = 40; // 16 bytes
 const OFF_PARENT_TIMESTAMP: usize = 56; // u32; bytes 60..64 reserved
 const OFF_PARENT_NAME: usize = 64; // 512 bytes, UTF-16BE, NUL-padded

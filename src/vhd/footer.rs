@@ -9,12 +9,12 @@ pub const FOOTER_SIZE: usize = 512;
 /// Virtual PC before 2004 wrote the footer one byte short; the missing byte is reserved.
 pub const LEGACY_FOOTER_SIZE: usize = 511;
 
-const COOKIE: &[u8; 8] = b"conectix";
+pub(super) const COOKIE: &[u8; 8] = b"conectix";
 // Field offsets inside the footer.
 const OFF_COOKIE: usize = 0; // 8 bytes, "conectix"
 const OFF_FEATURES: usize = 8; // u32
 const OFF_VERSION: usize = 12; // u32, major version in the high 16 bits
-const OFF_DATA_OFFSET: usize = 16; // u64, dynamic header offset (all ones for fixed)
+pub(super) const OFF_DATA_OFFSET: usize = 16; // u64, dynamic header offset (all ones for fixed)
 const OFF_TIMESTAMP: usize = 24; // u32, seconds since 2000-01-01 UTC
 const OFF_CREATOR_APP: usize = 28; // 4 ASCII bytes
 const OFF_CREATOR_VERSION: usize = 32; // u32
@@ -25,7 +25,7 @@ const OFF_CYLINDERS: usize = 56; // u16
 const OFF_HEADS: usize = 58; // u8
 const OFF_SECTORS_PER_TRACK: usize = 59; // u8
 const OFF_DISK_TYPE: usize = 60; // u32
-const OFF_CHECKSUM: usize = 64; // u32
+pub(super) const OFF_CHECKSUM: usize = 64; // u32
 const OFF_UNIQUE_ID: usize = 68; // 16 bytes
 const OFF_SAVED_STATE: usize = 84; // u8; bytes 85..512 are reserved
 

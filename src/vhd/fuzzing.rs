@@ -2,14 +2,10 @@
 //! their own, and the checksum repair that lets mutated images reach them.
 
 use super::checksum::vhd_checksum;
-use super::dynamic_header::{DynamicHeader, HEADER_SIZE};
-use super::footer::{FOOTER_SIZE, Footer};
+use super::dynamic_header::{self, DynamicHeader, HEADER_SIZE};
+use super::footer::{self, FOOTER_SIZE, Footer};
 use super::parent_locator::ParentLocator;
 use crate::storage::Storage;
-
-const FOOTER_CHECKSUM: usize = 64;
-const FOOTER_DATA_OFFSET: usize = 16;
-const HEADER_CHECKSUM: usize = 36;
 
 /// Runs the footer, dynamic header and parent locator parsers over `bytes`: a footer, a
 /// dynamic header, then locator data addressed from offset 0 of `bytes`.
@@ -43,22 +39,19 @@ pub fn seal_checksums(storage: &dyn Storage) {
         .into_iter()
         .flatten()
     {
-        let mut footer = [0u8; FOOTER_SIZE];
-        if storage.read_at(&mut footer, at).is_err() || &footer[..8] != b"conectix" {
+        let mut bytes = [0u8; FOOTER_SIZE];
+        if storage.read_at(&mut bytes, at).is_err() || &bytes[..8] != footer::COOKIE {
             continue;
         }
-        seal(&mut footer, FOOTER_CHECKSUM);
-        let _ = storage.write_at(&footer, at);
-        dynamic_header_at.get_or_insert(u64::from_be_bytes(
-            footer[FOOTER_DATA_OFFSET..FOOTER_DATA_OFFSET + 8]
-                .try_into()
-                .unwrap(),
-        ));
+        seal(&mut bytes, footer::OFF_CHECKSUM);
+        let _ = storage.write_at(&bytes, at);
+        let data_offset = &bytes[footer::OFF_DATA_OFFSET..footer::OFF_DATA_OFFSET + 8];
+        dynamic_header_at.get_or_insert(u64::from_be_bytes(data_offset.try_into().unwrap()));
     }
     if let Some(at) = dynamic_header_at {
         let mut header = [0u8; HEADER_SIZE];
-        if storage.read_at(&mut header, at).is_ok() && &header[..8] == b"cxsparse" {
-            seal(&mut header, HEADER_CHECKSUM);
+        if storage.read_at(&mut header, at).is_ok() && &header[..8] == dynamic_header::COOKIE {
+            seal(&mut header, dynamic_header::OFF_CHECKSUM);
             let _ = storage.write_at(&header, at);
         }
     }

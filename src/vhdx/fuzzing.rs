@@ -1,19 +1,13 @@
 //! Entry points for the fuzz targets (feature `fuzzing`): the log scan and the structure
 //! parsers on their own, and the checksum repair that lets mutated images reach them.
 
-use super::fields::{guid_at, seal_crc32c, u32_at, u64_at};
-use super::header::{HEADER_LEN, HEADER_OFFSETS, Header};
+use super::fields::{guid_at, seal_crc32c, u32_at};
+use super::header::{self, HEADER_LEN, HEADER_OFFSETS, Header};
 use super::log::{self, LOG_SECTOR};
 use super::metadata::{DiskParameters, METADATA_TABLE_LEN, MetadataTable};
 use super::parent_locator::ParentLocator;
-use super::region_table::{REGION_TABLE_LEN, REGION_TABLE_OFFSETS, RegionTable};
+use super::region_table::{self, REGION_TABLE_LEN, REGION_TABLE_OFFSETS, RegionTable};
 use crate::storage::Storage;
-
-const CHECKSUM_OFF: usize = 4;
-const LOG_GUID_OFF: usize = 48;
-const LOG_LENGTH_OFF: usize = 68;
-const LOG_OFFSET_OFF: usize = 72;
-const ENTRY_LENGTH_OFF: usize = 8;
 
 /// Scans `bytes` as a log ring (its first 16 bytes are the LogGuid to look for) and checks
 /// what the scan promises: the entries it returns are consecutive, well inside the ring,
@@ -70,33 +64,26 @@ pub fn parse_structures(bytes: &[u8]) {
     }
 }
 
-/// Rewrites the checksums of the log entries the current header's log holds, then of the
-/// region tables and the headers, so that mutated fields are checked by what lies beyond.
+/// Rewrites the checksums of the headers, of the log entries the current header's log
+/// holds when it is dirty, and of the region tables, so that mutated fields are checked
+/// by what lies beyond.
 pub fn seal_checksums(storage: &dyn Storage) {
     let mut headers = [[0u8; HEADER_LEN]; 2];
-    for (header, at) in headers.iter_mut().zip(HEADER_OFFSETS) {
-        if storage.read_at(header, at).is_err() || &header[..4] != b"head" {
-            continue;
+    for (bytes, at) in headers.iter_mut().zip(HEADER_OFFSETS) {
+        if storage.read_at(bytes, at).is_ok() && &bytes[..4] == header::SIGNATURE {
+            seal_crc32c(bytes, header::CHECKSUM_OFF);
+            let _ = storage.write_at(bytes, at);
         }
-        seal_crc32c(header, CHECKSUM_OFF);
-        let _ = storage.write_at(header, at);
     }
-    let current = headers
-        .iter()
-        .filter(|h| &h[..4] == b"head")
-        .max_by_key(|h| u64_at(&h[..], 8));
-    // A log is read only when its LogGuid is set, and only then are its entries sealed.
-    if let Some(header) = current.filter(|h| h[LOG_GUID_OFF..LOG_GUID_OFF + 16] != [0; 16]) {
-        seal_log_entries(
-            storage,
-            u64_at(header, LOG_OFFSET_OFF),
-            u32_at(header, LOG_LENGTH_OFF),
-        );
+    if let Ok((current, _)) = header::select_current([&headers[0], &headers[1]])
+        && current.log_is_dirty()
+    {
+        seal_log_entries(storage, current.log_offset, current.log_length);
     }
     for at in REGION_TABLE_OFFSETS {
         let mut table = vec![0u8; REGION_TABLE_LEN];
-        if storage.read_at(&mut table, at).is_ok() && &table[..4] == b"regi" {
-            seal_crc32c(&mut table, CHECKSUM_OFF);
+        if storage.read_at(&mut table, at).is_ok() && &table[..4] == region_table::SIGNATURE {
+            seal_crc32c(&mut table, region_table::CHECKSUM_OFF);
             let _ = storage.write_at(&table, at);
         }
     }
@@ -104,8 +91,7 @@ pub fn seal_checksums(storage: &dyn Storage) {
 
 /// Seals every sector of the log ring that starts an entry, as far as its length allows.
 fn seal_log_entries(storage: &dyn Storage, log_offset: u64, log_length: u32) {
-    const MAX_SEALED_LOG: u32 = 16 << 20;
-    if log_length == 0 || log_length > MAX_SEALED_LOG || !log_length.is_multiple_of(4096) {
+    if !(log_length as usize).is_multiple_of(LOG_SECTOR) {
         return;
     }
     let Ok(mut ring) = log::read_ring(storage, log_offset, log_length) else {
@@ -114,15 +100,15 @@ fn seal_log_entries(storage: &dyn Storage, log_offset: u64, log_length: u32) {
     let ring_len = ring.len();
     let mut changed = false;
     for start in (0..ring_len).step_by(LOG_SECTOR) {
-        if &ring[start..start + 4] != b"loge" {
+        if &ring[start..start + 4] != log::ENTRY_SIGNATURE {
             continue;
         }
-        let len = u32_at(&ring, start + ENTRY_LENGTH_OFF) as usize;
+        let len = u32_at(&ring, start + log::ENTRY_LENGTH_OFF) as usize;
         if len == 0 || !len.is_multiple_of(LOG_SECTOR) || len > ring_len {
             continue;
         }
         let mut entry: Vec<u8> = (0..len).map(|i| ring[(start + i) % ring_len]).collect();
-        seal_crc32c(&mut entry, CHECKSUM_OFF);
+        seal_crc32c(&mut entry, log::ENTRY_CHECKSUM_OFF);
         for (i, byte) in entry.into_iter().enumerate() {
             ring[(start + i) % ring_len] = byte;
         }

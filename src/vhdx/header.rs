@@ -12,10 +12,10 @@ pub const HEADER_LEN: usize = 4096;
 /// File offsets of the two header slots.
 pub const HEADER_OFFSETS: [u64; 2] = [64 * 1024, 128 * 1024];
 
-const SIGNATURE: &[u8; 4] = b"head";
+pub(super) const SIGNATURE: &[u8; 4] = b"head";
 // Offsets inside the header.
 const SIGNATURE_OFF: usize = 0; // 4 bytes "head"
-const CHECKSUM_OFF: usize = 4; // u32 CRC-32C of the 4096 bytes, this field zeroed
+pub(super) const CHECKSUM_OFF: usize = 4; // u32 CRC-32C of the 4096 bytes, this field zeroed
 const SEQUENCE_OFF: usize = 8; // u64, the higher of two valid headers is current
 const FILE_WRITE_GUID_OFF: usize = 16; // GUID, changed once per writable session
 const DATA_WRITE_GUID_OFF: usize = 32; // GUID, changed before the first user-visible change

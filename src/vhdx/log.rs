@@ -12,9 +12,9 @@ pub const LOG_SECTOR: usize = 4096;
 const SECTOR: u64 = LOG_SECTOR as u64;
 
 // Entry header, at the start of the entry's first sector.
-const ENTRY_SIGNATURE: &[u8; 4] = b"loge";
-const ENTRY_CHECKSUM_OFF: usize = 4; // u32 CRC-32C over EntryLength bytes, this field zeroed
-const ENTRY_LENGTH_OFF: usize = 8; // u32, multiple of 4 KiB
+pub(super) const ENTRY_SIGNATURE: &[u8; 4] = b"loge";
+pub(super) const ENTRY_CHECKSUM_OFF: usize = 4; // u32 CRC-32C over EntryLength bytes, this field zeroed
+pub(super) const ENTRY_LENGTH_OFF: usize = 8; // u32, multiple of 4 KiB
 const ENTRY_TAIL_OFF: usize = 12; // u32 log offset of the sequence's oldest entry
 const ENTRY_SEQUENCE_OFF: usize = 16; // u64, > 0, +1 per entry of a sequence
 const ENTRY_DESCRIPTOR_COUNT_OFF: usize = 24; // u32

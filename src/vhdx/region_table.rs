@@ -15,11 +15,11 @@ pub const REGION_TABLE_OFFSETS: [u64; 2] = [192 * 1024, 256 * 1024];
 pub const BAT_REGION: Uuid = Uuid::from_u128(0x2DC27766_F623_4200_9D64_115E9BFD4A08);
 pub const METADATA_REGION: Uuid = Uuid::from_u128(0x8B7CA206_4790_4B9A_B8FE_575F050F886E);
 
-const SIGNATURE: &[u8; 4] = b"regi";
+pub(super) const SIGNATURE: &[u8; 4] = b"regi";
 const MAX_ENTRIES: u32 = 2047;
 // Offsets inside the table header.
 const SIGNATURE_OFF: usize = 0; // 4 bytes "regi"
-const CHECKSUM_OFF: usize = 4; // u32 CRC-32C over all 64 KiB, this field zeroed
+pub(super) const CHECKSUM_OFF: usize = 4; // u32 CRC-32C over all 64 KiB, this field zeroed
 const ENTRY_COUNT_OFF: usize = 8; // u32, at most 2047
 const ENTRIES_OFF: usize = 16; // first 32-byte entry
 const ENTRY_LEN: usize = 32;

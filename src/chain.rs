@@ -12,7 +12,8 @@
 
 use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, probe, push_extent};
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::FileStorage;
+use crate::storage::{FileStorage, Storage};
+use std::collections::BTreeMap;
 use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -49,6 +50,49 @@ pub struct ImageContext {
     /// The files from the top of the chain down to this image, this image last.
     chain: Vec<ChainFile>,
     memory: Arc<MetadataMemory>,
+    files: ParentFiles,
+}
+
+/// Where a chain's parents are read from.
+#[derive(Clone, Default)]
+enum ParentFiles {
+    /// The host's files, with every check that keeps a stored path away from anything but
+    /// an image.
+    #[default]
+    Host,
+    /// Storages in memory by path, for fuzzing and tests; each is known by its place in
+    /// the sorted list of paths.
+    Memory(Arc<BTreeMap<PathBuf, Arc<dyn Storage>>>),
+}
+
+impl std::fmt::Debug for ParentFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParentFiles::Host => f.write_str("Host"),
+            ParentFiles::Memory(files) => f.debug_list().entries(files.keys()).finish(),
+        }
+    }
+}
+
+/// A parent candidate found and checked, not yet locked.
+enum Located {
+    File(fs::File),
+    Memory(Arc<dyn Storage>),
+}
+
+/// `path` with `.` and `..` resolved by name alone, as an in-memory file's key.
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 impl ImageContext {
@@ -70,7 +114,34 @@ impl ImageContext {
             path: Some(canonical),
             parent_override,
             memory: Arc::default(),
+            files: ParentFiles::Host,
         })
+    }
+
+    /// An image known as `path` whose parents are found among `files` by the paths the
+    /// images store, with the same rules as on the host (candidates, cycles, formats,
+    /// identities, depth, memory), but in memory: for fuzzing and tests.
+    pub fn in_memory(path: &Path, files: BTreeMap<PathBuf, Arc<dyn Storage>>) -> ImageContext {
+        let files: BTreeMap<PathBuf, Arc<dyn Storage>> = files
+            .into_iter()
+            .map(|(path, storage)| (lexical(&path), storage))
+            .collect();
+        let path = lexical(path);
+        let ino = files
+            .keys()
+            .position(|p| *p == path)
+            .map_or(0, |i| i as u64 + 1);
+        ImageContext {
+            chain: vec![ChainFile {
+                dev: 0,
+                ino,
+                path: path.clone(),
+            }],
+            path: Some(path),
+            parent_override: None,
+            memory: Arc::default(),
+            files: ParentFiles::Memory(Arc::new(files)),
+        }
     }
 
     /// Counts `bytes` of metadata an image of this chain keeps in memory (`what`, for the
@@ -385,12 +456,12 @@ pub fn open_parent(
     ))
 }
 
-fn try_parent(
-    context: &ImageContext,
+/// Finds `candidate` on the host and checks it can only be an image file: a regular
+/// file outside the kernel's own filesystems, checked on the path and again on the open
+/// descriptor; returns where it resolves to, its device and inode, and the open file.
+fn locate_host_file(
     candidate: &Path,
-    request: &ParentRequest,
-    options: &OpenOptions,
-) -> std::result::Result<(PathBuf, Box<dyn VirtualDisk>), Attempt> {
+) -> std::result::Result<(PathBuf, (u64, u64), Located), Attempt> {
     let meta = match fs::metadata(candidate) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Attempt::Missing),
@@ -432,11 +503,28 @@ fn try_parent(
         Ok(true) => return Err(refused(candidate, "a kernel interface, not an image")),
         Err(e) => return Err(refused(candidate, format_args!("cannot inspect: {e}"))),
     }
-    if context
-        .chain
-        .iter()
-        .any(|f| f.dev == meta.dev() && f.ino == meta.ino())
-    {
+    Ok((canonical, (meta.dev(), meta.ino()), Located::File(file)))
+}
+
+fn try_parent(
+    context: &ImageContext,
+    candidate: &Path,
+    request: &ParentRequest,
+    options: &OpenOptions,
+) -> std::result::Result<(PathBuf, Box<dyn VirtualDisk>), Attempt> {
+    let (canonical, (dev, ino), located) = match &context.files {
+        ParentFiles::Host => locate_host_file(candidate)?,
+        ParentFiles::Memory(files) => {
+            let key = lexical(candidate);
+            let (index, storage) = files
+                .iter()
+                .enumerate()
+                .find_map(|(i, (path, storage))| (*path == key).then_some((i, storage)))
+                .ok_or(Attempt::Missing)?;
+            (key, (0, index as u64 + 1), Located::Memory(storage.clone()))
+        }
+    };
+    if context.chain.iter().any(|f| f.dev == dev && f.ino == ino) {
         let chain: Vec<String> = context
             .chain
             .iter()
@@ -453,9 +541,14 @@ fn try_parent(
     }
     // A parent must not change under its children: shared with readers, kept from
     // writers (qemu's included) for as long as it is open.
-    crate::lock::lock(&file, true).map_err(|problem| refused(candidate, problem))?;
-    let storage = FileStorage::new(file);
-    let format = match probe(&storage) {
+    let storage: Box<dyn Storage> = match located {
+        Located::File(file) => {
+            crate::lock::lock(&file, true).map_err(|problem| refused(candidate, problem))?;
+            Box::new(FileStorage::new(file))
+        }
+        Located::Memory(storage) => Box::new(storage),
+    };
+    let format = match probe(storage.as_ref()) {
         Ok(format) => format,
         Err(e) if matches!(e.kind(), ErrorKind::NotADiskImage) => {
             return Err(refused(candidate, "not a VHD or VHDX disk image"));
@@ -475,8 +568,8 @@ fn try_parent(
     }
     let mut chain = context.chain.clone();
     chain.push(ChainFile {
-        dev: meta.dev(),
-        ino: meta.ino(),
+        dev,
+        ino,
         path: canonical.clone(),
     });
     let parent_context = ImageContext {
@@ -484,6 +577,7 @@ fn try_parent(
         parent_override: None,
         chain,
         memory: context.memory.clone(),
+        files: context.files.clone(),
     };
     let parent_options = OpenOptions {
         read_only: true,
@@ -491,7 +585,7 @@ fn try_parent(
         parent: None,
         ..options.clone()
     };
-    let disk = crate::disk::open_storage_in(Box::new(storage), &parent_options, &parent_context)
+    let disk = crate::disk::open_storage_in(storage, &parent_options, &parent_context)
         .map_err(|e| Attempt::Refused(e.with_file(&canonical)))?;
     match disk.identity() {
         Some(id) if id == request.identity => Ok((canonical, disk)),
@@ -515,6 +609,51 @@ mod tests {
             .iter()
             .map(|p| p.display().to_string())
             .collect()
+    }
+
+    #[test]
+    fn parents_in_memory_are_found_and_checked_like_files() {
+        use crate::create::{CreateOptions, create};
+        use crate::storage::MemStorage;
+        let dir = tempfile::tempdir().unwrap();
+        let (parent, child) = (dir.path().join("parent.vhd"), dir.path().join("child.vhd"));
+        let sized = CreateOptions {
+            size: Some(4 << 20),
+            ..Default::default()
+        };
+        create(&parent, &sized).unwrap();
+        let disk = crate::open(&parent, &OpenOptions::default()).unwrap();
+        disk.write_at(&[0x5A; 4096], 1 << 20).unwrap();
+        disk.close().unwrap();
+        let with_parent = CreateOptions {
+            parent: Some(parent.clone()),
+            ..Default::default()
+        };
+        create(&child, &with_parent).unwrap();
+        let in_memory = |path: &Path| -> Arc<dyn Storage> {
+            Arc::new(MemStorage::from_vec(fs::read(path).unwrap()))
+        };
+        let child_storage = Box::new(in_memory(&child));
+
+        let files = BTreeMap::from([(PathBuf::from("/vm/./x/../parent.vhd"), in_memory(&parent))]);
+        let context = ImageContext::in_memory(Path::new("/vm/child.vhd"), files);
+        let disk =
+            crate::disk::open_storage_in(child_storage.clone(), &OpenOptions::default(), &context)
+                .unwrap();
+        assert_eq!(disk.parent().unwrap().0, Path::new("/vm/parent.vhd"));
+        let mut buf = vec![0u8; 4096];
+        disk.read_at(&mut buf, 1 << 20).unwrap();
+        assert_eq!(buf, [0x5A; 4096]);
+
+        let elsewhere = ImageContext::in_memory(Path::new("/other/child.vhd"), BTreeMap::new());
+        let err = crate::disk::open_storage_in(child_storage, &OpenOptions::default(), &elsewhere)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("parent not found; tried /other/parent.vhd"),
+            "{err}"
+        );
     }
 
     #[test]

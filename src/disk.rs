@@ -188,8 +188,9 @@ pub fn open_storage(
     open_storage_in(storage, options, &ImageContext::detached())
 }
 
-/// Opens an image that sits where `context` says, so drivers can find its parents.
-pub(crate) fn open_storage_in(
+/// Opens an image held by any [`Storage`] that sits where `context` says, so drivers can
+/// find its parents ([`ImageContext::in_memory`] keeps them in memory too).
+pub fn open_storage_in(
     storage: Box<dyn Storage>,
     options: &OpenOptions,
     context: &ImageContext,

@@ -44,6 +44,7 @@ pub mod vhdx;
 
 pub use disk::{
     Allocation, Extent, Format, OpenOptions, VhdSizeRule, VirtualDisk, open, open_storage,
+    open_storage_in,
 };
 pub use error::{CorruptionKind, Error, ErrorKind, Result};
 

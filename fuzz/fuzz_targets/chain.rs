@@ -1,57 +1,45 @@
 //! A differencing child and its parent, both made of fuzzer bytes, opened through the
-//! chain code: the child names its parent by path and identity, the parent is found,
-//! checked and opened read-only beside it. Files live in a directory in memory (tmpfs
-//! where the machine has one).
+//! chain code with the parent in memory: the child names its parent by path and identity,
+//! and the parent is found, checked and opened read-only by the same rules as on the host.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::path::PathBuf;
-use std::sync::OnceLock;
-use vdisk_mount::{OpenOptions, open};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use vdisk_mount::chain::ImageContext;
+use vdisk_mount::storage::Storage;
+use vdisk_mount::{OpenOptions, open_storage_in};
 use vdisk_mount_fuzz::{Bytes, decode_image};
 
-/// Names a seed's child gives its parent.
-const PARENT_NAMES: [&str; 2] = ["parent.vhd", "parent.vhdx"];
+/// Where the child sits, and the names a seed's child gives its parent beside it.
+const CHILD: &str = "/fuzz/child";
+const PARENT_NAMES: [&str; 2] = ["/fuzz/parent.vhd", "/fuzz/parent.vhdx"];
 const SAMPLES: u64 = 32;
 const PIECE: u64 = 16 * 1024;
-
-fn dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base = ["/dev/shm", "/tmp"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("vdisk-fuzz-chain-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let mut bytes = Bytes(data);
     let child = decode_image(&mut bytes);
-    let parent = decode_image(&mut bytes);
-    let dir = dir();
-    let child_path = dir.join("child");
-    if child.storage.save(&child_path).is_err() {
-        return;
-    }
-    for name in PARENT_NAMES {
-        let _ = std::fs::remove_file(dir.join(name));
-    }
-    if parent.storage.save(&dir.join(PARENT_NAMES[0])).is_err()
-        || std::fs::hard_link(dir.join(PARENT_NAMES[0]), dir.join(PARENT_NAMES[1])).is_err()
-    {
-        return;
-    }
+    let parent: Arc<dyn Storage> = Arc::new(decode_image(&mut bytes).storage);
+    let context = || {
+        let files = PARENT_NAMES
+            .iter()
+            .map(|name| (PathBuf::from(name), parent.clone()))
+            .collect::<BTreeMap<_, _>>();
+        ImageContext::in_memory(Path::new(CHILD), files)
+    };
     let options = OpenOptions {
         read_only: child.read_only,
         ..Default::default()
     };
-    let _ = vdisk_mount::info::image_info(&child_path, &options);
-    let Ok(disk) = open(&child_path, &options) else {
+    let _ = vdisk_mount::info::describe_storage(
+        Path::new(CHILD),
+        Box::new(child.storage.snapshot()),
+        &options,
+        &context(),
+    );
+    let Ok(disk) = open_storage_in(Box::new(child.storage), &options, &context()) else {
         return;
     };
     let size = disk.size();

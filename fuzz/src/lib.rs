@@ -49,18 +49,6 @@ impl SparseStorage {
             }),
         }
     }
-
-    /// Writes the file out as a sparse file at `path`.
-    pub fn save(&self, path: &std::path::Path) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::File::create(path)?;
-        let state = self.state.lock();
-        file.set_len(state.len)?;
-        for (&page, data) in &state.pages {
-            file.write_all_at(&data[..], page * PAGE as u64)?;
-        }
-        file.set_len(state.len)
-    }
 }
 
 fn end_of(offset: u64, len: usize) -> io::Result<u64> {

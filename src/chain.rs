@@ -1,4 +1,8 @@
-//! Finding and opening the parent of a differencing image, whatever its format.
+//! Opening an image with its whole chain of parents, whatever their formats.
+//!
+//! The image asked for is opened through probe and dispatch ([`crate::open`]); while the
+//! last image opened describes a parent, the parent is found, checked and opened the same
+//! way, in a loop; then each image is handed its parent, from the bottom up.
 //!
 //! A differencing image names its parent by paths written on the machine that made it,
 //! usually Windows ones (`.\base.vhd`, `C:\VMs\base.vhd`, `\\?\C:\VMs\base.vhd`). They are
@@ -10,8 +14,12 @@
 //! Parents are always opened read-only: many children may share one, and any write to a
 //! parent silently changes what every child reads.
 
-use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, probe, push_extent};
-use crate::error::{Error, ErrorKind, Result};
+use crate::disk::{OpenOptions, VirtualDisk};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::layer::{
+    Layer, MetadataBudget, Parent, ParentImage, ParentLink, ParentPath, StoredParentPaths,
+};
+use crate::open::{open_layer, probe};
 use crate::storage::{FileStorage, Storage};
 use std::collections::BTreeMap;
 use std::fs::{self, Metadata};
@@ -19,7 +27,6 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A file of a chain, known by device and inode so that a second path to it (a symlink,
 /// a hard link, `..` games) is still recognised.
@@ -30,16 +37,6 @@ struct ChainFile {
     path: PathBuf,
 }
 
-/// Most memory the metadata held for a whole chain may take (BATs and sector bitmaps of
-/// every image in it). One image stays well below it (VHDX: 32 MiB of BAT and 128 MiB of
-/// bitmaps at most); the bound keeps a chain of crafted images from adding up past what
-/// a daemon should hold.
-pub const CHAIN_METADATA_MEMORY: u64 = 192 << 20;
-
-/// Memory charged to a chain's metadata so far, shared by every image of the chain.
-#[derive(Debug, Default)]
-struct MetadataMemory(AtomicU64);
-
 /// Where an image being opened sits, for drivers that must find its parent.
 #[derive(Debug, Clone, Default)]
 pub struct ImageContext {
@@ -49,7 +46,7 @@ pub struct ImageContext {
     parent_override: Option<PathBuf>,
     /// The files from the top of the chain down to this image, this image last.
     chain: Vec<ChainFile>,
-    memory: Arc<MetadataMemory>,
+    budget: MetadataBudget,
     files: ParentFiles,
 }
 
@@ -113,7 +110,7 @@ impl ImageContext {
             }],
             path: Some(canonical),
             parent_override,
-            memory: Arc::default(),
+            budget: MetadataBudget::default(),
             files: ParentFiles::Host,
         })
     }
@@ -139,49 +136,10 @@ impl ImageContext {
             }],
             path: Some(path),
             parent_override: None,
-            memory: Arc::default(),
+            budget: MetadataBudget::default(),
             files: ParentFiles::Memory(Arc::new(files)),
         }
     }
-
-    /// Counts `bytes` of metadata an image of this chain keeps in memory (`what`, for the
-    /// message), failing once the chain as a whole would hold more than
-    /// [`CHAIN_METADATA_MEMORY`].
-    pub fn charge_metadata(&self, bytes: u64, what: &str) -> Result<()> {
-        let before = self.memory.0.fetch_add(bytes, Ordering::Relaxed);
-        if before.saturating_add(bytes) > CHAIN_METADATA_MEMORY {
-            return Err(Error::unsupported(format!(
-                "{what} would take the metadata this chain keeps in memory past {} MiB",
-                CHAIN_METADATA_MEMORY >> 20
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// One way a differencing image names its parent, as stored in the image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ParentPath {
-    /// Relative to the child's directory: `.\base.vhd`, `..\dir\base.vhd`.
-    Relative(String),
-    /// Absolute: `C:\dir\base.vhd`, `\\?\C:\dir\base.vhd`, `\\server\share\base.vhd` or
-    /// a host path.
-    Absolute(String),
-    /// A name to look for beside the child; any directory part is dropped.
-    FileName(String),
-}
-
-/// What the child knows about its parent.
-#[derive(Debug, Clone)]
-pub struct ParentRequest<'a> {
-    /// The paths the child stores, most trusted first.
-    pub paths: &'a [ParentPath],
-    /// The identity the parent must report ([`VirtualDisk::identity`]).
-    pub identity: [u8; 16],
-    /// Formats a parent of this child may have.
-    pub formats: &'a [Format],
-    /// What the child is, for messages: "VHD differencing disk".
-    pub child_kind: &'a str,
 }
 
 /// The host form of a stored path: `\\?\` and `\??\` prefixes dropped, backslashes turned
@@ -239,36 +197,6 @@ fn relative_windows_path(from: &Path, to: &Path) -> String {
     parts.join("\\")
 }
 
-/// The paths a new differencing image records for its parent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredParentPaths {
-    /// The parent file, symlinks resolved.
-    pub canonical: PathBuf,
-    /// From the child's directory to the parent, in Windows form (`.\base.vhdx`).
-    pub relative: String,
-    /// The parent's absolute host path in Windows form (`\srv\vm\base.vhdx`).
-    pub absolute: String,
-}
-
-impl StoredParentPaths {
-    /// For a child to be created at `child` over the existing `parent`.
-    pub fn new(child: &Path, parent: &Path) -> Result<StoredParentPaths> {
-        let canonical = fs::canonicalize(parent)
-            .map_err(|e| Error::io("cannot resolve the parent path", e).with_file(parent))?;
-        let child_dir = child
-            .parent()
-            .filter(|dir| !dir.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let child_dir = fs::canonicalize(child_dir)
-            .map_err(|e| Error::io("cannot resolve the image's directory", e))?;
-        Ok(StoredParentPaths {
-            relative: relative_windows_path(&child_dir, &canonical),
-            absolute: windows_form(&canonical),
-            canonical,
-        })
-    }
-}
-
 /// Host paths to try for `paths`, in order: everything that lies beside or below the
 /// child's directory `child_dir` first, then absolute host paths; no path twice.
 pub fn candidate_paths(child_dir: &Path, paths: &[ParentPath]) -> Vec<PathBuf> {
@@ -308,9 +236,8 @@ pub fn candidate_paths(child_dir: &Path, paths: &[ParentPath]) -> Vec<PathBuf> {
     candidates
 }
 
-/// Most images in one chain. Each level opens the next from within its own open, so
-/// the bound keeps a long chain of files from exhausting the stack (32 levels fit in a
-/// 2 MiB thread stack even in a debug build) and the file descriptors.
+/// Most images in one chain: far more than real chains use (Hyper-V checkpoints rarely
+/// pass a dozen), few enough that a crafted chain cannot hold hundreds of files open.
 pub const MAX_CHAIN_DEPTH: usize = 32;
 
 /// Places no image may be read from, however a locator points there.
@@ -378,62 +305,158 @@ fn hex_id(id: &[u8; 16]) -> String {
     uuid::Uuid::from_bytes(*id).hyphenated().to_string()
 }
 
-/// Reads what `parent` holds at `offset` into `buf`; past its end (a child may be larger
-/// than its parent), zeros.
-pub fn read_parent(parent: &dyn VirtualDisk, buf: &mut [u8], offset: u64) -> Result<()> {
-    let inside = parent.size().saturating_sub(offset).min(buf.len() as u64) as usize;
-    let (head, tail) = buf.split_at_mut(inside);
-    if !head.is_empty() {
-        parent.read_at(head, offset)?;
-    }
-    tail.fill(0);
-    Ok(())
+/// Opens the image at `path` with its chain of parents.
+pub fn open(path: &Path, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
+    Ok(open_layered(path, options)?)
 }
 
-/// Appends how `parent` backs `[offset, offset + len)`; past its end, zeros.
-pub fn parent_extents(
-    parent: &dyn VirtualDisk,
-    extents: &mut Vec<Extent>,
-    offset: u64,
-    len: u64,
-) -> Result<()> {
-    let inside = parent.size().saturating_sub(offset).min(len);
-    if inside > 0 {
-        for e in parent.allocation(offset, inside)? {
-            push_extent(extents, e.offset, e.len, e.state);
-        }
-    }
-    push_extent(extents, offset + inside, len - inside, Allocation::Zero);
-    Ok(())
+/// Opens the image at `path` with its chain of parents, as its top [`Layer`] (for callers
+/// that want each file's facts).
+pub fn open_layered(path: &Path, options: &OpenOptions) -> Result<Box<dyn Layer>> {
+    open_file(path, options).map_err(|e| e.with_file(path))
 }
 
-/// Opens the parent the child described by `request` names, read-only, with its own
-/// parents behind it; returns where it was found (symlinks resolved) and the disk.
-pub fn open_parent(
-    context: &ImageContext,
-    request: &ParentRequest,
+fn open_file(path: &Path, options: &OpenOptions) -> Result<Box<dyn Layer>> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(!options.read_only)
+        .open(path)
+        .context(|| "cannot open image".to_string())?;
+    let meta = file
+        .metadata()
+        .context(|| "cannot read file attributes".to_string())?;
+    if !meta.is_file() {
+        return Err(Error::invalid_input("not a regular file"));
+    }
+    let context = ImageContext::top(path, &meta, options.parent.clone())?;
+    open_chain(Box::new(FileStorage::new(file)), options, &context)
+}
+
+/// Opens an image held by any [`Storage`]. Such an image has no path, so a differencing
+/// image opened this way cannot find its parent.
+pub fn open_storage(
+    storage: Box<dyn Storage>,
     options: &OpenOptions,
-) -> Result<(PathBuf, Box<dyn VirtualDisk>)> {
-    let Some(child_path) = &context.path else {
+) -> Result<Box<dyn VirtualDisk>> {
+    Ok(open_chain(storage, options, &ImageContext::detached())?)
+}
+
+/// Opens an image held by any [`Storage`] that sits where `context` says, so its parents
+/// can be found ([`ImageContext::in_memory`] keeps them in memory too).
+pub fn open_storage_in(
+    storage: Box<dyn Storage>,
+    options: &OpenOptions,
+    context: &ImageContext,
+) -> Result<Box<dyn VirtualDisk>> {
+    Ok(open_chain(storage, options, context)?)
+}
+
+/// Opens the image in `storage` and, in a loop, every parent it needs; returns the top
+/// layer with each parent attached to its child.
+pub fn open_chain(
+    storage: Box<dyn Storage>,
+    options: &OpenOptions,
+    context: &ImageContext,
+) -> Result<Box<dyn Layer>> {
+    let mut layers = vec![open_layer(storage, options, &context.budget)?];
+    // Where each parent was found, in step with `layers[1..]`.
+    let mut found_at = Vec::new();
+    let mut place = context.clone();
+    loop {
+        let child = layers.last().expect("the top layer is open");
+        let Some(link) = child.parent_link() else {
+            break;
+        };
+        let (path, parent, parent_place) =
+            open_parent(&place, link, child.logical_sector_size(), options)?;
+        found_at.push(path);
+        layers.push(parent);
+        place = parent_place;
+    }
+    let mut below = layers.pop().expect("the top layer is open");
+    while let Some(mut child) = layers.pop() {
+        let path = found_at.pop().expect("one path per parent");
+        child.attach_parent(Parent { path, layer: below });
+        below = child;
+    }
+    Ok(below)
+}
+
+/// The paths a new differencing image at `child` records for its existing `parent`.
+pub fn stored_parent_paths(child: &Path, parent: &Path) -> Result<StoredParentPaths> {
+    let canonical = fs::canonicalize(parent)
+        .map_err(|e| Error::io("cannot resolve the parent path", e).with_file(parent))?;
+    let child_dir = child
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let child_dir = fs::canonicalize(child_dir)
+        .map_err(|e| Error::io("cannot resolve the image's directory", e))?;
+    Ok(StoredParentPaths {
+        relative: relative_windows_path(&child_dir, &canonical),
+        absolute: windows_form(&canonical),
+        canonical,
+    })
+}
+
+/// What a new differencing image at `child` takes from `parent`, opened read-only with
+/// its own chain (a parent that cannot be opened cannot be a parent).
+pub fn parent_image(child: &Path, parent: &Path) -> Result<ParentImage> {
+    let options = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let disk = open_layered(parent, &options)?;
+    let paths = stored_parent_paths(child, parent)?;
+    let in_parent = |problem: &str| Error::invalid_input(problem.to_string()).with_file(parent);
+    let identity = disk
+        .identity()
+        .ok_or_else(|| in_parent("a raw image cannot be a parent"))?;
+    let modified = fs::metadata(&paths.canonical)
+        .and_then(|m| m.modified())
+        .context(|| "reading the parent's modification time".to_string())
+        .map_err(|e| e.with_file(parent))?;
+    Ok(ParentImage {
+        format: disk.format(),
+        identity,
+        disk_id: disk.facts().disk_id,
+        size: disk.size(),
+        logical_sector_size: disk.logical_sector_size(),
+        physical_sector_size: disk.physical_sector_size(),
+        modified,
+        paths,
+    })
+}
+
+/// Finds and opens, read-only and without its own parent, the parent `link` names for
+/// the image `place` describes (whose logical sectors are `sector_size` bytes); returns
+/// where it was found (symlinks resolved), the image, and where the parent sits in turn.
+fn open_parent(
+    place: &ImageContext,
+    link: &ParentLink,
+    sector_size: u32,
+    options: &OpenOptions,
+) -> Result<(PathBuf, Box<dyn Layer>, ImageContext)> {
+    let Some(child_path) = &place.path else {
         return Err(Error::invalid_input(format!(
             "{} without a file path: its parent cannot be located (open it by path)",
-            request.child_kind
+            link.child_kind
         )));
     };
-    if context.chain.len() >= MAX_CHAIN_DEPTH {
+    if place.chain.len() >= MAX_CHAIN_DEPTH {
         return Err(Error::unsupported(format!(
             "{} has more than {MAX_CHAIN_DEPTH} images in its chain of parents",
-            request.child_kind
+            link.child_kind
         )));
     }
     let child_dir = child_path.parent().unwrap_or(Path::new("/"));
-    let candidates = match &context.parent_override {
+    let candidates = match &place.parent_override {
         Some(path) => vec![path.clone()],
-        None => candidate_paths(child_dir, request.paths),
+        None => candidate_paths(child_dir, &link.paths),
     };
     let mut first_refusal = None;
     for candidate in &candidates {
-        match try_parent(context, candidate, request, options) {
+        match try_parent(place, candidate, link, sector_size, options) {
             Ok(found) => return Ok(found),
             Err(Attempt::Missing) => {}
             Err(Attempt::Refused(e)) => {
@@ -509,9 +532,10 @@ fn locate_host_file(
 fn try_parent(
     context: &ImageContext,
     candidate: &Path,
-    request: &ParentRequest,
+    link: &ParentLink,
+    sector_size: u32,
     options: &OpenOptions,
-) -> std::result::Result<(PathBuf, Box<dyn VirtualDisk>), Attempt> {
+) -> std::result::Result<(PathBuf, Box<dyn Layer>, ImageContext), Attempt> {
     let (canonical, (dev, ino), located) = match &context.files {
         ParentFiles::Host => locate_host_file(candidate)?,
         ParentFiles::Memory(files) => {
@@ -555,14 +579,12 @@ fn try_parent(
         }
         Err(e) => return Err(Attempt::Refused(e.with_file(&canonical))),
     };
-    if !request.formats.contains(&format) {
-        let wanted: Vec<String> = request.formats.iter().map(|f| f.to_string()).collect();
+    if format != link.format {
         return Err(refused(
             candidate,
             format_args!(
                 "is a {format} image; a {} needs a {} parent",
-                request.child_kind,
-                wanted.join(" or ")
+                link.child_kind, link.format
             ),
         ));
     }
@@ -576,7 +598,7 @@ fn try_parent(
         path: Some(canonical.clone()),
         parent_override: None,
         chain,
-        memory: context.memory.clone(),
+        budget: context.budget.clone(),
         files: context.files.clone(),
     };
     let parent_options = OpenOptions {
@@ -585,24 +607,39 @@ fn try_parent(
         parent: None,
         ..options.clone()
     };
-    let disk = crate::disk::open_storage_in(storage, &parent_options, &parent_context)
+    let disk = open_layer(storage, &parent_options, &parent_context.budget)
         .map_err(|e| Attempt::Refused(e.with_file(&canonical)))?;
     match disk.identity() {
-        Some(id) if id == request.identity => Ok((canonical, disk)),
-        found => Err(refused(
+        Some(id) if link.identities.contains(&id) => {}
+        found => {
+            return Err(refused(
+                candidate,
+                format_args!(
+                    "not this image's parent: its identifier is {}, the child expects {}",
+                    found.as_ref().map_or("missing".to_string(), hex_id),
+                    link.identities
+                        .first()
+                        .map_or("no identifier".to_string(), hex_id)
+                ),
+            ));
+        }
+    }
+    if disk.logical_sector_size() != sector_size {
+        return Err(refused(
             candidate,
             format_args!(
-                "not this image's parent: its identifier is {}, the child expects {}",
-                found.as_ref().map_or("missing".to_string(), hex_id),
-                hex_id(&request.identity)
+                "has {}-byte logical sectors, the child {sector_size}-byte ones",
+                disk.logical_sector_size()
             ),
-        )),
+        ));
     }
+    Ok((canonical, disk, parent_context))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::Format;
 
     fn candidates(paths: &[ParentPath]) -> Vec<String> {
         candidate_paths(Path::new("/vm/child"), paths)
@@ -638,15 +675,14 @@ mod tests {
         let files = BTreeMap::from([(PathBuf::from("/vm/./x/../parent.vhd"), in_memory(&parent))]);
         let context = ImageContext::in_memory(Path::new("/vm/child.vhd"), files);
         let disk =
-            crate::disk::open_storage_in(child_storage.clone(), &OpenOptions::default(), &context)
-                .unwrap();
+            open_storage_in(child_storage.clone(), &OpenOptions::default(), &context).unwrap();
         assert_eq!(disk.parent().unwrap().0, Path::new("/vm/parent.vhd"));
         let mut buf = vec![0u8; 4096];
         disk.read_at(&mut buf, 1 << 20).unwrap();
         assert_eq!(buf, [0x5A; 4096]);
 
         let elsewhere = ImageContext::in_memory(Path::new("/other/child.vhd"), BTreeMap::new());
-        let err = crate::disk::open_storage_in(child_storage, &OpenOptions::default(), &elsewhere)
+        let err = open_storage_in(child_storage, &OpenOptions::default(), &elsewhere)
             .err()
             .unwrap();
         assert!(
@@ -654,26 +690,6 @@ mod tests {
                 .contains("parent not found; tried /other/parent.vhd"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn the_images_of_a_chain_share_one_metadata_budget() {
-        let top = ImageContext::detached();
-        top.charge_metadata(CHAIN_METADATA_MEMORY - 10, "the child's BAT")
-            .unwrap();
-        let parent = ImageContext {
-            memory: top.memory.clone(),
-            ..ImageContext::detached()
-        };
-        let err = parent.charge_metadata(20, "the parent's BAT").unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("the parent's BAT would take the metadata this chain keeps"),
-            "{err}"
-        );
-        ImageContext::detached()
-            .charge_metadata(20, "another chain's BAT")
-            .unwrap();
     }
 
     #[test]
@@ -791,12 +807,13 @@ mod tests {
     fn an_image_without_a_path_cannot_have_its_parent_found() {
         let err = open_parent(
             &ImageContext::detached(),
-            &ParentRequest {
-                paths: &[ParentPath::FileName("base.vhd".into())],
-                identity: [1; 16],
-                formats: &[Format::Vhd],
+            &ParentLink {
+                paths: vec![ParentPath::FileName("base.vhd".into())],
+                identities: vec![[1; 16]],
+                format: Format::Vhd,
                 child_kind: "VHD differencing disk",
             },
+            512,
             &OpenOptions::default(),
         )
         .err()
@@ -814,19 +831,19 @@ mod tests {
         let child = dir.path().join("child.vhd");
         fs::write(&child, b"x").unwrap();
         let mut context = ImageContext::top(&child, &fs::metadata(&child).unwrap(), None).unwrap();
-        let request = ParentRequest {
-            paths: &[ParentPath::FileName("base.vhd".into())],
-            identity: [1; 16],
-            formats: &[Format::Vhd],
+        let request = ParentLink {
+            paths: vec![ParentPath::FileName("base.vhd".into())],
+            identities: vec![[1; 16]],
+            format: Format::Vhd,
             child_kind: "VHD differencing disk",
         };
         context.chain = vec![context.chain[0].clone(); MAX_CHAIN_DEPTH - 1];
-        let err = open_parent(&context, &request, &OpenOptions::default())
+        let err = open_parent(&context, &request, 512, &OpenOptions::default())
             .err()
             .unwrap();
         assert!(err.to_string().starts_with("parent not found"), "{err}");
         context.chain.push(context.chain[0].clone());
-        let err = open_parent(&context, &request, &OpenOptions::default())
+        let err = open_parent(&context, &request, 512, &OpenOptions::default())
             .err()
             .unwrap();
         assert_eq!(
@@ -841,16 +858,16 @@ mod tests {
         let child = dir.path().join("child.vhd");
         fs::write(&child, b"x").unwrap();
         let context = ImageContext::top(&child, &fs::metadata(&child).unwrap(), None).unwrap();
-        let request = ParentRequest {
-            paths: &[
+        let request = ParentLink {
+            paths: vec![
                 ParentPath::Relative(".\\base.vhd".into()),
                 ParentPath::Absolute("\\nowhere\\base2.vhd".into()),
             ],
-            identity: [1; 16],
-            formats: &[Format::Vhd],
+            identities: vec![[1; 16]],
+            format: Format::Vhd,
             child_kind: "VHD differencing disk",
         };
-        let err = open_parent(&context, &request, &OpenOptions::default())
+        let err = open_parent(&context, &request, 512, &OpenOptions::default())
             .err()
             .unwrap();
         let dir = fs::canonicalize(dir.path()).unwrap();

@@ -2,8 +2,10 @@
 //! the format follows the parent, else the option, else the file name; each format's
 //! driver writes the image.
 
-use crate::disk::{Format, probe};
+use crate::chain::parent_image;
+use crate::disk::Format;
 use crate::error::{Error, IoContext, Result};
+use crate::open::probe;
 use crate::storage::FileStorage;
 use crate::vhd::{VhdCreateOptions, VhdKind, create_vhd};
 use crate::vhdx::create::{VhdxCreateOptions, VhdxKind, create_vhdx};
@@ -89,7 +91,7 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
             }
             let kind = match &options.parent {
                 Some(parent) => VhdKind::Differencing {
-                    parent: parent.clone(),
+                    parent: parent_image(path, parent)?,
                 },
                 None if fixed => VhdKind::Fixed,
                 None => VhdKind::Dynamic,
@@ -103,7 +105,7 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
         Format::Vhdx => {
             let kind = match &options.parent {
                 Some(parent) => VhdxKind::Differencing {
-                    parent: parent.clone(),
+                    parent: parent_image(path, parent)?,
                 },
                 None if fixed => VhdxKind::Fixed,
                 None => VhdxKind::Dynamic,
@@ -145,6 +147,78 @@ pub fn parse_size(text: &str) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::OpenOptions;
+    use crate::vhdx::create::{VhdxCreateOptions, VhdxKind, create_vhdx};
+    use crate::vhdx::parent_locator::{ABSOLUTE_WIN32_PATH, ParentLocator, RELATIVE_PATH};
+    use std::fs;
+
+    #[test]
+    fn a_child_takes_its_parents_disk_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vhdx");
+        let options = VhdxCreateOptions {
+            logical_sector_size: 4096,
+            ..VhdxCreateOptions::new(8 << 20, VhdxKind::Dynamic)
+        };
+        create_vhdx(&base, &options).unwrap();
+        let child = dir.path().join("child.vhdx");
+        let kind = VhdxKind::Differencing {
+            parent: crate::chain::parent_image(&child, &base).unwrap(),
+        };
+        create_vhdx(&child, &VhdxCreateOptions::new(0, kind.clone())).unwrap();
+        let open = |path: &Path| {
+            let options = OpenOptions {
+                read_only: true,
+                ..Default::default()
+            };
+            crate::chain::open_layered(path, &options).unwrap()
+        };
+        let (base_disk, child_disk) = (open(&base), open(&child));
+        assert_eq!(child_disk.size(), 8 << 20);
+        assert_eq!(child_disk.logical_sector_size(), 4096);
+        let (base_info, child_info) = (base_disk.facts(), child_disk.facts());
+        assert_eq!(child_info.disk_id, base_info.disk_id);
+        let locator = ParentLocator {
+            entries: child_info.parent_locator.unwrap(),
+        };
+        let base_data_write_guid = base_info.data_write_guid.unwrap();
+        assert_eq!(locator.linkages().unwrap(), [base_data_write_guid]);
+        assert_eq!(locator.get(RELATIVE_PATH), Some(".\\base.vhdx"));
+        let canonical = fs::canonicalize(&base).unwrap();
+        assert_eq!(
+            locator.get(ABSOLUTE_WIN32_PATH).unwrap(),
+            format!(
+                "\\\\?\\{}",
+                canonical.display().to_string().replace('/', "\\")
+            )
+        );
+        let (found, parent) = child_disk.parent().unwrap();
+        assert_eq!(found, canonical);
+        assert_eq!(parent.identity(), Some(*base_data_write_guid.as_bytes()));
+
+        let smaller = dir.path().join("smaller.vhdx");
+        let err = create_vhdx(&smaller, &VhdxCreateOptions::new(4 << 20, kind)).unwrap_err();
+        assert!(err.to_string().contains("would cut off"), "{err}");
+        assert!(!smaller.exists());
+    }
+
+    #[test]
+    fn a_parent_that_cannot_be_opened_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = create(
+            &dir.path().join("child.vhdx"),
+            &CreateOptions {
+                parent: Some("/nonexistent/base.vhdx".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("base.vhdx: cannot open image"),
+            "{err}"
+        );
+        assert!(!dir.path().join("child.vhdx").exists());
+    }
 
     #[test]
     fn sizes_take_binary_suffixes() {

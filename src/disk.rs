@@ -1,11 +1,8 @@
-//! The format-driver boundary: every image format is served as a [`VirtualDisk`], and
-//! [`open`] picks the driver by the file's signature, never by its name.
+//! The boundary the rest of the program sees: every image, of any format and with any
+//! chain of parents, is served as a [`VirtualDisk`]. Nothing here knows a format.
 
-use crate::chain::ImageContext;
-use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::storage::{FileStorage, Storage};
+use crate::error::{Error, ErrorKind, Result};
 use std::fmt;
-use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -158,121 +155,9 @@ pub fn check_range(size: u64, offset: u64, len: usize) -> Result<()> {
     }
 }
 
-/// Opens the image at `path` with the driver its signature calls for.
-pub fn open(path: &Path, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
-    open_file(path, options).map_err(|e| e.with_file(path))
-}
-
-fn open_file(path: &Path, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
-    let file = FsOpenOptions::new()
-        .read(true)
-        .write(!options.read_only)
-        .open(path)
-        .context(|| "cannot open image".to_string())?;
-    let meta = file
-        .metadata()
-        .context(|| "cannot read file attributes".to_string())?;
-    if !meta.is_file() {
-        return Err(Error::invalid_input("not a regular file"));
-    }
-    let context = ImageContext::top(path, &meta, options.parent.clone())?;
-    open_storage_in(Box::new(FileStorage::new(file)), options, &context)
-}
-
-/// Opens an image held by any [`Storage`] (tests use an in-memory file). Such an image has
-/// no path, so a differencing image opened this way cannot find its parent.
-pub fn open_storage(
-    storage: Box<dyn Storage>,
-    options: &OpenOptions,
-) -> Result<Box<dyn VirtualDisk>> {
-    open_storage_in(storage, options, &ImageContext::detached())
-}
-
-/// Opens an image held by any [`Storage`] that sits where `context` says, so drivers can
-/// find its parents ([`ImageContext::in_memory`] keeps them in memory too).
-pub fn open_storage_in(
-    storage: Box<dyn Storage>,
-    options: &OpenOptions,
-    context: &ImageContext,
-) -> Result<Box<dyn VirtualDisk>> {
-    let format = match options.format {
-        Some(format) => format,
-        None => probe(storage.as_ref())?,
-    };
-    Ok(match format {
-        Format::Vhd => crate::vhd::open_in(storage, options, context)?,
-        Format::Vhdx => crate::vhdx::open_in(storage, options, context)?,
-        Format::Raw => Box::new(crate::raw::RawDisk::open(storage, options)?),
-    })
-}
-
-const VHDX_SIGNATURE: &[u8; 8] = b"vhdxfile";
-const VHD_COOKIE: &[u8; 8] = b"conectix";
-
-/// Tells the format from signatures: `vhdxfile` at 0 is VHDX; a `conectix` footer at the
-/// end (512 or legacy 511 bytes) or its copy at 0 is VHD.
-pub fn probe(storage: &dyn Storage) -> Result<Format> {
-    let len = storage
-        .len()
-        .context(|| "cannot read file size".to_string())?;
-    let mut head = [0u8; 8];
-    if len >= 8 {
-        storage
-            .read_at(&mut head, 0)
-            .context(|| "reading file signature".to_string())?;
-        if &head == VHDX_SIGNATURE {
-            return Ok(Format::Vhdx);
-        }
-        if &head == VHD_COOKIE {
-            return Ok(Format::Vhd);
-        }
-    }
-    for footer_len in [512u64, 511] {
-        if len >= footer_len {
-            let mut cookie = [0u8; 8];
-            storage
-                .read_at(&mut cookie, len - footer_len)
-                .context(|| "reading VHD footer".to_string())?;
-            if &cookie == VHD_COOKIE {
-                return Ok(Format::Vhd);
-            }
-        }
-    }
-    Err(Error::new(ErrorKind::NotADiskImage))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::MemStorage;
-
-    #[test]
-    fn probe_reads_signatures_not_names() {
-        let mut vhdx = vec![0u8; 4096];
-        vhdx[..8].copy_from_slice(b"vhdxfile");
-        assert_eq!(probe(&MemStorage::from_vec(vhdx)).unwrap(), Format::Vhdx);
-
-        let mut fixed_vhd = vec![0u8; 4096];
-        fixed_vhd[4096 - 512..4096 - 504].copy_from_slice(b"conectix");
-        assert_eq!(
-            probe(&MemStorage::from_vec(fixed_vhd)).unwrap(),
-            Format::Vhd
-        );
-
-        let mut legacy = vec![0u8; 4096];
-        legacy[4096 - 511..4096 - 503].copy_from_slice(b"conectix");
-        assert_eq!(probe(&MemStorage::from_vec(legacy)).unwrap(), Format::Vhd);
-
-        for junk in [
-            vec![],
-            vec![0u8; 3],
-            b"hello world\n".to_vec(),
-            vec![0u8; 8192],
-        ] {
-            let err = probe(&MemStorage::from_vec(junk)).unwrap_err();
-            assert!(matches!(err.kind(), ErrorKind::NotADiskImage));
-        }
-    }
 
     #[test]
     fn extents_merge_when_adjacent_and_alike() {

@@ -1,13 +1,11 @@
 //! What `vdisk info` reports about an image and its chain of parents. The image is opened
 //! read-only, so nothing is written (a dirty VHDX log is replayed in memory).
 
-use crate::chain::ImageContext;
-use crate::disk::{Format, OpenOptions, VirtualDisk, probe};
+use crate::chain::{ImageContext, open_chain};
+use crate::disk::{OpenOptions, VirtualDisk};
 use crate::error::{Error, IoContext, Result};
+use crate::layer::Layer;
 use crate::storage::{FileStorage, Storage};
-use crate::vhd::DiskType;
-use crate::vhd::VhdDisk;
-use crate::vhdx::VhdxDisk;
 use serde::Serialize;
 use std::fmt;
 use std::fs::File;
@@ -107,66 +105,37 @@ pub fn describe_storage(
         read_only: true,
         ..options.clone()
     };
-    let format = match options.format {
-        Some(format) => format,
-        None => probe(storage.as_ref())?,
+    let disk = open_chain(storage, &options, context)?;
+    Ok(describe_layer(path, disk.as_ref()))
+}
+
+/// What `disk`'s own file and its chain hold.
+fn describe_layer(path: &Path, disk: &dyn Layer) -> ImageInfo {
+    let facts = disk.facts();
+    let mut info = common(path, disk, facts.subtype);
+    info.block_size = facts.block_size;
+    info.creator = facts.creator;
+    info.identifiers = Identifiers {
+        disk_id: facts.disk_id.map(guid),
+        data_write_guid: facts.data_write_guid.map(guid),
+        file_write_guid: facts.file_write_guid.map(guid),
+        log_guid: facts.log_guid.map(guid),
+        header_sequence_number: facts.header_sequence_number,
+        unique_id: facts.unique_id.map(guid),
     };
-    let info = match format {
-        Format::Vhdx => {
-            let disk = VhdxDisk::open_in(storage, &options, context)?;
-            let v = disk.info();
-            let subtype = if v.parent_locator.is_some() {
-                "differencing"
-            } else if v.fixed {
-                "fixed"
-            } else {
-                "dynamic"
-            };
-            let mut info = common(path, &disk, subtype);
-            info.block_size = Some(u64::from(v.block_size));
-            info.creator = v.creator;
-            info.identifiers = Identifiers {
-                disk_id: Some(guid(v.disk_id)),
-                data_write_guid: Some(guid(v.data_write_guid)),
-                file_write_guid: Some(guid(v.file_write_guid)),
-                log_guid: Some(guid(v.log_guid)),
-                header_sequence_number: Some(v.header_sequence_number),
-                unique_id: None,
-            };
-            info.log = Some(if v.log_was_dirty { "dirty" } else { "clean" }.to_string());
-            info.allocated_blocks = Some(v.allocated_blocks);
-            info.total_blocks = Some(v.total_blocks);
-            info.parent_locator = v.parent_locator.map(|entries| {
-                entries
-                    .into_iter()
-                    .map(|(key, value)| LocatorEntry { key, value })
-                    .collect()
-            });
-            info.chain = chain(&disk);
-            info
-        }
-        Format::Vhd => {
-            let disk = VhdDisk::open_in(storage, &options, context)?;
-            let subtype = match disk.disk_type() {
-                DiskType::Fixed => "fixed",
-                DiskType::Dynamic => "dynamic",
-                DiskType::Differencing => "differencing",
-            };
-            let mut info = common(path, &disk, subtype);
-            info.block_size = disk.block_size();
-            info.creator = String::from_utf8_lossy(&disk.creator_app()).into_owned();
-            info.identifiers.unique_id = Some(guid(disk.unique_id()));
-            info.allocated_blocks = disk.allocated_blocks();
-            info.total_blocks = disk.block_size().map(|b| disk.size().div_ceil(b));
-            info.chain = chain(&disk);
-            info
-        }
-        Format::Raw => {
-            let disk = crate::raw::RawDisk::open(storage, &options)?;
-            common(path, &disk, "raw")
-        }
-    };
-    Ok(info)
+    info.log = facts
+        .log_was_dirty
+        .map(|dirty| if dirty { "dirty" } else { "clean" }.to_string());
+    info.allocated_blocks = facts.allocated_blocks;
+    info.total_blocks = facts.total_blocks;
+    info.parent_locator = facts.parent_locator.map(|entries| {
+        entries
+            .into_iter()
+            .map(|(key, value)| LocatorEntry { key, value })
+            .collect()
+    });
+    info.chain = chain(disk);
+    info
 }
 
 /// The facts every format has.

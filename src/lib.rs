@@ -29,6 +29,7 @@
 //! it before any metadata points at it, so a crash at any instant leaves an image that
 //! opens and holds every write that a flush acknowledged.
 
+mod bit_runs;
 mod blocking_pool;
 pub mod chain;
 pub mod create;
@@ -36,16 +37,16 @@ pub mod disk;
 pub mod error;
 pub mod fuse;
 pub mod info;
+pub mod layer;
 pub mod lock;
+pub mod open;
 pub mod raw;
 pub mod storage;
 pub mod vhd;
 pub mod vhdx;
 
-pub use disk::{
-    Allocation, Extent, Format, OpenOptions, VhdSizeRule, VirtualDisk, open, open_storage,
-    open_storage_in,
-};
+pub use chain::{open, open_storage, open_storage_in};
+pub use disk::{Allocation, Extent, Format, OpenOptions, VhdSizeRule, VirtualDisk};
 pub use error::{CorruptionKind, Error, ErrorKind, Result};
 
 /// Rewrites every checksum the image in `storage` carries (VHD footers and dynamic header,

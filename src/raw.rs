@@ -1,8 +1,9 @@
 //! A plain file served as the disk, byte for byte. Never probed: only used when asked
 //! (`format=raw`), as a baseline to measure the format drivers against.
 
-use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, check_range};
+use crate::disk::{Extent, Format, OpenOptions, VirtualDisk, check_range};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::layer::{self, Layer, LayerFacts, MappedRun, Mapping, push_run};
 use crate::storage::{self, Storage};
 
 pub struct RawDisk {
@@ -46,10 +47,7 @@ impl VirtualDisk for RawDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size, offset, buf.len())?;
-        self.storage
-            .read_at(buf, offset)
-            .context(|| format!("reading {} bytes at offset {offset}", buf.len()))
+        layer::read(self, buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -72,17 +70,36 @@ impl VirtualDisk for RawDisk {
     }
 
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(self.size, offset, len as usize)?;
-        Ok(vec![Extent {
-            offset,
-            len,
-            state: Allocation::Data,
-        }])
+        layer::allocation(self, offset, len)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(self.size, offset, len as usize)?;
-        storage::zero_chunks(offset, len, |zeros, at| self.write_at(zeros, at))
+        layer::discard(self, offset, len)
+    }
+}
+
+impl Layer for RawDisk {
+    fn map(&self, offset: u64, len: u64, runs: &mut Vec<MappedRun>) -> Result<()> {
+        push_run(runs, len, Mapping::File(offset));
+        Ok(())
+    }
+
+    fn read_mapped(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        self.storage
+            .read_at(buf, file_offset)
+            .context(|| format!("reading {} bytes at offset {file_offset}", buf.len()))
+    }
+
+    fn zero_mapped(&self, file_offset: u64, len: u64) -> Result<()> {
+        storage::write_zeros(self.storage.as_ref(), file_offset, len)
+            .context(|| format!("zeroing {len} bytes at offset {file_offset}"))
+    }
+
+    fn facts(&self) -> LayerFacts {
+        LayerFacts {
+            subtype: "raw",
+            ..LayerFacts::default()
+        }
     }
 }
 

@@ -23,7 +23,7 @@ fn corpus_images_probe_by_signature() {
             Format::Vhd
         };
         assert_eq!(
-            vdisk_mount::disk::probe(&storage).unwrap(),
+            vdisk_mount::open::probe(&storage).unwrap(),
             expected,
             "{name}"
         );

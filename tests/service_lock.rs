@@ -177,6 +177,7 @@ fn parents_are_shared_with_readers_and_kept_from_writers() {
     if !mount::fuse_available() {
         return;
     }
+    use vdisk_mount::chain::parent_image;
     use vdisk_mount::vhd::{VhdCreateOptions, VhdKind, create_vhd};
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.vhd");
@@ -192,7 +193,7 @@ fn parents_are_shared_with_readers_and_kept_from_writers() {
     common::qemu_io("vpc", &base, &["write -P 0x3c 0 64k"]);
     let child = dir.path().join("child.vhd");
     let kind = VhdKind::Differencing {
-        parent: base.clone(),
+        parent: parent_image(&child, &base).unwrap(),
     };
     create_vhd(&child, &VhdCreateOptions::new(0, kind)).unwrap();
 
@@ -217,7 +218,7 @@ fn parents_are_shared_with_readers_and_kept_from_writers() {
     // A second child of the same parent shares it too.
     let sibling = dir.path().join("sibling.vhd");
     let kind = VhdKind::Differencing {
-        parent: base.clone(),
+        parent: parent_image(&sibling, &base).unwrap(),
     };
     create_vhd(&sibling, &VhdCreateOptions::new(0, kind)).unwrap();
     Mount::new(&sibling, &["ro"]).unmount();

@@ -97,7 +97,7 @@ fn a_child_larger_than_its_parent_reads_zeros_past_the_parent() {
     create(
         &child,
         VhdKind::Differencing {
-            parent: base.clone(),
+            parent: vdisk_mount::chain::parent_image(&child, &base).unwrap(),
         },
         8 * MIB,
     );
@@ -137,7 +137,7 @@ fn a_child_larger_than_its_parent_reads_zeros_past_the_parent() {
         &VhdCreateOptions::new(
             2 * MIB,
             VhdKind::Differencing {
-                parent: base.clone(),
+                parent: vdisk_mount::chain::parent_image(&child, &base).unwrap(),
             },
         ),
     )

@@ -3,6 +3,7 @@
 //! to whole sectors. In a differencing disk a set bit means the sector's data is in this
 //! file, a clear one that it is in the parent.
 
+use crate::bit_runs::{self, BitOrder};
 use std::ops::Range;
 
 const SECTOR: usize = 512;
@@ -29,31 +30,22 @@ impl SectorBitmap {
         }
     }
 
+    #[cfg(test)]
     pub fn is_set(&self, sector: u64) -> bool {
-        self.bytes[(sector / 8) as usize] & (0x80 >> (sector % 8)) != 0
+        bit_runs::is_set(&self.bytes, sector, BitOrder::MsbFirst)
     }
 
     pub fn set(&mut self, sectors: Range<u64>) {
-        for sector in sectors {
-            self.bytes[(sector / 8) as usize] |= 0x80 >> (sector % 8);
-        }
+        bit_runs::assign(&mut self.bytes, sectors, true, BitOrder::MsbFirst);
     }
 
     pub fn all_set(&self, sectors: Range<u64>) -> bool {
-        sectors.into_iter().all(|sector| self.is_set(sector))
+        matches!(self.runs(sectors)[..], [] | [(_, true)])
     }
 
     /// `sectors` split into maximal runs of equal bits, in order, with the bit of each.
     pub fn runs(&self, sectors: Range<u64>) -> Vec<(Range<u64>, bool)> {
-        let mut runs: Vec<(Range<u64>, bool)> = Vec::new();
-        for sector in sectors {
-            let bit = self.is_set(sector);
-            match runs.last_mut() {
-                Some((run, last)) if *last == bit => run.end = sector + 1,
-                _ => runs.push((sector..sector + 1, bit)),
-            }
-        }
-        runs
+        bit_runs::runs(&self.bytes, sectors, BitOrder::MsbFirst)
     }
 
     /// The whole sectors of the stored bitmap that hold the bits of `sectors`, as they

@@ -17,12 +17,12 @@ use super::footer::{DiskType, FOOTER_SIZE, Footer, NO_DATA_OFFSET};
 use super::geometry::Geometry;
 use super::parent_locator::{ENTRY_SIZE, ParentLocator, Platform, encode_utf16le};
 use super::{MAX_BAT_ENTRIES, SECTOR};
-use crate::chain::StoredParentPaths;
-use crate::disk::{Format, OpenOptions};
+use crate::disk::Format;
 use crate::error::{Error, IoContext, Result};
+use crate::layer::ParentImage;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Creator Application of images made here ("vdm " for vdisk-mount). Deliberately not
@@ -46,8 +46,9 @@ pub enum VhdKind {
     Fixed,
     /// Blocks allocated on first write.
     Dynamic,
-    /// Blocks allocated on first write; everything else reads from the VHD `parent`.
-    Differencing { parent: PathBuf },
+    /// Blocks allocated on first write; everything else reads from the VHD `parent`
+    /// (see [`crate::chain::parent_image`]).
+    Differencing { parent: ParentImage },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +81,7 @@ pub fn create_vhd(path: &Path, options: &VhdCreateOptions) -> Result<()> {
         .open(path)
         .context(|| "cannot create image".to_string())
         .map_err(|e| e.with_file(path))?;
-    let written = write_image(&file, path, options).and_then(|()| {
+    let written = write_image(&file, options).and_then(|()| {
         file.sync_all()
             .context(|| "flushing the new image".to_string())
     });
@@ -92,7 +93,7 @@ pub fn create_vhd(path: &Path, options: &VhdCreateOptions) -> Result<()> {
 }
 
 /// What a differencing child records about its parent.
-struct ParentLink {
+struct ParentRecord {
     unique_id: [u8; 16],
     timestamp: u32,
     size: u64,
@@ -108,41 +109,27 @@ fn vhd_timestamp(time: SystemTime) -> u32 {
     u32::try_from(since.as_secs()).unwrap_or(u32::MAX)
 }
 
-fn link_to_parent(child: &Path, parent_path: &Path) -> Result<ParentLink> {
-    let parent = crate::open(
-        parent_path,
-        &OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?;
-    let in_parent = |problem: String| Error::invalid_input(problem).with_file(parent_path);
-    if parent.format() != Format::Vhd {
-        return Err(in_parent(format!(
+fn record_parent(parent: &ParentImage) -> Result<ParentRecord> {
+    if parent.format != Format::Vhd {
+        return Err(Error::invalid_input(format!(
             "is a {} image; a VHD differencing disk needs a VHD parent",
-            parent.format()
-        )));
+            parent.format
+        ))
+        .with_file(&parent.paths.canonical));
     }
-    let unique_id = parent
-        .identity()
-        .ok_or_else(|| in_parent("has no unique id".to_string()))?;
-    let stored = StoredParentPaths::new(child, parent_path)?;
-    let modified = fs::metadata(&stored.canonical)
-        .and_then(|m| m.modified())
-        .context(|| "reading the parent's modification time".to_string())
-        .map_err(|e| e.with_file(parent_path))?;
-    let name = stored
+    let name = parent
+        .paths
         .canonical
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok(ParentLink {
-        unique_id,
-        timestamp: vhd_timestamp(modified),
-        size: parent.size(),
+    Ok(ParentRecord {
+        unique_id: parent.identity,
+        timestamp: vhd_timestamp(parent.modified),
+        size: parent.size,
         name,
-        relative: stored.relative,
-        absolute: stored.absolute,
+        relative: parent.paths.relative.clone(),
+        absolute: parent.paths.absolute.clone(),
     })
 }
 
@@ -150,9 +137,9 @@ fn invalid(problem: String) -> Error {
     Error::invalid_input(problem)
 }
 
-fn write_image(file: &File, path: &Path, options: &VhdCreateOptions) -> Result<()> {
+fn write_image(file: &File, options: &VhdCreateOptions) -> Result<()> {
     let parent = match &options.kind {
-        VhdKind::Differencing { parent } => Some(link_to_parent(path, parent)?),
+        VhdKind::Differencing { parent } => Some(record_parent(parent)?),
         _ => None,
     };
     let size = match &parent {
@@ -293,7 +280,7 @@ fn write_image(file: &File, path: &Path, options: &VhdCreateOptions) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::VirtualDisk;
+    use crate::disk::{OpenOptions, VirtualDisk};
     use crate::vhd::VhdDisk;
 
     #[test]
@@ -366,10 +353,23 @@ mod tests {
                 VhdCreateOptions::new(
                     0,
                     VhdKind::Differencing {
-                        parent: dir.path().join("missing.vhd"),
+                        parent: ParentImage {
+                            format: Format::Vhdx,
+                            identity: [1; 16],
+                            disk_id: None,
+                            size: 1 << 20,
+                            logical_sector_size: 512,
+                            physical_sector_size: 512,
+                            modified: SystemTime::now(),
+                            paths: crate::layer::StoredParentPaths {
+                                canonical: dir.path().join("base.vhdx"),
+                                relative: ".\\base.vhdx".into(),
+                                absolute: "\\base.vhdx".into(),
+                            },
+                        },
                     },
                 ),
-                "missing.vhd: cannot open image",
+                "base.vhdx: is a vhdx image; a VHD differencing disk needs a VHD parent",
             ),
         ] {
             let err = create_vhd(&path, &options).unwrap_err();

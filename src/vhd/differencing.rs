@@ -30,15 +30,17 @@ use super::bat::{Bat, BlockLayout};
 use super::bitmap::SectorBitmap;
 use super::dynamic_header::DynamicHeader;
 use super::parent_locator::ParentLocator;
-use super::{Dynamic, ParentResolver, SECTOR, VhdDisk, for_each_piece};
-use crate::chain::{ImageContext, ParentPath, ParentRequest};
-use crate::disk::{Allocation, Extent, Format, VirtualDisk, push_extent};
+use super::{Dynamic, SECTOR, VhdDisk};
+use crate::disk::Format;
 use crate::error::{Error, IoContext, Result};
-use crate::storage::{self, Storage};
+use crate::layer::{
+    BlockPiece, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, ParentPath, block_pieces,
+    copy_up, push_run,
+};
+use crate::storage::Storage;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
 
 /// How a differencing disk names its parent, and where in the file those names lie.
 #[derive(Debug, Default)]
@@ -101,10 +103,10 @@ struct DiffBlock {
 }
 
 pub(super) struct Differencing {
-    /// Opened read-only: other children may share it.
-    parent: Box<dyn VirtualDisk>,
-    /// Where the parent was found.
-    parent_path: PathBuf,
+    /// The parent the image names.
+    pub link: ParentLink,
+    /// Opened read-only (other children may share it) and attached by the chain module.
+    pub parent: Option<Parent>,
     /// Every allocated block with its bitmap as reads must see it.
     blocks: RwLock<HashMap<u64, DiffBlock>>,
     /// Blocks whose bitmap in memory has bits the file does not have yet. Changed only
@@ -123,28 +125,15 @@ fn clip(sectors: &Range<u64>, in_block: u64, len: usize) -> Range<u64> {
 }
 
 impl Differencing {
-    /// The parent and where it was found.
-    pub(super) fn parent(&self) -> (&Path, &dyn VirtualDisk) {
-        (&self.parent_path, self.parent.as_ref())
-    }
-
-    /// Opens the parent through `resolve_parent` and reads the bitmap of every block `bat`
-    /// allocates.
+    /// Reads the bitmap of every block `bat` allocates; the parent comes later.
     pub(super) fn open(
         storage: &dyn Storage,
         header: &DynamicHeader,
         paths: &[ParentPath],
         bat: &Bat,
         layout: BlockLayout,
-        context: &ImageContext,
-        resolve_parent: &ParentResolver,
+        budget: &MetadataBudget,
     ) -> Result<Differencing> {
-        let (parent_path, parent) = resolve_parent(&ParentRequest {
-            paths,
-            identity: header.parent_unique_id,
-            formats: &[Format::Vhd],
-            child_kind: "VHD differencing disk",
-        })?;
         let sectors = layout.block_size / SECTOR;
         let bitmap_memory = bat
             .allocated()
@@ -156,7 +145,7 @@ impl Differencing {
                 bat.allocated()
             )));
         }
-        context.charge_metadata(
+        budget.charge(
             bitmap_memory.unwrap_or(u64::MAX),
             "the sector bitmaps of this VHD differencing disk",
         )?;
@@ -175,21 +164,42 @@ impl Differencing {
             );
         }
         Ok(Differencing {
-            parent,
-            parent_path,
+            link: ParentLink {
+                paths: paths.to_vec(),
+                identities: vec![header.parent_unique_id],
+                format: Format::Vhd,
+                child_kind: "VHD differencing disk",
+            },
+            parent: None,
             blocks: RwLock::new(blocks),
             unsaved_bitmaps: Mutex::new(BTreeSet::new()),
         })
     }
 
-    /// Reads what the parent holds at `offset`; past its end, zeros.
-    fn read_parent(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        crate::chain::read_parent(self.parent.as_ref(), buf, offset)
-    }
-
-    /// Appends how the parent backs `[offset, offset + len)`; past its end, zeros.
-    fn parent_extents(&self, extents: &mut Vec<Extent>, offset: u64, len: u64) -> Result<()> {
-        crate::chain::parent_extents(self.parent.as_ref(), extents, offset, len)
+    /// Appends where each piece lies: sectors whose bit is set in this file, the rest in
+    /// the parent; `data_at(block offset, offset in block)` gives a file offset.
+    pub(super) fn map(
+        &self,
+        pieces: impl Iterator<Item = BlockPiece>,
+        data_at: impl Fn(u64, u64) -> u64,
+        runs: &mut Vec<MappedRun>,
+    ) {
+        let blocks = self.blocks.read();
+        for piece in pieces {
+            let Some(block) = blocks.get(&piece.block) else {
+                push_run(runs, piece.len as u64, Mapping::Parent);
+                continue;
+            };
+            for (sectors, present) in block.bitmap.runs(sector_span(piece.in_block, piece.len)) {
+                let bytes = clip(&sectors, piece.in_block, piece.len);
+                let mapping = if present {
+                    Mapping::File(data_at(block.at, bytes.start))
+                } else {
+                    Mapping::Parent
+                };
+                push_run(runs, bytes.end - bytes.start, mapping);
+            }
+        }
     }
 
     /// The bytes `span` (offsets in the block starting at virtual `block_start`) should
@@ -201,17 +211,12 @@ impl Differencing {
         in_block: u64,
         data: &[u8],
     ) -> Result<Vec<u8>> {
-        let mut merged = vec![0u8; (span.end - span.start) as usize];
-        let head = (in_block - span.start) as usize;
-        let tail = head + data.len();
-        if head > 0 {
-            self.read_parent(&mut merged[..head], block_start + span.start)?;
-        }
-        if tail < merged.len() {
-            self.read_parent(&mut merged[tail..], block_start + span.start + tail as u64)?;
-        }
-        merged[head..tail].copy_from_slice(data);
-        Ok(merged)
+        copy_up(
+            self.parent.as_ref(),
+            block_start + span.start..block_start + span.end,
+            block_start + in_block,
+            data,
+        )
     }
 }
 
@@ -224,47 +229,6 @@ fn whole_groups(sectors: &Range<u64>, block_sectors: u64) -> Range<u64> {
 }
 
 impl VhdDisk {
-    pub(super) fn read_differencing(
-        &self,
-        d: &Dynamic,
-        diff: &Differencing,
-        buf: &mut [u8],
-        offset: u64,
-    ) -> Result<()> {
-        let block_size = d.layout.block_size;
-        for_each_piece(
-            offset,
-            buf.len() as u64,
-            block_size,
-            |block, in_block, range| {
-                let piece = &mut buf[range];
-                let found = diff
-                    .blocks
-                    .read()
-                    .get(&block)
-                    .map(|b| (b.at, b.bitmap.runs(sector_span(in_block, piece.len()))));
-                let Some((block_at, runs)) = found else {
-                    return diff.read_parent(piece, block * block_size + in_block);
-                };
-                for (sectors, present) in runs {
-                    let bytes = clip(&sectors, in_block, piece.len());
-                    let part = &mut piece
-                        [(bytes.start - in_block) as usize..(bytes.end - in_block) as usize];
-                    if present {
-                        self.storage
-                            .read_at(part, block_at + d.layout.bitmap_bytes + bytes.start)
-                            .context(|| {
-                                format!("reading {} bytes from block {block}", part.len())
-                            })?;
-                    } else {
-                        diff.read_parent(part, block * block_size + bytes.start)?;
-                    }
-                }
-                Ok(())
-            },
-        )
-    }
-
     pub(super) fn write_differencing(
         &self,
         d: &Dynamic,
@@ -272,14 +236,11 @@ impl VhdDisk {
         buf: &[u8],
         offset: u64,
     ) -> Result<()> {
-        for_each_piece(
-            offset,
-            buf.len() as u64,
-            d.layout.block_size,
-            |block, in_block, range| {
-                self.write_differencing_piece(d, diff, block, in_block, &buf[range])
-            },
-        )
+        for piece in block_pieces(offset, buf.len() as u64, d.layout.block_size) {
+            let data = &buf[piece.range()];
+            self.write_differencing_piece(d, diff, piece.block, piece.in_block, data)?;
+        }
+        Ok(())
     }
 
     fn write_differencing_piece(
@@ -388,63 +349,14 @@ impl VhdDisk {
             .flush()
             .context(|| "flushing the sector bitmaps".to_string())
     }
-
-    pub(super) fn allocation_differencing(
-        &self,
-        d: &Dynamic,
-        diff: &Differencing,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<Extent>> {
-        let block_size = d.layout.block_size;
-        let mut extents = Vec::new();
-        for_each_piece(offset, len, block_size, |block, in_block, range| {
-            let runs = diff
-                .blocks
-                .read()
-                .get(&block)
-                .map(|b| b.bitmap.runs(sector_span(in_block, range.len())));
-            let Some(runs) = runs else {
-                return diff.parent_extents(
-                    &mut extents,
-                    block * block_size + in_block,
-                    range.len() as u64,
-                );
-            };
-            for (sectors, present) in runs {
-                let bytes = clip(&sectors, in_block, range.len());
-                let at = block * block_size + bytes.start;
-                let n = bytes.end - bytes.start;
-                if present {
-                    push_extent(&mut extents, at, n, Allocation::Data);
-                } else {
-                    diff.parent_extents(&mut extents, at, n)?;
-                }
-            }
-            Ok(())
-        })?;
-        Ok(extents)
-    }
-
-    /// Writes zeros over the range: clearing bits would bring the parent's data back.
-    pub(super) fn discard_differencing(
-        &self,
-        d: &Dynamic,
-        diff: &Differencing,
-        offset: u64,
-        len: u64,
-    ) -> Result<()> {
-        storage::zero_chunks(offset, len, |zeros, at| {
-            self.write_differencing(d, diff, zeros, at)
-        })
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::OpenOptions;
+    use crate::disk::{Allocation, Extent, OpenOptions, VirtualDisk};
     use crate::error::ErrorKind;
+    use crate::layer::Layer;
     use crate::storage::MemStorage;
     use crate::vhd::DiskType;
     use crate::vhd::tests::{
@@ -501,20 +413,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parent_disk.identity(), Some(PARENT_ID));
-        let parent_disk = Mutex::new(Some(parent_disk));
-        let child = VhdDisk::open_with(
-            child,
-            &OpenOptions::default(),
-            &ImageContext::detached(),
-            &|request| {
-                assert_eq!(request.identity, PARENT_ID);
-                Ok((
-                    PathBuf::from("parent.vhd"),
-                    Box::new(parent_disk.lock().take().unwrap()),
-                ))
-            },
-        )
-        .unwrap();
+        let mut child = VhdDisk::open(child, &OpenOptions::default()).unwrap();
+        assert_eq!(child.parent_link().unwrap().identities, [PARENT_ID]);
+        child.attach_parent(Parent {
+            path: "parent.vhd".into(),
+            layer: Box::new(parent_disk),
+        });
         (child, parent_storage)
     }
 
@@ -779,28 +683,23 @@ mod tests {
     fn read_only_children_refuse_writes() {
         let size = 2 * u64::from(BLOCK);
         let (parent, _) = parent_image(size, 6);
-        let parent_disk = Mutex::new(Some(
-            VhdDisk::open(
-                Box::new(MemStorage::from_vec(parent)),
-                &OpenOptions::default(),
-            )
-            .unwrap(),
-        ));
-        let child = VhdDisk::open_with(
+        let parent_disk = VhdDisk::open(
+            Box::new(MemStorage::from_vec(parent)),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        let mut child = VhdDisk::open(
             Box::new(MemStorage::from_vec(child_image(size, CHILD_BLOCK))),
             &OpenOptions {
                 read_only: true,
                 ..Default::default()
             },
-            &ImageContext::detached(),
-            &|_| {
-                Ok((
-                    PathBuf::from("parent.vhd"),
-                    Box::new(parent_disk.lock().take().unwrap()),
-                ))
-            },
         )
         .unwrap();
+        child.attach_parent(Parent {
+            path: "parent.vhd".into(),
+            layer: Box::new(parent_disk),
+        });
         let err = child.write_at(&[1], 0).unwrap_err();
         assert!(matches!(err.kind(), ErrorKind::ReadOnly));
     }

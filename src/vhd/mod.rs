@@ -19,9 +19,9 @@
 //! 3. write the BAT entry. This is the commit point; a crash before it only leaks the
 //!    space, and the entry becomes durable with the next flush like any other write.
 //!
-//! Differencing disks (`differencing.rs`) add a parent, found through the chain module
-//! and opened read-only, and per-sector bitmaps kept in memory: a set bit sends the sector
-//! to this file, a clear one to the parent. Their new blocks start with a clear bitmap,
+//! Differencing disks (`differencing.rs`) describe their parent and are handed it, opened
+//! read-only, by the chain module; per-sector bitmaps kept in memory send a sector to
+//! this file (bit set) or to the parent (clear). Their new blocks start with a clear bitmap,
 //! and bits reach the file only once the data they cover is durable.
 
 mod bat;
@@ -41,9 +41,12 @@ use dynamic_header::MAX_DISK_SIZE;
 pub use footer::DiskType;
 pub use geometry::Geometry;
 
-use crate::chain::{ImageContext, ParentRequest};
-use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, push_extent};
+use crate::disk::{Extent, Format, OpenOptions, VirtualDisk};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
+use crate::layer::{
+    self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
+    push_run,
+};
 use crate::storage::{self, Storage};
 use bat::{Bat, BlockLayout, Reserved, UNALLOCATED};
 use dynamic_header::{DynamicHeader, HEADER_SIZE};
@@ -59,26 +62,6 @@ const MAX_BAT_ENTRIES: u64 = 1 << 22;
 /// New blocks place their data at a multiple of this in the file (or of the block size,
 /// if smaller).
 const DATA_ALIGNMENT: u64 = 4096;
-
-/// Opens the VHD image held by `storage`, which has no path: a differencing image opened
-/// this way cannot find its parent.
-pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
-    open_in(storage, options, &ImageContext::detached())
-}
-
-/// Opens the VHD image held by `storage` that sits where `context` says (the driver behind
-/// [`crate::open`]).
-pub fn open_in(
-    storage: Box<dyn Storage>,
-    options: &OpenOptions,
-    context: &ImageContext,
-) -> Result<Box<dyn VirtualDisk>> {
-    Ok(Box::new(VhdDisk::open_in(storage, options, context)?))
-}
-
-/// Opens the parent a differencing disk describes.
-type ParentResolver<'a> =
-    dyn Fn(&ParentRequest) -> Result<(std::path::PathBuf, Box<dyn VirtualDisk>)> + 'a;
 
 /// An open VHD image.
 pub struct VhdDisk {
@@ -119,34 +102,17 @@ struct FoundFooter {
 }
 
 impl VhdDisk {
-    /// Opens the VHD image held by `storage`; unlike [`open`] it keeps the concrete type,
-    /// for callers that want the accessors below. Like [`open`], it cannot find parents.
+    /// Opens the VHD image held by `storage`, a differencing one without its parent.
     pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<VhdDisk> {
-        let context = ImageContext::detached();
-        VhdDisk::open_with(storage, options, &context, &|request| {
-            crate::chain::open_parent(&context, request, options)
-        })
+        VhdDisk::open_charged(storage, options, &MetadataBudget::default())
     }
 
-    /// Opens the VHD image held by `storage` that sits where `context` says, finding its
-    /// parents from there; keeps the concrete type.
-    pub fn open_in(
+    /// Opens the VHD image held by `storage`, charging the metadata it keeps in memory to
+    /// `budget` (its chain's).
+    pub fn open_charged(
         storage: Box<dyn Storage>,
         options: &OpenOptions,
-        context: &ImageContext,
-    ) -> Result<VhdDisk> {
-        VhdDisk::open_with(storage, options, context, &|request| {
-            crate::chain::open_parent(context, request, options)
-        })
-    }
-
-    /// Opens the image, asking `resolve_parent` for a differencing image's parent; the
-    /// metadata kept in memory is charged to `context`'s chain.
-    fn open_with(
-        storage: Box<dyn Storage>,
-        options: &OpenOptions,
-        context: &ImageContext,
-        resolve_parent: &ParentResolver,
+        budget: &MetadataBudget,
     ) -> Result<VhdDisk> {
         let file_len = storage
             .len()
@@ -168,13 +134,9 @@ impl VhdDisk {
                 }
                 None
             }
-            DiskType::Dynamic | DiskType::Differencing => Some(open_dynamic(
-                storage.as_ref(),
-                &found,
-                size,
-                context,
-                resolve_parent,
-            )?),
+            DiskType::Dynamic | DiskType::Differencing => {
+                Some(open_dynamic(storage.as_ref(), &found, size, budget)?)
+            }
         };
         Ok(VhdDisk {
             storage,
@@ -451,8 +413,7 @@ fn open_dynamic(
     storage: &dyn Storage,
     found: &FoundFooter,
     size: u64,
-    context: &ImageContext,
-    resolve_parent: &ParentResolver,
+    budget: &MetadataBudget,
 ) -> Result<Dynamic> {
     let data_end = found.data_end;
     let header_at = found.footer.data_offset;
@@ -515,7 +476,7 @@ fn open_dynamic(
     }
 
     // The table fits in the file, so its size is bounded by the file's.
-    context.charge_metadata(blocks * bat::ENTRY_SIZE, "the VHD BAT")?;
+    budget.charge(blocks * bat::ENTRY_SIZE, "the VHD BAT")?;
     let mut bat = Bat::parse(&[]);
     let mut chunk = vec![0u8; (blocks * bat::ENTRY_SIZE).min(1 << 20) as usize];
     let mut read = 0;
@@ -572,8 +533,7 @@ fn open_dynamic(
             &locators.paths,
             &bat,
             layout,
-            context,
-            resolve_parent,
+            budget,
         )?)
     } else {
         None
@@ -587,29 +547,6 @@ fn open_dynamic(
         full_bitmap: vec![0xFF; layout.bitmap_bytes as usize],
         differencing,
     })
-}
-
-/// Calls `f(block, offset in block, range of the request)` for each block-bounded piece
-/// of `len` bytes at virtual `offset`.
-fn for_each_piece(
-    offset: u64,
-    len: u64,
-    block_size: u64,
-    mut f: impl FnMut(u64, u64, std::ops::Range<usize>) -> Result<()>,
-) -> Result<()> {
-    let mut done = 0u64;
-    while done < len {
-        let pos = offset + done;
-        let in_block = pos % block_size;
-        let n = (block_size - in_block).min(len - done);
-        f(
-            pos / block_size,
-            in_block,
-            done as usize..(done + n) as usize,
-        )?;
-        done += n;
-    }
-    Ok(())
 }
 
 impl VirtualDisk for VhdDisk {
@@ -638,42 +575,11 @@ impl VirtualDisk for VhdDisk {
     }
 
     fn parent(&self) -> Option<(&std::path::Path, &dyn VirtualDisk)> {
-        self.dynamic
-            .as_ref()?
-            .differencing
-            .as_ref()
-            .map(|d| d.parent())
+        self.parent_layer().map(Parent::as_disk)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let Some(d) = &self.dynamic else {
-            return self
-                .storage
-                .read_at(buf, offset)
-                .context(|| format!("reading {} bytes at offset {offset}", buf.len()));
-        };
-        if let Some(diff) = &d.differencing {
-            return self.read_differencing(d, diff, buf, offset);
-        }
-        let len = buf.len() as u64;
-        for_each_piece(
-            offset,
-            len,
-            d.layout.block_size,
-            |block, in_block, range| {
-                let allocated = d.bat.read().block_offset(block);
-                let piece = &mut buf[range];
-                match allocated {
-                    None => piece.fill(0),
-                    Some(block_at) => self
-                        .storage
-                        .read_at(piece, block_at + d.layout.bitmap_bytes + in_block)
-                        .context(|| format!("reading {} bytes from block {block}", piece.len()))?,
-                }
-                Ok(())
-            },
-        )
+        layer::read(self, buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -688,12 +594,10 @@ impl VirtualDisk for VhdDisk {
         if let Some(diff) = &d.differencing {
             return self.write_differencing(d, diff, buf, offset);
         }
-        for_each_piece(
-            offset,
-            buf.len() as u64,
-            d.layout.block_size,
-            |block, in_block, range| self.write_block(d, block, in_block, &buf[range]),
-        )
+        for piece in block_pieces(offset, buf.len() as u64, d.layout.block_size) {
+            self.write_block(d, piece.block, piece.in_block, &buf[piece.range()])?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
@@ -711,64 +615,86 @@ impl VirtualDisk for VhdDisk {
     }
 
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.check_range(offset, len)?;
-        let mut extents = Vec::new();
-        let Some(d) = &self.dynamic else {
-            push_extent(&mut extents, offset, len, Allocation::Data);
-            return Ok(extents);
-        };
-        if let Some(diff) = &d.differencing {
-            return self.allocation_differencing(d, diff, offset, len);
-        }
-        let bat = d.bat.read();
-        for_each_piece(offset, len, d.layout.block_size, |block, _, range| {
-            let state = match bat.block_offset(block) {
-                Some(_) => Allocation::Data,
-                None => Allocation::Zero,
-            };
-            push_extent(
-                &mut extents,
-                offset + range.start as u64,
-                range.len() as u64,
-                state,
-            );
-            Ok(())
-        })?;
-        Ok(extents)
+        layer::allocation(self, offset, len)
     }
 
-    /// Zeros the allocated parts of the range; unallocated parts already read as zeros
+    /// Zeros the data the range has in this file; unallocated blocks already read as zeros
     /// (except in differencing disks, where they read the parent and are written over).
     /// Blocks keep their space: a block in the middle of the file cannot be given back.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        self.check_range(offset, len)?;
-        let write_zeros = |at: u64, len: u64, what: &dyn Fn() -> String| -> Result<()> {
-            storage::write_zeros(self.storage.as_ref(), at, len).context(what)
-        };
+        layer::discard(self, offset, len)
+    }
+}
+
+impl Layer for VhdDisk {
+    fn map(&self, offset: u64, len: u64, runs: &mut Vec<MappedRun>) -> Result<()> {
         let Some(d) = &self.dynamic else {
-            return write_zeros(offset, len, &|| {
-                format!("discarding {len} bytes at {offset}")
-            });
+            push_run(runs, len, Mapping::File(offset));
+            return Ok(());
         };
-        if let Some(diff) = &d.differencing {
-            return self.discard_differencing(d, diff, offset, len);
+        let data_at = |block_at: u64, in_block: u64| block_at + d.layout.bitmap_bytes + in_block;
+        let pieces = block_pieces(offset, len, d.layout.block_size);
+        match &d.differencing {
+            None => {
+                let bat = d.bat.read();
+                for piece in pieces {
+                    let mapping = match bat.block_offset(piece.block) {
+                        Some(block_at) => Mapping::File(data_at(block_at, piece.in_block)),
+                        None => Mapping::Zero,
+                    };
+                    push_run(runs, piece.len as u64, mapping);
+                }
+            }
+            Some(diff) => diff.map(pieces, data_at, runs),
         }
-        for_each_piece(
-            offset,
-            len,
-            d.layout.block_size,
-            |block, in_block, range| {
-                let allocated = d.bat.read().block_offset(block);
-                let Some(block_at) = allocated else {
-                    return Ok(());
-                };
-                let n = range.len() as u64;
-                write_zeros(block_at + d.layout.bitmap_bytes + in_block, n, &|| {
-                    format!("discarding {n} bytes of block {block}")
-                })
+        Ok(())
+    }
+
+    fn read_mapped(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        self.storage
+            .read_at(buf, file_offset)
+            .context(|| format!("reading {} bytes at {file_offset:#x}", buf.len()))
+    }
+
+    fn zero_mapped(&self, file_offset: u64, len: u64) -> Result<()> {
+        storage::write_zeros(self.storage.as_ref(), file_offset, len)
+            .context(|| format!("zeroing {len} bytes at {file_offset:#x}"))
+    }
+
+    fn parent_link(&self) -> Option<&ParentLink> {
+        Some(&self.dynamic.as_ref()?.differencing.as_ref()?.link)
+    }
+
+    fn attach_parent(&mut self, parent: Parent) {
+        if let Some(diff) = self.dynamic.as_mut().and_then(|d| d.differencing.as_mut()) {
+            diff.parent = Some(parent);
+        }
+    }
+
+    fn parent_layer(&self) -> Option<&Parent> {
+        self.dynamic
+            .as_ref()?
+            .differencing
+            .as_ref()?
+            .parent
+            .as_ref()
+    }
+
+    fn facts(&self) -> LayerFacts {
+        LayerFacts {
+            subtype: match self.footer.disk_type {
+                DiskType::Fixed => "fixed",
+                DiskType::Dynamic => "dynamic",
+                DiskType::Differencing => "differencing",
             },
-        )
+            creator: String::from_utf8_lossy(&self.footer.creator_app).into_owned(),
+            block_size: self.block_size(),
+            allocated_blocks: self.allocated_blocks(),
+            total_blocks: self.block_size().map(|b| self.size.div_ceil(b)),
+            unique_id: Some(self.unique_id()),
+            ..LayerFacts::default()
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 //! holds one way to find the parent (a relative or absolute path, by platform).
 
 use super::footer::{be_u32, be_u64};
-use crate::chain::ParentPath;
 use crate::error::{CorruptionKind, Error, Result};
+use crate::layer::ParentPath;
 
 pub const ENTRY_SIZE: usize = 24;
 pub const ENTRY_COUNT: usize = 8;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::disk::VhdSizeRule;
+use crate::disk::{Allocation, VhdSizeRule};
 use crate::storage::{MemStorage, PendingOp, Survives};
 use footer::NO_DATA_OFFSET;
 use rand::rngs::StdRng;
@@ -680,19 +680,30 @@ fn fixed_disks_shorter_than_their_size_are_refused() {
 }
 
 #[test]
-fn differencing_disks_without_a_path_cannot_find_their_parent() {
+fn differencing_disks_describe_their_parent_and_cannot_read_without_it() {
     let size = 4 * u64::from(BLOCK);
     let mut header = header_for(4, BLOCK);
+    header.parent_unique_id = [7; 16];
     for (i, unit) in "base.vhd".encode_utf16().enumerate() {
         header.parent_name[2 * i..2 * i + 2].copy_from_slice(&unit.to_be_bytes());
     }
     let image = assemble(&footer_for(size, DiskType::Differencing), &header);
-    let err = open_vec(image).unwrap_err();
-    assert!(matches!(err.kind(), ErrorKind::InvalidInput(_)));
+    let disk = open_vec(image).unwrap();
     assert_eq!(
-        err.to_string(),
-        "VHD differencing disk without a file path: its parent cannot be located \
-         (open it by path)"
+        disk.parent_link(),
+        Some(&ParentLink {
+            paths: vec![crate::layer::ParentPath::FileName("base.vhd".into())],
+            identities: vec![[7; 16]],
+            format: Format::Vhd,
+            child_kind: "VHD differencing disk",
+        })
+    );
+    let err = disk.read_at(&mut [0; 512], 0).unwrap_err();
+    assert!(matches!(err.kind(), ErrorKind::InvalidInput(_)));
+    assert!(
+        err.to_string()
+            .starts_with("differencing image opened without its parent"),
+        "{err}"
     );
 }
 

@@ -30,14 +30,12 @@ use super::parent_locator::{ABSOLUTE_WIN32_PATH, PARENT_LINKAGE, ParentLocator, 
 use super::region_table::{
     BAT_REGION, METADATA_REGION, REGION_TABLE_OFFSETS, RegionEntry, RegionTable,
 };
-use super::{VhdxDisk, VhdxInfo};
-use crate::chain::{ImageContext, StoredParentPaths};
-use crate::disk::{OpenOptions, VirtualDisk};
+use crate::disk::Format;
 use crate::error::{Error, IoContext, Result};
-use crate::storage::FileStorage;
+use crate::layer::ParentImage;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use uuid::Uuid;
 
 /// Hyper-V's block size for new dynamic VHDX files.
@@ -60,8 +58,9 @@ pub enum VhdxKind {
     Fixed,
     /// Blocks allocated on first write.
     Dynamic,
-    /// Blocks allocated on first write; everything else reads from the VHDX `parent`.
-    Differencing { parent: PathBuf },
+    /// Blocks allocated on first write; everything else reads from the VHDX `parent`
+    /// (see [`crate::chain::parent_image`]).
+    Differencing { parent: ParentImage },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +93,7 @@ impl VhdxCreateOptions {
 /// Creates the VHDX image `path`, which must not exist yet. Nothing is left behind on error.
 pub fn create_vhdx(path: &Path, options: &VhdxCreateOptions) -> Result<()> {
     // The parent is examined before the child exists, so a failure leaves nothing.
-    let plan = plan(path, options)?;
+    let plan = plan(options)?;
     let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -124,45 +123,11 @@ struct Plan {
     locator: Option<ParentLocator>,
 }
 
-/// What a child takes from its parent.
-struct ParentFacts {
-    info: VhdxInfo,
-    size: u64,
-    logical_sector_size: u32,
-    physical_sector_size: u32,
-}
-
-fn parent_facts(parent: &Path) -> Result<ParentFacts> {
-    let file = File::open(parent)
-        .context(|| "cannot open image".to_string())
-        .map_err(|e| e.with_file(parent))?;
-    let meta = file
-        .metadata()
-        .context(|| "cannot read file attributes".to_string())
-        .map_err(|e| e.with_file(parent))?;
-    let options = OpenOptions {
-        read_only: true,
-        ..Default::default()
-    };
-    let disk = VhdxDisk::open_in(
-        Box::new(FileStorage::new(file)),
-        &options,
-        &ImageContext::top(parent, &meta, None)?,
-    )
-    .map_err(|e| e.with_file(parent))?;
-    Ok(ParentFacts {
-        info: disk.info(),
-        size: disk.size(),
-        logical_sector_size: disk.logical_sector_size(),
-        physical_sector_size: disk.physical_sector_size(),
-    })
-}
-
 fn invalid(problem: String) -> Error {
     Error::invalid_input(problem)
 }
 
-fn plan(path: &Path, options: &VhdxCreateOptions) -> Result<Plan> {
+fn plan(options: &VhdxCreateOptions) -> Result<Plan> {
     let mut plan = Plan {
         size: options.size,
         block_size: options.block_size,
@@ -173,24 +138,33 @@ fn plan(path: &Path, options: &VhdxCreateOptions) -> Result<Plan> {
         locator: None,
     };
     if let VhdxKind::Differencing { parent } = &options.kind {
-        let facts = parent_facts(parent)?;
+        let disk_id = match (parent.format, parent.disk_id) {
+            (Format::Vhdx, Some(disk_id)) => disk_id,
+            _ => {
+                return Err(invalid(format!(
+                    "is a {} image; a VHDX differencing disk needs a VHDX parent",
+                    parent.format
+                ))
+                .with_file(&parent.paths.canonical));
+            }
+        };
         if plan.size == 0 {
-            plan.size = facts.size;
-        } else if plan.size < facts.size {
+            plan.size = parent.size;
+        } else if plan.size < parent.size {
             return Err(invalid(format!(
                 "a differencing disk of {} bytes would cut off the end of its {}-byte parent",
-                plan.size, facts.size
+                plan.size, parent.size
             )));
         }
-        plan.logical_sector_size = facts.logical_sector_size;
-        plan.physical_sector_size = facts.physical_sector_size;
-        plan.disk_id = facts.info.disk_id;
-        let stored = StoredParentPaths::new(path, parent)?;
+        plan.logical_sector_size = parent.logical_sector_size;
+        plan.physical_sector_size = parent.physical_sector_size;
+        plan.disk_id = disk_id;
+        let stored = parent.paths.clone();
         plan.locator = Some(ParentLocator {
             entries: vec![
                 (
                     PARENT_LINKAGE.to_string(),
-                    format!("{{{}}}", facts.info.data_write_guid.hyphenated()),
+                    format!("{{{}}}", Uuid::from_bytes(parent.identity).hyphenated()),
                 ),
                 (RELATIVE_PATH.to_string(), stored.relative),
                 (
@@ -375,18 +349,17 @@ fn write_image(file: &File, plan: &Plan) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::Format;
+    use crate::disk::{OpenOptions, VirtualDisk};
+    use crate::storage::FileStorage;
+    use crate::vhdx::VhdxDisk;
 
     fn open(path: &Path) -> VhdxDisk {
-        let file = File::open(path).unwrap();
-        let meta = file.metadata().unwrap();
-        VhdxDisk::open_in(
-            Box::new(FileStorage::new(file)),
+        VhdxDisk::open(
+            Box::new(FileStorage::new(File::open(path).unwrap())),
             &OpenOptions {
                 read_only: true,
                 ..Default::default()
             },
-            &ImageContext::top(path, &meta, None).unwrap(),
         )
         .unwrap()
     }
@@ -426,51 +399,6 @@ mod tests {
     }
 
     #[test]
-    fn a_child_takes_its_parents_disk_and_names_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.vhdx");
-        let options = VhdxCreateOptions {
-            logical_sector_size: 4096,
-            ..VhdxCreateOptions::new(8 << 20, VhdxKind::Dynamic)
-        };
-        create_vhdx(&base, &options).unwrap();
-        let child = dir.path().join("child.vhdx");
-        let kind = VhdxKind::Differencing {
-            parent: base.clone(),
-        };
-        create_vhdx(&child, &VhdxCreateOptions::new(0, kind.clone())).unwrap();
-        let (base_disk, child_disk) = (open(&base), open(&child));
-        assert_eq!(child_disk.size(), 8 << 20);
-        assert_eq!(child_disk.logical_sector_size(), 4096);
-        let (base_info, child_info) = (base_disk.info(), child_disk.info());
-        assert_eq!(child_info.disk_id, base_info.disk_id);
-        let locator = ParentLocator {
-            entries: child_info.parent_locator.unwrap(),
-        };
-        assert_eq!(locator.linkages().unwrap(), [base_info.data_write_guid]);
-        assert_eq!(locator.get(RELATIVE_PATH), Some(".\\base.vhdx"));
-        let canonical = fs::canonicalize(&base).unwrap();
-        assert_eq!(
-            locator.get(ABSOLUTE_WIN32_PATH).unwrap(),
-            format!(
-                "\\\\?\\{}",
-                canonical.display().to_string().replace('/', "\\")
-            )
-        );
-        let (found, parent) = child_disk.parent().unwrap();
-        assert_eq!(found, canonical);
-        assert_eq!(
-            parent.identity(),
-            Some(*base_info.data_write_guid.as_bytes())
-        );
-
-        let smaller = dir.path().join("smaller.vhdx");
-        let err = create_vhdx(&smaller, &VhdxCreateOptions::new(4 << 20, kind)).unwrap_err();
-        assert!(err.to_string().contains("would cut off"), "{err}");
-        assert!(!smaller.exists());
-    }
-
-    #[test]
     fn bad_options_are_refused_and_leave_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.vhdx");
@@ -498,14 +426,6 @@ mod tests {
             (
                 with(|o| o.physical_sector_size = 1024),
                 "physical sector size 1024",
-            ),
-            (
-                with(|o| {
-                    o.kind = VhdxKind::Differencing {
-                        parent: PathBuf::from("/nonexistent/base.vhdx"),
-                    }
-                }),
-                "base.vhdx: cannot open image",
             ),
         ] {
             let err = create_vhdx(&path, &options).unwrap_err();

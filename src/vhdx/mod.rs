@@ -1,8 +1,9 @@
 //! VHDX images (fixed, dynamic and differencing): open with log replay, reads, allocating
 //! writes whose BAT and sector bitmap changes go through the log, discard.
 //!
-//! Differencing: the parent is found through the chain resolver (its DataWriteGuid must be
-//! the locator's `parent_linkage`, or `parent_linkage2`) and opened read-only. NOT_PRESENT
+//! Differencing: the image describes its parent (its DataWriteGuid must be the locator's
+//! `parent_linkage`, or `parent_linkage2`) and the chain module hands it over, opened
+//! read-only. NOT_PRESENT
 //! blocks read from the parent; PARTIALLY_PRESENT ones per sector, as their chunk's sector
 //! bitmap says; ZERO, UNMAPPED and UNDEFINED read zeros, never the parent. A write into a
 //! NOT_PRESENT block allocates it (and its chunk's bitmap block if missing), completes the
@@ -36,10 +37,13 @@ pub mod parent_locator;
 pub mod region_table;
 pub mod sector_bitmap;
 
-use crate::chain::{ImageContext, ParentRequest};
-use crate::disk::{Allocation, Extent, Format, OpenOptions, VirtualDisk, check_range, push_extent};
+use crate::disk::{Extent, Format, OpenOptions, VirtualDisk, check_range};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
-use crate::storage::{self, Storage, write_zeros};
+use crate::layer::{
+    self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
+    copy_up, push_run,
+};
+use crate::storage::{Storage, write_zeros};
 use bat::{BAT_ENTRY_LEN, BAT_PAGE_LEN, Bat, BatEntry, BatLayout, PayloadState, ReservedRange};
 use fields::MIB;
 use file_identifier::{FILE_IDENTIFIER_LEN, FileIdentifier};
@@ -53,49 +57,20 @@ use region_table::{
 };
 use sector_bitmap::{BitmapPage, MAX_LOADED_PAGES, SECTOR_BITMAP_LEN, SectorBitmaps};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use uuid::Uuid;
 
-/// Opens the VHDX image held by `storage`, which has no path: a differencing image opened
-/// this way cannot find its parent.
-pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
-    open_in(storage, options, &ImageContext::detached())
-}
-
-/// Opens the VHDX image held by `storage` that sits where `context` says.
-pub fn open_in(
-    storage: Box<dyn Storage>,
-    options: &OpenOptions,
-    context: &ImageContext,
-) -> Result<Box<dyn VirtualDisk>> {
-    Ok(Box::new(VhdxDisk::open_in(storage, options, context)?))
-}
-
-/// Finds a differencing image's parent from its locator and logical sector size.
-type ParentResolver<'a> =
-    dyn Fn(&ParentLocator, u32) -> Result<(PathBuf, Box<dyn VirtualDisk>)> + 'a;
-
 /// What a differencing image has besides a dynamic one.
 struct Differencing {
-    parent: Box<dyn VirtualDisk>,
-    parent_path: PathBuf,
     locator: ParentLocator,
+    /// The parent the locator names.
+    link: ParentLink,
+    /// Opened read-only (other children may share it) and attached by the chain module.
+    parent: Option<Parent>,
     /// Sector bitmaps of the chunks that have one; changed only under the journal lock,
     /// and always before the BAT entries that make them count.
     bitmaps: RwLock<SectorBitmaps>,
-}
-
-impl Differencing {
-    /// Reads what the parent holds at `offset`; past its end (a larger child), zeros.
-    fn read_parent(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        crate::chain::read_parent(self.parent.as_ref(), buf, offset)
-    }
-
-    /// Appends how the parent backs `[offset, offset + len)`; past its end, zeros.
-    fn parent_extents(&self, extents: &mut Vec<Extent>, offset: u64, len: u64) -> Result<()> {
-        crate::chain::parent_extents(self.parent.as_ref(), extents, offset, len)
-    }
 }
 
 /// The replayed view of a dirty image opened read-only: the log's updates laid over the
@@ -218,36 +193,17 @@ pub struct VhdxDisk {
 }
 
 impl VhdxDisk {
-    /// Opens an image without a path: one with a parent cannot be opened this way.
+    /// Opens the VHDX image held by `storage`, a differencing one without its parent.
     pub fn open(storage: Box<dyn Storage>, options: &OpenOptions) -> Result<Self> {
-        Self::open_in(storage, options, &ImageContext::detached())
+        Self::open_charged(storage, options, &MetadataBudget::default())
     }
 
-    /// Opens the image that sits where `context` says; a differencing image's parent is
-    /// found from there.
-    pub fn open_in(
+    /// Opens the VHDX image held by `storage`, charging the metadata it keeps in memory to
+    /// `budget` (its chain's).
+    pub fn open_charged(
         storage: Box<dyn Storage>,
         options: &OpenOptions,
-        context: &ImageContext,
-    ) -> Result<Self> {
-        Self::open_with(
-            storage,
-            options,
-            context,
-            &|locator, logical_sector_size| {
-                open_vhdx_parent(context, options, locator, logical_sector_size)
-            },
-        )
-    }
-
-    /// Opens the image, asking `resolve_parent` for the parent a differencing image's
-    /// locator names (it must check the identity and sector size); the metadata kept in
-    /// memory is charged to `context`'s chain.
-    fn open_with(
-        storage: Box<dyn Storage>,
-        options: &OpenOptions,
-        context: &ImageContext,
-        resolve_parent: &ParentResolver,
+        budget: &MetadataBudget,
     ) -> Result<Self> {
         let file_len = storage
             .len()
@@ -355,7 +311,7 @@ impl VhdxDisk {
         );
         let bat_region = regions.find(BAT_REGION);
         let loaded = Bat::loaded_len(&layout, u64::from(bat_region.length))?;
-        context.charge_metadata(loaded, "the VHDX BAT")?;
+        budget.charge(loaded, "the VHDX BAT")?;
         let bat = Bat::load(layout, loaded, |buf, offset| {
             read_structure(
                 storage.as_ref(),
@@ -369,7 +325,7 @@ impl VhdxDisk {
         let bitmaps = match &locator {
             Some(_) => {
                 let bitmaps = load_sector_bitmaps(storage.as_ref(), overlay.as_ref(), &bat)?;
-                context.charge_metadata(
+                budget.charge(
                     (bitmaps.page_count() * BAT_PAGE_LEN) as u64,
                     "the sector bitmaps of this VHDX differencing disk",
                 )?;
@@ -379,15 +335,21 @@ impl VhdxDisk {
         };
 
         let differencing = match (locator, bitmaps) {
-            (Some(locator), Some(bitmaps)) => {
-                let (parent_path, parent) = resolve_parent(&locator, params.logical_sector_size)?;
-                Some(Differencing {
-                    parent,
-                    parent_path,
-                    locator,
-                    bitmaps: RwLock::new(bitmaps),
-                })
-            }
+            (Some(locator), Some(bitmaps)) => Some(Differencing {
+                link: ParentLink {
+                    paths: locator.paths(),
+                    identities: locator
+                        .linkages()?
+                        .iter()
+                        .map(|id| *id.as_bytes())
+                        .collect(),
+                    format: Format::Vhdx,
+                    child_kind: "VHDX differencing disk",
+                },
+                locator,
+                parent: None,
+                bitmaps: RwLock::new(bitmaps),
+            }),
             _ => None,
         };
 
@@ -452,26 +414,8 @@ impl VhdxDisk {
         }
     }
 
-    /// Splits `[offset, offset + len)` at block boundaries: (block, offset in block,
-    /// offset in the request, length).
-    fn pieces(&self, offset: u64, len: usize) -> impl Iterator<Item = (u64, u64, usize, usize)> {
-        let block_size = u64::from(self.params.block_size);
-        let mut done = 0usize;
-        std::iter::from_fn(move || {
-            if done >= len {
-                return None;
-            }
-            let pos = offset + done as u64;
-            let (block, in_block) = (pos / block_size, pos % block_size);
-            let n = ((block_size - in_block) as usize).min(len - done);
-            let piece = (block, in_block, done, n);
-            done += n;
-            Some(piece)
-        })
-    }
-
     fn partially_present(&self, block: u64) -> Error {
-        let index = self.bat.read().layout.payload_index(block);
+        let index = self.layout.payload_index(block);
         let err = Error::corrupt(
             CorruptionKind::InvalidField,
             format!("BAT entry {index}"),
@@ -747,26 +691,32 @@ impl VhdxDisk {
         data: &[u8],
         all_parent: bool,
     ) -> Result<()> {
-        self.write_payload(data, file_start + in_block)?;
         let sector = u64::from(self.params.logical_sector_size);
-        let block_start = block * self.layout.block_size;
         let end = in_block + data.len() as u64;
+        let parents = |at: u64| all_parent || !self.sector_runs(d, block, &(at..at + 1))[0].1;
         let head = in_block - in_block % sector;
+        let start = if head < in_block && parents(head) {
+            head
+        } else {
+            in_block
+        };
         let tail = end.next_multiple_of(sector);
-        for fill in [head..in_block, end..tail] {
-            if fill.is_empty() {
-                continue;
-            }
-            let sector_start = fill.start - fill.start % sector;
-            let parents =
-                all_parent || !self.sector_runs(d, block, &(sector_start..sector_start + 1))[0].1;
-            if parents {
-                let mut bytes = vec![0u8; (fill.end - fill.start) as usize];
-                d.read_parent(&mut bytes, block_start + fill.start)?;
-                self.write_payload(&bytes, file_start + fill.start)?;
-            }
+        let stop = if tail > end && parents(end - end % sector) {
+            tail
+        } else {
+            end
+        };
+        if (start, stop) == (in_block, end) {
+            return self.write_payload(data, file_start + in_block);
         }
-        Ok(())
+        let block_start = block * self.layout.block_size;
+        let merged = copy_up(
+            d.parent.as_ref(),
+            block_start + start..block_start + stop,
+            block_start + in_block,
+            data,
+        )?;
+        self.write_payload(&merged, file_start + start)
     }
 
     /// The chunk of `block`, the bitmap bits of the sectors that the byte range `bytes`
@@ -804,39 +754,6 @@ impl VhdxDisk {
                 )
             })
             .collect()
-    }
-
-    /// Reads `piece` at `in_block` of `block` from wherever its data is.
-    fn read_piece(&self, piece: &mut [u8], block: u64, in_block: u64) -> Result<()> {
-        let entry = self.bat.read().payload(block);
-        let block_start = block * self.layout.block_size;
-        match (entry.payload_state(), &self.differencing) {
-            (Some(PayloadState::FullyPresent), _) => {
-                self.read_payload(piece, entry.file_offset() + in_block)
-            }
-            (Some(PayloadState::NotPresent), Some(d)) => {
-                d.read_parent(piece, block_start + in_block)
-            }
-            (Some(PayloadState::PartiallyPresent), Some(d)) => {
-                let bytes = in_block..in_block + piece.len() as u64;
-                for (run, present) in self.sector_runs(d, block, &bytes) {
-                    let part =
-                        &mut piece[(run.start - in_block) as usize..(run.end - in_block) as usize];
-                    if present {
-                        self.read_payload(part, entry.file_offset() + run.start)?;
-                    } else {
-                        d.read_parent(part, block_start + run.start)?;
-                    }
-                }
-                Ok(())
-            }
-            (Some(PayloadState::PartiallyPresent), None) => Err(self.partially_present(block)),
-            // ZERO, UNMAPPED and UNDEFINED read as zeros even in a child: never the parent.
-            _ => {
-                piece.fill(0);
-                Ok(())
-            }
-        }
     }
 
     fn write_payload(&self, data: &[u8], file_offset: u64) -> Result<()> {
@@ -908,45 +825,6 @@ fn load_sector_bitmaps(
         }
     }
     Ok(bitmaps)
-}
-
-/// Finds and opens the parent `locator` names: a VHDX whose DataWriteGuid is the
-/// locator's `parent_linkage` (or `parent_linkage2`), with the same logical sector size.
-fn open_vhdx_parent(
-    context: &ImageContext,
-    options: &OpenOptions,
-    locator: &ParentLocator,
-    logical_sector_size: u32,
-) -> Result<(PathBuf, Box<dyn VirtualDisk>)> {
-    let linkages = locator.linkages()?;
-    let paths = locator.paths();
-    let mut first_error = None;
-    for linkage in linkages {
-        let request = ParentRequest {
-            paths: &paths,
-            identity: *linkage.as_bytes(),
-            formats: &[Format::Vhdx],
-            child_kind: "VHDX differencing disk",
-        };
-        match crate::chain::open_parent(context, &request, options) {
-            Ok((path, parent)) => {
-                if parent.logical_sector_size() != logical_sector_size {
-                    return Err(Error::invalid_input(format!(
-                        "parent {}: has {}-byte logical sectors, the child {}-byte ones",
-                        path.display(),
-                        parent.logical_sector_size(),
-                        logical_sector_size
-                    )));
-                }
-                return Ok((path, parent));
-            }
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    // `linkages` is never empty, so an error was kept.
-    Err(first_error.unwrap())
 }
 
 /// Replays a dirty log: into the file for read/write opens, or into the returned overlay
@@ -1131,11 +1009,7 @@ impl VirtualDisk for VhdxDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size(), offset, buf.len())?;
-        for (block, in_block, at, n) in self.pieces(offset, buf.len()) {
-            self.read_piece(&mut buf[at..at + n], block, in_block)?;
-        }
-        Ok(())
+        layer::read(self, buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -1146,10 +1020,11 @@ impl VirtualDisk for VhdxDisk {
         }
         self.begin_user_write()?;
         let mut needs_metadata = Vec::new();
-        for (block, in_block, at, n) in self.pieces(offset, buf.len()) {
-            let piece = &buf[at..at + n];
-            if !self.write_in_place(piece, block, in_block)? {
-                needs_metadata.push((block, in_block, piece));
+        let block_size = self.layout.block_size;
+        for piece in block_pieces(offset, buf.len() as u64, block_size) {
+            let data = &buf[piece.range()];
+            if !self.write_in_place(data, piece.block, piece.in_block)? {
+                needs_metadata.push((piece.block, piece.in_block, data));
             }
         }
         if needs_metadata.is_empty() {
@@ -1169,94 +1044,14 @@ impl VirtualDisk for VhdxDisk {
     }
 
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let len_usize = usize::try_from(len).map_err(|_| Error::invalid_input("range too long"))?;
-        check_range(self.size(), offset, len_usize)?;
-        let mut extents = Vec::new();
-        for (block, in_block, at, n) in self.pieces(offset, len_usize) {
-            let entry = self.bat.read().payload(block);
-            let (at, n) = (offset + at as u64, n as u64);
-            match (entry.payload_state(), &self.differencing) {
-                (Some(PayloadState::FullyPresent), _) => {
-                    push_extent(&mut extents, at, n, Allocation::Data)
-                }
-                (Some(PayloadState::NotPresent), Some(d)) => {
-                    d.parent_extents(&mut extents, at, n)?
-                }
-                (Some(PayloadState::PartiallyPresent), Some(d)) => {
-                    let block_start = block * self.layout.block_size;
-                    for (run, present) in self.sector_runs(d, block, &(in_block..in_block + n)) {
-                        let (run_at, run_len) = (block_start + run.start, run.end - run.start);
-                        if present {
-                            push_extent(&mut extents, run_at, run_len, Allocation::Data);
-                        } else {
-                            d.parent_extents(&mut extents, run_at, run_len)?;
-                        }
-                    }
-                }
-                (Some(PayloadState::PartiallyPresent), None) => {
-                    return Err(self.partially_present(block));
-                }
-                _ => push_extent(&mut extents, at, n, Allocation::Zero),
-            }
-        }
-        Ok(extents)
+        layer::allocation(self, offset, len)
     }
 
     /// Whole blocks become ZERO (in a child too: NOT_PRESENT would bring the parent's data
     /// back); parts of blocks are overwritten with zeros.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        let len_usize = usize::try_from(len).map_err(|_| Error::invalid_input("range too long"))?;
-        check_range(self.size(), offset, len_usize)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.begin_user_write()?;
-        let block_size = self.layout.block_size;
-        let child = self.differencing.is_some();
-        let mut whole_blocks = Vec::new();
-        let mut zero_writes = Vec::new();
-        for (block, in_block, at, n) in self.pieces(offset, len_usize) {
-            let entry = self.bat.read().payload(block);
-            let state = entry.payload_state();
-            match state {
-                Some(PayloadState::FullyPresent) => {}
-                Some(PayloadState::PartiallyPresent) if child => {}
-                Some(PayloadState::PartiallyPresent) => return Err(self.partially_present(block)),
-                Some(PayloadState::NotPresent) if child => {}
-                _ => continue,
-            }
-            let block_len = block_size.min(self.size() - block * block_size);
-            if in_block == 0
-                && n as u64 == block_len
-                && (child || !self.params.leave_blocks_allocated)
-            {
-                whole_blocks.push(block);
-            } else if state == Some(PayloadState::FullyPresent) {
-                let at = entry.file_offset() + in_block;
-                write_zeros(self.storage.as_ref(), at, n as u64)
-                    .context(|| format!("zeroing {n} bytes at {at:#x}"))?;
-            } else {
-                zero_writes.push((offset + at as u64, n as u64));
-            }
-        }
-        for (at, n) in zero_writes {
-            storage::zero_chunks(at, n, |zeros, at| self.write_at(zeros, at))?;
-        }
-        if whole_blocks.is_empty() {
-            return Ok(());
-        }
-        let mut j = self.journal.lock();
-        let changes: Vec<(u64, BatEntry)> = whole_blocks
-            .iter()
-            .map(|&b| {
-                (
-                    self.layout.payload_index(b),
-                    BatEntry::new(PayloadState::Zero, 0),
-                )
-            })
-            .collect();
-        self.commit(&mut j, &changes, &[])
+        layer::discard(self, offset, len)
     }
 
     /// The current DataWriteGuid, which a child records as its `parent_linkage`.
@@ -1265,9 +1060,7 @@ impl VirtualDisk for VhdxDisk {
     }
 
     fn parent(&self) -> Option<(&Path, &dyn VirtualDisk)> {
-        self.differencing
-            .as_ref()
-            .map(|d| (d.parent_path.as_path(), d.parent.as_ref()))
+        self.parent_layer().map(Parent::as_disk)
     }
 
     fn close(&self) -> Result<()> {
@@ -1281,6 +1074,132 @@ impl VirtualDisk for VhdxDisk {
             j.writer = None;
         }
         Ok(())
+    }
+}
+
+impl Layer for VhdxDisk {
+    fn map(&self, offset: u64, len: u64, runs: &mut Vec<MappedRun>) -> Result<()> {
+        let bat = self.bat.read();
+        for piece in block_pieces(offset, len, self.layout.block_size) {
+            let entry = bat.payload(piece.block);
+            let (in_block, n) = (piece.in_block, piece.len as u64);
+            match (entry.payload_state(), &self.differencing) {
+                (Some(PayloadState::FullyPresent), _) => {
+                    push_run(runs, n, Mapping::File(entry.file_offset() + in_block))
+                }
+                (Some(PayloadState::NotPresent), Some(_)) => push_run(runs, n, Mapping::Parent),
+                (Some(PayloadState::PartiallyPresent), Some(d)) => {
+                    for (run, present) in
+                        self.sector_runs(d, piece.block, &(in_block..in_block + n))
+                    {
+                        let mapping = if present {
+                            Mapping::File(entry.file_offset() + run.start)
+                        } else {
+                            Mapping::Parent
+                        };
+                        push_run(runs, run.end - run.start, mapping);
+                    }
+                }
+                (Some(PayloadState::PartiallyPresent), None) => {
+                    return Err(self.partially_present(piece.block));
+                }
+                // ZERO, UNMAPPED and UNDEFINED read as zeros even in a child: never the parent.
+                _ => push_run(runs, n, Mapping::Zero),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_mapped(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        self.read_payload(buf, file_offset)
+    }
+
+    fn zero_mapped(&self, file_offset: u64, len: u64) -> Result<()> {
+        write_zeros(self.storage.as_ref(), file_offset, len)
+            .context(|| format!("zeroing {len} bytes at {file_offset:#x}"))
+    }
+
+    /// Whole blocks that hold anything become ZERO, through the log; unless the image is
+    /// fixed, whose blocks keep their space.
+    fn release_blocks(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        self.check_writable()?;
+        self.begin_user_write()?;
+        let block_size = self.layout.block_size;
+        let child = self.differencing.is_some();
+        let mut whole_blocks = Vec::new();
+        let mut rest: Vec<(u64, u64)> = Vec::new();
+        for piece in block_pieces(offset, len, block_size) {
+            let state = self.bat.read().payload(piece.block).payload_state();
+            let holds_data = match state {
+                Some(PayloadState::FullyPresent) => true,
+                Some(PayloadState::PartiallyPresent | PayloadState::NotPresent) => child,
+                _ => false,
+            };
+            let block_len = block_size.min(self.size() - piece.block * block_size);
+            let whole = piece.in_block == 0 && piece.len as u64 == block_len;
+            if holds_data && whole && (child || !self.params.leave_blocks_allocated) {
+                whole_blocks.push(piece.block);
+                continue;
+            }
+            let at = offset + piece.at as u64;
+            match rest.last_mut() {
+                Some((start, n)) if *start + *n == at => *n += piece.len as u64,
+                _ => rest.push((at, piece.len as u64)),
+            }
+        }
+        if !whole_blocks.is_empty() {
+            let mut j = self.journal.lock();
+            let changes: Vec<(u64, BatEntry)> = whole_blocks
+                .iter()
+                .map(|&b| {
+                    (
+                        self.layout.payload_index(b),
+                        BatEntry::new(PayloadState::Zero, 0),
+                    )
+                })
+                .collect();
+            self.commit(&mut j, &changes, &[])?;
+        }
+        Ok(rest)
+    }
+
+    fn parent_link(&self) -> Option<&ParentLink> {
+        self.differencing.as_ref().map(|d| &d.link)
+    }
+
+    fn attach_parent(&mut self, parent: Parent) {
+        if let Some(d) = self.differencing.as_mut() {
+            d.parent = Some(parent);
+        }
+    }
+
+    fn parent_layer(&self) -> Option<&Parent> {
+        self.differencing.as_ref()?.parent.as_ref()
+    }
+
+    fn facts(&self) -> LayerFacts {
+        let v = self.info();
+        LayerFacts {
+            subtype: if v.parent_locator.is_some() {
+                "differencing"
+            } else if v.fixed {
+                "fixed"
+            } else {
+                "dynamic"
+            },
+            creator: v.creator,
+            block_size: Some(u64::from(v.block_size)),
+            allocated_blocks: Some(v.allocated_blocks),
+            total_blocks: Some(v.total_blocks),
+            disk_id: Some(v.disk_id),
+            data_write_guid: Some(v.data_write_guid),
+            file_write_guid: Some(v.file_write_guid),
+            log_guid: Some(v.log_guid),
+            header_sequence_number: Some(v.header_sequence_number),
+            log_was_dirty: Some(v.log_was_dirty),
+            parent_locator: v.parent_locator,
+            unique_id: None,
+        }
     }
 }
 

@@ -2,8 +2,8 @@
 //! (its DataWriteGuid) and the paths it was last seen at, as UTF-16LE key/value pairs.
 
 use super::fields::{guid_at, put_guid, put_u16, put_u32, u16_at, u32_at};
-use crate::chain::ParentPath;
 use crate::error::{CorruptionKind, Error, Result};
+use crate::layer::ParentPath;
 use uuid::Uuid;
 
 /// The only locator type defined: a VHDX parent.

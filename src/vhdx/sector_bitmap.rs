@@ -5,6 +5,7 @@
 
 use super::bat::BAT_PAGE_LEN;
 use super::fields::MIB;
+use crate::bit_runs::{self, BitOrder};
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -47,23 +48,19 @@ impl SectorBitmaps {
         self.pages.keys().any(|&(c, _)| c == chunk)
     }
 
-    fn is_set(&self, chunk: u64, bit: u64) -> bool {
-        let in_page = bit % BITS_PER_PAGE;
-        self.pages
-            .get(&(chunk, bit / BITS_PER_PAGE))
-            .is_some_and(|p| p[(in_page / 8) as usize] & (1 << (in_page % 8)) != 0)
-    }
-
     /// Consecutive runs of equal bits over `bits` of `chunk`'s block; a chunk without a
     /// block has every bit clear.
     pub fn runs(&self, chunk: u64, bits: Range<u64>) -> Vec<(Range<u64>, bool)> {
-        let mut runs: Vec<(Range<u64>, bool)> = Vec::new();
-        for bit in bits {
-            let set = self.is_set(chunk, bit);
-            match runs.last_mut() {
-                Some((range, value)) if *value == set => range.end = bit + 1,
-                _ => runs.push((bit..bit + 1, set)),
-            }
+        let mut runs = Vec::new();
+        let mut bit = bits.start;
+        while bit < bits.end {
+            let page = bit / BITS_PER_PAGE;
+            let page_start = page * BITS_PER_PAGE;
+            let end = bits.end.min(page_start + BITS_PER_PAGE);
+            let contents = self.pages.get(&(chunk, page)).map(|p| &p[..]);
+            let in_page = bit - page_start..end - page_start;
+            bit_runs::push_runs(&mut runs, contents, in_page, page_start, BitOrder::LsbFirst);
+            bit = end;
         }
         runs
     }
@@ -77,8 +74,11 @@ impl SectorBitmaps {
     ) -> Vec<(u64, BitmapPage)> {
         let mut pages: Vec<(u64, BitmapPage)> = Vec::new();
         for (range, value) in assign {
-            for bit in range.clone() {
+            let mut bit = range.start;
+            while bit < range.end {
                 let page = bit / BITS_PER_PAGE;
+                let page_start = page * BITS_PER_PAGE;
+                let end = range.end.min(page_start + BITS_PER_PAGE);
                 let index = match pages.iter().position(|(p, _)| *p == page) {
                     Some(index) => index,
                     None => {
@@ -91,13 +91,13 @@ impl SectorBitmaps {
                         pages.len() - 1
                     }
                 };
-                let in_page = (bit % BITS_PER_PAGE) as usize;
-                let mask = 1u8 << (in_page % 8);
-                if *value {
-                    pages[index].1[in_page / 8] |= mask;
-                } else {
-                    pages[index].1[in_page / 8] &= !mask;
-                }
+                bit_runs::assign(
+                    &mut pages[index].1[..],
+                    bit - page_start..end - page_start,
+                    *value,
+                    BitOrder::LsbFirst,
+                );
+                bit = end;
             }
         }
         pages

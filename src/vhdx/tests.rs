@@ -2,9 +2,10 @@
 //! at every write of an allocating workload, concurrency, damaged structures.
 
 use super::*;
+use crate::disk::Allocation;
+use crate::layer::{ParentImage, StoredParentPaths};
 use crate::storage::{MemStorage, PendingOp, Survives};
 use metadata::tests::region_with;
-use parent_locator::ParentLocator;
 use region_table::RegionEntry;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -806,12 +807,33 @@ fn parent_and_child(
     disk.close().unwrap();
     drop(disk);
     std::fs::write(&base, parent.contents()).unwrap();
-    let kind = VhdxKind::Differencing { parent: base };
+    let kind = VhdxKind::Differencing {
+        parent: parent_image(&open_storage(parent.clone(), true).unwrap(), &base),
+    };
     create_vhdx(&child, &options(child_size, kind)).unwrap();
     let mut model = data;
     model[MIB as usize..2 * MIB as usize].fill(0);
     model.resize(child_size as usize, 0);
     (parent, std::fs::read(&child).unwrap(), model)
+}
+
+/// What a child of `disk`, kept at `path` beside it, records.
+fn parent_image(disk: &VhdxDisk, path: &std::path::Path) -> ParentImage {
+    let facts = disk.facts();
+    ParentImage {
+        format: Format::Vhdx,
+        identity: *facts.data_write_guid.unwrap().as_bytes(),
+        disk_id: facts.disk_id,
+        size: disk.size(),
+        logical_sector_size: disk.logical_sector_size(),
+        physical_sector_size: disk.physical_sector_size(),
+        modified: std::time::SystemTime::now(),
+        paths: StoredParentPaths {
+            canonical: path.to_path_buf(),
+            relative: ".\\base.vhdx".to_string(),
+            absolute: path.display().to_string().replace('/', "\\"),
+        },
+    }
 }
 
 /// Opens the in-memory `child` over the in-memory `parent`, whose identity the child's
@@ -826,25 +848,20 @@ fn open_child(
         read_only,
         ..Default::default()
     };
-    let resolve = |locator: &ParentLocator, lss: u32| {
-        let disk = open_storage(parent.clone(), true)?;
-        assert_eq!(locator.linkages()?, [disk.info().data_write_guid]);
-        assert_eq!(disk.logical_sector_size(), lss);
-        Ok((
-            PathBuf::from("base.vhdx"),
-            Box::new(disk) as Box<dyn VirtualDisk>,
-        ))
-    };
     let shared = Shared {
         mem: child,
         ops_left,
     };
-    VhdxDisk::open_with(
-        Box::new(shared),
-        &options,
-        &ImageContext::detached(),
-        &resolve,
-    )
+    let mut disk = VhdxDisk::open(Box::new(shared), &options)?;
+    let parent = open_storage(parent.clone(), true)?;
+    let link = disk.parent_link().unwrap();
+    assert_eq!(link.identities, [*parent.info().data_write_guid.as_bytes()]);
+    assert_eq!(disk.logical_sector_size(), parent.logical_sector_size());
+    disk.attach_parent(Parent {
+        path: "base.vhdx".into(),
+        layer: Box::new(parent),
+    });
+    Ok(disk)
 }
 
 fn unlimited() -> Arc<AtomicU64> {

@@ -1,0 +1,215 @@
+//! Writes: in place where the block already holds the sectors in this file, otherwise
+//! allocating blocks and sector bitmap bits, data first and flushed, then journaled.
+
+use super::*;
+
+impl VhdxDisk {
+    /// Writes pieces that need metadata changes: blocks without data are allocated at the
+    /// end of the file, data is written and flushed, then new sector bitmap blocks, and
+    /// after them the payload entries and bitmap bits, are journaled.
+    pub(super) fn write_allocating(&self, pieces: &[(u64, u64, &[u8])]) -> Result<()> {
+        let mut j = self.journal.lock();
+        let layout = self.layout;
+        let mut changes = Vec::new();
+        let mut new_bitmaps: Vec<(u64, BatEntry)> = Vec::new();
+        let mut bits: BitAssignments = Vec::new();
+        for &(block, in_block, data) in pieces {
+            // Another writer may have allocated the block, or set its bits, meanwhile.
+            if self.write_in_place(data, block, in_block)? {
+                continue;
+            }
+            let (index, entry) = {
+                let bat = self.bat.read();
+                (layout.payload_index(block), bat.payload(block))
+            };
+            let written = in_block..in_block + data.len() as u64;
+            match (entry.payload_state(), &self.differencing) {
+                (Some(PayloadState::PartiallyPresent), Some(d)) => {
+                    self.write_sectors(d, block, entry.file_offset(), in_block, data, false)?;
+                    let (chunk, sectors, _) = self.sector_bits(block, &written);
+                    add_bits(&mut bits, chunk, sectors, true);
+                }
+                (Some(PayloadState::NotPresent), Some(d)) => {
+                    let start = self.extend_file(&mut j, layout.block_size, "a block")?;
+                    self.write_sectors(d, block, start, in_block, data, true)?;
+                    let (chunk, sectors, base) = self.sector_bits(block, &written);
+                    // Bits of a block that had no data mean nothing: start from clear.
+                    let per_block = layout.block_size / u64::from(self.params.logical_sector_size);
+                    add_bits(&mut bits, chunk, base..base + per_block, false);
+                    add_bits(&mut bits, chunk, sectors, true);
+                    let has_bitmap = self.bat.read().sector_bitmap(block).payload_state()
+                        == Some(PayloadState::FullyPresent);
+                    let bitmap_index = layout.sector_bitmap_index(block);
+                    if !has_bitmap && !new_bitmaps.iter().any(|(i, _)| *i == bitmap_index) {
+                        let at = self.extend_file(&mut j, MIB, "a sector bitmap")?;
+                        new_bitmaps
+                            .push((bitmap_index, BatEntry::new(PayloadState::FullyPresent, at)));
+                    }
+                    changes.push((index, BatEntry::new(PayloadState::PartiallyPresent, start)));
+                }
+                // Blocks that read as zeros: the file's extension reads as zeros, so the
+                // block holds exactly what it must once the data is in.
+                _ => {
+                    let start = self.extend_file(&mut j, layout.block_size, "a block")?;
+                    self.write_payload(data, start + in_block)?;
+                    changes.push((index, BatEntry::new(PayloadState::FullyPresent, start)));
+                }
+            }
+        }
+        if changes.is_empty() && bits.is_empty() {
+            return Ok(());
+        }
+        self.storage
+            .flush()
+            .context(|| "flushing new blocks".to_string())?;
+        // A PARTIALLY_PRESENT entry must never be durable before its chunk's bitmap entry.
+        if !new_bitmaps.is_empty() {
+            self.commit(&mut j, &new_bitmaps, &[])?;
+        }
+        let mut pages = Vec::new();
+        if let Some(d) = &self.differencing {
+            let bat = self.bat.read();
+            let bitmaps = d.bitmaps.read();
+            for (chunk, assign) in &bits {
+                let at = bat.sector_bitmap(chunk * layout.chunk_ratio).file_offset();
+                for (page, contents) in bitmaps.changed_pages(*chunk, assign) {
+                    pages.push(BitmapPageChange {
+                        chunk: *chunk,
+                        page,
+                        file_offset: at + page * BAT_PAGE_LEN as u64,
+                        contents,
+                    });
+                }
+            }
+        }
+        self.commit(&mut j, &changes, &pages)
+    }
+
+    /// Writes `data` where block `block` already keeps it in this file; `false` when the
+    /// write needs metadata changes first.
+    pub(super) fn write_in_place(&self, data: &[u8], block: u64, in_block: u64) -> Result<bool> {
+        let entry = self.bat.read().payload(block);
+        match (entry.payload_state(), &self.differencing) {
+            (Some(PayloadState::FullyPresent), _) => {}
+            (Some(PayloadState::PartiallyPresent), Some(d)) => {
+                let written = in_block..in_block + data.len() as u64;
+                if self
+                    .sector_runs(d, block, &written)
+                    .iter()
+                    .any(|(_, present)| !present)
+                {
+                    return Ok(false);
+                }
+            }
+            (Some(PayloadState::PartiallyPresent), None) => {
+                return Err(self.partially_present(block));
+            }
+            _ => return Ok(false),
+        }
+        self.write_payload(data, entry.file_offset() + in_block)?;
+        Ok(true)
+    }
+
+    /// Writes `data` at `in_block` of a child's block stored at `file_start`, filling the
+    /// rest of its first and last sectors with the parent's bytes where those sectors are
+    /// still the parent's (all of them if `all_parent`), so whole sectors can become this
+    /// file's.
+    pub(super) fn write_sectors(
+        &self,
+        d: &Differencing,
+        block: u64,
+        file_start: u64,
+        in_block: u64,
+        data: &[u8],
+        all_parent: bool,
+    ) -> Result<()> {
+        let sector = u64::from(self.params.logical_sector_size);
+        let end = in_block + data.len() as u64;
+        let parents = |at: u64| all_parent || !self.sector_runs(d, block, &(at..at + 1))[0].1;
+        let head = in_block - in_block % sector;
+        let start = if head < in_block && parents(head) {
+            head
+        } else {
+            in_block
+        };
+        let tail = end.next_multiple_of(sector);
+        let stop = if tail > end && parents(end - end % sector) {
+            tail
+        } else {
+            end
+        };
+        if (start, stop) == (in_block, end) {
+            return self.write_payload(data, file_start + in_block);
+        }
+        let block_start = block * self.layout.block_size;
+        let merged = copy_up(
+            d.parent.as_ref(),
+            block_start + start..block_start + stop,
+            block_start + in_block,
+            data,
+        )?;
+        self.write_payload(&merged, file_start + start)
+    }
+
+    /// The chunk of `block`, the bitmap bits of the sectors that the byte range `bytes`
+    /// of the block touches, and the block's first bit.
+    pub(super) fn sector_bits(&self, block: u64, bytes: &Range<u64>) -> (u64, Range<u64>, u64) {
+        let sector = u64::from(self.params.logical_sector_size);
+        let ratio = self.layout.chunk_ratio;
+        let base = (block % ratio) * (self.layout.block_size / sector);
+        (
+            block / ratio,
+            base + bytes.start / sector..base + bytes.end.div_ceil(sector),
+            base,
+        )
+    }
+
+    /// Splits `bytes` (offsets inside `block`) into runs held by this file (`true`) or by
+    /// the parent, as the block's sector bitmap says.
+    pub(super) fn sector_runs(
+        &self,
+        d: &Differencing,
+        block: u64,
+        bytes: &Range<u64>,
+    ) -> Vec<(Range<u64>, bool)> {
+        let sector = u64::from(self.params.logical_sector_size);
+        let (chunk, bits, base) = self.sector_bits(block, bytes);
+        d.bitmaps
+            .read()
+            .runs(chunk, bits)
+            .into_iter()
+            .map(|(run, present)| {
+                (
+                    ((run.start - base) * sector).max(bytes.start)
+                        ..((run.end - base) * sector).min(bytes.end),
+                    present,
+                )
+            })
+            .collect()
+    }
+
+    pub(super) fn write_payload(&self, data: &[u8], file_offset: u64) -> Result<()> {
+        self.storage
+            .write_at(data, file_offset)
+            .context(|| format!("writing {} bytes at {file_offset:#x}", data.len()))
+    }
+}
+
+/// A sector bitmap page to journal: its new contents and where it goes.
+pub(super) struct BitmapPageChange {
+    pub(super) chunk: u64,
+    pub(super) page: u64,
+    pub(super) file_offset: u64,
+    pub(super) contents: BitmapPage,
+}
+
+/// Per chunk, sector ranges and the value their bits take, later ranges winning.
+pub(super) type BitAssignments = Vec<(u64, Vec<(Range<u64>, bool)>)>;
+
+/// Records that `sectors` (bits of `chunk`) take `value`; later records win.
+fn add_bits(bits: &mut BitAssignments, chunk: u64, sectors: Range<u64>, value: bool) {
+    match bits.iter_mut().find(|(c, _)| *c == chunk) {
+        Some((_, assign)) => assign.push((sectors, value)),
+        None => bits.push((chunk, vec![(sectors, value)])),
+    }
+}

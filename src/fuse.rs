@@ -879,18 +879,23 @@ impl Filesystem for DiskFs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::OpenOptions;
-    use crate::raw::RawDisk;
-    use crate::storage::MemStorage;
+    use crate::disk::{Format, OpenOptions};
+    use crate::storage::{MemStorage, Storage};
 
-    fn fs_over(bytes: Vec<u8>, read_only: bool) -> DiskFs {
+    /// `storage` as a raw disk, through the same probing open a mount uses, told the format.
+    fn raw_disk(storage: impl Storage + 'static, read_only: bool) -> Box<dyn VirtualDisk> {
         let options = OpenOptions {
             read_only,
+            format: Some(Format::Raw),
             ..Default::default()
         };
-        let disk = RawDisk::open(Box::new(MemStorage::from_vec(bytes)), &options).unwrap();
+        crate::open_storage(Box::new(storage), &options).unwrap()
+    }
+
+    fn fs_over(bytes: Vec<u8>, read_only: bool) -> DiskFs {
+        let disk = raw_disk(MemStorage::from_vec(bytes), read_only);
         DiskFs::new(
-            Arc::new(disk),
+            disk.into(),
             View::owned_by(1234, 5678),
             UNIX_EPOCH + Duration::from_secs(1_000_000),
         )
@@ -1065,8 +1070,8 @@ mod tests {
     #[test]
     fn driver_errors_reach_the_caller_as_their_errno() {
         let storage = Arc::new(MemStorage::from_vec(vec![0; 4096]));
-        let disk = RawDisk::open(Box::new(storage.clone()), &OpenOptions::default()).unwrap();
-        let fs = DiskFs::new(Arc::new(disk), View::owned_by(0, 0), UNIX_EPOCH);
+        let disk = raw_disk(storage.clone(), false);
+        let fs = DiskFs::new(disk.into(), View::owned_by(0, 0), UNIX_EPOCH);
         // Closing after reads only costs no sync.
         fs.read(DISK_INO, 0, 10).unwrap();
         fs.flush(DISK_INO).unwrap();
@@ -1095,7 +1100,7 @@ mod tests {
     /// A disk whose writes let a flush run while their data is still on its way to the
     /// file, as a concurrent fsync can.
     struct FlushMidWrite {
-        inner: RawDisk,
+        inner: Box<dyn VirtualDisk>,
         fs: std::sync::OnceLock<std::sync::Weak<DiskFs>>,
     }
 
@@ -1139,7 +1144,7 @@ mod tests {
     fn a_flush_racing_a_write_in_flight_never_lets_a_later_fsync_skip_it() {
         let storage = Arc::new(MemStorage::from_vec(vec![0; 4096]));
         let disk = Arc::new(FlushMidWrite {
-            inner: RawDisk::open(Box::new(storage.clone()), &OpenOptions::default()).unwrap(),
+            inner: raw_disk(storage.clone(), false),
             fs: std::sync::OnceLock::new(),
         });
         let fs = Arc::new(DiskFs::new(disk.clone(), View::owned_by(0, 0), UNIX_EPOCH));
@@ -1155,11 +1160,7 @@ mod tests {
 
     #[test]
     fn the_view_sets_owner_modes_and_name() {
-        let disk = RawDisk::open(
-            Box::new(MemStorage::from_vec(vec![0; 4096])),
-            &OpenOptions::default(),
-        )
-        .unwrap();
+        let disk = raw_disk(MemStorage::from_vec(vec![0; 4096]), false);
         let view = View {
             uid: 7,
             gid: 8,
@@ -1167,7 +1168,7 @@ mod tests {
             dir_mode: 0o750,
             file_name: "sda.raw".to_string(),
         };
-        let fs = DiskFs::new(Arc::new(disk), view, UNIX_EPOCH);
+        let fs = DiskFs::new(disk.into(), view, UNIX_EPOCH);
         let file = fs.lookup(ROOT_INO, OsStr::new("sda.raw")).unwrap();
         assert_eq!(
             (file.ino, file.perm, file.uid, file.gid),

@@ -7,6 +7,7 @@
 //! `mount.fuse3`, systemd learns readiness through `$NOTIFY_SOCKET`, and the image is
 //! locked the way qemu locks images.
 
+mod cli;
 mod kernel_mount;
 mod notify;
 mod options;
@@ -14,6 +15,7 @@ mod syslog;
 mod watch;
 
 use clap::Parser;
+use cli::{Cli, report_failure};
 use fuser::{Config, MountOption, Session, SessionACL};
 use options::{Access, MountConfig};
 use parking_lot::Mutex;
@@ -30,44 +32,6 @@ use vdisk_mount::VirtualDisk;
 use vdisk_mount::fuse::{DiskFs, RequestGate, View};
 use vdisk_mount::lock::ImageLock;
 use watch::ImageIdentity;
-
-#[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "Mount a VHD or VHDX disk image as one flat raw file, MOUNTPOINT/disk.img",
-    after_help = "Mount options (-o, comma-separated, repeatable; later ones win):\n  \
-        ro | rw              read-only, or read-write (default)\n  \
-        format=vhd|vhdx|raw  skip probing; raw serves any file byte for byte\n  \
-        size_calc=auto|chs|current_size\n                       \
-        which VHD footer field gives the disk size (default auto)\n  \
-        parent=PATH          where a differencing image's parent is\n  \
-        uid=N, gid=N         owner of the mounted file (default: the mounting user)\n  \
-        umask=OCTAL          permission bits taken away (default 022: rw-r--r--)\n  \
-        filename=NAME        name of the file in MOUNTPOINT (default disk.img)\n  \
-        allow_other          let other users access the mount\n  \
-        allow_root           let root access the mount\n  \
-        nodev, nosuid, noexec\n  \
-        threads=N            worker threads (default: number of CPUs, at most 16)\n  \
-        debug, log_level=LEVEL\n                       \
-        log more (off, error, warn, info, debug, trace)\n  \
-        foreground           same as -f\n\n\
-        The generic fstab options (defaults, nofail, noauto, _netdev, x-systemd.*, ...) are\n\
-        accepted and ignored, so the command works as mount.fuse3 runs it from fstab.\n\n\
-        Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`; the daemon then\n\
-        flushes and closes the image and exits. SIGTERM, SIGINT and SIGHUP do the same."
-)]
-struct Cli {
-    /// Mount options, see below
-    #[arg(short = 'o', value_name = "OPTION[,OPTION...]")]
-    options: Vec<String>,
-    /// Stay in the foreground and log to stderr
-    #[arg(short, long)]
-    foreground: bool,
-    /// The disk image (VHD, VHDX, or any file with format=raw)
-    image: PathBuf,
-    /// An existing directory; disk.img appears inside it
-    mountpoint: PathBuf,
-}
 
 /// The mountpoint as an absolute path (the daemon leaves its working directory), after
 /// checking that it is a directory nothing is mounted on.
@@ -474,14 +438,6 @@ fn wait_for_daemon(mut report: File, child: libc::pid_t, image: &Path) -> ExitCo
         report_failure(&String::from_utf8_lossy(&message));
     }
     ExitCode::FAILURE
-}
-
-/// Prints a failure as the one line scripts and users expect, whatever it contains.
-fn report_failure(message: &str) {
-    eprintln!(
-        "vdisk-mount: {}",
-        message.trim_end().replace(['\n', '\r'], " ")
-    );
 }
 
 fn main() -> ExitCode {

@@ -1,6 +1,6 @@
 //! Opening an image with its whole chain of parents, whatever their formats.
 //!
-//! The image asked for is opened through probe and dispatch ([`crate::open`]); while the
+//! The image asked for is opened through probe and dispatch ([`open_layer`]); while the
 //! last image opened describes a parent, the parent is found, checked and opened the same
 //! way, in a loop; then each image is handed its parent, from the bottom up.
 //!

@@ -1,28 +1,32 @@
 //! vdisk-mount: VHD and VHDX disk images as one flat raw disk.
 //!
-//! The library works without FUSE: [`open`] probes an image by its signature and returns
-//! a [`VirtualDisk`] that reads and writes the virtual disk's bytes. The FUSE daemon
-//! (`fuse`) and the command line are thin layers over it.
+//! The library works without FUSE: [`open()`] probes an image by its signature, opens it
+//! with the chain of parents it needs, and returns a [`VirtualDisk`] that reads and writes
+//! the virtual disk's bytes. The FUSE daemon (`fuse`) and the command line are thin layers
+//! over it.
 //!
 //! ```text
-//!  image file ──► Storage (pread/pwrite/fdatasync; MemStorage in tests)
-//!                    │
-//!         open() ──► probe signature ──► vhd::open / vhdx::open / raw
-//!                    │
-//!                    ▼
-//!              dyn VirtualDisk  (size, read_at, write_at, flush, allocation, discard)
-//!                    │
-//!                    ▼
-//!              fuse::DiskFs ──► /mountpoint/disk.img
+//!  fuse::DiskFs ──► /mountpoint/disk.img           (FUSE adapter)
+//!        │
+//!  dyn VirtualDisk (size, read_at, write_at, flush, allocation, discard)   (disk)
+//!        │
+//!  chain: open the image, then each parent it names, in a loop   (chain, open)
+//!        │
+//!  vhd / vhdx / raw drivers: one image file each, as a Layer      (drivers)
+//!        │
+//!  layer: map a range to file / zeros / parent; one read, map and discard path
+//!        │
+//!  Storage (pread/pwrite/fdatasync; an in-memory file in tests)   (storage)
 //! ```
 //!
-//! A differencing image's driver asks [`chain`] for its parent: the paths the image stores
-//! are mapped to host paths, each candidate is checked (a regular image file, not in the
-//! chain already, carrying the identity the child expects) and opened read-only through
-//! the same probing open, recursively (a VHD child takes a VHD parent, a VHDX child a VHDX
-//! one). [`create::create`] makes fixed, dynamic and differencing images of both formats
-//! and [`info::image_info`] describes an image and its chain; the `vdisk` command offers
-//! both.
+//! A driver opens one file and describes the parent it needs ([`layer::ParentLink`]);
+//! [`chain`] maps the paths it stores to host paths, checks each candidate (a regular
+//! image file, not in the chain already, of the child's format, carrying the identity the
+//! child expects) and opens it read-only through the same probe and dispatch
+//! ([`open::open_layer`]), then hands each child its parent. [`create::create`] makes
+//! fixed, dynamic and differencing images of both formats and [`info::image_info`]
+//! describes an image and its chain; the `vdisk` command offers both. ARCHITECTURE.md
+//! draws the layers.
 //!
 //! Drivers keep metadata (BAT, headers, footer, log state) in memory under a lock; data
 //! I/O to allocated blocks runs outside it. Allocating writes put data on disk and flush

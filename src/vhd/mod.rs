@@ -24,6 +24,8 @@
 //! this file (bit set) or to the parent (clear). Their new blocks start with a clear bitmap,
 //! and bits reach the file only once the data they cover is durable.
 
+#![forbid(unsafe_code)]
+
 mod bat;
 mod bitmap;
 mod checksum;

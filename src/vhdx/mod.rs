@@ -24,6 +24,8 @@
 //! is itself). A crash therefore leaves at most one entry to replay, and replaying an
 //! applied entry again is harmless. A clean close sets LogGuid back to zero.
 
+#![forbid(unsafe_code)]
+
 pub mod bat;
 pub mod create;
 mod fields;

@@ -367,8 +367,14 @@ pub fn open_chain(
         let Some(link) = child.parent_link() else {
             break;
         };
+        let found = open_parent(&place, link, child.logical_sector_size(), options);
+        // A chain too large for memory is the opened image's problem, whichever parent
+        // crossed the line: name both.
         let (path, parent, parent_place) =
-            open_parent(&place, link, child.logical_sector_size(), options)?;
+            found.map_err(|e| match context.budget.is_exceeded() {
+                true => Error::unsupported(format!("parent {e}")),
+                false => e,
+            })?;
         found_at.push(path);
         layers.push(parent);
         place = parent_place;
@@ -454,19 +460,23 @@ fn open_parent(
         Some(path) => vec![path.clone()],
         None => candidate_paths(child_dir, &link.paths),
     };
-    let mut first_refusal = None;
+    // Refusals are told once: as warnings when another candidate is taken or beside the
+    // first one, which is the error.
+    let mut refusals = Vec::new();
     for candidate in &candidates {
         match try_parent(place, candidate, link, sector_size, options) {
-            Ok(found) => return Ok(found),
-            Err(Attempt::Missing) => {}
-            Err(Attempt::Refused(e)) => {
-                log::warn!("{e}");
-                first_refusal.get_or_insert(e);
+            Ok(found) => {
+                refusals.iter().for_each(|e| log::warn!("{e}"));
+                return Ok(found);
             }
+            Err(Attempt::Missing) => {}
+            Err(Attempt::Refused(e)) => refusals.push(e),
         }
     }
-    if let Some(e) = first_refusal {
-        return Err(e);
+    let mut refusals = refusals.into_iter();
+    if let Some(first) = refusals.next() {
+        refusals.for_each(|e| log::warn!("{e}"));
+        return Err(first);
     }
     let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
     Err(Error::io(

@@ -4,12 +4,9 @@
 
 use crate::chain::parent_image;
 use crate::disk::Format;
-use crate::error::{Error, IoContext, Result};
-use crate::open::probe;
-use crate::storage::FileStorage;
+use crate::error::{Error, Result};
 use crate::vhd::{VhdCreateOptions, VhdKind, create_vhd};
 use crate::vhdx::create::{VhdxCreateOptions, VhdxKind, create_vhdx};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,19 +42,16 @@ fn format_from_name(path: &Path) -> Option<Format> {
     }
 }
 
-fn parent_format(parent: &Path) -> Result<Format> {
-    let file = File::open(parent)
-        .context(|| "cannot open image".to_string())
-        .map_err(|e| e.with_file(parent))?;
-    probe(&FileStorage::new(file)).map_err(|e| e.with_file(parent))
-}
-
 /// Creates the image `path`, which must not exist.
 pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
     let invalid = |problem: String| Err(Error::invalid_input(problem));
-    let format = match &options.parent {
+    let parent = match &options.parent {
+        Some(parent) => Some(parent_image(path, parent)?),
+        None => None,
+    };
+    let format = match &parent {
         Some(parent) => {
-            let found = parent_format(parent)?;
+            let found = parent.format;
             if let Some(asked) = options.format.filter(|&f| f != found) {
                 return invalid(format!(
                     "the parent is a {found} image; a {asked} image cannot be its child"
@@ -89,10 +83,8 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
             if options.logical_sector_size.is_some_and(|s| s != 512) {
                 return invalid("VHD images have 512-byte sectors only".to_string());
             }
-            let kind = match &options.parent {
-                Some(parent) => VhdKind::Differencing {
-                    parent: parent_image(path, parent)?,
-                },
+            let kind = match parent {
+                Some(parent) => VhdKind::Differencing { parent },
                 None if fixed => VhdKind::Fixed,
                 None => VhdKind::Dynamic,
             };
@@ -103,10 +95,8 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
             create_vhd(path, &vhd)
         }
         Format::Vhdx => {
-            let kind = match &options.parent {
-                Some(parent) => VhdxKind::Differencing {
-                    parent: parent_image(path, parent)?,
-                },
+            let kind = match parent {
+                Some(parent) => VhdxKind::Differencing { parent },
                 None if fixed => VhdxKind::Fixed,
                 None => VhdxKind::Dynamic,
             };
@@ -148,9 +138,12 @@ pub fn parse_size(text: &str) -> Result<u64> {
 mod tests {
     use super::*;
     use crate::disk::OpenOptions;
+    use crate::open::probe;
+    use crate::storage::FileStorage;
     use crate::vhdx::create::{VhdxCreateOptions, VhdxKind, create_vhdx};
     use crate::vhdx::parent_locator::{ABSOLUTE_WIN32_PATH, ParentLocator, RELATIVE_PATH};
     use std::fs;
+    use std::fs::File;
 
     #[test]
     fn a_child_takes_its_parents_disk_and_names_it() {

@@ -1,14 +1,13 @@
 //! What `vdisk info` reports about an image and its chain of parents. The image is opened
 //! read-only, so nothing is written (a dirty VHDX log is replayed in memory).
 
-use crate::chain::{ImageContext, open_chain};
+use crate::chain::{ImageContext, open_chain, open_layered};
 use crate::disk::{OpenOptions, VirtualDisk};
-use crate::error::{Error, IoContext, Result};
+use crate::error::Result;
 use crate::layer::Layer;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 use serde::Serialize;
 use std::fmt;
-use std::fs::File;
 use std::path::Path;
 use uuid::Uuid;
 
@@ -82,15 +81,7 @@ fn describe(path: &Path, options: &OpenOptions) -> Result<ImageInfo> {
         read_only: true,
         ..options.clone()
     };
-    let file = File::open(path).context(|| "cannot open image".to_string())?;
-    let meta = file
-        .metadata()
-        .context(|| "cannot read file attributes".to_string())?;
-    if !meta.is_file() {
-        return Err(Error::invalid_input("not a regular file"));
-    }
-    let context = ImageContext::top(path, &meta, options.parent.clone())?;
-    describe_storage(path, Box::new(FileStorage::new(file)), &options, &context)
+    Ok(describe_layer(path, open_layered(path, &options)?.as_ref()))
 }
 
 /// Describes the image held by `storage`, known as `path`, opened read-only whatever

@@ -17,7 +17,7 @@ use std::any::Any;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 use uuid::Uuid;
 
@@ -412,21 +412,30 @@ pub const CHAIN_METADATA_MEMORY: u64 = 192 << 20;
 
 /// Memory charged to a chain's metadata so far, shared by every image of the chain.
 #[derive(Debug, Clone, Default)]
-pub struct MetadataBudget(Arc<AtomicU64>);
+pub struct MetadataBudget {
+    charged: Arc<AtomicU64>,
+    exceeded: Arc<AtomicBool>,
+}
 
 impl MetadataBudget {
     /// Counts `bytes` of metadata an image of this chain keeps in memory (`what`, for the
     /// message), failing once the chain as a whole would hold more than
     /// [`CHAIN_METADATA_MEMORY`].
     pub fn charge(&self, bytes: u64, what: &str) -> Result<()> {
-        let before = self.0.fetch_add(bytes, Ordering::Relaxed);
+        let before = self.charged.fetch_add(bytes, Ordering::Relaxed);
         if before.saturating_add(bytes) > CHAIN_METADATA_MEMORY {
+            self.exceeded.store(true, Ordering::Relaxed);
             return Err(Error::unsupported(format!(
                 "{what} would take the metadata this chain keeps in memory past {} MiB",
                 CHAIN_METADATA_MEMORY >> 20
             )));
         }
         Ok(())
+    }
+
+    /// Whether a charge failed: the chain as a whole, not one of its files, is too large.
+    pub fn is_exceeded(&self) -> bool {
+        self.exceeded.load(Ordering::Relaxed)
     }
 }
 

@@ -203,4 +203,3 @@ impl Storage for MemStorage {
         Ok(())
     }
 }
-

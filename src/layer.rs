@@ -515,6 +515,172 @@ mod tests {
         );
     }
 
+    /// A layer of `size` bytes whose byte `i` is `mapping[i / 4]`, in 4-byte units; its
+    /// file holds byte value `file_offset as u8` everywhere.
+    struct Striped {
+        size: u64,
+        units: Vec<Mapping>,
+        parent: Option<Parent>,
+        /// Bytes a faulty driver leaves out of every answer.
+        short_by: u64,
+    }
+
+    impl VirtualDisk for Striped {
+        fn format(&self) -> Format {
+            Format::Raw
+        }
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn logical_sector_size(&self) -> u32 {
+            512
+        }
+        fn physical_sector_size(&self) -> u32 {
+            512
+        }
+        fn is_read_only(&self) -> bool {
+            true
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            read(self, buf, offset)
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
+            Err(Error::new(crate::error::ErrorKind::ReadOnly))
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+            allocation(self, offset, len)
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<()> {
+            discard(self, offset, len)
+        }
+    }
+
+    impl Layer for Striped {
+        fn map(&self, offset: u64, len: u64, runs: &mut Vec<MappedRun>) -> Result<()> {
+            for at in offset..offset + len - self.short_by {
+                let mapping = match self.units[(at / 4) as usize] {
+                    Mapping::File(base) => Mapping::File(base + at % 4),
+                    other => other,
+                };
+                push_run(runs, 1, mapping);
+            }
+            Ok(())
+        }
+        fn read_mapped(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (file_offset + i as u64) as u8;
+            }
+            Ok(())
+        }
+        fn zero_mapped(&self, _: u64, _: u64) -> Result<()> {
+            unreachable!("read-only")
+        }
+        fn parent_layer(&self) -> Option<&Parent> {
+            self.parent.as_ref()
+        }
+        fn facts(&self) -> LayerFacts {
+            LayerFacts::default()
+        }
+    }
+
+    /// base (8 bytes) ← middle (12 bytes) ← top (16 bytes): each level's units File, Zero
+    /// or Parent, so that reads must reach down two levels and past the base's end.
+    fn chain() -> Striped {
+        use Mapping::{File, Parent as P, Zero};
+        let base = Striped {
+            size: 8,
+            units: vec![File(100), File(200)],
+            parent: None,
+            short_by: 0,
+        };
+        let middle = Striped {
+            size: 12,
+            units: vec![P, File(50), P],
+            parent: Some(Parent {
+                path: "base".into(),
+                layer: Box::new(base),
+            }),
+            short_by: 0,
+        };
+        Striped {
+            size: 16,
+            units: vec![P, Zero, P, P],
+            parent: Some(Parent {
+                path: "middle".into(),
+                layer: Box::new(middle),
+            }),
+            short_by: 0,
+        }
+    }
+
+    #[test]
+    fn reads_walk_down_the_chain_and_read_zeros_past_a_parents_end() {
+        let top = chain();
+        let mut buf = [0xEEu8; 16];
+        read(&top, &mut buf, 0).unwrap();
+        // Unit 0 comes from the base; unit 1 is the top's zeros, hiding the middle's file
+        // data; unit 2 reaches the base past its end, unit 3 the middle past its end.
+        assert_eq!(
+            buf,
+            [100, 101, 102, 103, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let mut part = [0xEEu8; 5];
+        read(&top, &mut part, 2).unwrap();
+        assert_eq!(part, [102, 103, 0, 0, 0]);
+    }
+
+    #[test]
+    fn allocation_walks_down_the_chain_in_order() {
+        let top = chain();
+        let extent = |offset, len, state| Extent { offset, len, state };
+        assert_eq!(
+            allocation(&top, 0, 16).unwrap(),
+            [
+                extent(0, 4, Allocation::Data),
+                extent(4, 12, Allocation::Zero),
+            ]
+        );
+        assert_eq!(
+            allocation(&top, 3, 2).unwrap(),
+            [
+                extent(3, 1, Allocation::Data),
+                extent(4, 1, Allocation::Zero)
+            ]
+        );
+        let middle = top.parent.as_ref().unwrap().layer.as_ref();
+        assert_eq!(
+            allocation(middle, 0, 12).unwrap(),
+            [
+                extent(0, 8, Allocation::Data),
+                extent(8, 4, Allocation::Zero),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_driver_that_maps_too_little_or_points_at_no_parent_fails_cleanly() {
+        let short = Striped {
+            size: 8,
+            units: vec![Mapping::Zero, Mapping::Zero],
+            parent: None,
+            short_by: 1,
+        };
+        let err = read(&short, &mut [0u8; 8], 0).unwrap_err();
+        assert!(err.to_string().contains("mapped Some(7) bytes"), "{err}");
+        assert!(allocation(&short, 0, 8).is_err());
+        let orphan = Striped {
+            size: 8,
+            units: vec![Mapping::Parent, Mapping::Parent],
+            parent: None,
+            short_by: 0,
+        };
+        let err = read(&orphan, &mut [0u8; 8], 0).unwrap_err();
+        assert!(err.to_string().contains("without its parent"), "{err}");
+    }
+
     #[test]
     fn the_images_of_a_chain_share_one_metadata_budget() {
         let budget = MetadataBudget::default();

@@ -257,18 +257,65 @@ pub fn read(top: &dyn Layer, buf: &mut [u8], offset: u64) -> Result<()> {
     }
 }
 
-/// How the chain whose top is `top` backs `[offset, offset + len)`: data wherever some
-/// level holds it, zeros where the first level that answers says so or past a parent's
-/// end.
-pub fn allocation(top: &dyn Layer, offset: u64, len: u64) -> Result<Vec<Extent>> {
+/// Where a run of a chain's virtual disk comes from; levels count from the top image (0)
+/// down through its parents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Data in the file of the image at `level`, at `file_offset`.
+    File { level: usize, file_offset: u64 },
+    /// Zeros, as the image at `level` says, or because the range lies past its end.
+    Zero { level: usize },
+}
+
+/// A run of a chain's virtual disk and where it comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainRun {
+    pub offset: u64,
+    pub len: u64,
+    pub source: Source,
+}
+
+/// Appends a run, merging it into the last one when it continues it.
+fn push_chain_run(runs: &mut Vec<ChainRun>, offset: u64, len: u64, source: Source) {
+    if len == 0 {
+        return;
+    }
+    if let Some(last) = runs.last_mut()
+        && last.offset + last.len == offset
+    {
+        let continues = match (last.source, source) {
+            (
+                Source::File { level, file_offset },
+                Source::File {
+                    level: next_level,
+                    file_offset: next,
+                },
+            ) => level == next_level && file_offset.checked_add(last.len) == Some(next),
+            (a, b) => a == b,
+        };
+        if continues {
+            last.len += len;
+            return;
+        }
+    }
+    runs.push(ChainRun {
+        offset,
+        len,
+        source,
+    });
+}
+
+/// Which image of the chain whose top is `top` answers for each run of
+/// `[offset, offset + len)`, in order: each level maps what the levels above left to it.
+pub fn chain_map(top: &dyn Layer, offset: u64, len: u64) -> Result<Vec<ChainRun>> {
     let len_usize = usize::try_from(len).map_err(|_| Error::invalid_input("range too long"))?;
     check_range(top.size(), offset, len_usize)?;
     enum Part {
-        Known(u64, u64, Allocation),
+        Known(u64, u64, Source),
         Below(u64, u64),
     }
     let mut parts = vec![Part::Below(offset, len)];
-    let mut layer = top;
+    let (mut layer, mut level) = (top, 0);
     let mut runs = Vec::new();
     loop {
         let mut next = Vec::with_capacity(parts.len());
@@ -281,11 +328,12 @@ pub fn allocation(top: &dyn Layer, offset: u64, len: u64) -> Result<Vec<Extent>>
             map_checked(layer, at, len, &mut runs)?;
             let mut virtual_at = at;
             for run in &runs {
+                let known = |source| Part::Known(virtual_at, run.len, source);
                 match run.mapping {
-                    Mapping::File(_) => {
-                        next.push(Part::Known(virtual_at, run.len, Allocation::Data))
+                    Mapping::File(file_offset) => {
+                        next.push(known(Source::File { level, file_offset }))
                     }
-                    Mapping::Zero => next.push(Part::Known(virtual_at, run.len, Allocation::Zero)),
+                    Mapping::Zero => next.push(known(Source::Zero { level })),
                     Mapping::Parent => {
                         let parent_size = below(layer)?.size();
                         let inside = parent_size.saturating_sub(virtual_at).min(run.len);
@@ -294,11 +342,8 @@ pub fn allocation(top: &dyn Layer, offset: u64, len: u64) -> Result<Vec<Extent>>
                             asked_below = true;
                         }
                         if inside < run.len {
-                            next.push(Part::Known(
-                                virtual_at + inside,
-                                run.len - inside,
-                                Allocation::Zero,
-                            ));
+                            let past_end = Source::Zero { level: level + 1 };
+                            next.push(Part::Known(virtual_at + inside, run.len - inside, past_end));
                         }
                     }
                 }
@@ -310,12 +355,28 @@ pub fn allocation(top: &dyn Layer, offset: u64, len: u64) -> Result<Vec<Extent>>
             break;
         }
         layer = below(layer)?;
+        level += 1;
     }
-    let mut extents = Vec::new();
+    let mut mapped = Vec::new();
     for part in parts {
-        if let Part::Known(at, len, state) = part {
-            push_extent(&mut extents, at, len, state);
+        if let Part::Known(at, len, source) = part {
+            push_chain_run(&mut mapped, at, len, source);
         }
+    }
+    Ok(mapped)
+}
+
+/// How the chain whose top is `top` backs `[offset, offset + len)`: data wherever some
+/// level holds it, zeros where the first level that answers says so or past a parent's
+/// end.
+pub fn allocation(top: &dyn Layer, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    let mut extents = Vec::new();
+    for run in chain_map(top, offset, len)? {
+        let state = match run.source {
+            Source::File { .. } => Allocation::Data,
+            Source::Zero { .. } => Allocation::Zero,
+        };
+        push_extent(&mut extents, run.offset, run.len, state);
     }
     Ok(extents)
 }
@@ -656,6 +717,32 @@ mod tests {
             [
                 extent(0, 8, Allocation::Data),
                 extent(8, 4, Allocation::Zero),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_chain_map_names_the_level_of_each_run() {
+        let top = chain();
+        let run = |offset, len, source| ChainRun {
+            offset,
+            len,
+            source,
+        };
+        assert_eq!(
+            chain_map(&top, 1, 15).unwrap(),
+            [
+                run(
+                    1,
+                    3,
+                    Source::File {
+                        level: 2,
+                        file_offset: 101
+                    }
+                ),
+                run(4, 4, Source::Zero { level: 0 }),
+                run(8, 4, Source::Zero { level: 2 }),
+                run(12, 4, Source::Zero { level: 1 }),
             ]
         );
     }

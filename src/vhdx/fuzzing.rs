@@ -2,12 +2,15 @@
 //! parsers on their own, and the checksum repair that lets mutated images reach them.
 
 use super::fields::{guid_at, seal_crc32c, u32_at};
+use super::format::{RawHeader, RawRegionTable};
 use super::header::{self, HEADER_LEN, HEADER_OFFSETS, Header};
 use super::log::{self, LOG_SECTOR};
 use super::metadata::{DiskParameters, METADATA_TABLE_LEN, MetadataTable};
 use super::parent_locator::ParentLocator;
 use super::region_table::{self, REGION_TABLE_LEN, REGION_TABLE_OFFSETS, RegionTable};
 use crate::storage::Storage;
+use core::mem::offset_of;
+use zerocopy::{FromZeros, IntoBytes};
 
 /// Scans `bytes` as a log ring (its first 16 bytes are the LogGuid to look for) and checks
 /// what the scan promises: the entries it returns are consecutive, well inside the ring,
@@ -71,7 +74,7 @@ pub fn seal_checksums(storage: &dyn Storage) {
     let mut headers = [[0u8; HEADER_LEN]; 2];
     for (bytes, at) in headers.iter_mut().zip(HEADER_OFFSETS) {
         if storage.read_at(bytes, at).is_ok() && &bytes[..4] == header::SIGNATURE {
-            seal_crc32c(bytes, header::CHECKSUM_OFF);
+            seal_crc32c(bytes, offset_of!(RawHeader, checksum));
             let _ = storage.write_at(bytes, at);
         }
     }
@@ -81,10 +84,12 @@ pub fn seal_checksums(storage: &dyn Storage) {
         seal_log_entries(storage, current.log_offset, current.log_length);
     }
     for at in REGION_TABLE_OFFSETS {
-        let mut table = vec![0u8; REGION_TABLE_LEN];
-        if storage.read_at(&mut table, at).is_ok() && &table[..4] == region_table::SIGNATURE {
-            seal_crc32c(&mut table, region_table::CHECKSUM_OFF);
-            let _ = storage.write_at(&table, at);
+        let mut table = RawRegionTable::new_zeroed();
+        if storage.read_at(table.as_mut_bytes(), at).is_ok()
+            && &table.signature == region_table::SIGNATURE
+        {
+            seal_crc32c(table.as_mut_bytes(), offset_of!(RawRegionTable, checksum));
+            let _ = storage.write_at(table.as_bytes(), at);
         }
     }
 }

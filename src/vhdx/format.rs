@@ -76,9 +76,47 @@ pub struct RawRegionTableEntry {
     pub required: U32,
 }
 
+/// The metadata table (§2.6.1); its entries fill the rest of the 64 KiB.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+pub struct RawMetadataTable {
+    pub signature: [u8; 8],
+    pub reserved: [u8; 2],
+    pub entry_count: U16,
+    pub reserved2: [u8; 20],
+    pub entries: [RawMetadataTableEntry; METADATA_TABLE_MAX_ENTRIES],
+}
+
+pub const METADATA_TABLE_MAX_ENTRIES: usize = 2047;
+
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+pub struct RawMetadataTableEntry {
+    pub item_id: Guid,
+    /// From the start of the metadata region, at least 64 KiB (0 if the item is empty).
+    pub offset: U32,
+    /// At most 1 MiB.
+    pub length: U32,
+    /// Bit 0 IsUser, bit 1 IsVirtualDisk, bit 2 IsRequired.
+    pub flags: U32,
+    pub reserved: [u8; 4],
+}
+
+/// The File Parameters metadata item (§2.6.2.1).
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+pub struct RawFileParameters {
+    pub block_size: U32,
+    /// Bit 0 LeaveBlocksAllocated, bit 1 HasParent.
+    pub flags: U32,
+}
+
 const _: () = assert!(size_of::<RawHeader>() == 4096);
 const _: () = assert!(size_of::<RawRegionTable>() == 64 * 1024);
 const _: () = assert!(size_of::<RawRegionTableEntry>() == 32);
+const _: () = assert!(size_of::<RawMetadataTable>() == 64 * 1024);
+const _: () = assert!(size_of::<RawMetadataTableEntry>() == 32);
+const _: () = assert!(size_of::<RawFileParameters>() == 8);
 
 #[cfg(test)]
 mod tests {

@@ -54,11 +54,11 @@ pub fn parse_structures(bytes: &[u8]) {
     let n = bytes.len().min(METADATA_TABLE_LEN);
     table[..n].copy_from_slice(&bytes[..n]);
     if let Ok(table) = MetadataTable::parse(&table, u64::from(u32::MAX)) {
-        let _ = DiskParameters::read(&table, |offset, len| {
+        let _ = DiskParameters::read(&table, |offset, item| {
             let start = (offset as usize).min(bytes.len());
-            let mut item = bytes[start..(start + len).min(bytes.len())].to_vec();
-            item.resize(len, 0);
-            Ok(item)
+            let available = &bytes[start..(start + item.len()).min(bytes.len())];
+            item[..available.len()].copy_from_slice(available);
+            Ok(())
         });
     }
     if let Ok(locator) = ParentLocator::parse(bytes) {

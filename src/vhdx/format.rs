@@ -111,12 +111,86 @@ pub struct RawFileParameters {
     pub flags: U32,
 }
 
+/// A log entry's header (§2.3.1.1), at the start of its first sector; descriptors follow.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+pub struct RawLogEntryHeader {
+    pub signature: [u8; 4],
+    /// CRC-32C over EntryLength bytes with this field zeroed.
+    pub checksum: U32,
+    /// A multiple of 4 KiB.
+    pub entry_length: U32,
+    /// Log offset of the sequence's oldest entry.
+    pub tail: U32,
+    /// Non-zero, one more for each entry of a sequence.
+    pub sequence_number: U64,
+    pub descriptor_count: U32,
+    pub reserved: [u8; 4],
+    /// Must equal the header's LogGuid.
+    pub log_guid: Guid,
+    /// The durable file size when the entry was written.
+    pub flushed_file_offset: U64,
+    /// The file size that holds every structure.
+    pub last_file_offset: U64,
+}
+
+/// A zero descriptor (§2.3.1.2): a range to fill with zeros.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+pub struct RawZeroDescriptor {
+    pub signature: [u8; 4],
+    pub reserved: [u8; 4],
+    /// A multiple of 4 KiB.
+    pub zero_length: U64,
+    /// A multiple of 4 KiB.
+    pub file_offset: U64,
+    /// The entry's sequence number.
+    pub sequence_number: U64,
+}
+
+/// A data descriptor (§2.3.1.3): one page, whose ends it holds itself (see `RawLoggedPage`).
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+pub struct RawDataDescriptor {
+    pub signature: [u8; 4],
+    pub trailing_bytes: [u8; 4],
+    pub leading_bytes: [u8; 8],
+    /// A multiple of 4 KiB.
+    pub file_offset: U64,
+    /// The entry's sequence number.
+    pub sequence_number: U64,
+}
+
+/// A data sector (§2.3.1.4): the middle of one page, between halves of the sequence number.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+pub struct RawDataSector {
+    pub signature: [u8; 4],
+    pub sequence_high: U32,
+    pub data: [u8; 4084],
+    pub sequence_low: U32,
+}
+
+/// A logged 4 KiB page as the log splits it between its descriptor and its data sector.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+pub struct RawLoggedPage {
+    pub leading_bytes: [u8; 8],
+    pub data: [u8; 4084],
+    pub trailing_bytes: [u8; 4],
+}
+
 const _: () = assert!(size_of::<RawHeader>() == 4096);
 const _: () = assert!(size_of::<RawRegionTable>() == 64 * 1024);
 const _: () = assert!(size_of::<RawRegionTableEntry>() == 32);
 const _: () = assert!(size_of::<RawMetadataTable>() == 64 * 1024);
 const _: () = assert!(size_of::<RawMetadataTableEntry>() == 32);
 const _: () = assert!(size_of::<RawFileParameters>() == 8);
+const _: () = assert!(size_of::<RawLogEntryHeader>() == 64);
+const _: () = assert!(size_of::<RawZeroDescriptor>() == 32);
+const _: () = assert!(size_of::<RawDataDescriptor>() == 32);
+const _: () = assert!(size_of::<RawDataSector>() == 4096);
+const _: () = assert!(size_of::<RawLoggedPage>() == 4096);
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,8 @@
 //! Entry points for the fuzz targets (feature `fuzzing`): the log scan and the structure
 //! parsers on their own, and the checksum repair that lets mutated images reach them.
 
-use super::fields::{guid_at, seal_crc32c, u32_at};
-use super::format::{RawHeader, RawRegionTable};
+use super::fields::seal_crc32c;
+use super::format::{RawHeader, RawLogEntryHeader, RawRegionTable};
 use super::header::{self, HEADER_LEN, HEADER_OFFSETS, Header};
 use super::log::{self, LOG_SECTOR};
 use super::metadata::{DiskParameters, METADATA_TABLE_LEN, MetadataTable};
@@ -10,7 +10,8 @@ use super::parent_locator::ParentLocator;
 use super::region_table::{self, REGION_TABLE_LEN, REGION_TABLE_OFFSETS, RegionTable};
 use crate::storage::Storage;
 use core::mem::offset_of;
-use zerocopy::{FromZeros, IntoBytes};
+use uuid::Uuid;
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 /// Scans `bytes` as a log ring (its first 16 bytes are the LogGuid to look for) and checks
 /// what the scan promises: the entries it returns are consecutive, well inside the ring,
@@ -23,7 +24,7 @@ pub fn scan_log(bytes: &[u8]) {
     if ring.is_empty() {
         return;
     }
-    let guid = guid_at(guid, 0);
+    let guid = Uuid::from_bytes_le(*guid);
     let Ok(Some(sequence)) = log::find_active_sequence(ring, guid) else {
         return;
     };
@@ -105,15 +106,18 @@ fn seal_log_entries(storage: &dyn Storage, log_offset: u64, log_length: u32) {
     let ring_len = ring.len();
     let mut changed = false;
     for start in (0..ring_len).step_by(LOG_SECTOR) {
-        if &ring[start..start + 4] != log::ENTRY_SIGNATURE {
+        let Ok((header, _)) = RawLogEntryHeader::ref_from_prefix(&ring[start..]) else {
+            continue;
+        };
+        if &header.signature != log::ENTRY_SIGNATURE {
             continue;
         }
-        let len = u32_at(&ring, start + log::ENTRY_LENGTH_OFF) as usize;
+        let len = header.entry_length.get() as usize;
         if len == 0 || !len.is_multiple_of(LOG_SECTOR) || len > ring_len {
             continue;
         }
         let mut entry: Vec<u8> = (0..len).map(|i| ring[(start + i) % ring_len]).collect();
-        seal_crc32c(&mut entry, log::ENTRY_CHECKSUM_OFF);
+        seal_crc32c(&mut entry, offset_of!(RawLogEntryHeader, checksum));
         for (i, byte) in entry.into_iter().enumerate() {
             ring[(start + i) % ring_len] = byte;
         }

@@ -2,27 +2,15 @@
 //! in dynamic and differencing disks. Big-endian throughout.
 
 use super::checksum::vhd_checksum;
-use super::footer::{be_u32, be_u64};
+pub(super) use super::format::PARENT_LOCATORS_LEN;
+use super::format::{PARENT_NAME_LEN, RawDynamicHeader};
 use crate::error::{CorruptionKind, Error, Result};
+use core::mem::offset_of;
+use zerocopy::{FromZeros, IntoBytes};
 
-pub const HEADER_SIZE: usize = 1024;
+pub const HEADER_SIZE: usize = size_of::<RawDynamicHeader>();
 
 pub(super) const COOKIE: &[u8; 8] = b"cxsparse";
-// Field offsets inside the header.
-const OFF_COOKIE: usize = 0; // 8 bytes, "cxsparse"
-const OFF_DATA_OFFSET: usize = 8; // u64, unused (all ones)
-const OFF_TABLE_OFFSET: usize = 16; // u64, absolute offset of the BAT
-const OFF_VERSION: usize = 24; // u32, major version in the high 16 bits
-const OFF_MAX_TABLE_ENTRIES: usize = 28; // u32
-const OFF_BLOCK_SIZE: usize = 32; // u32, data bytes per block, bitmap excluded
-pub(super) const OFF_CHECKSUM: usize = 36; // u32
-const OFF_PARENT_UNIQUE_ID: usize = 40; // 16 bytes
-const OFF_PARENT_TIMESTAMP: usize = 56; // u32; bytes 60..64 reserved
-const OFF_PARENT_NAME: usize = 64; // 512 bytes, UTF-16BE, NUL-padded
-const PARENT_NAME_LEN: usize = 512;
-const OFF_PARENT_LOCATORS: usize = 576; // 8 entries of 24 bytes; bytes 768..1024 reserved
-pub const PARENT_LOCATORS_LEN: usize = 8 * 24;
-
 const SUPPORTED_MAJOR_VERSION: u32 = 1;
 const MIN_BLOCK_SIZE: u32 = 512;
 /// Largest disk the format allows: 0xFF000000 sectors (2040 GiB).
@@ -50,15 +38,16 @@ fn invalid(problem: String) -> Error {
 
 impl DynamicHeader {
     pub fn parse(bytes: &[u8; HEADER_SIZE]) -> Result<DynamicHeader> {
-        if &bytes[OFF_COOKIE..OFF_COOKIE + 8] != COOKIE {
+        let raw: &RawDynamicHeader = zerocopy::transmute_ref!(bytes);
+        if &raw.cookie != COOKIE {
             return Err(Error::corrupt(
                 CorruptionKind::BadSignature,
                 STRUCTURE,
                 "Cookie field is not \"cxsparse\"",
             ));
         }
-        let stored = be_u32(bytes, OFF_CHECKSUM);
-        let computed = vhd_checksum(bytes, OFF_CHECKSUM);
+        let stored = raw.checksum.get();
+        let computed = vhd_checksum(bytes, offset_of!(RawDynamicHeader, checksum));
         if stored != computed {
             return Err(Error::corrupt(
                 CorruptionKind::BadChecksum,
@@ -68,19 +57,19 @@ impl DynamicHeader {
                 ),
             ));
         }
-        let version = be_u32(bytes, OFF_VERSION);
+        let version = raw.version.get();
         if version >> 16 != SUPPORTED_MAJOR_VERSION {
             return Err(invalid(format!(
                 "Header Version {version:#010x} is not 1.x"
             )));
         }
-        let block_size = be_u32(bytes, OFF_BLOCK_SIZE);
+        let block_size = raw.block_size.get();
         if !block_size.is_power_of_two() || block_size < MIN_BLOCK_SIZE {
             return Err(invalid(format!(
                 "Block Size {block_size} is not a power of two of at least {MIN_BLOCK_SIZE}"
             )));
         }
-        let max_table_entries = be_u32(bytes, OFF_MAX_TABLE_ENTRIES);
+        let max_table_entries = raw.max_table_entries.get();
         // Tables a little longer than the disk needs are normal (older creators added an
         // entry; shrunk disks keep theirs), but none may describe more than the format's
         // largest disk.
@@ -92,44 +81,38 @@ impl DynamicHeader {
             )));
         }
         Ok(DynamicHeader {
-            data_offset: be_u64(bytes, OFF_DATA_OFFSET),
-            table_offset: be_u64(bytes, OFF_TABLE_OFFSET),
+            data_offset: raw.data_offset.get(),
+            table_offset: raw.table_offset.get(),
             version,
             max_table_entries,
             block_size,
-            parent_unique_id: bytes[OFF_PARENT_UNIQUE_ID..OFF_PARENT_UNIQUE_ID + 16]
-                .try_into()
-                .unwrap(),
-            parent_timestamp: be_u32(bytes, OFF_PARENT_TIMESTAMP),
-            parent_name: bytes[OFF_PARENT_NAME..OFF_PARENT_NAME + PARENT_NAME_LEN]
-                .try_into()
-                .unwrap(),
-            parent_locators: bytes[OFF_PARENT_LOCATORS..OFF_PARENT_LOCATORS + PARENT_LOCATORS_LEN]
-                .try_into()
-                .unwrap(),
+            parent_unique_id: raw.parent_unique_id,
+            parent_timestamp: raw.parent_timestamp.get(),
+            parent_name: raw.parent_name,
+            parent_locators: raw.parent_locators,
         })
     }
 
     /// The header's bytes with a fresh checksum; reserved bytes are zero. Used to create
     /// images: the driver never rewrites a header.
     pub fn serialize(&self) -> [u8; HEADER_SIZE] {
-        let mut b = [0u8; HEADER_SIZE];
-        b[OFF_COOKIE..OFF_COOKIE + 8].copy_from_slice(COOKIE);
-        b[OFF_DATA_OFFSET..OFF_DATA_OFFSET + 8].copy_from_slice(&self.data_offset.to_be_bytes());
-        b[OFF_TABLE_OFFSET..OFF_TABLE_OFFSET + 8].copy_from_slice(&self.table_offset.to_be_bytes());
-        b[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&self.version.to_be_bytes());
-        b[OFF_MAX_TABLE_ENTRIES..OFF_MAX_TABLE_ENTRIES + 4]
-            .copy_from_slice(&self.max_table_entries.to_be_bytes());
-        b[OFF_BLOCK_SIZE..OFF_BLOCK_SIZE + 4].copy_from_slice(&self.block_size.to_be_bytes());
-        b[OFF_PARENT_UNIQUE_ID..OFF_PARENT_UNIQUE_ID + 16].copy_from_slice(&self.parent_unique_id);
-        b[OFF_PARENT_TIMESTAMP..OFF_PARENT_TIMESTAMP + 4]
-            .copy_from_slice(&self.parent_timestamp.to_be_bytes());
-        b[OFF_PARENT_NAME..OFF_PARENT_NAME + PARENT_NAME_LEN].copy_from_slice(&self.parent_name);
-        b[OFF_PARENT_LOCATORS..OFF_PARENT_LOCATORS + PARENT_LOCATORS_LEN]
-            .copy_from_slice(&self.parent_locators);
-        let checksum = vhd_checksum(&b, OFF_CHECKSUM);
-        b[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&checksum.to_be_bytes());
-        b
+        let mut raw = RawDynamicHeader {
+            cookie: *COOKIE,
+            data_offset: self.data_offset.into(),
+            table_offset: self.table_offset.into(),
+            version: self.version.into(),
+            max_table_entries: self.max_table_entries.into(),
+            block_size: self.block_size.into(),
+            checksum: 0.into(),
+            parent_unique_id: self.parent_unique_id,
+            parent_timestamp: self.parent_timestamp.into(),
+            reserved1: FromZeros::new_zeroed(),
+            parent_name: self.parent_name,
+            parent_locators: self.parent_locators,
+            reserved2: FromZeros::new_zeroed(),
+        };
+        raw.checksum = vhd_checksum(raw.as_bytes(), offset_of!(RawDynamicHeader, checksum)).into();
+        zerocopy::transmute!(raw)
     }
 
     /// The Parent Unicode Name (UTF-16BE, up to the first NUL); undecodable units show as
@@ -190,7 +173,8 @@ mod tests {
             parent_locators: [0; PARENT_LOCATORS_LEN],
         };
         let bytes = header.serialize();
-        assert_eq!(be_u32(&bytes, OFF_CHECKSUM), 0xFFFF_F474);
+        let raw: &RawDynamicHeader = zerocopy::transmute_ref!(&bytes);
+        assert_eq!(raw.checksum.get(), 0xFFFF_F474);
     }
 
     fn rejected(bytes: &[u8; HEADER_SIZE]) -> (CorruptionKind, String) {
@@ -201,20 +185,32 @@ mod tests {
     /// Sets a field and repairs the checksum, so only the field itself is wrong.
     fn with_field(at: usize, value: &[u8]) -> [u8; HEADER_SIZE] {
         let mut b = sample().serialize();
-        super::super::checksum::set_field_keeping_checksum(&mut b, at, value, OFF_CHECKSUM);
+        super::super::checksum::set_field_keeping_checksum(
+            &mut b,
+            at,
+            value,
+            offset_of!(RawDynamicHeader, checksum),
+        );
         b
     }
 
     #[test]
     fn rejects_a_bad_cookie() {
-        let (kind, msg) = rejected(&with_field(OFF_COOKIE, b"cxsparsE"));
+        let (kind, msg) = rejected(&with_field(
+            offset_of!(RawDynamicHeader, cookie),
+            b"cxsparsE",
+        ));
         assert_eq!(kind, CorruptionKind::BadSignature);
         assert!(msg.starts_with("VHD dynamic header: Cookie"), "{msg}");
     }
 
     #[test]
     fn rejects_a_bad_checksum() {
-        for at in [OFF_TABLE_OFFSET, OFF_CHECKSUM + 3, HEADER_SIZE - 1] {
+        for at in [
+            offset_of!(RawDynamicHeader, table_offset),
+            offset_of!(RawDynamicHeader, checksum) + 3,
+            HEADER_SIZE - 1,
+        ] {
             let mut b = sample().serialize();
             b[at] ^= 0x80;
             let (kind, msg) = rejected(&b);
@@ -228,7 +224,10 @@ mod tests {
 
     #[test]
     fn rejects_an_unknown_version() {
-        let (kind, msg) = rejected(&with_field(OFF_VERSION, &0x0002_0000u32.to_be_bytes()));
+        let (kind, msg) = rejected(&with_field(
+            offset_of!(RawDynamicHeader, version),
+            &0x0002_0000u32.to_be_bytes(),
+        ));
         assert_eq!(kind, CorruptionKind::InvalidField);
         assert!(msg.contains("Header Version"), "{msg}");
     }
@@ -236,12 +235,18 @@ mod tests {
     #[test]
     fn rejects_bad_block_sizes() {
         for size in [0u32, 256, 511, 513, 3 << 20, 0xFFFF_FFFF] {
-            let (kind, msg) = rejected(&with_field(OFF_BLOCK_SIZE, &size.to_be_bytes()));
+            let (kind, msg) = rejected(&with_field(
+                offset_of!(RawDynamicHeader, block_size),
+                &size.to_be_bytes(),
+            ));
             assert_eq!(kind, CorruptionKind::InvalidField);
             assert!(msg.contains("Block Size"), "{msg}");
         }
         for size in [512u32, 4096, 2 << 20, 1 << 31] {
-            let bytes = with_field(OFF_BLOCK_SIZE, &size.to_be_bytes());
+            let bytes = with_field(
+                offset_of!(RawDynamicHeader, block_size),
+                &size.to_be_bytes(),
+            );
             assert_eq!(DynamicHeader::parse(&bytes).unwrap().block_size, size);
         }
     }
@@ -250,10 +255,16 @@ mod tests {
     fn rejects_huge_tables() {
         // 2 MiB blocks: 1020 * 1024 entries cover the largest disk, one spare is tolerated.
         let most = 1020 * 1024 + 1u32;
-        let ok = with_field(OFF_MAX_TABLE_ENTRIES, &most.to_be_bytes());
+        let ok = with_field(
+            offset_of!(RawDynamicHeader, max_table_entries),
+            &most.to_be_bytes(),
+        );
         assert_eq!(DynamicHeader::parse(&ok).unwrap().max_table_entries, most);
         for entries in [most + 1, u32::MAX] {
-            let (kind, msg) = rejected(&with_field(OFF_MAX_TABLE_ENTRIES, &entries.to_be_bytes()));
+            let (kind, msg) = rejected(&with_field(
+                offset_of!(RawDynamicHeader, max_table_entries),
+                &entries.to_be_bytes(),
+            ));
             assert_eq!(kind, CorruptionKind::InvalidField);
             assert!(msg.contains("Max Table Entries"), "{msg}");
         }

@@ -2,33 +2,17 @@
 //! offset 0 of dynamic and differencing disks. Big-endian throughout.
 
 use super::checksum::vhd_checksum;
+use super::format::RawFooter;
 use super::geometry::Geometry;
 use crate::error::{CorruptionKind, Error, Result};
+use core::mem::offset_of;
+use zerocopy::{FromZeros, IntoBytes};
 
-pub const FOOTER_SIZE: usize = 512;
+pub const FOOTER_SIZE: usize = size_of::<RawFooter>();
 /// Virtual PC before 2004 wrote the footer one byte short; the missing byte is reserved.
 pub const LEGACY_FOOTER_SIZE: usize = 511;
 
 pub(super) const COOKIE: &[u8; 8] = b"conectix";
-// Field offsets inside the footer.
-const OFF_COOKIE: usize = 0; // 8 bytes, "conectix"
-const OFF_FEATURES: usize = 8; // u32
-const OFF_VERSION: usize = 12; // u32, major version in the high 16 bits
-pub(super) const OFF_DATA_OFFSET: usize = 16; // u64, dynamic header offset (all ones for fixed)
-const OFF_TIMESTAMP: usize = 24; // u32, seconds since 2000-01-01 UTC
-const OFF_CREATOR_APP: usize = 28; // 4 ASCII bytes
-const OFF_CREATOR_VERSION: usize = 32; // u32
-const OFF_CREATOR_HOST_OS: usize = 36; // 4 ASCII bytes
-const OFF_ORIGINAL_SIZE: usize = 40; // u64
-const OFF_CURRENT_SIZE: usize = 48; // u64
-const OFF_CYLINDERS: usize = 56; // u16
-const OFF_HEADS: usize = 58; // u8
-const OFF_SECTORS_PER_TRACK: usize = 59; // u8
-const OFF_DISK_TYPE: usize = 60; // u32
-pub(super) const OFF_CHECKSUM: usize = 64; // u32
-const OFF_UNIQUE_ID: usize = 68; // 16 bytes
-const OFF_SAVED_STATE: usize = 84; // u8; bytes 85..512 are reserved
-
 const SUPPORTED_MAJOR_VERSION: u32 = 1;
 /// Data Offset of a fixed disk: the specification says 0xFFFFFFFF, tools write all ones.
 pub const NO_DATA_OFFSET: u64 = u64::MAX;
@@ -76,26 +60,19 @@ pub struct Footer {
     pub saved_state: u8,
 }
 
-pub(super) fn be_u32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4-byte field"))
-}
-
-pub(super) fn be_u64(bytes: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8-byte field"))
-}
-
 impl Footer {
     /// Parses and validates a footer; `structure` names where it was found, for errors.
     pub fn parse(bytes: &[u8; FOOTER_SIZE], structure: &str) -> Result<Footer> {
-        if &bytes[OFF_COOKIE..OFF_COOKIE + 8] != COOKIE {
+        let raw: &RawFooter = zerocopy::transmute_ref!(bytes);
+        if &raw.cookie != COOKIE {
             return Err(Error::corrupt(
                 CorruptionKind::BadSignature,
                 structure,
                 "Cookie field is not \"conectix\"",
             ));
         }
-        let stored = be_u32(bytes, OFF_CHECKSUM);
-        let computed = vhd_checksum(bytes, OFF_CHECKSUM);
+        let stored = raw.checksum.get();
+        let computed = vhd_checksum(bytes, offset_of!(RawFooter, checksum));
         if stored != computed {
             return Err(Error::corrupt(
                 CorruptionKind::BadChecksum,
@@ -105,7 +82,7 @@ impl Footer {
                 ),
             ));
         }
-        let version = be_u32(bytes, OFF_VERSION);
+        let version = raw.version.get();
         if version >> 16 != SUPPORTED_MAJOR_VERSION {
             return Err(Error::corrupt(
                 CorruptionKind::InvalidField,
@@ -113,7 +90,7 @@ impl Footer {
                 format!("File Format Version {version:#010x} is not 1.x"),
             ));
         }
-        let type_field = be_u32(bytes, OFF_DISK_TYPE);
+        let type_field = raw.disk_type.get();
         let disk_type = DiskType::from_field(type_field).ok_or_else(|| {
             Error::corrupt(
                 CorruptionKind::InvalidField,
@@ -122,55 +99,51 @@ impl Footer {
             )
         })?;
         Ok(Footer {
-            features: be_u32(bytes, OFF_FEATURES),
+            features: raw.features.get(),
             version,
-            data_offset: be_u64(bytes, OFF_DATA_OFFSET),
-            timestamp: be_u32(bytes, OFF_TIMESTAMP),
-            creator_app: bytes[OFF_CREATOR_APP..OFF_CREATOR_APP + 4]
-                .try_into()
-                .unwrap(),
-            creator_version: be_u32(bytes, OFF_CREATOR_VERSION),
-            creator_host_os: bytes[OFF_CREATOR_HOST_OS..OFF_CREATOR_HOST_OS + 4]
-                .try_into()
-                .unwrap(),
-            original_size: be_u64(bytes, OFF_ORIGINAL_SIZE),
-            current_size: be_u64(bytes, OFF_CURRENT_SIZE),
+            data_offset: raw.data_offset.get(),
+            timestamp: raw.timestamp.get(),
+            creator_app: raw.creator_app,
+            creator_version: raw.creator_version.get(),
+            creator_host_os: raw.creator_host_os,
+            original_size: raw.original_size.get(),
+            current_size: raw.current_size.get(),
             geometry: Geometry {
-                cylinders: u16::from_be_bytes([bytes[OFF_CYLINDERS], bytes[OFF_CYLINDERS + 1]]),
-                heads: bytes[OFF_HEADS],
-                sectors_per_track: bytes[OFF_SECTORS_PER_TRACK],
+                cylinders: raw.cylinders.get(),
+                heads: raw.heads,
+                sectors_per_track: raw.sectors_per_track,
             },
             disk_type,
-            unique_id: bytes[OFF_UNIQUE_ID..OFF_UNIQUE_ID + 16].try_into().unwrap(),
-            saved_state: bytes[OFF_SAVED_STATE],
+            unique_id: raw.unique_id,
+            saved_state: raw.saved_state,
         })
     }
 
     /// The footer's bytes with a fresh checksum; reserved bytes are zero. Used to create
     /// images: the driver rewrites the footer it found, reserved bytes and all.
     pub fn serialize(&self) -> [u8; FOOTER_SIZE] {
-        let mut b = [0u8; FOOTER_SIZE];
-        b[OFF_COOKIE..OFF_COOKIE + 8].copy_from_slice(COOKIE);
-        b[OFF_FEATURES..OFF_FEATURES + 4].copy_from_slice(&self.features.to_be_bytes());
-        b[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&self.version.to_be_bytes());
-        b[OFF_DATA_OFFSET..OFF_DATA_OFFSET + 8].copy_from_slice(&self.data_offset.to_be_bytes());
-        b[OFF_TIMESTAMP..OFF_TIMESTAMP + 4].copy_from_slice(&self.timestamp.to_be_bytes());
-        b[OFF_CREATOR_APP..OFF_CREATOR_APP + 4].copy_from_slice(&self.creator_app);
-        b[OFF_CREATOR_VERSION..OFF_CREATOR_VERSION + 4]
-            .copy_from_slice(&self.creator_version.to_be_bytes());
-        b[OFF_CREATOR_HOST_OS..OFF_CREATOR_HOST_OS + 4].copy_from_slice(&self.creator_host_os);
-        b[OFF_ORIGINAL_SIZE..OFF_ORIGINAL_SIZE + 8]
-            .copy_from_slice(&self.original_size.to_be_bytes());
-        b[OFF_CURRENT_SIZE..OFF_CURRENT_SIZE + 8].copy_from_slice(&self.current_size.to_be_bytes());
-        b[OFF_CYLINDERS..OFF_CYLINDERS + 2].copy_from_slice(&self.geometry.cylinders.to_be_bytes());
-        b[OFF_HEADS] = self.geometry.heads;
-        b[OFF_SECTORS_PER_TRACK] = self.geometry.sectors_per_track;
-        b[OFF_DISK_TYPE..OFF_DISK_TYPE + 4].copy_from_slice(&self.disk_type.field().to_be_bytes());
-        b[OFF_UNIQUE_ID..OFF_UNIQUE_ID + 16].copy_from_slice(&self.unique_id);
-        b[OFF_SAVED_STATE] = self.saved_state;
-        let checksum = vhd_checksum(&b, OFF_CHECKSUM);
-        b[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&checksum.to_be_bytes());
-        b
+        let mut raw = RawFooter {
+            cookie: *COOKIE,
+            features: self.features.into(),
+            version: self.version.into(),
+            data_offset: self.data_offset.into(),
+            timestamp: self.timestamp.into(),
+            creator_app: self.creator_app,
+            creator_version: self.creator_version.into(),
+            creator_host_os: self.creator_host_os,
+            original_size: self.original_size.into(),
+            current_size: self.current_size.into(),
+            cylinders: self.geometry.cylinders.into(),
+            heads: self.geometry.heads,
+            sectors_per_track: self.geometry.sectors_per_track,
+            disk_type: self.disk_type.field().into(),
+            checksum: 0.into(),
+            unique_id: self.unique_id,
+            saved_state: self.saved_state,
+            reserved: FromZeros::new_zeroed(),
+        };
+        raw.checksum = vhd_checksum(raw.as_bytes(), offset_of!(RawFooter, checksum)).into();
+        zerocopy::transmute!(raw)
     }
 }
 
@@ -216,7 +189,10 @@ mod tests {
     #[test]
     fn azure_footer_vector_parses_with_its_checksum() {
         let bytes = azure_footer();
-        assert_eq!(vhd_checksum(&bytes, OFF_CHECKSUM), 0xFFFF_E747);
+        assert_eq!(
+            vhd_checksum(&bytes, offset_of!(RawFooter, checksum)),
+            0xFFFF_E747
+        );
         let footer = Footer::parse(&bytes, "VHD footer").unwrap();
         assert_eq!(footer.disk_type, DiskType::Fixed);
         assert_eq!(&footer.creator_app, b"wa\0\0");
@@ -246,20 +222,29 @@ mod tests {
     /// Sets a field and repairs the checksum, so only the field itself is wrong.
     fn with_field(at: usize, value: &[u8]) -> [u8; FOOTER_SIZE] {
         let mut b = sample().serialize();
-        super::super::checksum::set_field_keeping_checksum(&mut b, at, value, OFF_CHECKSUM);
+        super::super::checksum::set_field_keeping_checksum(
+            &mut b,
+            at,
+            value,
+            offset_of!(RawFooter, checksum),
+        );
         b
     }
 
     #[test]
     fn rejects_a_bad_cookie() {
-        let (kind, msg) = rejected(&with_field(OFF_COOKIE, b"conectiX"));
+        let (kind, msg) = rejected(&with_field(offset_of!(RawFooter, cookie), b"conectiX"));
         assert_eq!(kind, CorruptionKind::BadSignature);
         assert!(msg.starts_with("VHD footer: Cookie"), "{msg}");
     }
 
     #[test]
     fn rejects_a_bad_checksum() {
-        for at in [OFF_CURRENT_SIZE, OFF_CHECKSUM, 511] {
+        for at in [
+            offset_of!(RawFooter, current_size),
+            offset_of!(RawFooter, checksum),
+            511,
+        ] {
             let mut b = sample().serialize();
             b[at] ^= 1;
             let (kind, msg) = rejected(&b);
@@ -270,7 +255,10 @@ mod tests {
 
     #[test]
     fn rejects_an_unknown_version() {
-        let (kind, msg) = rejected(&with_field(OFF_VERSION, &0x0002_0000u32.to_be_bytes()));
+        let (kind, msg) = rejected(&with_field(
+            offset_of!(RawFooter, version),
+            &0x0002_0000u32.to_be_bytes(),
+        ));
         assert_eq!(kind, CorruptionKind::InvalidField);
         assert!(msg.contains("File Format Version"), "{msg}");
     }
@@ -278,7 +266,10 @@ mod tests {
     #[test]
     fn rejects_unknown_disk_types() {
         for value in [0u32, 1, 5, 6, 0xFFFF_FFFF] {
-            let (kind, msg) = rejected(&with_field(OFF_DISK_TYPE, &value.to_be_bytes()));
+            let (kind, msg) = rejected(&with_field(
+                offset_of!(RawFooter, disk_type),
+                &value.to_be_bytes(),
+            ));
             assert_eq!(kind, CorruptionKind::InvalidField);
             assert!(msg.contains("Disk Type"), "{msg}");
         }

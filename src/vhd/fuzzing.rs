@@ -4,8 +4,11 @@
 use super::checksum::vhd_checksum;
 use super::dynamic_header::{self, DynamicHeader, HEADER_SIZE};
 use super::footer::{self, FOOTER_SIZE, Footer};
+use super::format::{RawDynamicHeader, RawFooter};
 use super::parent_locator::ParentLocator;
 use crate::storage::Storage;
+use core::mem::offset_of;
+use zerocopy::{FromZeros, IntoBytes};
 
 /// Runs the footer, dynamic header and parent locator parsers over `bytes`: a footer, a
 /// dynamic header, then locator data addressed from offset 0 of `bytes`.
@@ -39,25 +42,22 @@ pub fn seal_checksums(storage: &dyn Storage) {
         .into_iter()
         .flatten()
     {
-        let mut bytes = [0u8; FOOTER_SIZE];
-        if storage.read_at(&mut bytes, at).is_err() || &bytes[..8] != footer::COOKIE {
+        let mut footer = RawFooter::new_zeroed();
+        if storage.read_at(footer.as_mut_bytes(), at).is_err() || &footer.cookie != footer::COOKIE {
             continue;
         }
-        seal(&mut bytes, footer::OFF_CHECKSUM);
-        let _ = storage.write_at(&bytes, at);
-        let data_offset = &bytes[footer::OFF_DATA_OFFSET..footer::OFF_DATA_OFFSET + 8];
-        dynamic_header_at.get_or_insert(u64::from_be_bytes(data_offset.try_into().unwrap()));
+        footer.checksum = vhd_checksum(footer.as_bytes(), offset_of!(RawFooter, checksum)).into();
+        let _ = storage.write_at(footer.as_bytes(), at);
+        dynamic_header_at.get_or_insert(footer.data_offset.get());
     }
     if let Some(at) = dynamic_header_at {
-        let mut header = [0u8; HEADER_SIZE];
-        if storage.read_at(&mut header, at).is_ok() && &header[..8] == dynamic_header::COOKIE {
-            seal(&mut header, dynamic_header::OFF_CHECKSUM);
-            let _ = storage.write_at(&header, at);
+        let mut header = RawDynamicHeader::new_zeroed();
+        if storage.read_at(header.as_mut_bytes(), at).is_ok()
+            && &header.cookie == dynamic_header::COOKIE
+        {
+            header.checksum =
+                vhd_checksum(header.as_bytes(), offset_of!(RawDynamicHeader, checksum)).into();
+            let _ = storage.write_at(header.as_bytes(), at);
         }
     }
-}
-
-fn seal(bytes: &mut [u8], field: usize) {
-    let sum = vhd_checksum(bytes, field);
-    bytes[field..field + 4].copy_from_slice(&sum.to_be_bytes());
 }

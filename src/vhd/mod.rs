@@ -33,6 +33,7 @@ pub mod create;
 mod differencing;
 mod dynamic_header;
 mod footer;
+mod format;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod geometry;

@@ -2,18 +2,12 @@
 //! the end of the dynamic header, each pointing at a data area elsewhere in the file that
 //! holds one way to find the parent (a relative or absolute path, by platform).
 
-use super::footer::{be_u32, be_u64};
+use super::format::{PARENT_LOCATORS_LEN, RawParentLocator};
 use crate::error::{CorruptionKind, Error, Result};
 use crate::layer::ParentPath;
 
-pub const ENTRY_SIZE: usize = 24;
-pub const ENTRY_COUNT: usize = 8;
-// Field offsets inside one entry.
-const OFF_PLATFORM_CODE: usize = 0; // u32, four ASCII characters; 0 marks an unused entry
-const OFF_DATA_SPACE: usize = 4; // u32, room reserved for the data (see `space_bytes`)
-const OFF_DATA_LENGTH: usize = 8; // u32, bytes of locator data
-// Bytes 12..16 are reserved (zero).
-const OFF_DATA_OFFSET: usize = 16; // u64, absolute file offset of the data
+pub const ENTRY_SIZE: usize = size_of::<RawParentLocator>();
+pub const ENTRY_COUNT: usize = PARENT_LOCATORS_LEN / ENTRY_SIZE;
 
 /// Most locator data read: a Windows path is at most 32767 UTF-16 units.
 pub const MAX_DATA_LENGTH: u32 = 65536;
@@ -96,30 +90,29 @@ fn structure(index: usize, platform: Platform) -> String {
 
 impl ParentLocator {
     pub fn parse(bytes: &[u8; ENTRY_SIZE]) -> ParentLocator {
+        let raw: &RawParentLocator = zerocopy::transmute_ref!(bytes);
         ParentLocator {
-            platform: Platform::from_code(be_u32(bytes, OFF_PLATFORM_CODE)),
-            data_space: be_u32(bytes, OFF_DATA_SPACE),
-            data_length: be_u32(bytes, OFF_DATA_LENGTH),
-            data_offset: be_u64(bytes, OFF_DATA_OFFSET),
+            platform: Platform::from_code(raw.platform_code.get()),
+            data_space: raw.data_space.get(),
+            data_length: raw.data_length.get(),
+            data_offset: raw.data_offset.get(),
         }
     }
 
     /// All eight entries of a header's locator field.
-    pub fn parse_all(bytes: &[u8; ENTRY_SIZE * ENTRY_COUNT]) -> Vec<ParentLocator> {
-        bytes
-            .chunks_exact(ENTRY_SIZE)
-            .map(|entry| ParentLocator::parse(entry.try_into().expect("24-byte entry")))
-            .collect()
+    pub fn parse_all(bytes: &[u8; PARENT_LOCATORS_LEN]) -> Vec<ParentLocator> {
+        let entries: &[[u8; ENTRY_SIZE]; ENTRY_COUNT] = zerocopy::transmute_ref!(bytes);
+        entries.iter().map(ParentLocator::parse).collect()
     }
 
     pub fn serialize(&self) -> [u8; ENTRY_SIZE] {
-        let mut b = [0u8; ENTRY_SIZE];
-        b[OFF_PLATFORM_CODE..OFF_PLATFORM_CODE + 4]
-            .copy_from_slice(&self.platform.code().to_be_bytes());
-        b[OFF_DATA_SPACE..OFF_DATA_SPACE + 4].copy_from_slice(&self.data_space.to_be_bytes());
-        b[OFF_DATA_LENGTH..OFF_DATA_LENGTH + 4].copy_from_slice(&self.data_length.to_be_bytes());
-        b[OFF_DATA_OFFSET..OFF_DATA_OFFSET + 8].copy_from_slice(&self.data_offset.to_be_bytes());
-        b
+        zerocopy::transmute!(RawParentLocator {
+            platform_code: self.platform.code().into(),
+            data_space: self.data_space.into(),
+            data_length: self.data_length.into(),
+            reserved: [0; 4],
+            data_offset: self.data_offset.into(),
+        })
     }
 
     /// Bytes reserved for the data. The specification counts Data Space in sectors, but

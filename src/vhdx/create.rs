@@ -19,8 +19,9 @@
 //!   library maps it back and tries it after the relative path.
 
 use super::bat::{BAT_ENTRY_LEN, BatEntry, BatLayout, PayloadState};
-use super::fields::{MIB, put_guid, put_u32, put_u64};
+use super::fields::MIB;
 use super::file_identifier::FileIdentifier;
+use super::format::RawFileParameters;
 use super::header::{HEADER_OFFSETS, Header};
 use super::metadata::{
     FILE_PARAMETERS, LOGICAL_SECTOR_SIZE, METADATA_TABLE_LEN, MetadataItem, MetadataTable,
@@ -37,6 +38,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use uuid::Uuid;
+use zerocopy::IntoBytes;
 
 /// Hyper-V's block size for new dynamic VHDX files.
 pub const DEFAULT_BLOCK_SIZE: u32 = 32 << 20;
@@ -214,17 +216,14 @@ fn metadata_region(plan: &Plan) -> Result<Vec<u8>> {
     } else {
         0
     };
-    let mut file_parameters = [0u8; 8];
-    put_u32(&mut file_parameters, 0, plan.block_size);
-    put_u32(&mut file_parameters, 4, flags);
-    let mut size = [0u8; 8];
-    put_u64(&mut size, 0, plan.size);
-    let mut disk_id = [0u8; 16];
-    put_guid(&mut disk_id, 0, &plan.disk_id);
+    let file_parameters = RawFileParameters {
+        block_size: plan.block_size.into(),
+        flags: flags.into(),
+    };
     let mut items: Vec<(Uuid, bool, Vec<u8>)> = vec![
-        (FILE_PARAMETERS, false, file_parameters.to_vec()),
-        (VIRTUAL_DISK_SIZE, true, size.to_vec()),
-        (VIRTUAL_DISK_ID, true, disk_id.to_vec()),
+        (FILE_PARAMETERS, false, file_parameters.as_bytes().to_vec()),
+        (VIRTUAL_DISK_SIZE, true, plan.size.to_le_bytes().to_vec()),
+        (VIRTUAL_DISK_ID, true, plan.disk_id.to_bytes_le().to_vec()),
         (
             LOGICAL_SECTOR_SIZE,
             true,

@@ -31,10 +31,6 @@ pub fn put_u32(buf: &mut [u8], off: usize, v: u32) {
     buf[off..off + 4].copy_from_slice(&v.to_le_bytes());
 }
 
-pub fn put_u64(buf: &mut [u8], off: usize, v: u64) {
-    buf[off..off + 8].copy_from_slice(&v.to_le_bytes());
-}
-
 pub fn put_guid(buf: &mut [u8], off: usize, g: &Uuid) {
     buf[off..off + 16].copy_from_slice(&g.to_bytes_le());
 }

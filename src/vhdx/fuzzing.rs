@@ -1,13 +1,17 @@
 //! Entry points for the fuzz targets (feature `fuzzing`): the log scan and the structure
 //! parsers on their own, and the checksum repair that lets mutated images reach them.
 
-use super::fields::{guid_at, seal_crc32c, u32_at};
+use super::fields::seal_crc32c;
+use super::format::{RawHeader, RawLogEntryHeader, RawRegionTable};
 use super::header::{self, HEADER_LEN, HEADER_OFFSETS, Header};
 use super::log::{self, LOG_SECTOR};
 use super::metadata::{DiskParameters, METADATA_TABLE_LEN, MetadataTable};
 use super::parent_locator::ParentLocator;
 use super::region_table::{self, REGION_TABLE_LEN, REGION_TABLE_OFFSETS, RegionTable};
 use crate::storage::Storage;
+use core::mem::offset_of;
+use uuid::Uuid;
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 /// Scans `bytes` as a log ring (its first 16 bytes are the LogGuid to look for) and checks
 /// what the scan promises: the entries it returns are consecutive, well inside the ring,
@@ -20,7 +24,7 @@ pub fn scan_log(bytes: &[u8]) {
     if ring.is_empty() {
         return;
     }
-    let guid = guid_at(guid, 0);
+    let guid = Uuid::from_bytes_le(*guid);
     let Ok(Some(sequence)) = log::find_active_sequence(ring, guid) else {
         return;
     };
@@ -51,11 +55,11 @@ pub fn parse_structures(bytes: &[u8]) {
     let n = bytes.len().min(METADATA_TABLE_LEN);
     table[..n].copy_from_slice(&bytes[..n]);
     if let Ok(table) = MetadataTable::parse(&table, u64::from(u32::MAX)) {
-        let _ = DiskParameters::read(&table, |offset, len| {
+        let _ = DiskParameters::read(&table, |offset, item| {
             let start = (offset as usize).min(bytes.len());
-            let mut item = bytes[start..(start + len).min(bytes.len())].to_vec();
-            item.resize(len, 0);
-            Ok(item)
+            let available = &bytes[start..(start + item.len()).min(bytes.len())];
+            item[..available.len()].copy_from_slice(available);
+            Ok(())
         });
     }
     if let Ok(locator) = ParentLocator::parse(bytes) {
@@ -71,7 +75,7 @@ pub fn seal_checksums(storage: &dyn Storage) {
     let mut headers = [[0u8; HEADER_LEN]; 2];
     for (bytes, at) in headers.iter_mut().zip(HEADER_OFFSETS) {
         if storage.read_at(bytes, at).is_ok() && &bytes[..4] == header::SIGNATURE {
-            seal_crc32c(bytes, header::CHECKSUM_OFF);
+            seal_crc32c(bytes, offset_of!(RawHeader, checksum));
             let _ = storage.write_at(bytes, at);
         }
     }
@@ -81,10 +85,12 @@ pub fn seal_checksums(storage: &dyn Storage) {
         seal_log_entries(storage, current.log_offset, current.log_length);
     }
     for at in REGION_TABLE_OFFSETS {
-        let mut table = vec![0u8; REGION_TABLE_LEN];
-        if storage.read_at(&mut table, at).is_ok() && &table[..4] == region_table::SIGNATURE {
-            seal_crc32c(&mut table, region_table::CHECKSUM_OFF);
-            let _ = storage.write_at(&table, at);
+        let mut table = RawRegionTable::new_zeroed();
+        if storage.read_at(table.as_mut_bytes(), at).is_ok()
+            && &table.signature == region_table::SIGNATURE
+        {
+            seal_crc32c(table.as_mut_bytes(), offset_of!(RawRegionTable, checksum));
+            let _ = storage.write_at(table.as_bytes(), at);
         }
     }
 }
@@ -100,15 +106,18 @@ fn seal_log_entries(storage: &dyn Storage, log_offset: u64, log_length: u32) {
     let ring_len = ring.len();
     let mut changed = false;
     for start in (0..ring_len).step_by(LOG_SECTOR) {
-        if &ring[start..start + 4] != log::ENTRY_SIGNATURE {
+        let Ok((header, _)) = RawLogEntryHeader::ref_from_prefix(&ring[start..]) else {
+            continue;
+        };
+        if &header.signature != log::ENTRY_SIGNATURE {
             continue;
         }
-        let len = u32_at(&ring, start + log::ENTRY_LENGTH_OFF) as usize;
+        let len = header.entry_length.get() as usize;
         if len == 0 || !len.is_multiple_of(LOG_SECTOR) || len > ring_len {
             continue;
         }
         let mut entry: Vec<u8> = (0..len).map(|i| ring[(start + i) % ring_len]).collect();
-        seal_crc32c(&mut entry, log::ENTRY_CHECKSUM_OFF);
+        seal_crc32c(&mut entry, offset_of!(RawLogEntryHeader, checksum));
         for (i, byte) in entry.into_iter().enumerate() {
             ring[(start + i) % ring_len] = byte;
         }

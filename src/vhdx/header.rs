@@ -1,29 +1,18 @@
 //! The two 4 KiB headers at 64 KiB and 128 KiB: which one is current, and how a new one
 //! replaces it.
 
-use super::fields::{
-    MIB, crc32c_matches, guid_at, is_mib_aligned, put_guid, put_u16, put_u32, put_u64, seal_crc32c,
-    u16_at, u32_at, u64_at,
-};
+use super::fields::{MIB, crc32c_matches, is_mib_aligned, seal_crc32c};
+use super::format::RawHeader;
 use crate::error::{CorruptionKind, Error, Result};
+use core::mem::offset_of;
 use uuid::Uuid;
+use zerocopy::FromZeros;
 
-pub const HEADER_LEN: usize = 4096;
+pub const HEADER_LEN: usize = size_of::<RawHeader>();
 /// File offsets of the two header slots.
 pub const HEADER_OFFSETS: [u64; 2] = [64 * 1024, 128 * 1024];
 
 pub(super) const SIGNATURE: &[u8; 4] = b"head";
-// Offsets inside the header.
-const SIGNATURE_OFF: usize = 0; // 4 bytes "head"
-pub(super) const CHECKSUM_OFF: usize = 4; // u32 CRC-32C of the 4096 bytes, this field zeroed
-const SEQUENCE_OFF: usize = 8; // u64, the higher of two valid headers is current
-const FILE_WRITE_GUID_OFF: usize = 16; // GUID, changed once per writable session
-const DATA_WRITE_GUID_OFF: usize = 32; // GUID, changed before the first user-visible change
-const LOG_GUID_OFF: usize = 48; // GUID, zero = log empty
-const LOG_VERSION_OFF: usize = 64; // u16, must be 0
-const VERSION_OFF: usize = 66; // u16, must be 1
-const LOG_LENGTH_OFF: usize = 68; // u32 bytes, multiple of 1 MiB
-const LOG_OFFSET_OFF: usize = 72; // u64 file offset, multiple of 1 MiB
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -40,14 +29,15 @@ pub struct Header {
 impl Header {
     /// Parses one slot; `name` ("header 1"/"header 2") goes into the error.
     pub fn parse(buf: &[u8; HEADER_LEN], name: &str) -> Result<Self> {
-        if &buf[SIGNATURE_OFF..SIGNATURE_OFF + 4] != SIGNATURE {
+        let raw: &RawHeader = zerocopy::transmute_ref!(buf);
+        if &raw.signature != SIGNATURE {
             return Err(Error::corrupt(
                 CorruptionKind::BadSignature,
                 name,
                 "signature is not 'head'",
             ));
         }
-        if !crc32c_matches(buf, CHECKSUM_OFF) {
+        if !crc32c_matches(buf, offset_of!(RawHeader, checksum)) {
             return Err(Error::corrupt(
                 CorruptionKind::BadChecksum,
                 name,
@@ -55,30 +45,33 @@ impl Header {
             ));
         }
         Ok(Header {
-            sequence_number: u64_at(buf, SEQUENCE_OFF),
-            file_write_guid: guid_at(buf, FILE_WRITE_GUID_OFF),
-            data_write_guid: guid_at(buf, DATA_WRITE_GUID_OFF),
-            log_guid: guid_at(buf, LOG_GUID_OFF),
-            log_version: u16_at(buf, LOG_VERSION_OFF),
-            version: u16_at(buf, VERSION_OFF),
-            log_length: u32_at(buf, LOG_LENGTH_OFF),
-            log_offset: u64_at(buf, LOG_OFFSET_OFF),
+            sequence_number: raw.sequence_number.get(),
+            file_write_guid: raw.file_write_guid.get(),
+            data_write_guid: raw.data_write_guid.get(),
+            log_guid: raw.log_guid.get(),
+            log_version: raw.log_version.get(),
+            version: raw.version.get(),
+            log_length: raw.log_length.get(),
+            log_offset: raw.log_offset.get(),
         })
     }
 
     /// The 4 KiB on-disk form with its checksum; reserved bytes are zero.
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
-        let mut buf = [0u8; HEADER_LEN];
-        buf[SIGNATURE_OFF..SIGNATURE_OFF + 4].copy_from_slice(SIGNATURE);
-        put_u64(&mut buf, SEQUENCE_OFF, self.sequence_number);
-        put_guid(&mut buf, FILE_WRITE_GUID_OFF, &self.file_write_guid);
-        put_guid(&mut buf, DATA_WRITE_GUID_OFF, &self.data_write_guid);
-        put_guid(&mut buf, LOG_GUID_OFF, &self.log_guid);
-        put_u16(&mut buf, LOG_VERSION_OFF, self.log_version);
-        put_u16(&mut buf, VERSION_OFF, self.version);
-        put_u32(&mut buf, LOG_LENGTH_OFF, self.log_length);
-        put_u64(&mut buf, LOG_OFFSET_OFF, self.log_offset);
-        seal_crc32c(&mut buf, CHECKSUM_OFF);
+        let mut buf: [u8; HEADER_LEN] = zerocopy::transmute!(RawHeader {
+            signature: *SIGNATURE,
+            checksum: 0.into(),
+            sequence_number: self.sequence_number.into(),
+            file_write_guid: self.file_write_guid.into(),
+            data_write_guid: self.data_write_guid.into(),
+            log_guid: self.log_guid.into(),
+            log_version: self.log_version.into(),
+            version: self.version.into(),
+            log_length: self.log_length.into(),
+            log_offset: self.log_offset.into(),
+            reserved: FromZeros::new_zeroed(),
+        });
+        seal_crc32c(&mut buf, offset_of!(RawHeader, checksum));
         buf
     }
 

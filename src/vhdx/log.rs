@@ -2,40 +2,26 @@
 //! that must reach their final places in the file. Parses entries, finds the active
 //! sequence to replay (MS-VHDX §2.3.3), and builds entries for the writer.
 
-use super::fields::{guid_at, put_guid, put_u32, put_u64, seal_crc32c, u32_at, u64_at};
+use super::fields::seal_crc32c;
+use super::format::{
+    RawDataDescriptor, RawDataSector, RawLogEntryHeader, RawLoggedPage, RawZeroDescriptor,
+};
 use crate::error::{CorruptionKind, Error, IoContext, Result};
 use crate::storage::Storage;
+use core::mem::offset_of;
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
+use zerocopy::{FromBytes, IntoBytes};
 
 pub const LOG_SECTOR: usize = 4096;
 const SECTOR: u64 = LOG_SECTOR as u64;
 
-// Entry header, at the start of the entry's first sector.
 pub(super) const ENTRY_SIGNATURE: &[u8; 4] = b"loge";
-pub(super) const ENTRY_CHECKSUM_OFF: usize = 4; // u32 CRC-32C over EntryLength bytes, this field zeroed
-pub(super) const ENTRY_LENGTH_OFF: usize = 8; // u32, multiple of 4 KiB
-const ENTRY_TAIL_OFF: usize = 12; // u32 log offset of the sequence's oldest entry
-const ENTRY_SEQUENCE_OFF: usize = 16; // u64, > 0, +1 per entry of a sequence
-const ENTRY_DESCRIPTOR_COUNT_OFF: usize = 24; // u32
-const ENTRY_LOG_GUID_OFF: usize = 32; // GUID, must equal the header's LogGuid
-const ENTRY_FLUSHED_FILE_OFFSET_OFF: usize = 48; // u64, durable file size when written
-const ENTRY_LAST_FILE_OFFSET_OFF: usize = 56; // u64, size holding every structure
-const ENTRY_HEADER_LEN: usize = 64;
-// Descriptors (32 bytes each) follow the header in the descriptor sectors.
-const DESCRIPTOR_LEN: usize = 32;
+const CHECKSUM_AT: usize = offset_of!(RawLogEntryHeader, checksum);
+const DESCRIPTOR_LEN: usize = size_of::<RawDataDescriptor>();
 const ZERO_SIGNATURE: &[u8; 4] = b"zero";
 const DATA_DESCRIPTOR_SIGNATURE: &[u8; 4] = b"desc";
-const DESC_TRAILING_OFF: usize = 4; // 4 bytes: bytes 4092..4096 of the page
-const DESC_LEADING_OFF: usize = 8; // 8 bytes: bytes 0..8 of the page
-const ZERO_LENGTH_OFF: usize = 8; // u64, multiple of 4 KiB
-const DESC_FILE_OFFSET_OFF: usize = 16; // u64, multiple of 4 KiB
-const DESC_SEQUENCE_OFF: usize = 24; // u64, = the entry's sequence number
-// Data sectors, one per data descriptor, after the descriptor sectors.
 const DATA_SIGNATURE: &[u8; 4] = b"data";
-const DATA_SEQUENCE_HIGH_OFF: usize = 4; // u32
-const DATA_PAYLOAD_OFF: usize = 8; // 4084 bytes: bytes 8..4092 of the page
-const DATA_SEQUENCE_LOW_OFF: usize = 4092; // u32
 /// File identifier and headers are never written through the log.
 const LOWEST_LOG_TARGET: u64 = 192 * 1024;
 
@@ -141,14 +127,14 @@ impl<'a> LogRing<'a> {
         let last = first + (len / SECTOR) as usize;
         let stretch = self.prefix_crcs[last]
             ^ crc32c::crc32c_combine(self.prefix_crcs[first], 0, len as usize);
-        let at = position as usize + ENTRY_CHECKSUM_OFF;
+        let at = position as usize + CHECKSUM_AT;
         let field = &self.bytes[at..at + 4];
         let field_share = crc32c::crc32c_combine(
             crc32c::crc32c(field) ^ crc32c::crc32c(&[0; 4]),
             0,
-            len as usize - ENTRY_CHECKSUM_OFF - 4,
+            len as usize - CHECKSUM_AT - 4,
         );
-        stretch ^ field_share == u32_at(field, 0)
+        field == (stretch ^ field_share).to_le_bytes()
     }
 }
 
@@ -158,20 +144,21 @@ impl<'a> LogRing<'a> {
 pub fn parse_entry(ring: &LogRing, position: u64, log_guid: Uuid) -> Option<LogEntry> {
     let log_len = ring.len();
     let head = &ring.bytes[position as usize..position as usize + LOG_SECTOR];
-    if &head[..4] != ENTRY_SIGNATURE {
+    let (header, _) = RawLogEntryHeader::ref_from_prefix(head).ok()?;
+    if &header.signature != ENTRY_SIGNATURE {
         return None;
     }
-    let length = u64::from(u32_at(head, ENTRY_LENGTH_OFF));
-    let tail = u64::from(u32_at(head, ENTRY_TAIL_OFF));
-    let sequence = u64_at(head, ENTRY_SEQUENCE_OFF);
-    let descriptors = u64::from(u32_at(head, ENTRY_DESCRIPTOR_COUNT_OFF));
+    let length = u64::from(header.entry_length.get());
+    let tail = u64::from(header.tail.get());
+    let sequence = header.sequence_number.get();
+    let descriptors = u64::from(header.descriptor_count.get());
     if length == 0
         || !length.is_multiple_of(SECTOR)
         || length > log_len
         || !tail.is_multiple_of(SECTOR)
         || tail >= log_len
         || sequence == 0
-        || guid_at(head, ENTRY_LOG_GUID_OFF) != log_guid
+        || header.log_guid.get() != log_guid
     {
         return None;
     }
@@ -180,45 +167,55 @@ pub fn parse_entry(ring: &LogRing, position: u64, log_guid: Uuid) -> Option<LogE
         return None;
     }
     let bytes = ring.copy(position, length);
+    let targets_this_entry = |file_offset: u64, descriptor_sequence: u64| {
+        descriptor_sequence == sequence
+            && file_offset.is_multiple_of(SECTOR)
+            && file_offset >= LOWEST_LOG_TARGET
+    };
     let mut updates = Vec::with_capacity(descriptors as usize);
     let mut data_sector = desc_sectors;
-    for i in 0..descriptors as usize {
-        let at = ENTRY_HEADER_LEN + i * DESCRIPTOR_LEN;
-        let d = &bytes[at..at + DESCRIPTOR_LEN];
-        let file_offset = u64_at(d, DESC_FILE_OFFSET_OFF);
-        if u64_at(d, DESC_SEQUENCE_OFF) != sequence
-            || !file_offset.is_multiple_of(SECTOR)
-            || file_offset < LOWEST_LOG_TARGET
-        {
-            return None;
-        }
-        let update = if &d[..4] == ZERO_SIGNATURE {
-            let length = u64_at(d, ZERO_LENGTH_OFF);
-            if !length.is_multiple_of(SECTOR) || file_offset.checked_add(length).is_none() {
+    for d in bytes[size_of::<RawLogEntryHeader>()..]
+        .chunks_exact(DESCRIPTOR_LEN)
+        .take(descriptors as usize)
+    {
+        let update = if d.starts_with(ZERO_SIGNATURE) {
+            let d = RawZeroDescriptor::ref_from_bytes(d).ok()?;
+            let (file_offset, length) = (d.file_offset.get(), d.zero_length.get());
+            if !targets_this_entry(file_offset, d.sequence_number.get())
+                || !length.is_multiple_of(SECTOR)
+                || file_offset.checked_add(length).is_none()
+            {
                 return None;
             }
             LogUpdate::Zero {
                 file_offset,
                 length,
             }
-        } else if &d[..4] == DATA_DESCRIPTOR_SIGNATURE {
-            if (data_sector + 1) * SECTOR > length || file_offset.checked_add(SECTOR).is_none() {
+        } else if d.starts_with(DATA_DESCRIPTOR_SIGNATURE) {
+            let d = RawDataDescriptor::ref_from_bytes(d).ok()?;
+            let file_offset = d.file_offset.get();
+            if !targets_this_entry(file_offset, d.sequence_number.get())
+                || (data_sector + 1) * SECTOR > length
+                || file_offset.checked_add(SECTOR).is_none()
+            {
                 return None;
             }
-            let s = &bytes[(data_sector * SECTOR) as usize..((data_sector + 1) * SECTOR) as usize];
-            let seq_in_sector = (u64::from(u32_at(s, DATA_SEQUENCE_HIGH_OFF)) << 32)
-                | u64::from(u32_at(s, DATA_SEQUENCE_LOW_OFF));
-            if &s[..4] != DATA_SIGNATURE || seq_in_sector != sequence {
+            let s = RawDataSector::ref_from_prefix(&bytes[(data_sector * SECTOR) as usize..])
+                .ok()?
+                .0;
+            let seq_in_sector =
+                (u64::from(s.sequence_high.get()) << 32) | u64::from(s.sequence_low.get());
+            if &s.signature != DATA_SIGNATURE || seq_in_sector != sequence {
                 return None;
             }
             data_sector += 1;
-            let mut page = Box::new([0u8; LOG_SECTOR]);
-            page[..8].copy_from_slice(&d[DESC_LEADING_OFF..DESC_LEADING_OFF + 8]);
-            page[8..4092].copy_from_slice(&s[DATA_PAYLOAD_OFF..DATA_SEQUENCE_LOW_OFF]);
-            page[4092..].copy_from_slice(&d[DESC_TRAILING_OFF..DESC_TRAILING_OFF + 4]);
             LogUpdate::Page {
                 file_offset,
-                data: page,
+                data: Box::new(zerocopy::transmute!(RawLoggedPage {
+                    leading_bytes: d.leading_bytes,
+                    data: s.data,
+                    trailing_bytes: d.trailing_bytes,
+                })),
             }
         } else {
             return None;
@@ -230,8 +227,8 @@ pub fn parse_entry(ring: &LogRing, position: u64, log_guid: Uuid) -> Option<LogE
         length,
         tail,
         sequence,
-        flushed_file_offset: u64_at(head, ENTRY_FLUSHED_FILE_OFFSET_OFF),
-        last_file_offset: u64_at(head, ENTRY_LAST_FILE_OFFSET_OFF),
+        flushed_file_offset: header.flushed_file_offset.get(),
+        last_file_offset: header.last_file_offset.get(),
         updates,
     })
 }
@@ -459,56 +456,72 @@ impl EntryBuilder<'_> {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let desc_sectors = descriptor_sectors(self.updates.len() as u64) as usize;
-        let mut buf = vec![0u8; Self::entry_len(self.updates) as usize];
-        buf[..4].copy_from_slice(ENTRY_SIGNATURE);
-        let entry_len = buf.len() as u32;
-        put_u32(&mut buf, ENTRY_LENGTH_OFF, entry_len);
-        put_u32(&mut buf, ENTRY_TAIL_OFF, self.tail as u32);
-        put_u64(&mut buf, ENTRY_SEQUENCE_OFF, self.sequence);
-        put_u32(
-            &mut buf,
-            ENTRY_DESCRIPTOR_COUNT_OFF,
-            self.updates.len() as u32,
+        let entry_len = Self::entry_len(self.updates);
+        let mut buf = Vec::with_capacity(entry_len as usize);
+        buf.extend_from_slice(
+            RawLogEntryHeader {
+                signature: *ENTRY_SIGNATURE,
+                checksum: 0.into(),
+                entry_length: (entry_len as u32).into(),
+                tail: (self.tail as u32).into(),
+                sequence_number: self.sequence.into(),
+                descriptor_count: (self.updates.len() as u32).into(),
+                reserved: [0; 4],
+                log_guid: self.log_guid.into(),
+                flushed_file_offset: self.flushed_file_offset.into(),
+                last_file_offset: self.last_file_offset.into(),
+            }
+            .as_bytes(),
         );
-        put_guid(&mut buf, ENTRY_LOG_GUID_OFF, &self.log_guid);
-        put_u64(
-            &mut buf,
-            ENTRY_FLUSHED_FILE_OFFSET_OFF,
-            self.flushed_file_offset,
-        );
-        put_u64(&mut buf, ENTRY_LAST_FILE_OFFSET_OFF, self.last_file_offset);
-        let mut data_sector = desc_sectors;
-        for (i, update) in self.updates.iter().enumerate() {
-            let at = ENTRY_HEADER_LEN + i * DESCRIPTOR_LEN;
+        for update in self.updates {
             match update {
                 LogUpdate::Zero {
                     file_offset,
                     length,
-                } => {
-                    let d = &mut buf[at..at + DESCRIPTOR_LEN];
-                    d[..4].copy_from_slice(ZERO_SIGNATURE);
-                    put_u64(d, ZERO_LENGTH_OFF, *length);
-                    put_u64(d, DESC_FILE_OFFSET_OFF, *file_offset);
-                    put_u64(d, DESC_SEQUENCE_OFF, self.sequence);
-                }
+                } => buf.extend_from_slice(
+                    RawZeroDescriptor {
+                        signature: *ZERO_SIGNATURE,
+                        reserved: [0; 4],
+                        zero_length: (*length).into(),
+                        file_offset: (*file_offset).into(),
+                        sequence_number: self.sequence.into(),
+                    }
+                    .as_bytes(),
+                ),
                 LogUpdate::Page { file_offset, data } => {
-                    let d = &mut buf[at..at + DESCRIPTOR_LEN];
-                    d[..4].copy_from_slice(DATA_DESCRIPTOR_SIGNATURE);
-                    d[DESC_TRAILING_OFF..DESC_TRAILING_OFF + 4].copy_from_slice(&data[4092..]);
-                    d[DESC_LEADING_OFF..DESC_LEADING_OFF + 8].copy_from_slice(&data[..8]);
-                    put_u64(d, DESC_FILE_OFFSET_OFF, *file_offset);
-                    put_u64(d, DESC_SEQUENCE_OFF, self.sequence);
-                    let s = &mut buf[data_sector * LOG_SECTOR..(data_sector + 1) * LOG_SECTOR];
-                    s[..4].copy_from_slice(DATA_SIGNATURE);
-                    put_u32(s, DATA_SEQUENCE_HIGH_OFF, (self.sequence >> 32) as u32);
-                    s[DATA_PAYLOAD_OFF..DATA_SEQUENCE_LOW_OFF].copy_from_slice(&data[8..4092]);
-                    put_u32(s, DATA_SEQUENCE_LOW_OFF, self.sequence as u32);
-                    data_sector += 1;
+                    let page: &RawLoggedPage = zerocopy::transmute_ref!(&**data);
+                    buf.extend_from_slice(
+                        RawDataDescriptor {
+                            signature: *DATA_DESCRIPTOR_SIGNATURE,
+                            trailing_bytes: page.trailing_bytes,
+                            leading_bytes: page.leading_bytes,
+                            file_offset: (*file_offset).into(),
+                            sequence_number: self.sequence.into(),
+                        }
+                        .as_bytes(),
+                    );
                 }
             }
         }
-        seal_crc32c(&mut buf, ENTRY_CHECKSUM_OFF);
+        buf.resize(
+            descriptor_sectors(self.updates.len() as u64) as usize * LOG_SECTOR,
+            0,
+        );
+        for update in self.updates {
+            if let LogUpdate::Page { data, .. } = update {
+                let page: &RawLoggedPage = zerocopy::transmute_ref!(&**data);
+                buf.extend_from_slice(
+                    RawDataSector {
+                        signature: *DATA_SIGNATURE,
+                        sequence_high: ((self.sequence >> 32) as u32).into(),
+                        data: page.data,
+                        sequence_low: (self.sequence as u32).into(),
+                    }
+                    .as_bytes(),
+                );
+            }
+        }
+        seal_crc32c(&mut buf, CHECKSUM_AT);
         buf
     }
 }
@@ -621,6 +634,10 @@ mod tests {
         .build()
     }
 
+    fn header(entry: &mut [u8]) -> &mut RawLogEntryHeader {
+        RawLogEntryHeader::mut_from_prefix(entry).unwrap().0
+    }
+
     fn put(log: &mut [u8], pos: usize, bytes: &[u8]) {
         for (i, b) in bytes.iter().enumerate() {
             let at = (pos + i) % log.len();
@@ -681,17 +698,21 @@ mod tests {
         let bytes = entry(3, 0, &[page(5, 0x20_0000)]);
         let damage: [fn(&mut Vec<u8>); 6] = [
             |b| b[0] = b'L',
-            |b| b[200] ^= 1,                            // checksum
-            |b| b[LOG_SECTOR + 100] ^= 1,               // data sector payload
-            |b| put_u64(b, ENTRY_SEQUENCE_OFF, 0),      // sequence 0
-            |b| put_u32(b, ENTRY_LENGTH_OFF, 4 * 4096), // longer than written
-            |b| put_u64(b, ENTRY_HEADER_LEN + DESC_FILE_OFFSET_OFF, 0x1_0000), // header area
+            |b| b[200] ^= 1,                                // checksum
+            |b| b[LOG_SECTOR + 100] ^= 1,                   // data sector payload
+            |b| header(b).sequence_number = 0.into(),       // sequence 0
+            |b| header(b).entry_length = (4 * 4096).into(), // longer than written
+            |b| {
+                let (_, descriptors) = RawLogEntryHeader::mut_from_prefix(b).unwrap();
+                let d = RawDataDescriptor::mut_from_prefix(descriptors).unwrap().0;
+                d.file_offset = 0x1_0000.into(); // header area
+            },
         ];
         for (i, d) in damage.iter().enumerate() {
             let mut b = bytes.clone();
             d(&mut b);
             if i >= 3 {
-                seal_crc32c(&mut b[..2 * LOG_SECTOR], ENTRY_CHECKSUM_OFF);
+                seal_crc32c(&mut b[..2 * LOG_SECTOR], CHECKSUM_AT);
             }
             let mut log = vec![0u8; 1 << 20];
             put(&mut log, 0, &b);
@@ -750,7 +771,7 @@ mod tests {
             (4096, 65536),
         ] {
             let mut bytes = LogRing::new(&log).copy(position, len);
-            seal_crc32c(&mut bytes, ENTRY_CHECKSUM_OFF);
+            seal_crc32c(&mut bytes, CHECKSUM_AT);
             put(&mut log, position as usize, &bytes);
             assert!(LogRing::new(&log).entry_checksum_matches(position, len));
             log[((position + len - 1) % 65536) as usize] ^= 1;
@@ -768,8 +789,8 @@ mod tests {
         let len = log.len() - 40960 + 12288;
         let mut wrapping = LogRing::new(&log).copy(40960, len as u64);
         wrapping[..LOG_SECTOR].copy_from_slice(&entry(5, 40960, &[])[..LOG_SECTOR]);
-        put_u32(&mut wrapping, ENTRY_LENGTH_OFF, len as u32);
-        seal_crc32c(&mut wrapping, ENTRY_CHECKSUM_OFF);
+        header(&mut wrapping).entry_length = (len as u32).into();
+        seal_crc32c(&mut wrapping, CHECKSUM_AT);
         put(&mut log, 40960, &wrapping);
         assert!(parse_entry(&LogRing::new(&log), 8192, GUID).is_some());
         assert!(parse_entry(&LogRing::new(&log), 40960, GUID).is_some());
@@ -786,7 +807,7 @@ mod tests {
         // checking each must not read the ring again.
         let mut log = vec![0u8; 16 << 20];
         let mut header = entry(1, 0, &[]);
-        put_u32(&mut header, ENTRY_LENGTH_OFF, log.len() as u32);
+        self::header(&mut header).entry_length = (log.len() as u32).into();
         for pos in (0..log.len()).step_by(LOG_SECTOR) {
             log[pos..pos + LOG_SECTOR].copy_from_slice(&header[..LOG_SECTOR]);
         }

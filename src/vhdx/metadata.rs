@@ -1,11 +1,16 @@
 //! The metadata region: a 64 KiB table of items, and the disk parameters those items hold
 //! (block size, virtual size, sector sizes, disk id).
 
-use super::fields::{MIB, guid_at, put_guid, put_u16, put_u32, u16_at, u32_at, u64_at};
+use super::fields::MIB;
+use super::format::{
+    Guid, METADATA_TABLE_MAX_ENTRIES, RawFileParameters, RawMetadataTable, RawMetadataTableEntry,
+};
 use crate::error::{CorruptionKind, Error, Result};
 use uuid::Uuid;
+use zerocopy::byteorder::little_endian::{U32, U64};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-pub const METADATA_TABLE_LEN: usize = 64 * 1024;
+pub const METADATA_TABLE_LEN: usize = size_of::<RawMetadataTable>();
 
 pub const FILE_PARAMETERS: Uuid = Uuid::from_u128(0xCAA16737_FA36_4D43_B3B6_33F0AA44E76B);
 pub const VIRTUAL_DISK_SIZE: Uuid = Uuid::from_u128(0x2FA54224_CD1B_4876_B211_5DBED83BF4B8);
@@ -15,24 +20,13 @@ pub const PHYSICAL_SECTOR_SIZE: Uuid = Uuid::from_u128(0xCDA348C7_445D_4471_9CC9
 pub const PARENT_LOCATOR: Uuid = Uuid::from_u128(0xA8D35F2D_B30B_454D_ABF7_D3D84834AB0C);
 
 const SIGNATURE: &[u8; 8] = b"metadata";
-const MAX_ENTRIES: u16 = 2047;
+const MAX_ENTRIES: u16 = METADATA_TABLE_MAX_ENTRIES as u16;
 const MAX_ITEM_LEN: u32 = 1024 * 1024;
 /// The largest virtual disk the format allows (64 TiB).
 const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
-// Offsets inside the table header.
-const SIGNATURE_OFF: usize = 0; // 8 bytes "metadata"
-const ENTRY_COUNT_OFF: usize = 10; // u16, at most 2047
-const ENTRIES_OFF: usize = 32; // first 32-byte entry
-const ENTRY_LEN: usize = 32;
-// Offsets inside one entry.
-const ITEM_ID_OFF: usize = 0; // GUID
-const ITEM_OFFSET_OFF: usize = 16; // u32 from region start, at least 64 KiB (0 if empty)
-const ITEM_LENGTH_OFF: usize = 20; // u32, at most 1 MiB
-const ITEM_FLAGS_OFF: usize = 24; // u32: bit 0 IsUser, bit 1 IsVirtualDisk, bit 2 IsRequired
 const FLAG_IS_USER: u32 = 1;
 const FLAG_IS_VIRTUAL_DISK: u32 = 2;
 const FLAG_IS_REQUIRED: u32 = 4;
-// File Parameters item: u32 BlockSize, u32 flags.
 const FILE_PARAMETERS_LEAVE_BLOCKS_ALLOCATED: u32 = 1;
 const FILE_PARAMETERS_HAS_PARENT: u32 = 2;
 
@@ -56,19 +50,19 @@ impl MetadataTable {
     /// Parses the table at the start of a metadata region of `region_len` bytes.
     pub fn parse(buf: &[u8], region_len: u64) -> Result<Self> {
         let corrupt = |kind, problem: String| Error::corrupt(kind, "metadata table", problem);
-        if buf.len() != METADATA_TABLE_LEN {
-            return Err(corrupt(
+        let raw = RawMetadataTable::ref_from_bytes(buf).map_err(|_| {
+            corrupt(
                 CorruptionKind::Truncated,
                 format!("is {} bytes, expected 64 KiB", buf.len()),
-            ));
-        }
-        if &buf[SIGNATURE_OFF..SIGNATURE_OFF + 8] != SIGNATURE {
+            )
+        })?;
+        if &raw.signature != SIGNATURE {
             return Err(corrupt(
                 CorruptionKind::BadSignature,
                 "signature is not 'metadata'".into(),
             ));
         }
-        let count = u16_at(buf, ENTRY_COUNT_OFF);
+        let count = raw.entry_count.get();
         if count > MAX_ENTRIES {
             return Err(corrupt(
                 CorruptionKind::InvalidField,
@@ -76,13 +70,12 @@ impl MetadataTable {
             ));
         }
         let mut items: Vec<MetadataItem> = Vec::with_capacity(usize::from(count));
-        for i in 0..usize::from(count) {
-            let e = &buf[ENTRIES_OFF + i * ENTRY_LEN..ENTRIES_OFF + (i + 1) * ENTRY_LEN];
-            let flags = u32_at(e, ITEM_FLAGS_OFF);
+        for e in &raw.entries[..usize::from(count)] {
+            let flags = e.flags.get();
             let item = MetadataItem {
-                id: guid_at(e, ITEM_ID_OFF),
-                offset: u32_at(e, ITEM_OFFSET_OFF),
-                length: u32_at(e, ITEM_LENGTH_OFF),
+                id: e.item_id.get(),
+                offset: e.offset.get(),
+                length: e.length.get(),
                 is_user: flags & FLAG_IS_USER != 0,
                 is_virtual_disk: flags & FLAG_IS_VIRTUAL_DISK != 0,
                 is_required: flags & FLAG_IS_REQUIRED != 0,
@@ -158,14 +151,10 @@ impl MetadataTable {
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut buf = vec![0u8; METADATA_TABLE_LEN];
-        buf[..8].copy_from_slice(SIGNATURE);
-        put_u16(&mut buf, ENTRY_COUNT_OFF, self.items.len() as u16);
-        for (i, item) in self.items.iter().enumerate() {
-            let e = &mut buf[ENTRIES_OFF + i * ENTRY_LEN..ENTRIES_OFF + (i + 1) * ENTRY_LEN];
-            put_guid(e, ITEM_ID_OFF, &item.id);
-            put_u32(e, ITEM_OFFSET_OFF, item.offset);
-            put_u32(e, ITEM_LENGTH_OFF, item.length);
+        let mut raw = RawMetadataTable::new_zeroed();
+        raw.signature = *SIGNATURE;
+        raw.entry_count = (self.items.len() as u16).into();
+        for (slot, item) in raw.entries.iter_mut().zip(&self.items) {
             let flags = [
                 (item.is_user, FLAG_IS_USER),
                 (item.is_virtual_disk, FLAG_IS_VIRTUAL_DISK),
@@ -174,9 +163,15 @@ impl MetadataTable {
             .iter()
             .filter(|(set, _)| *set)
             .fold(0, |acc, (_, bit)| acc | bit);
-            put_u32(e, ITEM_FLAGS_OFF, flags);
+            *slot = RawMetadataTableEntry {
+                item_id: item.id.into(),
+                offset: item.offset.into(),
+                length: item.length.into(),
+                flags: flags.into(),
+                reserved: [0; 4],
+            };
         }
-        buf
+        raw.as_bytes().to_vec()
     }
 }
 
@@ -193,44 +188,42 @@ pub struct DiskParameters {
 }
 
 impl DiskParameters {
-    /// Reads and validates the required items; `read_item(offset, len)` returns `len`
-    /// bytes at `offset` from the start of the metadata region.
+    /// Reads and validates the required items; `read_item(offset, buf)` fills `buf` with
+    /// the bytes at `offset` from the start of the metadata region.
     pub fn read(
         table: &MetadataTable,
-        mut read_item: impl FnMut(u32, usize) -> Result<Vec<u8>>,
+        mut read_item: impl FnMut(u32, &mut [u8]) -> Result<()>,
     ) -> Result<Self> {
-        let mut item = |id: Uuid, name: &str, len: usize| -> Result<Vec<u8>> {
-            let entry = table.find(id).ok_or_else(|| {
-                Error::corrupt(
-                    CorruptionKind::InvalidField,
-                    "metadata table",
-                    format!("required item {name} is missing"),
-                )
-            })?;
-            if (entry.length as usize) < len {
-                return Err(Error::corrupt(
-                    CorruptionKind::InvalidField,
-                    format!("metadata item {name}"),
-                    format!("is {} bytes, expected {len}", entry.length),
-                ));
-            }
-            read_item(entry.offset, len)
-        };
-        let file_parameters = item(FILE_PARAMETERS, "File Parameters", 8)?;
-        let virtual_size = u64_at(&item(VIRTUAL_DISK_SIZE, "Virtual Disk Size", 8)?, 0);
-        let disk_id = guid_at(&item(VIRTUAL_DISK_ID, "Virtual Disk ID", 16)?, 0);
-        let logical_sector_size = u32_at(&item(LOGICAL_SECTOR_SIZE, "Logical Sector Size", 4)?, 0);
-        let physical_sector_size =
-            u32_at(&item(PHYSICAL_SECTOR_SIZE, "Physical Sector Size", 4)?, 0);
-        let flags = u32_at(&file_parameters, 4);
+        let file_parameters: RawFileParameters =
+            item(table, &mut read_item, FILE_PARAMETERS, "File Parameters")?;
+        let virtual_size: U64 = item(
+            table,
+            &mut read_item,
+            VIRTUAL_DISK_SIZE,
+            "Virtual Disk Size",
+        )?;
+        let disk_id: Guid = item(table, &mut read_item, VIRTUAL_DISK_ID, "Virtual Disk ID")?;
+        let logical_sector_size: U32 = item(
+            table,
+            &mut read_item,
+            LOGICAL_SECTOR_SIZE,
+            "Logical Sector Size",
+        )?;
+        let physical_sector_size: U32 = item(
+            table,
+            &mut read_item,
+            PHYSICAL_SECTOR_SIZE,
+            "Physical Sector Size",
+        )?;
+        let flags = file_parameters.flags.get();
         let params = DiskParameters {
-            block_size: u32_at(&file_parameters, 0),
+            block_size: file_parameters.block_size.get(),
             leave_blocks_allocated: flags & FILE_PARAMETERS_LEAVE_BLOCKS_ALLOCATED != 0,
             has_parent: flags & FILE_PARAMETERS_HAS_PARENT != 0,
-            virtual_size,
-            disk_id,
-            logical_sector_size,
-            physical_sector_size,
+            virtual_size: virtual_size.get(),
+            disk_id: disk_id.get(),
+            logical_sector_size: logical_sector_size.get(),
+            physical_sector_size: physical_sector_size.get(),
         };
         params.check()?;
         Ok(params)
@@ -280,11 +273,37 @@ impl DiskParameters {
     }
 }
 
+/// The required system item `id`, at least as long as a `T`, read as one.
+fn item<T: FromBytes + IntoBytes>(
+    table: &MetadataTable,
+    read_item: &mut impl FnMut(u32, &mut [u8]) -> Result<()>,
+    id: Uuid,
+    name: &str,
+) -> Result<T> {
+    let entry = table.find(id).ok_or_else(|| {
+        Error::corrupt(
+            CorruptionKind::InvalidField,
+            "metadata table",
+            format!("required item {name} is missing"),
+        )
+    })?;
+    let len = size_of::<T>();
+    if (entry.length as usize) < len {
+        return Err(Error::corrupt(
+            CorruptionKind::InvalidField,
+            format!("metadata item {name}"),
+            format!("is {} bytes, expected {len}", entry.length),
+        ));
+    }
+    let mut value = T::new_zeroed();
+    read_item(entry.offset, value.as_mut_bytes())?;
+    Ok(value)
+}
+
 #[cfg(test)]
 #[allow(clippy::type_complexity)]
 pub(crate) mod tests {
     use super::*;
-    use crate::vhdx::fields::put_u64;
 
     /// A metadata region (`len` bytes) holding the five required items.
     pub(crate) fn region_with(params: &DiskParameters, len: usize) -> Vec<u8> {
@@ -316,12 +335,19 @@ pub(crate) mod tests {
         } else {
             u32::from(params.leave_blocks_allocated)
         };
-        put_u32(&mut region, base, params.block_size);
-        put_u32(&mut region, base + 4, flags);
-        put_u64(&mut region, base + 8, params.virtual_size);
-        put_guid(&mut region, base + 16, &params.disk_id);
-        put_u32(&mut region, base + 32, params.logical_sector_size);
-        put_u32(&mut region, base + 36, params.physical_sector_size);
+        let file_parameters = RawFileParameters {
+            block_size: params.block_size.into(),
+            flags: flags.into(),
+        };
+        for (at, value) in [
+            (0, file_parameters.as_bytes()),
+            (8, U64::new(params.virtual_size).as_bytes()),
+            (16, Guid::from(params.disk_id).as_bytes()),
+            (32, U32::new(params.logical_sector_size).as_bytes()),
+            (36, U32::new(params.physical_sector_size).as_bytes()),
+        ] {
+            region[base + at..base + at + value.len()].copy_from_slice(value);
+        }
         region
     }
 
@@ -339,8 +365,9 @@ pub(crate) mod tests {
 
     fn read(region: &[u8]) -> Result<DiskParameters> {
         let table = MetadataTable::parse(&region[..METADATA_TABLE_LEN], region.len() as u64)?;
-        DiskParameters::read(&table, |off, len| {
-            Ok(region[off as usize..off as usize + len].to_vec())
+        DiskParameters::read(&table, |off, buf| {
+            buf.copy_from_slice(&region[off as usize..off as usize + buf.len()]);
+            Ok(())
         })
     }
 
@@ -375,31 +402,37 @@ pub(crate) mod tests {
         assert_eq!(read(&region_with(&p, MIB as usize)).unwrap(), p);
     }
 
+    fn table(region: &mut [u8]) -> &mut RawMetadataTable {
+        RawMetadataTable::mut_from_prefix(region).unwrap().0
+    }
+
     #[test]
     fn rejects_corrupt_table_entries() {
         let region = region_with(&params(), MIB as usize);
-        let entry = |i: usize| ENTRIES_OFF + i * ENTRY_LEN;
         let cases: [(fn(&mut Vec<u8>), &str); 7] = [
             (|r| r[0] = b'M', "signature"),
-            (|r| put_u16(r, ENTRY_COUNT_OFF, 2048), "entry count 2048"),
+            (|r| table(r).entry_count = 2048.into(), "entry count 2048"),
             (
-                |r| put_u32(r, ENTRIES_OFF + ITEM_OFFSET_OFF, 100),
+                |r| table(r).entries[0].offset = 100.into(),
                 "outside the metadata region",
             ),
             (
-                |r| put_u32(r, ENTRIES_OFF + ITEM_OFFSET_OFF, MIB as u32 - 4),
+                |r| table(r).entries[0].offset = (MIB as u32 - 4).into(),
                 "outside the metadata region",
             ),
             (
-                |r| put_u32(r, ENTRIES_OFF + ITEM_LENGTH_OFF, 2 << 20),
+                |r| table(r).entries[0].length = (2 << 20).into(),
                 "exceeds 1 MiB",
             ),
             (
-                |r| r.copy_within(ENTRIES_OFF..ENTRIES_OFF + 16, ENTRIES_OFF + ENTRY_LEN),
+                |r| {
+                    let t = table(r);
+                    t.entries[1].item_id = t.entries[0].item_id;
+                },
                 "appears twice",
             ),
             (
-                |r| put_u16(r, ENTRY_COUNT_OFF, 4),
+                |r| table(r).entry_count = 4.into(),
                 "Physical Sector Size is missing",
             ),
         ];
@@ -410,21 +443,18 @@ pub(crate) mod tests {
             assert!(err.to_string().contains(text), "{err} lacks {text}");
         }
         let mut r = region.clone();
-        put_u32(
-            &mut r,
-            entry(1) + ITEM_OFFSET_OFF,
-            METADATA_TABLE_LEN as u32 + 4,
-        );
+        table(&mut r).entries[1].offset = (METADATA_TABLE_LEN as u32 + 4).into();
         assert!(read(&r).unwrap_err().to_string().contains("overlaps item"));
         let mut r = region.clone();
-        put_u16(&mut r, ENTRY_COUNT_OFF, 6);
-        put_guid(&mut r, entry(5), &Uuid::from_u128(42));
-        put_u32(&mut r, entry(5) + ITEM_FLAGS_OFF, FLAG_IS_REQUIRED);
+        let t = table(&mut r);
+        t.entry_count = 6.into();
+        t.entries[5].item_id = Uuid::from_u128(42).into();
+        t.entries[5].flags = FLAG_IS_REQUIRED.into();
         assert_eq!(
             read(&r).unwrap_err().to_string(),
             "metadata table: unknown required item 00000000-0000-0000-0000-00000000002a"
         );
-        put_u32(&mut r, entry(5) + ITEM_FLAGS_OFF, 0);
+        table(&mut r).entries[5].flags = 0.into();
         assert!(read(&r).is_ok(), "unknown optional items are ignored");
     }
 }

@@ -30,6 +30,7 @@ pub mod bat;
 pub mod create;
 mod fields;
 pub mod file_identifier;
+mod format;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod header;

@@ -83,16 +83,14 @@ impl VhdxDisk {
             "metadata table",
         )?;
         let table = MetadataTable::parse(&table, u64::from(meta_region.length))?;
-        let params = DiskParameters::read(&table, |offset, len| {
-            let mut item = vec![0u8; len];
+        let params = DiskParameters::read(&table, |offset, item| {
             read_structure(
                 storage.as_ref(),
                 overlay.as_ref(),
-                &mut item,
+                item,
                 meta_region.file_offset + u64::from(offset),
                 "metadata item",
-            )?;
-            Ok(item)
+            )
         })?;
         let locator = if params.has_parent {
             let item = table.find(PARENT_LOCATOR).ok_or_else(|| {

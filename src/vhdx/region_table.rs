@@ -1,14 +1,14 @@
 //! The region table (two 64 KiB copies at 192 KiB and 256 KiB): where the BAT and the
 //! metadata region live.
 
-use super::fields::{
-    MIB, crc32c_matches, guid_at, is_mib_aligned, put_guid, put_u32, put_u64, seal_crc32c, u32_at,
-    u64_at,
-};
+use super::fields::{MIB, crc32c_matches, is_mib_aligned, seal_crc32c};
+use super::format::{REGION_TABLE_MAX_ENTRIES, RawRegionTable, RawRegionTableEntry};
 use crate::error::{CorruptionKind, Error, Result};
+use core::mem::offset_of;
 use uuid::Uuid;
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-pub const REGION_TABLE_LEN: usize = 64 * 1024;
+pub const REGION_TABLE_LEN: usize = size_of::<RawRegionTable>();
 /// File offsets of the two copies.
 pub const REGION_TABLE_OFFSETS: [u64; 2] = [192 * 1024, 256 * 1024];
 
@@ -16,18 +16,7 @@ pub const BAT_REGION: Uuid = Uuid::from_u128(0x2DC27766_F623_4200_9D64_115E9BFD4
 pub const METADATA_REGION: Uuid = Uuid::from_u128(0x8B7CA206_4790_4B9A_B8FE_575F050F886E);
 
 pub(super) const SIGNATURE: &[u8; 4] = b"regi";
-const MAX_ENTRIES: u32 = 2047;
-// Offsets inside the table header.
-const SIGNATURE_OFF: usize = 0; // 4 bytes "regi"
-pub(super) const CHECKSUM_OFF: usize = 4; // u32 CRC-32C over all 64 KiB, this field zeroed
-const ENTRY_COUNT_OFF: usize = 8; // u32, at most 2047
-const ENTRIES_OFF: usize = 16; // first 32-byte entry
-const ENTRY_LEN: usize = 32;
-// Offsets inside one entry.
-const ENTRY_GUID_OFF: usize = 0; // GUID, region type
-const ENTRY_FILE_OFFSET_OFF: usize = 16; // u64, multiple of 1 MiB, at least 1 MiB
-const ENTRY_LENGTH_OFF: usize = 24; // u32, multiple of 1 MiB
-const ENTRY_REQUIRED_OFF: usize = 28; // u32, bit 0: refuse to open if the GUID is unknown
+const MAX_ENTRIES: u32 = REGION_TABLE_MAX_ENTRIES as u32;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionEntry {
@@ -53,25 +42,25 @@ impl RegionTable {
     /// Parses one copy; `name` ("region table 1"/"region table 2") goes into the error.
     pub fn parse(buf: &[u8], name: &str) -> Result<Self> {
         let corrupt = |kind, problem: String| Error::corrupt(kind, name, problem);
-        if buf.len() != REGION_TABLE_LEN {
-            return Err(corrupt(
+        let raw = RawRegionTable::ref_from_bytes(buf).map_err(|_| {
+            corrupt(
                 CorruptionKind::Truncated,
                 format!("is {} bytes, expected 64 KiB", buf.len()),
-            ));
-        }
-        if &buf[SIGNATURE_OFF..SIGNATURE_OFF + 4] != SIGNATURE {
+            )
+        })?;
+        if &raw.signature != SIGNATURE {
             return Err(corrupt(
                 CorruptionKind::BadSignature,
                 "signature is not 'regi'".into(),
             ));
         }
-        if !crc32c_matches(buf, CHECKSUM_OFF) {
+        if !crc32c_matches(buf, offset_of!(RawRegionTable, checksum)) {
             return Err(corrupt(
                 CorruptionKind::BadChecksum,
                 "checksum mismatch".into(),
             ));
         }
-        let count = u32_at(buf, ENTRY_COUNT_OFF);
+        let count = raw.entry_count.get();
         if count > MAX_ENTRIES {
             return Err(corrupt(
                 CorruptionKind::InvalidField,
@@ -79,13 +68,12 @@ impl RegionTable {
             ));
         }
         let mut entries: Vec<RegionEntry> = Vec::with_capacity(count as usize);
-        for i in 0..count as usize {
-            let e = &buf[ENTRIES_OFF + i * ENTRY_LEN..ENTRIES_OFF + (i + 1) * ENTRY_LEN];
+        for e in &raw.entries[..count as usize] {
             let entry = RegionEntry {
-                guid: guid_at(e, ENTRY_GUID_OFF),
-                file_offset: u64_at(e, ENTRY_FILE_OFFSET_OFF),
-                length: u32_at(e, ENTRY_LENGTH_OFF),
-                required: u32_at(e, ENTRY_REQUIRED_OFF) & 1 != 0,
+                guid: e.guid.get(),
+                file_offset: e.file_offset.get(),
+                length: e.length.get(),
+                required: e.required.get() & 1 != 0,
             };
             let what = |problem: String| {
                 corrupt(
@@ -170,17 +158,19 @@ impl RegionTable {
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut buf = vec![0u8; REGION_TABLE_LEN];
-        buf[..4].copy_from_slice(SIGNATURE);
-        put_u32(&mut buf, ENTRY_COUNT_OFF, self.entries.len() as u32);
-        for (i, entry) in self.entries.iter().enumerate() {
-            let e = &mut buf[ENTRIES_OFF + i * ENTRY_LEN..ENTRIES_OFF + (i + 1) * ENTRY_LEN];
-            put_guid(e, ENTRY_GUID_OFF, &entry.guid);
-            put_u64(e, ENTRY_FILE_OFFSET_OFF, entry.file_offset);
-            put_u32(e, ENTRY_LENGTH_OFF, entry.length);
-            put_u32(e, ENTRY_REQUIRED_OFF, u32::from(entry.required));
+        let mut raw = RawRegionTable::new_zeroed();
+        raw.signature = *SIGNATURE;
+        raw.entry_count = (self.entries.len() as u32).into();
+        for (slot, entry) in raw.entries.iter_mut().zip(&self.entries) {
+            *slot = RawRegionTableEntry {
+                guid: entry.guid.into(),
+                file_offset: entry.file_offset.into(),
+                length: entry.length.into(),
+                required: u32::from(entry.required).into(),
+            };
         }
-        seal_crc32c(&mut buf, CHECKSUM_OFF);
+        let mut buf = raw.as_bytes().to_vec();
+        seal_crc32c(&mut buf, offset_of!(RawRegionTable, checksum));
         buf
     }
 }
@@ -277,8 +267,10 @@ mod tests {
         let err = RegionTable::parse_either([&bad, &bad_sig]).unwrap_err();
         assert!(err.to_string().starts_with("region tables: no valid copy"));
         let mut many = good.clone();
-        put_u32(&mut many, ENTRY_COUNT_OFF, 2048);
-        seal_crc32c(&mut many, CHECKSUM_OFF);
+        RawRegionTable::mut_from_bytes(&mut many)
+            .unwrap()
+            .entry_count = 2048.into();
+        seal_crc32c(&mut many, offset_of!(RawRegionTable, checksum));
         assert!(
             RegionTable::parse(&many, "region table 1")
                 .unwrap_err()

@@ -276,7 +276,7 @@ pub struct ChainRun {
 }
 
 /// Appends a run, merging it into the last one when it continues it.
-fn push_chain_run(runs: &mut Vec<ChainRun>, offset: u64, len: u64, source: Source) {
+pub fn push_chain_run(runs: &mut Vec<ChainRun>, offset: u64, len: u64, source: Source) {
     if len == 0 {
         return;
     }

@@ -43,6 +43,7 @@ pub mod fuse;
 pub mod info;
 pub mod layer;
 pub mod lock;
+pub mod map;
 pub mod open;
 pub mod raw;
 pub mod storage;

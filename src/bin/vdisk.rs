@@ -1,10 +1,14 @@
-//! `vdisk`: create VHD and VHDX images and describe them. A thin layer over the library.
+//! `vdisk`: create VHD and VHDX images, describe and map them. A thin layer over the
+//! library.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use std::fmt::Display;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vdisk_mount::create::{CreateOptions, ImageType, create, parse_size};
 use vdisk_mount::info::image_info;
+use vdisk_mount::map::image_map;
 use vdisk_mount::{Format, OpenOptions, Result};
 
 #[derive(Parser, Debug)]
@@ -45,6 +49,14 @@ enum Command {
     },
     /// Describe an image and its chain of parents (read-only; never modifies the image).
     Info {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        image: PathBuf,
+    },
+    /// List the virtual disk's extents: data (in which image of the chain, at which file
+    /// offset) or zeros (read-only; never modifies the image).
+    Map {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -102,18 +114,21 @@ fn run(command: Command) -> Result<()> {
             };
             create(&image, &options)
         }
-        Command::Info { json, image } => {
-            let info = image_info(&image, &OpenOptions::default())?;
-            if json {
-                let text = serde_json::to_string_pretty(&info)
-                    .map_err(|e| vdisk_mount::Error::invalid_input(e.to_string()))?;
-                println!("{text}");
-            } else {
-                print!("{info}");
-            }
-            Ok(())
-        }
+        Command::Info { json, image } => print(&image_info(&image, &OpenOptions::default())?, json),
+        Command::Map { json, image } => print(&image_map(&image, &OpenOptions::default())?, json),
     }
+}
+
+/// Prints a report as text, or as JSON for tools.
+fn print(report: &(impl Serialize + Display), json: bool) -> Result<()> {
+    if json {
+        let text = serde_json::to_string_pretty(report)
+            .map_err(|e| vdisk_mount::Error::invalid_input(e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{report}");
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -4,9 +4,9 @@
 //! written; unsafe files put in a parent's place are refused with errors that say why.
 //! Chains read back through the library alone (larger children, locators, missing, wrong
 //! and looping parents, the deepest chain) are in the quick tier.
-mod common;
 
-use common::chain::{
+use crate::common;
+use crate::common::chain::{
     MIB, assert_same, check_chain, child_of, open, open_error, random_writes, read_all,
     unsafe_parent_errors, write_directly,
 };

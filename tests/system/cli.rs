@@ -1,9 +1,9 @@
 //! The command line's bad input failing the same way: non-zero exit, exactly one line on
 //! stderr naming the offending file, no panic, and nothing left mounted. Help and version
 //! are in the quick tier.
-mod common;
 
-use common::mount::{self, Mount};
+use crate::common;
+use crate::common::mount::{self, Mount};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 

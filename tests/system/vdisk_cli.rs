@@ -2,10 +2,10 @@
 //! libvhdi's vhdimount accept and read as we do, with the size asked for; `info --json`
 //! reports what the corpus's independent header analysis found, without changing the
 //! image. How `create` picks formats and refuses bad requests is in the quick tier.
-mod common;
 
-use common::chain::{MIB, assert_same, open, random_writes, read_all, write_directly};
-use common::vdisk::{info_json, vdisk, vdisk_ok};
+use crate::common;
+use crate::common::chain::{MIB, assert_same, open, random_writes, read_all, write_directly};
+use crate::common::vdisk::{info_json, vdisk, vdisk_ok};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::Value;

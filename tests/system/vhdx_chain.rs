@@ -4,9 +4,9 @@
 //! larger than its parent reads zeros past the parent; unsafe files put in a parent's
 //! place are refused with errors that say why. Parents refused by the library alone
 //! (looping, rewritten, moved, of another sector size) are in the quick tier.
-mod common;
 
-use common::chain::{
+use crate::common;
+use crate::common::chain::{
     MIB, assert_same, check_chain, child_of, open, open_error, read_all, unsafe_parent_errors,
     write_directly,
 };

@@ -3,10 +3,12 @@
 //! qemu-img/qemu-io and libvhdi's vhdimount, and read the sample-image corpus. Built only
 //! with the `system-tests` feature, and run as root.
 //!
-//! One binary, one module per area, so the tests share one build and one run and keep
-//! both cores busy. Tests run side by side here with tests of every other module: nothing
-//! in them may depend on the process being theirs alone (what must, such as
-//! `common::mount::Installed`, takes turns).
+//! One binary, with one module per area (named after the test file it used to be), so the
+//! tier is linked once. Tests run side by side here with tests of every other module:
+//! nothing in them may depend on the process being theirs alone (what must, such as
+//! `common::mount::Installed`, takes turns). What needs the machine to itself is in
+//! `tests/exclusive/`; the hostile-image suite, whose memory limits count the peak of the
+//! test process, is `tests/hostile.rs`, a binary of its own.
 
 #[path = "../common/mod.rs"]
 mod common;

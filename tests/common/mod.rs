@@ -4,6 +4,7 @@
 
 pub mod chain;
 pub mod mount;
+pub mod vdisk;
 
 use sha2::{Digest, Sha256};
 use std::fs::File;

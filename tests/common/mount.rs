@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Once;
+use std::sync::{Mutex, MutexGuard, Once, PoisonError};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vdisk-mount");
@@ -321,13 +321,20 @@ fn try_wait_for_exit(pid: libc::pid_t) -> Result<Option<i32>, String> {
 pub const INSTALLED: &str = "/usr/local/bin/vdisk-mount";
 
 /// The binary under test at [`INSTALLED`] for as long as this lives. Tests that need it
-/// skip when another vdisk-mount is installed there (never under `CI`).
-pub struct Installed;
+/// skip when another vdisk-mount is installed there (never under `CI`). Tests running side
+/// by side in one process take turns: the first to finish would otherwise remove the link
+/// while the other still relies on it.
+pub struct Installed {
+    _turn: MutexGuard<'static, ()>,
+}
 
 impl Installed {
     pub fn new() -> Option<Installed> {
+        static TURN: Mutex<()> = Mutex::new(());
+        // A test that failed while holding its turn leaves nothing behind to protect.
+        let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
         match std::fs::read_link(INSTALLED) {
-            Ok(target) if target == Path::new(BIN) => return Some(Installed),
+            Ok(target) if target == Path::new(BIN) => return Some(Installed { _turn: turn }),
             _ if Path::new(INSTALLED).exists() => {
                 assert!(
                     std::env::var_os("CI").is_none(),
@@ -342,7 +349,7 @@ impl Installed {
         let _ = std::fs::remove_file(INSTALLED);
         std::fs::create_dir_all(Path::new(INSTALLED).parent().unwrap()).unwrap();
         std::os::unix::fs::symlink(BIN, INSTALLED).unwrap();
-        Some(Installed)
+        Some(Installed { _turn: turn })
     }
 }
 

@@ -2,8 +2,8 @@
 //! two independent readers agree on, with the disk size qemu picks for each creator; the
 //! damaged samples and a differencing one without its parent are refused with errors that
 //! say why; given a stand-in parent, that differencing sample reads as libvhdi reads it.
-mod common;
 
+use crate::common;
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;

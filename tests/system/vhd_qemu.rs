@@ -1,7 +1,7 @@
 //! VHD images made and written by qemu-img/qemu-io read the same through this library as
 //! through qemu, and images this library writes read back the same in qemu.
-mod common;
 
+use crate::common;
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 use std::fs::File;

@@ -1,9 +1,9 @@
 //! Mounting like any other filesystem: through fuse3's `mount.fuse3` helper and mount(8)
 //! with the options fstab lines carry, unmounting with umount(8), and the options that
 //! set the mounted file's owner, mode and name.
-mod common;
 
-use common::mount::{self, BIN, Mount};
+use crate::common;
+use crate::common::mount::{self, BIN, Mount};
 use std::ffi::OsStr;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

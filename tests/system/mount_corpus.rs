@@ -1,9 +1,9 @@
 //! Real-world VHD and VHDX images from the sample corpus, served through a real mount: the
 //! bytes a program reads from `disk.img` must be the ones two independent readers agreed
 //! on, and a read-only mount must not change the image, even one with a log to replay.
-mod common;
 
-use common::mount::{self, FsMount, LoopDevice, Mount};
+use crate::common;
+use crate::common::mount::{self, FsMount, LoopDevice, Mount};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;

@@ -1,9 +1,9 @@
 //! `bench/run.sh --quick` runs end to end against every target and fills every row of its
 //! report with numbers. The figures themselves are not judged here: they depend on the
 //! machine (BENCHMARKS.md discusses them).
-mod common;
 
-use common::mount;
+use crate::common;
+use crate::common::mount;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -76,6 +76,7 @@ fn assert_numbers(row: &[&str], check: fn(&str) -> bool, what: &str) {
 
 #[test]
 fn quick_benchmark_fills_every_row() {
+    let _alone = crate::alone();
     if !mount::loop_available() || !tools_available() {
         return;
     }

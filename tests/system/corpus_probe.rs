@@ -1,6 +1,6 @@
 //! Every corpus image is recognised by its signature, whatever its name.
-mod common;
 
+use crate::common;
 use vdisk_mount::{Format, storage::FileStorage};
 
 #[test]

@@ -1,9 +1,9 @@
 //! Image locks that qemu honours both ways: while vdisk-mount serves an image read-write,
 //! qemu-img/qemu-io cannot open it, and while qemu has it open for writing, vdisk-mount
 //! refuses it, naming the process that holds it. Readers share.
-mod common;
 
-use common::mount::{self, Mount};
+use crate::common;
+use crate::common::mount::{self, Mount};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

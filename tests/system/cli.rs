@@ -1,16 +1,11 @@
-//! The command line: help and version, and every kind of bad input failing the same way:
-//! non-zero exit, exactly one line on stderr naming the offending file, no panic, and
-//! nothing left mounted.
-mod common;
+//! The command line's bad input failing the same way: non-zero exit, exactly one line on
+//! stderr naming the offending file, no panic, and nothing left mounted. Help and version
+//! are in the quick tier.
 
-use common::mount::{self, BIN, Mount};
+use crate::common;
+use crate::common::mount::{self, Mount};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn vdisk_mount(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
 
 /// Runs a background mount that must fail, and checks how it failed.
 fn assert_refused(image: &Path, options: &[&str], mountpoint: &Path, named: &Path) -> String {
@@ -68,30 +63,6 @@ fn write_at(file: &Path, offset: u64, bytes: &[u8]) {
         .unwrap()
         .write_all_at(bytes, offset)
         .unwrap();
-}
-
-#[test]
-fn help_and_version() {
-    let out = vdisk_mount(&["--help"]);
-    assert!(out.status.success());
-    let help = String::from_utf8(out.stdout).unwrap();
-    for needle in [
-        "IMAGE",
-        "MOUNTPOINT",
-        "--foreground",
-        "format=",
-        "size_calc=",
-    ] {
-        assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
-    }
-    let out = vdisk_mount(&["--version"]);
-    assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap().trim(),
-        format!("vdisk-mount {}", env!("CARGO_PKG_VERSION"))
-    );
-    let out = vdisk_mount(&[]);
-    assert!(!out.status.success(), "missing arguments accepted");
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! VHDX images made by qemu-img and written by qemu-io read the same through this library
 //! as through qemu and libvhdi; images written by this library stay valid for both.
-mod common;
 
-use common::mount::pattern;
-use common::open_vhdx;
+use crate::common;
+use crate::common::mount::pattern;
+use crate::common::open_vhdx;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -1,8 +1,8 @@
 //! Every VHDX of the sample-image corpus reads to the contents two independent readers
 //! agree on, including images whose log must be replayed first.
-mod common;
 
-use common::open_vhdx;
+use crate::common;
+use crate::common::open_vhdx;
 use vdisk_mount::{Allocation, VirtualDisk};
 
 #[test]

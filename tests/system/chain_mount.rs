@@ -2,10 +2,10 @@
 //! its chain, is mounted read/write and written with pwrite into disk.img; afterwards every
 //! level, mounted read-only, shows what its model and libvhdi's vhdimount show, and no
 //! parent changed. VHD and VHDX, over bases from qemu-img and from the corpus.
-mod common;
 
-use common::chain::{Writes, assert_same, check_chain};
-use common::mount::{self, Mount};
+use crate::common;
+use crate::common::chain::{Writes, assert_same, check_chain};
+use crate::common::mount::{self, Mount};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;

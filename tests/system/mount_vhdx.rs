@@ -1,9 +1,8 @@
 //! Real mounts of VHDX images made by qemu-img and filled by qemu-io: what the mount shows
 //! must be what qemu shows, and what is written through the mount must be what qemu reads
 //! (and `qemu-img check` must find the image clean).
-mod common;
 
-use common::mount;
+use crate::common::mount;
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;

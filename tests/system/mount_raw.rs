@@ -1,8 +1,8 @@
 //! Real mounts of plain files with `-o format=raw`: the FUSE layer measured on its own,
 //! and the daemon's life cycle (background start, unmount, signals, foreground mode).
-mod common;
 
-use common::mount::{self, Mount};
+use crate::common;
+use crate::common::mount::{self, Mount};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

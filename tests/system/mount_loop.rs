@@ -1,8 +1,8 @@
 //! The way most people use a mounted image: as a block device through a loop device, with a
 //! kernel filesystem on it that must survive unmounting everything and mounting it again.
-mod common;
 
-use common::mount::{self, FsMount, LoopDevice, Mount};
+use crate::common;
+use crate::common::mount::{self, FsMount, LoopDevice, Mount};
 use std::path::Path;
 use std::process::Command;
 

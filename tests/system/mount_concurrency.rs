@@ -13,9 +13,9 @@
 //! The first two watch the daemon's I/O from below: its image lives on a small FUSE
 //! filesystem served by this test ([`GateFs`]), which counts the reads in flight and can
 //! hold writes to chosen offsets.
-mod common;
 
-use common::mount::{self, LoopDevice, Mount};
+use crate::common;
+use crate::common::mount::{self, LoopDevice, Mount};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner,
     MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite,

@@ -1,46 +1,15 @@
-//! The `vdisk` command: `create` makes images that qemu-img and libvhdi's vhdimount accept
-//! and read as we do, with the size asked for; `info --json` reports what the corpus's
-//! independent header analysis found, without changing the image; bad requests fail with
-//! one line.
-mod common;
+//! The `vdisk` command as others see its work: `create` makes images that qemu-img and
+//! libvhdi's vhdimount accept and read as we do, with the size asked for; `info --json`
+//! reports what the corpus's independent header analysis found, without changing the
+//! image. How `create` picks formats and refuses bad requests is in the quick tier.
 
-use common::chain::{MIB, assert_same, open, random_writes, read_all, write_directly};
+use crate::common;
+use crate::common::chain::{MIB, assert_same, open, random_writes, read_all, write_directly};
+use crate::common::vdisk::{info_json, vdisk, vdisk_ok};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::Value;
 use std::fs;
-use std::path::Path;
-use std::process::{Command, Output};
-
-const VDISK: &str = env!("CARGO_BIN_EXE_vdisk");
-
-fn vdisk(args: &[&str]) -> Output {
-    Command::new(VDISK).args(args).output().unwrap()
-}
-
-fn vdisk_ok(args: &[&str]) -> String {
-    let out = vdisk(args);
-    assert!(
-        out.status.success(),
-        "vdisk {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a `vdisk` command that must fail, and returns its one-line message.
-fn vdisk_fails(args: &[&str]) -> String {
-    let out = vdisk(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "vdisk {args:?} succeeded");
-    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
-
-fn info_json(path: &Path) -> Value {
-    serde_json::from_str(&vdisk_ok(&["info", "--json", path.to_str().unwrap()])).unwrap()
-}
 
 #[test]
 fn created_images_pass_qemu_and_read_alike_everywhere() {
@@ -150,115 +119,6 @@ fn created_images_pass_qemu_and_read_alike_everywhere() {
             ]);
             common::qemu_check_clean(qemu_format, &path);
         }
-    }
-}
-
-#[test]
-fn create_picks_the_format_and_refuses_what_it_cannot_do() {
-    let dir = tempfile::tempdir().unwrap();
-    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    vdisk_ok(&["create", "--size", "8M", &at("a.vhd")]);
-    vdisk_ok(&["create", "--size", "8M", &at("b.img")]);
-    vdisk_ok(&["create", "--size", "8M", "--format", "vhd", &at("c.img")]);
-    assert_eq!(info_json(Path::new(&at("a.vhd")))["format"], "vhd");
-    assert_eq!(info_json(Path::new(&at("b.img")))["format"], "vhdx");
-    assert_eq!(info_json(Path::new(&at("c.img")))["format"], "vhd");
-    // Children follow their parent's format and size.
-    vdisk_ok(&["create", "--parent", &at("a.vhd"), &at("a-child.vhd")]);
-    vdisk_ok(&["create", "--parent", &at("b.img"), &at("b-child.vhdx")]);
-    for (child, format, parent) in [
-        ("a-child.vhd", "vhd", "a.vhd"),
-        ("b-child.vhdx", "vhdx", "b.img"),
-    ] {
-        let info = info_json(Path::new(&at(child)));
-        assert_eq!(info["format"], format);
-        assert_eq!(info["subtype"], "differencing");
-        assert_eq!(info["virtual_size"], 8 * MIB);
-        let chain = info["chain"].as_array().unwrap();
-        assert_eq!(chain.len(), 1);
-        let parent_path = fs::canonicalize(at(parent)).unwrap();
-        assert_eq!(chain[0]["path"], parent_path.to_str().unwrap());
-        assert_eq!(chain[0]["matched"], true);
-        let parent_info = info_json(&parent_path);
-        let parent_id = if format == "vhd" {
-            &parent_info["identifiers"]["unique_id"]
-        } else {
-            &parent_info["identifiers"]["data_write_guid"]
-        };
-        assert_eq!(&chain[0]["identity"], parent_id);
-    }
-
-    let before = fs::read(at("a.vhd")).unwrap();
-    let err = vdisk_fails(&["create", "--size", "8M", &at("a.vhd")]);
-    assert!(err.contains("cannot create image"), "{err}");
-    assert_eq!(
-        fs::read(at("a.vhd")).unwrap(),
-        before,
-        "an existing file is kept"
-    );
-    for (args, problem) in [
-        (vec!["create", &at("nosize.vhdx")], "size is required"),
-        (
-            vec!["create", "--size", "12Q", &at("q.vhdx")],
-            "is not a size",
-        ),
-        (
-            vec!["create", "--size", "1000", &at("odd.vhd")],
-            "512-byte sectors",
-        ),
-        (
-            vec![
-                "create",
-                "--size",
-                "8M",
-                "--logical-sector",
-                "4096",
-                &at("x.vhd"),
-            ],
-            "512-byte sectors only",
-        ),
-        (
-            vec![
-                "create",
-                "--parent",
-                &at("a.vhd"),
-                "--format",
-                "vhdx",
-                &at("y.vhdx"),
-            ],
-            "the parent is a vhd image",
-        ),
-        (
-            vec![
-                "create",
-                "--parent",
-                &at("a.vhd"),
-                "--type",
-                "fixed",
-                &at("z.vhd"),
-            ],
-            "cannot be fixed",
-        ),
-        (
-            vec!["create", "--parent", &at("missing.vhdx"), &at("w.vhdx")],
-            "missing.vhdx: cannot open image",
-        ),
-    ] {
-        let out = vdisk(&args);
-        assert!(!out.status.success(), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(problem), "{args:?}: {stderr}");
-    }
-    for name in [
-        "nosize.vhdx",
-        "q.vhdx",
-        "odd.vhd",
-        "x.vhd",
-        "y.vhdx",
-        "z.vhd",
-        "w.vhdx",
-    ] {
-        assert!(!dir.path().join(name).exists(), "{name} left behind");
     }
 }
 

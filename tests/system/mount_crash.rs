@@ -9,9 +9,9 @@
 //! the VHDX test makes (default 30; the VHD test makes a third of that),
 //! `VDISK_CRASH_SEED` replays the run a failure printed (timing aside) and
 //! `VDISK_CRASH_KEEP` keeps the images, with a copy of each as the last kill left it.
-mod common;
 
-use common::mount::{self, Mount};
+use crate::common;
+use crate::common::mount::{self, Mount};
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 use std::fs::{File, OpenOptions};

@@ -9,6 +9,7 @@ const SECONDS: &str = "30";
 
 #[test]
 fn every_fuzz_target_runs_without_a_finding() {
+    let _alone = crate::alone();
     let nightly = Command::new("rustup")
         .args(["run", "nightly", "rustc", "--version"])
         .output()

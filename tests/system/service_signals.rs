@@ -1,9 +1,9 @@
 //! SIGTERM, SIGINT and SIGHUP stop the daemon cleanly in the middle of a write workload:
 //! the mount goes away, the daemon exits 0, the image is clean for qemu (a VHDX with an
 //! empty log), and every write the mount acknowledged before the signal is in it.
-mod common;
 
-use common::mount::{self, Mount};
+use crate::common;
+use crate::common::mount::{self, Mount};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;

@@ -1,8 +1,8 @@
 //! Faults of the system under the image: the filesystem holding it fills up, the image
 //! file is removed, or its filesystem is unmounted underneath the daemon.
-mod common;
 
-use common::mount::{self, FsMount, LoopDevice, Mount};
+use crate::common;
+use crate::common::mount::{self, FsMount, LoopDevice, Mount};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};

@@ -1,8 +1,7 @@
 //! Real mounts of VHD images made by qemu-img and filled by qemu-io: what the mount shows
 //! must be what qemu shows, and what is written through the mount must be what qemu reads.
-mod common;
 
-use common::mount;
+use crate::common::mount;
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;

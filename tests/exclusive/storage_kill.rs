@@ -76,6 +76,18 @@ fn child(path: &Path, source: Source) {
     println!("wrote {began} {ended}");
 }
 
+/// The test's name as the test harness knows it, which the child is run with: its path in
+/// the test binary, as `module_path!` gives it after the binary's own name.
+fn test_name() -> String {
+    let module = module_path!()
+        .split_once("::")
+        .map(|(_, m)| format!("{m}::"));
+    format!(
+        "{}killed_writes_stop_on_sector_boundaries",
+        module.unwrap_or_default()
+    )
+}
+
 /// A child about to write over a file of old content.
 struct Writer {
     child: Child,
@@ -86,11 +98,7 @@ impl Writer {
     fn start(path: &Path, source: Source) -> Writer {
         std::fs::write(path, old_file()).unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "killed_writes_stop_on_sector_boundaries",
-                "--nocapture",
-            ])
+            .args(["--exact", &test_name(), "--nocapture"])
             .args(["--test-threads", "1"])
             .env("TEAR_CHILD", format!("{source:?}"))
             .env("TEAR_PATH", path)
@@ -223,6 +231,7 @@ fn cut_writes(dir: &Path, source: Source, rng: &mut StdRng) -> usize {
 
 #[test]
 fn killed_writes_stop_on_sector_boundaries() {
+    let _alone = crate::alone();
     if let Some(source) = std::env::var_os("TEAR_CHILD") {
         let source = match source.to_str() {
             Some("Zeros") => Source::Zeros,

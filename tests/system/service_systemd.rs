@@ -1,8 +1,8 @@
 //! systemd integration: readiness and stopping announced over `$NOTIFY_SOCKET` (as
 //! `Type=notify` units need), and the shipped unit files pass `systemd-analyze verify`.
-mod common;
 
-use common::mount::{self, BIN, Mount};
+use crate::common;
+use crate::common::mount::{self, BIN, Mount};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,35 @@
+//! The `vdisk` command, run as a user would.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+pub const VDISK: &str = env!("CARGO_BIN_EXE_vdisk");
+
+pub fn vdisk(args: &[&str]) -> Output {
+    Command::new(VDISK).args(args).output().unwrap()
+}
+
+pub fn vdisk_ok(args: &[&str]) -> String {
+    let out = vdisk(args);
+    assert!(
+        out.status.success(),
+        "vdisk {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a `vdisk` command that must fail, and returns its one-line message.
+pub fn vdisk_fails(args: &[&str]) -> String {
+    let out = vdisk(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "vdisk {args:?} succeeded");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+pub fn info_json(path: &Path) -> Value {
+    serde_json::from_str(&vdisk_ok(&["info", "--json", path.to_str().unwrap()])).unwrap()
+}

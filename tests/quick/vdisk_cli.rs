@@ -1,0 +1,118 @@
+//! The `vdisk` command on its own: `create` picks the format (children follow their
+//! parent) and refuses what it cannot do with one line, leaving no file behind. What qemu
+//! and libvhdi make of created images, and `info` on the corpus, are in the system tier's
+//! `vdisk_cli` module.
+
+use crate::common::chain::MIB;
+use crate::common::vdisk::{info_json, vdisk, vdisk_fails, vdisk_ok};
+use std::fs;
+use std::path::Path;
+
+#[test]
+fn create_picks_the_format_and_refuses_what_it_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    vdisk_ok(&["create", "--size", "8M", &at("a.vhd")]);
+    vdisk_ok(&["create", "--size", "8M", &at("b.img")]);
+    vdisk_ok(&["create", "--size", "8M", "--format", "vhd", &at("c.img")]);
+    assert_eq!(info_json(Path::new(&at("a.vhd")))["format"], "vhd");
+    assert_eq!(info_json(Path::new(&at("b.img")))["format"], "vhdx");
+    assert_eq!(info_json(Path::new(&at("c.img")))["format"], "vhd");
+    // Children follow their parent's format and size.
+    vdisk_ok(&["create", "--parent", &at("a.vhd"), &at("a-child.vhd")]);
+    vdisk_ok(&["create", "--parent", &at("b.img"), &at("b-child.vhdx")]);
+    for (child, format, parent) in [
+        ("a-child.vhd", "vhd", "a.vhd"),
+        ("b-child.vhdx", "vhdx", "b.img"),
+    ] {
+        let info = info_json(Path::new(&at(child)));
+        assert_eq!(info["format"], format);
+        assert_eq!(info["subtype"], "differencing");
+        assert_eq!(info["virtual_size"], 8 * MIB);
+        let chain = info["chain"].as_array().unwrap();
+        assert_eq!(chain.len(), 1);
+        let parent_path = fs::canonicalize(at(parent)).unwrap();
+        assert_eq!(chain[0]["path"], parent_path.to_str().unwrap());
+        assert_eq!(chain[0]["matched"], true);
+        let parent_info = info_json(&parent_path);
+        let parent_id = if format == "vhd" {
+            &parent_info["identifiers"]["unique_id"]
+        } else {
+            &parent_info["identifiers"]["data_write_guid"]
+        };
+        assert_eq!(&chain[0]["identity"], parent_id);
+    }
+
+    let before = fs::read(at("a.vhd")).unwrap();
+    let err = vdisk_fails(&["create", "--size", "8M", &at("a.vhd")]);
+    assert!(err.contains("cannot create image"), "{err}");
+    assert_eq!(
+        fs::read(at("a.vhd")).unwrap(),
+        before,
+        "an existing file is kept"
+    );
+    for (args, problem) in [
+        (vec!["create", &at("nosize.vhdx")], "size is required"),
+        (
+            vec!["create", "--size", "12Q", &at("q.vhdx")],
+            "is not a size",
+        ),
+        (
+            vec!["create", "--size", "1000", &at("odd.vhd")],
+            "512-byte sectors",
+        ),
+        (
+            vec![
+                "create",
+                "--size",
+                "8M",
+                "--logical-sector",
+                "4096",
+                &at("x.vhd"),
+            ],
+            "512-byte sectors only",
+        ),
+        (
+            vec![
+                "create",
+                "--parent",
+                &at("a.vhd"),
+                "--format",
+                "vhdx",
+                &at("y.vhdx"),
+            ],
+            "the parent is a vhd image",
+        ),
+        (
+            vec![
+                "create",
+                "--parent",
+                &at("a.vhd"),
+                "--type",
+                "fixed",
+                &at("z.vhd"),
+            ],
+            "cannot be fixed",
+        ),
+        (
+            vec!["create", "--parent", &at("missing.vhdx"), &at("w.vhdx")],
+            "missing.vhdx: cannot open image",
+        ),
+    ] {
+        let out = vdisk(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(problem), "{args:?}: {stderr}");
+    }
+    for name in [
+        "nosize.vhdx",
+        "q.vhdx",
+        "odd.vhd",
+        "x.vhd",
+        "y.vhdx",
+        "z.vhd",
+        "w.vhdx",
+    ] {
+        assert!(!dir.path().join(name).exists(), "{name} left behind");
+    }
+}

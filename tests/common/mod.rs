@@ -239,8 +239,29 @@ pub fn vhdimount_read(image: &Path) -> Vec<u8> {
             .unwrap_or(0u32)
     });
     let contents = top.and_then(|n| std::fs::read(mountpoint.path().join(format!("vhdi{n}"))));
-    run(Command::new("fusermount3").arg("-u").arg(mountpoint.path()));
+    unmount_busy_tolerant(mountpoint.path());
     contents.unwrap_or_else(|e| panic!("reading {} through vhdimount: {e}", image.display()))
+}
+
+/// Unmounts a FUSE mount this process no longer uses. Another test thread that forks a
+/// command at the wrong moment holds every open descriptor of this process until it
+/// execs, so the mount can be busy for an instant: try again before failing.
+fn unmount_busy_tolerant(mountpoint: &Path) {
+    for _ in 0..50 {
+        let output = Command::new("fusermount3")
+            .arg("-u")
+            .arg(mountpoint)
+            .output()
+            .unwrap();
+        if output.status.success() {
+            return;
+        }
+        if !String::from_utf8_lossy(&output.stderr).contains("busy") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    run(Command::new("fusermount3").arg("-u").arg(mountpoint));
 }
 
 /// Opens a VHDX image straight through the VHDX driver (no probing), read-only or

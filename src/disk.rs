@@ -99,6 +99,33 @@ impl FromStr for VhdSizeRule {
     }
 }
 
+/// What a discard (TRIM, `fallocate` PUNCH_HOLE) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscardMode {
+    /// Refused as unsupported: the range keeps its data.
+    Ignore,
+    /// The range reads as zeros; the image keeps its space (a fixed image stays fully
+    /// allocated on the host, as Hyper-V expects).
+    Zero,
+    /// The range reads as zeros and its space goes back: whole blocks leave the image's
+    /// block table where the format allows, the rest becomes holes in the host file.
+    Unmap,
+}
+
+impl FromStr for DiscardMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "ignore" => Ok(DiscardMode::Ignore),
+            "zero" => Ok(DiscardMode::Zero),
+            "unmap" => Ok(DiscardMode::Unmap),
+            _ => Err(Error::invalid_input(format!(
+                "unknown discard mode '{s}' (expected ignore, zero or unmap)"
+            ))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     pub read_only: bool,
@@ -109,6 +136,9 @@ pub struct OpenOptions {
     /// images moved apart). Applies to the first parent only; its own parents are found
     /// as it names them.
     pub parent: Option<PathBuf>,
+    /// What discards do; `None`: [`DiscardMode::Unmap`] for dynamic and differencing
+    /// images, [`DiscardMode::Zero`] for fixed and raw ones.
+    pub discard: Option<DiscardMode>,
 }
 
 /// How a range of the virtual disk is backed.

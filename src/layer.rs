@@ -10,7 +10,7 @@
 //! rules differ, but they split requests at block boundaries ([`block_pieces`]) and fill
 //! what a write leaves of a sector or bitmap group from the parent ([`copy_up`]) here.
 
-use crate::disk::{Allocation, Extent, Format, VirtualDisk, check_range, push_extent};
+use crate::disk::{Allocation, DiscardMode, Extent, Format, VirtualDisk, check_range, push_extent};
 use crate::error::{Error, Result};
 use crate::storage;
 use std::any::Any;
@@ -71,12 +71,17 @@ pub trait Layer: VirtualDisk + Any {
     /// Reads data that [`Layer::map`] placed in this file.
     fn read_mapped(&self, buf: &mut [u8], file_offset: u64) -> Result<()>;
 
-    /// Overwrites with zeros data that [`Layer::map`] placed in this file.
+    /// Makes data that [`Layer::map`] placed in this file read as zeros, as
+    /// [`Layer::discard_mode`] says: holes in the host file, or zeros written.
     fn zero_mapped(&self, file_offset: u64, len: u64) -> Result<()>;
+
+    /// What discards of this image do (the open options' choice, else the image type's
+    /// default).
+    fn discard_mode(&self) -> DiscardMode;
 
     /// Gives back whole blocks of `[offset, offset + len)` where the format can make them
     /// read as zeros without data; returns the parts still to be zeroed. A format that
-    /// cannot returns the whole range.
+    /// cannot returns the whole range. Called for [`DiscardMode::Unmap`] only.
     fn release_blocks(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
         Ok(vec![(offset, len)])
     }
@@ -381,21 +386,32 @@ pub fn allocation(top: &dyn Layer, offset: u64, len: u64) -> Result<Vec<Extent>>
     Ok(extents)
 }
 
-/// Makes `[offset, offset + len)` of `layer` read as zeros: whole blocks are given back
-/// where the format allows, data in the file is overwritten with zeros, and what the
-/// parent held is covered by zeros written through the layer's own write path (leaving it
-/// to the parent would bring the parent's data back).
+/// Makes `[offset, offset + len)` of `layer` read as zeros, as its [`DiscardMode`] says:
+/// whole blocks are given back where the format allows (unmap), data in the file becomes
+/// holes (unmap) or zeros, and what the parent held is covered by zeros written through
+/// the layer's own write path (leaving it to the parent would bring the parent's data
+/// back).
 pub fn discard(layer: &dyn Layer, offset: u64, len: u64) -> Result<()> {
     let len_usize = usize::try_from(len).map_err(|_| Error::invalid_input("range too long"))?;
     check_range(layer.size(), offset, len_usize)?;
     if layer.is_read_only() {
         return Err(Error::new(crate::error::ErrorKind::ReadOnly));
     }
+    let mode = layer.discard_mode();
+    if mode == DiscardMode::Ignore {
+        return Err(Error::unsupported(
+            "discards are switched off (discard=ignore)",
+        ));
+    }
     if len == 0 {
         return Ok(());
     }
+    let ranges = match mode {
+        DiscardMode::Unmap => layer.release_blocks(offset, len)?,
+        _ => vec![(offset, len)],
+    };
     let mut runs = Vec::new();
-    for (start, len) in layer.release_blocks(offset, len)? {
+    for (start, len) in ranges {
         map_checked(layer, start, len, &mut runs)?;
         let mut at = start;
         for run in &runs {
@@ -638,6 +654,9 @@ mod tests {
         }
         fn zero_mapped(&self, _: u64, _: u64) -> Result<()> {
             unreachable!("read-only")
+        }
+        fn discard_mode(&self) -> DiscardMode {
+            DiscardMode::Zero
         }
         fn parent_layer(&self) -> Option<&Parent> {
             self.parent.as_ref()

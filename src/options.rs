@@ -7,6 +7,7 @@
 //! unknown is refused by name, so a typo never goes unnoticed.
 
 use std::path::PathBuf;
+use vdisk_mount::disk::DiscardMode;
 use vdisk_mount::fuse::DISK_FILE_NAME;
 use vdisk_mount::{Format, OpenOptions, VhdSizeRule};
 
@@ -74,7 +75,7 @@ fn is_generic(key: &str, value: Option<&str>) -> bool {
 }
 
 const KNOWN: &str = "ro, rw, allow_other, allow_root, uid=, gid=, umask=, filename=, \
-                         format=, size_calc=, parent=, threads=, debug, log_level=, foreground, \
+                         format=, size_calc=, parent=, discard=, threads=, debug, log_level=, foreground, \
                          nodev, nosuid, noexec, and the generic defaults, auto, noauto, nofail, \
                          user, users, _netdev, dev, suid, exec, x-*, comment=";
 
@@ -146,6 +147,9 @@ impl MountConfig {
                     v.parse::<VhdSizeRule>().map_err(|e| bad(&e.to_string()))?
             }
             ("parent", Some(v)) if !v.is_empty() => self.open.parent = Some(PathBuf::from(v)),
+            ("discard", Some(v)) => {
+                self.open.discard = Some(v.parse::<DiscardMode>().map_err(|e| bad(&e.to_string()))?)
+            }
             ("threads", Some(v)) => {
                 self.threads = v
                     .parse::<usize>()
@@ -213,6 +217,25 @@ mod tests {
         assert_eq!((c.file_mode(), c.dir_mode()), (0o644, 0o755));
         assert_eq!(c.file_name, "disk.img");
         assert!(!c.foreground && c.log_level.is_none() && c.open.parent.is_none());
+    }
+
+    #[test]
+    fn discard_modes() {
+        assert_eq!(
+            parse(&["discard=zero"]).unwrap().open.discard,
+            Some(DiscardMode::Zero)
+        );
+        assert_eq!(
+            parse(&["discard=unmap"]).unwrap().open.discard,
+            Some(DiscardMode::Unmap)
+        );
+        assert_eq!(
+            parse(&["discard=ignore"]).unwrap().open.discard,
+            Some(DiscardMode::Ignore)
+        );
+        assert_eq!(parse(&[]).unwrap().open.discard, None);
+        let err = parse(&["discard=trim"]).unwrap_err();
+        assert!(err.contains("expected ignore, zero or unmap"), "{err}");
     }
 
     #[test]

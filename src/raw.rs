@@ -1,7 +1,7 @@
 //! A plain file served as the disk, byte for byte. Never probed: only used when asked
 //! (`format=raw`), as a baseline to measure the format drivers against.
 
-use crate::disk::{Extent, Format, OpenOptions, VirtualDisk, check_range};
+use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VirtualDisk, check_range};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::layer::{self, Layer, LayerFacts, MappedRun, Mapping, push_run};
 use crate::storage::{self, Storage};
@@ -10,6 +10,7 @@ pub struct RawDisk {
     storage: Box<dyn Storage>,
     size: u64,
     read_only: bool,
+    discard: DiscardMode,
 }
 
 impl RawDisk {
@@ -21,6 +22,8 @@ impl RawDisk {
             storage,
             size,
             read_only: options.read_only,
+            // A raw file is all data, like a fixed image.
+            discard: options.discard.unwrap_or(DiscardMode::Zero),
         })
     }
 }
@@ -91,8 +94,13 @@ impl Layer for RawDisk {
     }
 
     fn zero_mapped(&self, file_offset: u64, len: u64) -> Result<()> {
-        storage::write_zeros(self.storage.as_ref(), file_offset, len)
+        let unmap = self.discard == DiscardMode::Unmap;
+        storage::zero_range(self.storage.as_ref(), file_offset, len, unmap)
             .context(|| format!("zeroing {len} bytes at offset {file_offset}"))
+    }
+
+    fn discard_mode(&self) -> DiscardMode {
+        self.discard
     }
 
     fn facts(&self) -> LayerFacts {

@@ -36,6 +36,11 @@ pub trait Storage: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes `[offset, offset + len)` read as zeros, giving its space back to the host's
+    /// filesystem where it can (a hole); the file keeps its length. Durable like a write.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros(self, offset, len)
+    }
 }
 
 /// Lets tests keep a handle on a storage (to inject faults or simulate power loss) while a
@@ -59,6 +64,10 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
     }
 }
 
@@ -165,6 +174,22 @@ impl Storage for FileStorage {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
+
+    /// A hole where the filesystem has them; zeros written where it has not.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        };
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: a plain syscall on a descriptor this storage keeps open.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, at, n) } == 0 {
+            return Ok(());
+        }
+        match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write_zeros(self, offset, len),
+            e => Err(e),
+        }
+    }
 }
 
 /// Smallest page size Linux uses; touching one byte per 4 KiB maps every page of any
@@ -216,8 +241,25 @@ pub fn zero_chunks<E>(
 }
 
 /// Writes `len` zero bytes at `offset` of `storage`.
-pub fn write_zeros(storage: &dyn Storage, offset: u64, len: u64) -> io::Result<()> {
+pub fn write_zeros<S: Storage + ?Sized>(storage: &S, offset: u64, len: u64) -> io::Result<()> {
     zero_chunks(offset, len, |zeros, at| storage.write_at(zeros, at))
+}
+
+/// Makes `[offset, offset + len)` of `storage` read as zeros: with `unmap`, the whole pages
+/// inside it become a hole and only the partial pages at its edges are written; without,
+/// every byte is written (the host keeps the space allocated).
+pub fn zero_range(storage: &dyn Storage, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+    let end = offset.saturating_add(len);
+    let (first, last) = (
+        offset.next_multiple_of(PAGE as u64),
+        end / PAGE as u64 * PAGE as u64,
+    );
+    if !unmap || first >= last {
+        return write_zeros(storage, offset, len);
+    }
+    write_zeros(storage, offset, first - offset)?;
+    storage.punch_hole(first, last - first)?;
+    write_zeros(storage, last, end - last)
 }
 
 #[cfg(test)]
@@ -316,6 +358,37 @@ mod tests {
         s.read_at(&mut buf, 0).unwrap();
         assert!(buf[..1000].iter().chain(&buf[5000..]).all(|&b| b == 7));
         assert!(buf[1000..5000].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn zero_range_unmaps_whole_pages_and_writes_the_edges() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        std::fs::write(&path, vec![0xAB; 1 << 20]).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        let storage = FileStorage::new(file);
+        let blocks = || std::fs::metadata(&path).unwrap().blocks();
+        let before = blocks();
+        zero_range(&storage, 100, 512 << 10, true).unwrap();
+        let mut data = vec![0u8; 1 << 20];
+        storage.read_at(&mut data, 0).unwrap();
+        assert!(data[..100].iter().all(|&b| b == 0xAB));
+        assert!(data[100..100 + (512 << 10)].iter().all(|&b| b == 0));
+        assert!(data[100 + (512 << 10)..].iter().all(|&b| b == 0xAB));
+        assert_eq!(storage.len().unwrap(), 1 << 20);
+        // Every whole page inside went back to the filesystem (512-byte units).
+        assert!(
+            before - blocks() >= (508 << 10) / 512,
+            "{before} -> {}",
+            blocks()
+        );
+        // Without unmap, zeros are written and the space stays.
+        let kept = blocks();
+        zero_range(&storage, 600 << 10, 256 << 10, false).unwrap();
+        assert_eq!(blocks(), kept);
+        storage.read_at(&mut data, 0).unwrap();
+        assert!(data[600 << 10..856 << 10].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -44,7 +44,7 @@ use dynamic_header::MAX_DISK_SIZE;
 pub use footer::DiskType;
 pub use geometry::Geometry;
 
-use crate::disk::{Extent, Format, OpenOptions, VirtualDisk};
+use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VirtualDisk};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
 use crate::layer::{
     self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
@@ -72,6 +72,7 @@ pub struct VhdDisk {
     footer: Footer,
     size: u64,
     read_only: bool,
+    discard: DiscardMode,
     /// Present for dynamic disks.
     dynamic: Option<Dynamic>,
 }
@@ -146,6 +147,10 @@ impl VhdDisk {
             footer,
             size,
             read_only: options.read_only,
+            discard: options.discard.unwrap_or(match dynamic {
+                Some(_) => DiscardMode::Unmap,
+                None => DiscardMode::Zero,
+            }),
             dynamic,
         })
     }
@@ -621,9 +626,9 @@ impl VirtualDisk for VhdDisk {
         layer::allocation(self, offset, len)
     }
 
-    /// Zeros the data the range has in this file; unallocated blocks already read as zeros
-    /// (except in differencing disks, where they read the parent and are written over).
-    /// Blocks keep their space: a block in the middle of the file cannot be given back.
+    /// Whole blocks of a dynamic disk are unallocated and their space becomes a hole; the
+    /// rest of the data the range has in this file is unmapped or zeroed (as the discard
+    /// mode says). In a differencing disk what the parent held is written over with zeros.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         layer::discard(self, offset, len)
@@ -661,8 +666,68 @@ impl Layer for VhdDisk {
     }
 
     fn zero_mapped(&self, file_offset: u64, len: u64) -> Result<()> {
-        storage::write_zeros(self.storage.as_ref(), file_offset, len)
+        let unmap = self.discard == DiscardMode::Unmap;
+        storage::zero_range(self.storage.as_ref(), file_offset, len, unmap)
             .context(|| format!("zeroing {len} bytes at {file_offset:#x}"))
+    }
+
+    fn discard_mode(&self) -> DiscardMode {
+        self.discard
+    }
+
+    /// Whole blocks of a dynamic disk become unallocated: the entry is durable before the
+    /// block's space becomes a hole, so a crash leaves either the block with its data or
+    /// no block. A differencing disk keeps its blocks (an unallocated block would read its
+    /// parent), and their data becomes holes instead.
+    fn release_blocks(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let Some(d) = self.dynamic.as_ref().filter(|d| d.differencing.is_none()) else {
+            return Ok(vec![(offset, len)]);
+        };
+        let block_size = d.layout.block_size;
+        let _allocator = d.allocator.lock();
+        let mut rest: Vec<(u64, u64)> = Vec::new();
+        let mut released = Vec::new();
+        for piece in block_pieces(offset, len, block_size) {
+            let block_len = block_size.min(self.size - piece.block * block_size);
+            let whole = piece.in_block == 0 && piece.len as u64 == block_len;
+            match d.bat.read().block_offset(piece.block) {
+                Some(block_at) if whole => released.push((piece.block, block_at)),
+                None if whole => {}
+                _ => {
+                    let at = offset + piece.at as u64;
+                    match rest.last_mut() {
+                        Some((start, n)) if *start + *n == at => *n += piece.len as u64,
+                        _ => rest.push((at, piece.len as u64)),
+                    }
+                }
+            }
+        }
+        if released.is_empty() {
+            return Ok(rest);
+        }
+        let storage = self.storage.as_ref();
+        for &(block, _) in &released {
+            storage
+                .write_at(
+                    &Bat::entry_bytes(UNALLOCATED),
+                    d.table_offset + block * bat::ENTRY_SIZE,
+                )
+                .context(|| format!("releasing block {block}: writing its BAT entry"))?;
+        }
+        storage
+            .flush()
+            .context(|| "releasing blocks: flushing the BAT".to_string())?;
+        let mut bat = d.bat.write();
+        for &(block, _) in &released {
+            bat.set(block, UNALLOCATED);
+        }
+        drop(bat);
+        for (block, block_at) in released {
+            storage
+                .punch_hole(block_at, d.layout.span())
+                .context(|| format!("releasing the space of block {block}"))?;
+        }
+        Ok(rest)
     }
 
     fn parent_link(&self) -> Option<&ParentLink> {

@@ -1,5 +1,5 @@
 use super::*;
-use crate::disk::{Allocation, VhdSizeRule};
+use crate::disk::{Allocation, DiscardMode, VhdSizeRule};
 use crate::storage::{MemStorage, PendingOp, Survives};
 use footer::NO_DATA_OFFSET;
 use rand::rngs::StdRng;
@@ -871,10 +871,21 @@ fn a_crash_at_any_request_keeps_acknowledged_writes() {
             model.lock().write(offset, &data);
             disk.write_at(&data, offset as u64).unwrap();
         }
+        // A discard that gives back whole blocks and zeros the parts around them: until
+        // a flush, each byte reads as before or as zero.
+        let (offset, len) = loop {
+            let len = rng.random_range(1..3 * BLOCK as usize);
+            let offset = rng.random_range(0..size as usize - len);
+            if !model.lock().in_flight[offset..offset + len].contains(&true) {
+                break (offset, len);
+            }
+        };
+        model.lock().write(offset, &vec![0; len]);
+        disk.discard(offset as u64, len as u64).unwrap();
         disk.flush().unwrap();
         model.lock().flushed();
     }
-    assert!(disk.allocated_blocks().unwrap() >= 5);
+    assert!(disk.allocated_blocks().unwrap() >= 3);
     assert!(checks.load(std::sync::atomic::Ordering::Relaxed) > 50);
     // And at the very end, after the last flush.
     check_crash_images(&storage, &model.lock(), &mut rng);
@@ -1001,4 +1012,71 @@ fn concurrent_writers_allocate_each_block_once() {
         let at = sector as usize * 512;
         assert_eq!(found[at..at + 512], [expected; 512], "sector {sector}");
     }
+}
+
+#[test]
+fn discarding_whole_blocks_unallocates_them_and_zeros_the_rest() {
+    let block = u64::from(BLOCK);
+    let size = 6 * block;
+    let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
+    let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
+    disk.write_at(&vec![7; 4 * block as usize], 0).unwrap();
+    disk.flush().unwrap();
+    assert_eq!(disk.allocated_blocks(), Some(4));
+    // Half of block 0, all of block 1, a quarter of block 2.
+    disk.discard(block / 2, block / 2 + block + block / 4)
+        .unwrap();
+    disk.flush().unwrap();
+    let mut expected = vec![7u8; 4 * block as usize];
+    expected.resize(size as usize, 0);
+    expected[(block / 2) as usize..(2 * block + block / 4) as usize].fill(0);
+    assert_same(&read_all(&disk), &expected);
+    assert_eq!(disk.allocated_blocks(), Some(3));
+    assert_eq!(
+        disk.allocation(block, block).unwrap(),
+        vec![Extent {
+            offset: block,
+            len: block,
+            state: Allocation::Zero
+        }]
+    );
+    drop(disk);
+    let reopened = open_vec(storage.contents()).unwrap();
+    assert_eq!(reopened.allocated_blocks(), Some(3));
+    assert_same(&read_all(&reopened), &expected);
+    // The freed block's place is taken by nobody else: a new write allocates afresh.
+    reopened.write_at(&[9; 512], block).unwrap();
+    expected[block as usize..block as usize + 512].fill(9);
+    assert_same(&read_all(&reopened), &expected);
+}
+
+#[test]
+fn discard_modes_follow_the_image_type_and_the_option() {
+    let fixed = VhdDisk::open(
+        Box::new(MemStorage::from_vec(fixed_image(&[5; 4096]))),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(fixed.discard_mode(), DiscardMode::Zero);
+    let dynamic = open_vec(dynamic_image(4 * u64::from(BLOCK))).unwrap();
+    assert_eq!(dynamic.discard_mode(), DiscardMode::Unmap);
+    let ignoring = VhdDisk::open(
+        Box::new(MemStorage::from_vec(dynamic_image(4 * u64::from(BLOCK)))),
+        &OpenOptions {
+            discard: Some(DiscardMode::Ignore),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    ignoring.write_at(&[3; 512], 0).unwrap();
+    let err = ignoring.discard(0, 512).unwrap_err();
+    assert_eq!(err.errno(), libc::EOPNOTSUPP);
+    let mut buf = [0u8; 512];
+    ignoring.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [3; 512]);
+    // A fixed image zeros in place, keeping every byte allocated.
+    fixed.discard(100, 1000).unwrap();
+    let mut data = [0u8; 4096];
+    fixed.read_at(&mut data, 0).unwrap();
+    assert!(data[100..1100].iter().all(|&b| b == 0) && data[1100..].iter().all(|&b| b == 5));
 }

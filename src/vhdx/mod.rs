@@ -44,13 +44,13 @@ mod replay;
 pub mod sector_bitmap;
 mod write;
 
-use crate::disk::{Extent, Format, OpenOptions, VirtualDisk, check_range};
+use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VirtualDisk, check_range};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
 use crate::layer::{
     self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
     copy_up, push_run,
 };
-use crate::storage::{Storage, write_zeros};
+use crate::storage::{self, Storage, write_zeros};
 use bat::{BAT_ENTRY_LEN, BAT_PAGE_LEN, Bat, BatEntry, BatLayout, PayloadState, ReservedRange};
 use fields::MIB;
 use file_identifier::{FILE_IDENTIFIER_LEN, FileIdentifier};
@@ -106,6 +106,7 @@ pub struct VhdxInfo {
 pub struct VhdxDisk {
     storage: Box<dyn Storage>,
     read_only: bool,
+    discard: DiscardMode,
     params: DiskParameters,
     creator: String,
     bat_offset: u64,
@@ -246,6 +247,7 @@ impl VirtualDisk for VhdxDisk {
     /// back); parts of blocks are overwritten with zeros.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
+        self.begin_user_write()?;
         layer::discard(self, offset, len)
     }
 
@@ -310,21 +312,25 @@ impl Layer for VhdxDisk {
     }
 
     fn zero_mapped(&self, file_offset: u64, len: u64) -> Result<()> {
-        write_zeros(self.storage.as_ref(), file_offset, len)
+        let unmap = self.discard == DiscardMode::Unmap;
+        storage::zero_range(self.storage.as_ref(), file_offset, len, unmap)
             .context(|| format!("zeroing {len} bytes at {file_offset:#x}"))
+    }
+
+    fn discard_mode(&self) -> DiscardMode {
+        self.discard
     }
 
     /// Whole blocks that hold anything become ZERO, through the log; unless the image is
     /// fixed, whose blocks keep their space.
     fn release_blocks(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
-        self.check_writable()?;
-        self.begin_user_write()?;
         let block_size = self.layout.block_size;
         let child = self.differencing.is_some();
         let mut whole_blocks = Vec::new();
         let mut rest: Vec<(u64, u64)> = Vec::new();
         for piece in block_pieces(offset, len, block_size) {
-            let state = self.bat.read().payload(piece.block).payload_state();
+            let entry = self.bat.read().payload(piece.block);
+            let state = entry.payload_state();
             let holds_data = match state {
                 Some(PayloadState::FullyPresent) => true,
                 Some(PayloadState::PartiallyPresent | PayloadState::NotPresent) => child,
@@ -333,7 +339,12 @@ impl Layer for VhdxDisk {
             let block_len = block_size.min(self.size() - piece.block * block_size);
             let whole = piece.in_block == 0 && piece.len as u64 == block_len;
             if holds_data && whole && (child || !self.params.leave_blocks_allocated) {
-                whole_blocks.push(piece.block);
+                let space = matches!(
+                    state,
+                    Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent)
+                )
+                .then(|| entry.file_offset());
+                whole_blocks.push((piece.block, space));
                 continue;
             }
             let at = offset + piece.at as u64;
@@ -346,7 +357,7 @@ impl Layer for VhdxDisk {
             let mut j = self.journal.lock();
             let changes: Vec<(u64, BatEntry)> = whole_blocks
                 .iter()
-                .map(|&b| {
+                .map(|&(b, _)| {
                     (
                         self.layout.payload_index(b),
                         BatEntry::new(PayloadState::Zero, 0),
@@ -354,6 +365,16 @@ impl Layer for VhdxDisk {
                 })
                 .collect();
             self.commit(&mut j, &changes, &[])?;
+            drop(j);
+            // The entries no longer point at the blocks' space once the commit returns:
+            // only then may it become a hole.
+            for (block, space) in whole_blocks {
+                if let Some(at) = space {
+                    self.storage
+                        .punch_hole(at, block_size)
+                        .context(|| format!("releasing the space of block {block}"))?;
+                }
+            }
         }
         Ok(rest)
     }

@@ -188,6 +188,12 @@ impl VhdxDisk {
         Ok(VhdxDisk {
             storage,
             read_only: options.read_only,
+            discard: options.discard.unwrap_or(
+                match params.leave_blocks_allocated && differencing.is_none() {
+                    true => DiscardMode::Zero,
+                    false => DiscardMode::Unmap,
+                },
+            ),
             creator,
             bat_offset: bat_region.file_offset,
             log_was_dirty,

@@ -16,6 +16,7 @@ mod common;
 mod chain_mount;
 mod cli;
 mod corpus_probe;
+mod discard;
 mod mount_concurrency;
 mod mount_corpus;
 mod mount_crash;

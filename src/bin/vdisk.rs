@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::fmt::Display;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vdisk_mount::create::{CreateOptions, ImageType, create, parse_size};
@@ -119,16 +120,23 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Prints a report as text, or as JSON for tools.
+/// Prints a report as text, or as JSON for tools. A reader that stops early (`| head`)
+/// is not an error.
 fn print(report: &(impl Serialize + Display), json: bool) -> Result<()> {
-    if json {
-        let text = serde_json::to_string_pretty(report)
+    let text = if json {
+        let mut text = serde_json::to_string_pretty(report)
             .map_err(|e| vdisk_mount::Error::invalid_input(e.to_string()))?;
-        println!("{text}");
+        text.push('\n');
+        text
     } else {
-        print!("{report}");
+        report.to_string()
+    };
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(vdisk_mount::Error::io("writing to standard output", e))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -222,3 +222,51 @@ fn info_reports_what_the_corpus_analysis_found_and_changes_nothing() {
         );
     }
 }
+
+#[test]
+fn map_agrees_with_qemu_img_map_on_a_qemu_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("map.vhd");
+    let path = image.to_str().unwrap();
+    common::qemu_img(&["create", "-q", "-f", "vpc", path, "64M"]);
+    common::qemu_io(
+        "vpc",
+        &image,
+        &["write 1M 3M", "write 40M 4k", "write 63M 1M"],
+    );
+    let ours: Value = serde_json::from_str(&vdisk_ok(&["map", "--json", path])).unwrap();
+    let qemu: Value = serde_json::from_slice(
+        &common::qemu_img(&["map", "--output=json", "-f", "vpc", path]).stdout,
+    )
+    .unwrap();
+    let theirs: Vec<(u64, u64, &str, Option<u64>)> = qemu
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let data = e["data"].as_bool().unwrap();
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                if data { "data" } else { "zero" },
+                e["offset"].as_u64().filter(|_| data),
+            )
+        })
+        .collect();
+    let mine: Vec<(u64, u64, &str, Option<u64>)> = ours["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(e["layer"], 0);
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["state"].as_str().unwrap(),
+                e["offset"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(mine, theirs);
+    assert_eq!(ours["layers"][0], path);
+}

@@ -247,7 +247,10 @@ impl VirtualDisk for VhdxDisk {
     /// back); parts of blocks are overwritten with zeros.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        self.begin_user_write()?;
+        // A refused discard changes nothing, DataWriteGuid included (children name it).
+        if self.discard != DiscardMode::Ignore {
+            self.begin_user_write()?;
+        }
         layer::discard(self, offset, len)
     }
 

@@ -2,7 +2,7 @@
 //! at every write of an allocating workload, concurrency, damaged structures.
 
 use super::*;
-use crate::disk::Allocation;
+use crate::disk::{Allocation, DiscardMode};
 use crate::layer::{ParentImage, StoredParentPaths};
 use crate::storage::{MemStorage, PendingOp, Survives};
 use metadata::tests::region_with;
@@ -1038,4 +1038,19 @@ fn a_crash_at_any_instant_of_child_writes_keeps_every_acknowledged_one() {
             check(crashed.contents(), acknowledged, attempted, &what);
         }
     }
+}
+
+#[test]
+fn a_refused_discard_leaves_the_image_untouched() {
+    let image = build_image(8 * MIB, MIB as u32, false);
+    let storage = Arc::new(MemStorage::from_vec(image.clone()));
+    let options = OpenOptions {
+        discard: Some(DiscardMode::Ignore),
+        ..Default::default()
+    };
+    let disk = VhdxDisk::open(Box::new(storage.clone()), &options).unwrap();
+    assert_eq!(disk.discard(0, MIB).unwrap_err().errno(), libc::EOPNOTSUPP);
+    disk.close().unwrap();
+    assert_eq!(storage.write_count(), 0);
+    assert_eq!(storage.contents(), image);
 }

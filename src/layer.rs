@@ -12,6 +12,7 @@
 
 use crate::disk::{Allocation, DiscardMode, Extent, Format, VirtualDisk, check_range, push_extent};
 use crate::error::{Error, Result};
+use crate::free_space::{SpaceGate, SpacePin};
 use crate::storage;
 use std::any::Any;
 use std::ops::Range;
@@ -101,6 +102,17 @@ pub trait Layer: VirtualDisk + Any {
 
     /// What `vdisk info` reports about this file.
     fn facts(&self) -> LayerFacts;
+
+    /// The gate that data I/O to this file's mapped space pins, for a layer that hands
+    /// released space out again (see `free_space`).
+    fn space_gate(&self) -> Option<&SpaceGate> {
+        None
+    }
+}
+
+/// Pins `layer`'s space, if it reuses space, across a mapping and the I/O to it.
+fn pin_space(layer: &dyn Layer) -> Option<SpacePin<'_>> {
+    layer.space_gate().map(SpaceGate::pin)
 }
 
 /// A parent handed to its child: the image and the file it was found in.
@@ -232,6 +244,7 @@ pub fn read(top: &dyn Layer, buf: &mut [u8], offset: u64) -> Result<()> {
     let mut runs = Vec::new();
     loop {
         let mut deeper = Vec::new();
+        let pin = pin_space(layer);
         for (start, len, at) in wanted {
             map_checked(layer, at, len as u64, &mut runs)?;
             let (mut pos, mut virtual_at) = (start, at);
@@ -254,6 +267,7 @@ pub fn read(top: &dyn Layer, buf: &mut [u8], offset: u64) -> Result<()> {
                 virtual_at += run.len;
             }
         }
+        drop(pin);
         if deeper.is_empty() {
             return Ok(());
         }
@@ -411,19 +425,23 @@ pub fn discard(layer: &dyn Layer, offset: u64, len: u64) -> Result<()> {
         _ => vec![(offset, len)],
     };
     let mut runs = Vec::new();
+    let mut parents = Vec::new();
     for (start, len) in ranges {
+        let _pin = pin_space(layer);
         map_checked(layer, start, len, &mut runs)?;
         let mut at = start;
         for run in &runs {
             match run.mapping {
                 Mapping::File(file_offset) => layer.zero_mapped(file_offset, run.len)?,
                 Mapping::Zero => {}
-                Mapping::Parent => {
-                    storage::zero_chunks(at, run.len, |zeros, at| layer.write_at(zeros, at))?
-                }
+                Mapping::Parent => parents.push((at, run.len)),
             }
             at += run.len;
         }
+    }
+    // Written unpinned: a write may allocate, and allocating may wait for pins to go.
+    for (at, len) in parents {
+        storage::zero_chunks(at, len, |zeros, at| layer.write_at(zeros, at))?;
     }
     Ok(())
 }

@@ -39,6 +39,7 @@ pub mod chain;
 pub mod create;
 pub mod disk;
 pub mod error;
+pub mod free_space;
 pub mod fuse;
 pub mod info;
 pub mod layer;

@@ -252,14 +252,17 @@ impl VhdDisk {
         data: &[u8],
     ) -> Result<()> {
         let sectors = sector_span(in_block, data.len());
-        let in_this_file = diff
-            .blocks
-            .read()
-            .get(&block)
-            .filter(|b| b.bitmap.all_set(sectors.clone()))
-            .map(|b| b.at);
-        if let Some(block_at) = in_this_file {
-            return self.write_data(d, block, block_at, in_block, data);
+        {
+            let _pin = d.space.pin();
+            let in_this_file = diff
+                .blocks
+                .read()
+                .get(&block)
+                .filter(|b| b.bitmap.all_set(sectors.clone()))
+                .map(|b| b.at);
+            if let Some(block_at) = in_this_file {
+                return self.write_data(d, block, block_at, in_block, data);
+            }
         }
 
         let mut allocator = d.allocator.lock();

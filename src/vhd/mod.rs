@@ -46,6 +46,7 @@ pub use geometry::Geometry;
 
 use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VirtualDisk};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
+use crate::free_space::{FreeSpace, SpaceGate, aligned_place};
 use crate::layer::{
     self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
     push_run,
@@ -81,9 +82,12 @@ struct Dynamic {
     table_offset: u64,
     layout: BlockLayout,
     bat: RwLock<Bat>,
-    /// Held for the whole of an allocation, so two writers never allocate the same block
-    /// or the same space.
+    /// Held for the whole of an allocation or release, so two writers never allocate the
+    /// same block or the same space.
     allocator: Mutex<Allocator>,
+    /// Pinned by data I/O to allocated blocks, so released space is reused only once no
+    /// I/O can still reach it.
+    space: SpaceGate,
     /// The footer as found, rewritten unchanged at each new end of file.
     footer_bytes: [u8; FOOTER_SIZE],
     /// A new block's bitmap: every sector marked as present.
@@ -93,8 +97,12 @@ struct Dynamic {
 }
 
 struct Allocator {
-    /// Where the next block goes: the trailing footer's offset, sector-aligned.
+    /// Where the next block goes when no free space fits it: the trailing footer's
+    /// offset, sector-aligned.
     next_block: u64,
+    /// Space before `next_block` that no structure or block uses: gaps found at open and
+    /// blocks released since.
+    free: FreeSpace,
 }
 
 /// The footer chosen at open and where the data area it closes ends.
@@ -203,11 +211,14 @@ impl VhdDisk {
 
     /// Writes into a block that may not be allocated yet.
     fn write_block(&self, d: &Dynamic, block: u64, in_block: u64, data: &[u8]) -> Result<()> {
-        let allocated = d.bat.read().block_offset(block);
-        match allocated {
-            Some(block_at) => self.write_data(d, block, block_at, in_block, data),
-            None => self.allocate_block(d, block, in_block, data),
+        {
+            let _pin = d.space.pin();
+            let allocated = d.bat.read().block_offset(block);
+            if let Some(block_at) = allocated {
+                return self.write_data(d, block, block_at, in_block, data);
+            }
         }
+        self.allocate_block(d, block, in_block, data)
     }
 
     fn write_data(
@@ -245,9 +256,10 @@ impl VhdDisk {
         Ok(())
     }
 
-    /// Places `block` at the end of the file with the allocator held: new footer past it,
-    /// flushed; then `fill(block offset, message context)` writes the bitmap and data,
-    /// flushed; then the BAT entry. Returns where the block went.
+    /// Places `block` with the allocator held, in free space if some fits it (cleared to
+    /// zeros first), else at the end of the file (new footer past it, flushed); then
+    /// `fill(block offset, message context)` writes the bitmap and data, flushed; then the
+    /// BAT entry. Returns where the block went.
     fn place_block(
         &self,
         d: &Dynamic,
@@ -255,22 +267,29 @@ impl VhdDisk {
         block: u64,
         fill: impl FnOnce(u64, &dyn Fn(&str) -> String) -> Result<()>,
     ) -> Result<u64> {
-        let old_footer_at = allocator.next_block;
+        let (span, head) = (d.layout.span(), d.layout.bitmap_bytes);
         let data_alignment = d.layout.block_size.min(DATA_ALIGNMENT);
-        let block_at = (old_footer_at + d.layout.bitmap_bytes).next_multiple_of(data_alignment)
-            - d.layout.bitmap_bytes;
-        let sector = u32::try_from(block_at / SECTOR)
-            .ok()
-            .filter(|&sector| sector != UNALLOCATED)
-            .ok_or_else(|| {
-                Error::new(ErrorKind::Io {
-                    what: format!("allocating block {block}"),
-                    source: std::io::Error::from_raw_os_error(libc::EFBIG),
-                })
-            })?;
-        let footer_at = block_at + d.layout.span();
         let storage = self.storage.as_ref();
         let context = |step: &str| format!("allocating block {block}: {step}");
+        let reused = allocator.free.take(span, &d.space, |free| {
+            aligned_place(free, span, head, data_alignment, SECTOR)
+        });
+        if let Some(block_at) = reused {
+            let sector = block_sector(block, block_at)?;
+            let placed = storage::zero_range(storage, block_at, span, true)
+                .context(|| context("clearing reused space"))
+                .and_then(|_| fill(block_at, &context))
+                .and_then(|_| storage.flush().context(|| context("flushing block data")));
+            if let Err(e) = placed {
+                allocator.free.insert(block_at..block_at + span);
+                return Err(e);
+            }
+            return self.commit_block(d, block, sector, block_at);
+        }
+        let old_footer_at = allocator.next_block;
+        let block_at = (old_footer_at + head).next_multiple_of(data_alignment) - head;
+        let sector = block_sector(block, block_at)?;
+        let footer_at = block_at + span;
 
         // Whatever follows the old footer (a legacy short footer, or a block left behind
         // by a failed allocation) is cut off so the new block's unwritten sectors are zeros.
@@ -292,16 +311,20 @@ impl VhdDisk {
             .context(|| context("clearing the old footer"))?;
         fill(block_at, &context)?;
         storage.flush().context(|| context("flushing block data"))?;
-        let committed = storage
+        // Even a failed entry write may have reached the file: never hand this space out
+        // again.
+        allocator.next_block = footer_at;
+        self.commit_block(d, block, sector, block_at)
+    }
+
+    /// Points `block`'s BAT entry at `sector`, its data being durable at `block_at`.
+    fn commit_block(&self, d: &Dynamic, block: u64, sector: u32, block_at: u64) -> Result<u64> {
+        self.storage
             .write_at(
                 &Bat::entry_bytes(sector),
                 d.table_offset + block * bat::ENTRY_SIZE,
             )
-            .context(|| context("writing the BAT entry"));
-        // Even a failed entry write may have reached the file: never hand this space out
-        // again.
-        allocator.next_block = footer_at;
-        committed?;
+            .context(|| format!("allocating block {block}: writing the BAT entry"))?;
         d.bat.write().set(block, sector);
         Ok(block_at)
     }
@@ -410,6 +433,19 @@ fn virtual_size(footer: &Footer, rule: crate::disk::VhdSizeRule) -> Result<u64> 
         ));
     }
     Ok(size)
+}
+
+/// The BAT entry of a block placed at `block_at`.
+fn block_sector(block: u64, block_at: u64) -> Result<u32> {
+    u32::try_from(block_at / SECTOR)
+        .ok()
+        .filter(|&sector| sector != UNALLOCATED)
+        .ok_or_else(|| {
+            Error::new(ErrorKind::Io {
+                what: format!("allocating block {block}"),
+                source: std::io::Error::from_raw_os_error(libc::EFBIG),
+            })
+        })
 }
 
 fn out_of_bounds(structure: &str, problem: String) -> Error {
@@ -534,6 +570,11 @@ fn open_dynamic(
     } else {
         structures_end.next_multiple_of(SECTOR)
     };
+    let used = reserved
+        .iter()
+        .map(|r| r.start..r.start + r.len)
+        .chain(bat.allocated_blocks().map(|(_, at)| at..at + layout.span()));
+    let free = FreeSpace::gaps(0..next_block, used);
     let differencing = if is_differencing {
         Some(differencing::Differencing::open(
             storage,
@@ -550,7 +591,8 @@ fn open_dynamic(
         table_offset: table_at,
         layout,
         bat: RwLock::new(bat),
-        allocator: Mutex::new(Allocator { next_block }),
+        allocator: Mutex::new(Allocator { next_block, free }),
+        space: SpaceGate::default(),
         footer_bytes: found.bytes,
         full_bitmap: vec![0xFF; layout.bitmap_bytes as usize],
         differencing,
@@ -684,7 +726,7 @@ impl Layer for VhdDisk {
             return Ok(vec![(offset, len)]);
         };
         let block_size = d.layout.block_size;
-        let _allocator = d.allocator.lock();
+        let mut allocator = d.allocator.lock();
         let mut rest: Vec<(u64, u64)> = Vec::new();
         let mut released = Vec::new();
         for piece in block_pieces(offset, len, block_size) {
@@ -726,12 +768,17 @@ impl Layer for VhdDisk {
             storage
                 .punch_hole(block_at, d.layout.span())
                 .context(|| format!("releasing the space of block {block}"))?;
+            allocator.free.release(block_at..block_at + d.layout.span());
         }
         Ok(rest)
     }
 
     fn parent_link(&self) -> Option<&ParentLink> {
         Some(&self.dynamic.as_ref()?.differencing.as_ref()?.link)
+    }
+
+    fn space_gate(&self) -> Option<&SpaceGate> {
+        Some(&self.dynamic.as_ref()?.space)
     }
 
     fn attach_parent(&mut self, parent: Parent) {

@@ -1044,10 +1044,61 @@ fn discarding_whole_blocks_unallocates_them_and_zeros_the_rest() {
     let reopened = open_vec(storage.contents()).unwrap();
     assert_eq!(reopened.allocated_blocks(), Some(3));
     assert_same(&read_all(&reopened), &expected);
-    // The freed block's place is taken by nobody else: a new write allocates afresh.
-    reopened.write_at(&[9; 512], block).unwrap();
-    expected[block as usize..block as usize + 512].fill(9);
+    // The freed block's place, found free at open, takes the next new block.
+    let freed_at = reopened.allocator_free_ranges();
+    assert!(
+        freed_at.iter().any(|r| r.end - r.start >= SPAN),
+        "{freed_at:?}"
+    );
+    let len_before = reopened.storage.len().unwrap();
+    reopened.write_at(&[9; 512], 5 * block).unwrap();
+    expected[5 * block as usize..5 * block as usize + 512].fill(9);
     assert_same(&read_all(&reopened), &expected);
+    assert_eq!(reopened.storage.len().unwrap(), len_before);
+    let d = reopened.dynamic.as_ref().unwrap();
+    let at = d.bat.read().block_offset(5).unwrap();
+    assert!(
+        freed_at.iter().any(|r| r.contains(&at)),
+        "{at:#x} {freed_at:?}"
+    );
+    drop(reopened);
+}
+
+impl VhdDisk {
+    fn allocator_free_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        let d = self.dynamic.as_ref().unwrap();
+        d.allocator.lock().free.ranges().collect()
+    }
+}
+
+#[test]
+fn released_blocks_are_reused_and_the_file_stops_growing() {
+    let size = 64 * u64::from(BLOCK);
+    let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
+    let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
+    let lengths =
+        crate::free_space::workloads::write_and_trim_rounds(&disk, 8, || storage.len().unwrap());
+    assert!(lengths.iter().all(|&l| l == lengths[0]), "{lengths:?}");
+    drop(disk);
+    let reopened = open_vec(storage.contents()).unwrap();
+    assert_same(&read_all(&reopened), &vec![0; size as usize]);
+}
+
+#[test]
+fn a_read_in_flight_keeps_its_block_from_reuse() {
+    crate::free_space::workloads::a_stalled_read_keeps_its_block_from_reuse(
+        dynamic_image(8 * u64::from(BLOCK)),
+        u64::from(BLOCK),
+        |storage| Box::new(VhdDisk::open(storage, &OpenOptions::default()).unwrap()),
+    );
+}
+
+#[test]
+fn concurrent_writes_and_discards_never_reach_a_reused_block() {
+    let size = 256 * u64::from(BLOCK);
+    let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
+    let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
+    crate::free_space::workloads::disjoint_writers_and_discarders(&disk, 4, 150);
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 use super::fields::{MIB, u64_at};
 use crate::error::{CorruptionKind, Error, Result};
+use crate::free_space::FreeSpace;
 
 pub const BAT_ENTRY_LEN: u64 = 8;
 /// The unit in which BAT changes are journaled.
@@ -230,13 +231,20 @@ impl Bat {
     /// Checks every used entry against the file: valid states, present blocks inside the
     /// file (`file_len`), past the header area, clear of `reserved` and of each other.
     /// The last block only needs its part inside the virtual disk to be in the file.
+    /// Returns the file space past the header area that nothing uses: not `reserved`, no
+    /// block, and no old location that an entry without data still names (locations must
+    /// stay unique).
     pub fn validate(
         &self,
         virtual_size: u64,
         file_len: u64,
         reserved: &[ReservedRange],
-    ) -> Result<()> {
+    ) -> Result<FreeSpace> {
         let layout = &self.layout;
+        let mut free = FreeSpace::new(MIB..file_len);
+        for r in reserved {
+            free.remove(r.start..r.end);
+        }
         // (offset, index): ends are found again from the index, keeping this list small.
         let mut used: Vec<(u64, u32)> = Vec::new();
         for index in 0..layout.total_entries {
@@ -269,7 +277,11 @@ impl Bat {
                     Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent) => {
                         self.used_len(index, virtual_size)
                     }
-                    Some(_) => continue,
+                    Some(_) => {
+                        let at = entry.file_offset();
+                        free.remove(at..at.saturating_add(self.used_len(index, virtual_size)));
+                        continue;
+                    }
                 }
             };
             let offset = entry.file_offset();
@@ -313,7 +325,10 @@ impl Bat {
                 ));
             }
         }
-        Ok(())
+        for &(offset, index) in &used {
+            free.remove(offset..offset + self.used_len(u64::from(index), virtual_size));
+        }
+        Ok(free)
     }
 
     /// File bytes the allocated entry `index` uses: a sector bitmap block, or the part of

@@ -13,6 +13,9 @@ pub(super) struct Journal {
     pub(super) writer: Option<LogWriter>,
     /// File length; 1 MiB aligned once this session has changed metadata.
     pub(super) file_end: u64,
+    /// File space before `file_end` that nothing uses: gaps found at open and blocks
+    /// released since.
+    pub(super) free: FreeSpace,
 }
 
 impl VhdxDisk {
@@ -126,9 +129,26 @@ impl VhdxDisk {
         Ok(())
     }
 
+    /// Reserves `len` bytes reading as zeros at a 1 MiB boundary, in free space if some
+    /// fits (cleared first), else past the end of the file; returns where they start.
+    pub(super) fn allocate_space(&self, j: &mut Journal, len: u64, what: &str) -> Result<u64> {
+        let Some(at) = j.free.take(len, &self.space, |free| {
+            aligned_place(free, len, 0, MIB, MIB)
+        }) else {
+            return self.extend_file(j, len, what);
+        };
+        let cleared = storage::zero_range(self.storage.as_ref(), at, len, true)
+            .context(|| format!("clearing reused space at {at:#x} for {what}"));
+        if let Err(e) = cleared {
+            j.free.insert(at..at + len);
+            return Err(e);
+        }
+        Ok(at)
+    }
+
     /// Reserves `len` bytes at the next 1 MiB boundary past the end of the file (reading
     /// as zeros) and returns where they start.
-    pub(super) fn extend_file(&self, j: &mut Journal, len: u64, what: &str) -> Result<u64> {
+    fn extend_file(&self, j: &mut Journal, len: u64, what: &str) -> Result<u64> {
         let start = j.file_end.next_multiple_of(MIB);
         let end = start
             .checked_add(len)

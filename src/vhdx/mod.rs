@@ -46,6 +46,7 @@ mod write;
 
 use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VirtualDisk, check_range};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
+use crate::free_space::{FreeSpace, SpaceGate, aligned_place};
 use crate::layer::{
     self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
     copy_up, push_run,
@@ -115,6 +116,9 @@ pub struct VhdxDisk {
     layout: BatLayout,
     bat: RwLock<Bat>,
     journal: Mutex<Journal>,
+    /// Pinned by data I/O to mapped space, so released space is reused only once no I/O
+    /// can still reach it.
+    space: SpaceGate,
     /// Fast path: the header update for user-visible writes is done.
     data_write_started: AtomicBool,
     /// A metadata change failed after its log entry became durable; the in-place BAT may
@@ -325,10 +329,14 @@ impl Layer for VhdxDisk {
     }
 
     /// Whole blocks that hold anything become ZERO, through the log; unless the image is
-    /// fixed, whose blocks keep their space.
+    /// fixed, whose blocks keep their space. Their space becomes a hole once no entry
+    /// points at it, and free for new blocks.
     fn release_blocks(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
         let block_size = self.layout.block_size;
         let child = self.differencing.is_some();
+        // Entries are looked at under the journal lock, so no other release or allocation
+        // changes them before the commit.
+        let mut j = self.journal.lock();
         let mut whole_blocks = Vec::new();
         let mut rest: Vec<(u64, u64)> = Vec::new();
         for piece in block_pieces(offset, len, block_size) {
@@ -346,7 +354,7 @@ impl Layer for VhdxDisk {
                     state,
                     Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent)
                 )
-                .then(|| entry.file_offset());
+                .then(|| entry.file_offset()..entry.file_offset() + block_len);
                 whole_blocks.push((piece.block, space));
                 continue;
             }
@@ -356,30 +364,34 @@ impl Layer for VhdxDisk {
                 _ => rest.push((at, piece.len as u64)),
             }
         }
-        if !whole_blocks.is_empty() {
-            let mut j = self.journal.lock();
-            let changes: Vec<(u64, BatEntry)> = whole_blocks
-                .iter()
-                .map(|&(b, _)| {
-                    (
-                        self.layout.payload_index(b),
-                        BatEntry::new(PayloadState::Zero, 0),
-                    )
-                })
-                .collect();
-            self.commit(&mut j, &changes, &[])?;
-            drop(j);
-            // The entries no longer point at the blocks' space once the commit returns:
-            // only then may it become a hole.
-            for (block, space) in whole_blocks {
-                if let Some(at) = space {
-                    self.storage
-                        .punch_hole(at, block_size)
-                        .context(|| format!("releasing the space of block {block}"))?;
-                }
+        if whole_blocks.is_empty() {
+            return Ok(rest);
+        }
+        let changes: Vec<(u64, BatEntry)> = whole_blocks
+            .iter()
+            .map(|&(b, _)| {
+                (
+                    self.layout.payload_index(b),
+                    BatEntry::new(PayloadState::Zero, 0),
+                )
+            })
+            .collect();
+        self.commit(&mut j, &changes, &[])?;
+        // The entries no longer point at the blocks' space once the commit returns: only
+        // then may it become a hole, and only a hole may be handed out again.
+        for (block, space) in whole_blocks {
+            if let Some(space) = space {
+                self.storage
+                    .punch_hole(space.start, space.end - space.start)
+                    .context(|| format!("releasing the space of block {block}"))?;
+                j.free.release(space);
             }
         }
         Ok(rest)
+    }
+
+    fn space_gate(&self) -> Option<&SpaceGate> {
+        Some(&self.space)
     }
 
     fn parent_link(&self) -> Option<&ParentLink> {

@@ -49,6 +49,7 @@ impl VhdxDisk {
             data_write_guid_changed: false,
             writer: None,
             file_end: file_len,
+            free: FreeSpace::default(),
         };
         let log_was_dirty = journal.header.log_is_dirty();
         let overlay = replay_log(storage.as_ref(), &journal, file_len)?;
@@ -131,7 +132,7 @@ impl VhdxDisk {
                 "BAT",
             )
         })?;
-        bat.validate(params.virtual_size, file_len, &reserved)?;
+        journal.free = bat.validate(params.virtual_size, file_len, &reserved)?;
         let bitmaps = match &locator {
             Some(_) => {
                 let bitmaps = load_sector_bitmaps(storage.as_ref(), overlay.as_ref(), &bat)?;
@@ -200,6 +201,7 @@ impl VhdxDisk {
             layout: bat.layout,
             bat: RwLock::new(bat),
             journal: Mutex::new(journal),
+            space: SpaceGate::default(),
             data_write_started: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
             payload_overlay,

@@ -278,6 +278,46 @@ fn random_writes_and_discards_match_a_model() {
 }
 
 #[test]
+fn released_blocks_are_reused_and_the_file_stops_growing() {
+    let size = 32 * MIB;
+    let storage = Arc::new(MemStorage::from_vec(build_image(size, MIB as u32, false)));
+    let disk = open_storage(storage.clone(), false).unwrap();
+    let lengths =
+        crate::free_space::workloads::write_and_trim_rounds(&disk, 8, || storage.len().unwrap());
+    assert!(lengths.iter().all(|&l| l == lengths[0]), "{lengths:?}");
+    disk.write_at(&[5; 4096], 3 * MIB).unwrap();
+    disk.close().unwrap();
+    drop(disk);
+    let disk = open_storage(storage.clone(), false).unwrap();
+    let mut expected = vec![0u8; size as usize];
+    expected[3 * MIB as usize..3 * MIB as usize + 4096].fill(5);
+    assert!(read_all(&disk) == expected);
+    // Space found free at open is used before the file grows.
+    disk.write_at(&[6; 4096], 20 * MIB).unwrap();
+    assert_eq!(storage.len().unwrap(), lengths[0]);
+}
+
+#[test]
+fn a_read_in_flight_keeps_its_block_from_reuse() {
+    crate::free_space::workloads::a_stalled_read_keeps_its_block_from_reuse(
+        build_image(8 * MIB, MIB as u32, false),
+        MIB,
+        |storage| Box::new(VhdxDisk::open(storage, &OpenOptions::default()).unwrap()),
+    );
+}
+
+#[test]
+fn concurrent_writes_and_discards_never_reach_a_reused_block() {
+    let storage = Arc::new(MemStorage::from_vec(build_image(
+        12 * MIB,
+        MIB as u32,
+        false,
+    )));
+    let disk = open_storage(storage, false).unwrap();
+    crate::free_space::workloads::disjoint_writers_and_discarders(&disk, 4, 40);
+}
+
+#[test]
 fn concurrent_writers_into_one_unallocated_block_allocate_it_once() {
     let storage = Arc::new(MemStorage::from_vec(build_image(
         8 * MIB,

@@ -30,7 +30,7 @@ impl VhdxDisk {
                     add_bits(&mut bits, chunk, sectors, true);
                 }
                 (Some(PayloadState::NotPresent), Some(d)) => {
-                    let start = self.extend_file(&mut j, layout.block_size, "a block")?;
+                    let start = self.allocate_space(&mut j, layout.block_size, "a block")?;
                     self.write_sectors(d, block, start, in_block, data, true)?;
                     let (chunk, sectors, base) = self.sector_bits(block, &written);
                     // Bits of a block that had no data mean nothing: start from clear.
@@ -41,7 +41,7 @@ impl VhdxDisk {
                         == Some(PayloadState::FullyPresent);
                     let bitmap_index = layout.sector_bitmap_index(block);
                     if !has_bitmap && !new_bitmaps.iter().any(|(i, _)| *i == bitmap_index) {
-                        let at = self.extend_file(&mut j, MIB, "a sector bitmap")?;
+                        let at = self.allocate_space(&mut j, MIB, "a sector bitmap")?;
                         new_bitmaps
                             .push((bitmap_index, BatEntry::new(PayloadState::FullyPresent, at)));
                     }
@@ -50,7 +50,7 @@ impl VhdxDisk {
                 // Blocks that read as zeros: the file's extension reads as zeros, so the
                 // block holds exactly what it must once the data is in.
                 _ => {
-                    let start = self.extend_file(&mut j, layout.block_size, "a block")?;
+                    let start = self.allocate_space(&mut j, layout.block_size, "a block")?;
                     self.write_payload(data, start + in_block)?;
                     changes.push((index, BatEntry::new(PayloadState::FullyPresent, start)));
                 }
@@ -88,6 +88,7 @@ impl VhdxDisk {
     /// Writes `data` where block `block` already keeps it in this file; `false` when the
     /// write needs metadata changes first.
     pub(super) fn write_in_place(&self, data: &[u8], block: u64, in_block: u64) -> Result<bool> {
+        let _pin = self.space.pin();
         let entry = self.bat.read().payload(block);
         match (entry.payload_state(), &self.differencing) {
             (Some(PayloadState::FullyPresent), _) => {}

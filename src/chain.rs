@@ -388,6 +388,50 @@ pub fn open_chain(
     Ok(below)
 }
 
+/// Most directory entries looked at when looking for an image's children.
+const MAX_SIBLINGS: usize = 4096;
+
+/// Differencing images in `image`'s directory whose stored parent paths lead to `image`.
+/// Files that are not images, or cannot be opened, are passed over.
+pub fn children_beside(image: &Path) -> Result<Vec<PathBuf>> {
+    let target = image
+        .canonicalize()
+        .context(|| "cannot find the image's directory".to_string())?;
+    let dir = target.parent().unwrap_or(Path::new("/"));
+    let entries = fs::read_dir(dir).context(|| format!("cannot list {}", dir.display()))?;
+    let mut children = Vec::new();
+    for entry in entries.flatten().take(MAX_SIBLINGS) {
+        let path = entry.path();
+        if path == target || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let Ok(file) = fs::File::open(&path) else {
+            continue;
+        };
+        let storage = FileStorage::new(file);
+        if probe(&storage).is_err() {
+            continue;
+        }
+        let options = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let Ok(layer) = open_layer(Box::new(storage), &options, &MetadataBudget::default()) else {
+            continue;
+        };
+        let names_image = layer.parent_link().is_some_and(|link| {
+            candidate_paths(dir, &link.paths)
+                .iter()
+                .any(|candidate| candidate.canonicalize().is_ok_and(|c| c == target))
+        });
+        if names_image {
+            children.push(path);
+        }
+    }
+    children.sort();
+    Ok(children)
+}
+
 /// The paths a new differencing image at `child` records for its existing `parent`.
 pub fn stored_parent_paths(child: &Path, parent: &Path) -> Result<StoredParentPaths> {
     let canonical = fs::canonicalize(parent)

@@ -47,6 +47,8 @@ pub enum ErrorKind {
     OutOfRange { offset: u64, len: u64, size: u64 },
     /// A caller-side mistake (bad option value and the like).
     InvalidInput(String),
+    /// Another program has the image open in a way that excludes this use.
+    InUse(String),
 }
 
 #[derive(Debug)]
@@ -118,6 +120,7 @@ impl Error {
             ErrorKind::ReadOnly => libc::EROFS,
             ErrorKind::OutOfRange { .. } => libc::EFBIG,
             ErrorKind::InvalidInput(_) => libc::EINVAL,
+            ErrorKind::InUse(_) => libc::EBUSY,
             ErrorKind::Unsupported(_) => libc::EOPNOTSUPP,
             ErrorKind::Corrupt { .. } | ErrorKind::NotADiskImage => libc::EIO,
         }
@@ -141,7 +144,7 @@ impl fmt::Display for Error {
                 f,
                 "request at offset {offset} of {len} bytes is outside the {size}-byte disk"
             ),
-            ErrorKind::InvalidInput(what) => write!(f, "{what}"),
+            ErrorKind::InvalidInput(what) | ErrorKind::InUse(what) => write!(f, "{what}"),
         }
     }
 }

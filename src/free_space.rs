@@ -149,6 +149,16 @@ impl FreeSpace {
         Some(start)
     }
 
+    /// The free ranges with pending ones counted free: for offline use, where no I/O
+    /// can reach released space.
+    pub fn settled(&self) -> FreeSpace {
+        let mut space = self.clone();
+        for range in std::mem::take(&mut space.pending) {
+            space.insert(range);
+        }
+        space
+    }
+
     /// Free and pending bytes.
     pub fn bytes(&self) -> u64 {
         let free: u64 = self.free.iter().map(|(s, e)| e - s).sum();

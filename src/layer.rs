@@ -13,6 +13,7 @@
 use crate::disk::{Allocation, DiscardMode, Extent, Format, VirtualDisk, check_range, push_extent};
 use crate::error::{Error, Result};
 use crate::free_space::{SpaceGate, SpacePin};
+use crate::relocation::Relocation;
 use crate::storage;
 use std::any::Any;
 use std::ops::Range;
@@ -106,6 +107,11 @@ pub trait Layer: VirtualDisk + Any {
     /// The gate that data I/O to this file's mapped space pins, for a layer that hands
     /// released space out again (see `free_space`).
     fn space_gate(&self) -> Option<&SpaceGate> {
+        None
+    }
+
+    /// How this file's blocks move when it is compacted; `None` when nothing in it can.
+    fn relocation(&self) -> Option<&dyn Relocation> {
         None
     }
 }

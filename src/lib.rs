@@ -36,6 +36,7 @@
 mod bit_runs;
 mod blocking_pool;
 pub mod chain;
+pub mod compact;
 pub mod create;
 pub mod disk;
 pub mod error;
@@ -47,6 +48,7 @@ pub mod lock;
 pub mod map;
 pub mod open;
 pub mod raw;
+pub mod relocation;
 pub mod storage;
 pub mod vhd;
 pub mod vhdx;

@@ -192,6 +192,45 @@ impl Storage for FileStorage {
     }
 }
 
+/// Copies `len` bytes from `from` to `to` in the same file, the ranges apart, leaving
+/// holes where whole pages of the source read as zeros (the target range is made a hole
+/// first, so it reads as zeros wherever nothing is written).
+pub fn copy_sparse(storage: &dyn Storage, from: u64, to: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 4 << 20;
+    zero_range(storage, to, len, true)?;
+    let mut buf = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK) as usize;
+        let chunk = &mut buf[..n];
+        storage.read_at(chunk, from + done)?;
+        // Pages of the target file, so holes land on whole pages.
+        let mut at = 0usize;
+        while at < n {
+            let target = to + done + at as u64;
+            let page_end = ((target / PAGE as u64 + 1) * PAGE as u64 - target) as usize;
+            let end = (at + page_end).min(n);
+            if chunk[at..end].iter().any(|&b| b != 0) {
+                // Runs of pages with data go down in one request.
+                let mut run_end = end;
+                while run_end < n {
+                    let next = (run_end + PAGE).min(n);
+                    if chunk[run_end..next].iter().all(|&b| b == 0) {
+                        break;
+                    }
+                    run_end = next;
+                }
+                storage.write_at(&chunk[at..run_end], target)?;
+                at = run_end;
+            } else {
+                at = end;
+            }
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// Smallest page size Linux uses; touching one byte per 4 KiB maps every page of any
 /// larger size too.
 const PAGE: usize = 4096;

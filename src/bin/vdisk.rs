@@ -4,9 +4,12 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::fmt::Display;
+use std::io::IsTerminal;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use vdisk_mount::compact::{CompactOptions, Progress, Stage, compact, human};
 use vdisk_mount::create::{CreateOptions, ImageType, create, parse_size};
 use vdisk_mount::info::image_info;
 use vdisk_mount::map::image_map;
@@ -51,6 +54,22 @@ enum Command {
     /// Describe an image and its chain of parents (read-only; never modifies the image).
     Info {
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        image: PathBuf,
+    },
+    /// Rewrite a VHD or VHDX in place so no file space is left unused: blocks move down
+    /// into holes and the file is cut after the last one. Safe to interrupt at any point;
+    /// refuses an image in use.
+    Compact {
+        /// Also give back blocks whose data is all zeros (after `sdelete -z`, or a guest
+        /// that wrote zeros instead of trimming).
+        #[arg(long)]
+        zero_blocks: bool,
+        /// Compact even when differencing images beside it name it as their parent.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON summary instead of text.
         #[arg(long)]
         json: bool,
         image: PathBuf,
@@ -116,7 +135,61 @@ fn run(command: Command) -> Result<()> {
             create(&image, &options)
         }
         Command::Info { json, image } => print(&image_info(&image, &OpenOptions::default())?, json),
+        Command::Compact {
+            zero_blocks,
+            force,
+            json,
+            image,
+        } => {
+            let options = CompactOptions { zero_blocks, force };
+            let mut display = ProgressLine::new();
+            let report = compact(&image, &options, &mut |p| display.show(p));
+            display.finish();
+            print(&report?, json)
+        }
         Command::Map { json, image } => print(&image_map(&image, &OpenOptions::default())?, json),
+    }
+}
+
+/// A progress line on standard error, when it is a terminal, redrawn at most ten times a
+/// second.
+struct ProgressLine {
+    shown: Option<Instant>,
+    enabled: bool,
+}
+
+impl ProgressLine {
+    fn new() -> ProgressLine {
+        ProgressLine {
+            shown: None,
+            enabled: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn show(&mut self, progress: &Progress) {
+        let due = self
+            .shown
+            .is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
+        if !self.enabled || !(due || progress.done == progress.total) {
+            return;
+        }
+        let what = match progress.stage {
+            Stage::FindingZeroBlocks => "looking for blocks of zeros",
+            Stage::Moving => "moving blocks",
+        };
+        eprint!(
+            "\r{what}: {}/{} ({} moved)\x1b[K",
+            progress.done,
+            progress.total,
+            human(progress.moved_bytes)
+        );
+        self.shown = Some(Instant::now());
+    }
+
+    fn finish(&self) {
+        if self.enabled && self.shown.is_some() {
+            eprint!("\r\x1b[K");
+        }
     }
 }
 

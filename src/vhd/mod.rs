@@ -38,6 +38,7 @@ mod format;
 pub mod fuzzing;
 mod geometry;
 mod parent_locator;
+mod relocate;
 
 pub use create::{VhdCreateOptions, VhdKind, create_vhd};
 use dynamic_header::MAX_DISK_SIZE;
@@ -51,6 +52,7 @@ use crate::layer::{
     self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
     push_run,
 };
+use crate::relocation::Relocation;
 use crate::storage::{self, Storage};
 use bat::{Bat, BlockLayout, Reserved, UNALLOCATED};
 use dynamic_header::{DynamicHeader, HEADER_SIZE};
@@ -88,6 +90,9 @@ struct Dynamic {
     /// Pinned by data I/O to allocated blocks, so released space is reused only once no
     /// I/O can still reach it.
     space: SpaceGate,
+    /// Where the structures before the blocks (footer copy, header, BAT, parent
+    /// locators) end.
+    metadata_end: u64,
     /// The footer as found, rewritten unchanged at each new end of file.
     footer_bytes: [u8; FOOTER_SIZE],
     /// A new block's bitmap: every sector marked as present.
@@ -591,6 +596,7 @@ fn open_dynamic(
         table_offset: table_at,
         layout,
         bat: RwLock::new(bat),
+        metadata_end: reserved.iter().map(|r| r.start + r.len).max().unwrap_or(0),
         allocator: Mutex::new(Allocator { next_block, free }),
         space: SpaceGate::default(),
         footer_bytes: found.bytes,
@@ -779,6 +785,11 @@ impl Layer for VhdDisk {
 
     fn space_gate(&self) -> Option<&SpaceGate> {
         Some(&self.dynamic.as_ref()?.space)
+    }
+
+    fn relocation(&self) -> Option<&dyn Relocation> {
+        self.dynamic.as_ref()?;
+        Some(self)
     }
 
     fn attach_parent(&mut self, parent: Parent) {

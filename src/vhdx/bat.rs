@@ -333,7 +333,7 @@ impl Bat {
 
     /// File bytes the allocated entry `index` uses: a sector bitmap block, or the part of
     /// a payload block inside the virtual disk.
-    fn used_len(&self, index: u64, virtual_size: u64) -> u64 {
+    pub fn used_len(&self, index: u64, virtual_size: u64) -> u64 {
         if self.layout.is_sector_bitmap_index(index) {
             MIB
         } else {

@@ -40,6 +40,7 @@ pub mod metadata;
 mod opening;
 pub mod parent_locator;
 pub mod region_table;
+mod relocate;
 mod replay;
 pub mod sector_bitmap;
 mod write;
@@ -51,6 +52,7 @@ use crate::layer::{
     self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
     copy_up, push_run,
 };
+use crate::relocation::Relocation;
 use crate::storage::{self, Storage, write_zeros};
 use bat::{BAT_ENTRY_LEN, BAT_PAGE_LEN, Bat, BatEntry, BatLayout, PayloadState, ReservedRange};
 use fields::MIB;
@@ -115,6 +117,8 @@ pub struct VhdxDisk {
     /// How BAT indices map onto the disk (the same as `bat.layout`, without the lock).
     layout: BatLayout,
     bat: RwLock<Bat>,
+    /// Where the log and the regions end: the file can never be shorter.
+    metadata_end: u64,
     journal: Mutex<Journal>,
     /// Pinned by data I/O to mapped space, so released space is reused only once no I/O
     /// can still reach it.
@@ -392,6 +396,10 @@ impl Layer for VhdxDisk {
 
     fn space_gate(&self) -> Option<&SpaceGate> {
         Some(&self.space)
+    }
+
+    fn relocation(&self) -> Option<&dyn Relocation> {
+        Some(self)
     }
 
     fn parent_link(&self) -> Option<&ParentLink> {

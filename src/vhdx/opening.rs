@@ -200,6 +200,7 @@ impl VhdxDisk {
             log_was_dirty,
             layout: bat.layout,
             bat: RwLock::new(bat),
+            metadata_end: reserved.iter().map(|r| r.end).fold(MIB, u64::max),
             journal: Mutex::new(journal),
             space: SpaceGate::default(),
             data_write_started: AtomicBool::new(false),

@@ -1,0 +1,122 @@
+//! Compaction of a dynamic or differencing disk: blocks move down into free space, each
+//! batch copied and flushed before the BAT entries change and are flushed; the file is
+//! cut after the last block by writing the footer there first.
+
+use super::*;
+use crate::relocation::{Releasable, Unit};
+use std::ops::Range;
+
+impl VhdDisk {
+    fn dynamic_part(&self) -> &Dynamic {
+        self.dynamic
+            .as_ref()
+            .expect("only dynamic disks offer relocation")
+    }
+}
+
+impl Relocation for VhdDisk {
+    fn units(&self) -> Vec<Unit> {
+        let d = self.dynamic_part();
+        let block_size = d.layout.block_size;
+        d.bat
+            .read()
+            .allocated_blocks()
+            .map(|(block, at)| {
+                let start = block * block_size;
+                Unit {
+                    id: block,
+                    at,
+                    len: d.layout.span(),
+                    // A differencing block's unset bits are its parent's: never released.
+                    releasable: d.differencing.is_none().then(|| Releasable {
+                        disk_range: start..(start + block_size).min(self.size),
+                        data_at: at + d.layout.bitmap_bytes,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    fn free_space(&self) -> FreeSpace {
+        self.dynamic_part().allocator.lock().free.settled()
+    }
+
+    fn place(&self, range: Range<u64>, len: u64) -> Option<u64> {
+        let d = self.dynamic_part();
+        let alignment = d.layout.block_size.min(DATA_ALIGNMENT);
+        aligned_place(range, len, d.layout.bitmap_bytes, alignment, SECTOR)
+    }
+
+    fn relocate(&self, moves: &[(Unit, u64)]) -> Result<()> {
+        self.check_writable()?;
+        let d = self.dynamic_part();
+        let mut allocator = d.allocator.lock();
+        let storage = self.storage.as_ref();
+        let mut entries = Vec::with_capacity(moves.len());
+        for (unit, to) in moves {
+            entries.push((unit.id, block_sector(unit.id, *to)?));
+            storage::copy_sparse(storage, unit.at, *to, unit.len)
+                .context(|| format!("moving block {} to {to:#x}", unit.id))?;
+        }
+        storage
+            .flush()
+            .context(|| "flushing moved blocks".to_string())?;
+        for &(block, sector) in &entries {
+            storage
+                .write_at(
+                    &Bat::entry_bytes(sector),
+                    d.table_offset + block * bat::ENTRY_SIZE,
+                )
+                .context(|| format!("moving block {block}: writing its BAT entry"))?;
+        }
+        storage
+            .flush()
+            .context(|| "flushing the BAT of moved blocks".to_string())?;
+        let mut bat = d.bat.write();
+        for ((unit, to), (block, sector)) in moves.iter().zip(entries) {
+            bat.set(block, sector);
+            allocator.free.remove(*to..to + unit.len);
+            allocator.free.insert(unit.at..unit.at + unit.len);
+        }
+        Ok(())
+    }
+
+    fn shrink(&self) -> Result<u64> {
+        self.check_writable()?;
+        let d = self.dynamic_part();
+        let mut allocator = d.allocator.lock();
+        let storage = self.storage.as_ref();
+        let blocks_end = d
+            .bat
+            .read()
+            .allocated_blocks()
+            .map(|(_, at)| at + d.layout.span())
+            .max()
+            .unwrap_or(0);
+        let end = blocks_end.max(d.metadata_end).next_multiple_of(SECTOR);
+        let file_len = storage
+            .len()
+            .context(|| "reading the file size".to_string())?;
+        if end >= allocator.next_block {
+            return Ok(file_len);
+        }
+        // The old footer stays at the end until the new one is durable: a crash in
+        // between leaves an image that still ends in a valid footer.
+        storage
+            .write_at(&d.footer_bytes, end)
+            .context(|| format!("writing the footer at {end:#x}"))?;
+        storage
+            .flush()
+            .context(|| "flushing the new footer".to_string())?;
+        let new_len = end + FOOTER_SIZE as u64;
+        storage
+            .set_len(new_len)
+            .context(|| "cutting the file after the footer".to_string())?;
+        storage
+            .flush()
+            .context(|| "flushing the shorter file".to_string())?;
+        allocator.next_block = end;
+        allocator.free.remove(end..u64::MAX);
+        Ok(new_len)
+    }
+}

@@ -1,0 +1,123 @@
+//! Compaction: payload and sector bitmap blocks move down into free space, each batch
+//! copied and flushed before its BAT entries change through the log; then the log is
+//! closed and the file cut after the last block, at a 1 MiB boundary.
+
+use super::*;
+use crate::relocation::{Releasable, Unit};
+
+impl VhdxDisk {
+    /// The file range BAT entry `index` names, if it names one: the whole block where the
+    /// file holds it, else the part inside the disk (a last block cut short by its
+    /// creator).
+    fn entry_extent(&self, bat: &Bat, index: u64, file_end: u64) -> Option<Range<u64>> {
+        let entry = bat.entry(index);
+        let at = entry.file_offset();
+        let is_bitmap = self.layout.is_sector_bitmap_index(index);
+        if at == 0
+            || (is_bitmap && entry.payload_state() != Some(PayloadState::FullyPresent))
+            || (!is_bitmap && self.layout.block_of_index(index) >= self.layout.payload_blocks)
+        {
+            return None;
+        }
+        let len = match at.checked_add(self.layout.block_size) {
+            Some(end) if !is_bitmap && end <= file_end => self.layout.block_size,
+            _ => bat.used_len(index, self.params.virtual_size),
+        };
+        Some(at..at + len)
+    }
+}
+
+impl Relocation for VhdxDisk {
+    fn units(&self) -> Vec<Unit> {
+        let file_end = self.journal.lock().file_end;
+        let bat = self.bat.read();
+        let releasable_image = !self.params.leave_blocks_allocated;
+        (0..self.layout.total_entries)
+            .filter_map(|index| {
+                let entry = bat.entry(index);
+                let present = match entry.payload_state() {
+                    Some(PayloadState::FullyPresent) => true,
+                    Some(PayloadState::PartiallyPresent) => false,
+                    // Old locations of blocks without data stay where they are.
+                    _ => return None,
+                };
+                let extent = self.entry_extent(&bat, index, file_end)?;
+                let is_payload = !self.layout.is_sector_bitmap_index(index);
+                let releasable = (is_payload && present && releasable_image).then(|| {
+                    let start = self.layout.block_of_index(index) * self.layout.block_size;
+                    Releasable {
+                        disk_range: start..(start + self.layout.block_size).min(self.size()),
+                        data_at: extent.start,
+                    }
+                });
+                Some(Unit {
+                    id: index,
+                    at: extent.start,
+                    len: extent.end - extent.start,
+                    releasable,
+                })
+            })
+            .collect()
+    }
+
+    fn free_space(&self) -> FreeSpace {
+        self.journal.lock().free.settled()
+    }
+
+    fn place(&self, range: Range<u64>, len: u64) -> Option<u64> {
+        aligned_place(range, len, 0, MIB, MIB)
+    }
+
+    fn relocate(&self, moves: &[(Unit, u64)]) -> Result<()> {
+        self.check_writable()?;
+        let mut j = self.journal.lock();
+        let storage = self.storage.as_ref();
+        let mut changes = Vec::with_capacity(moves.len());
+        for (unit, to) in moves {
+            let entry = self.bat.read().entry(unit.id);
+            let state = entry.payload_state().ok_or_else(|| {
+                Error::invalid_input(format!("BAT entry {} has nothing to move", unit.id))
+            })?;
+            changes.push((unit.id, BatEntry::new(state, *to)));
+            storage::copy_sparse(storage, unit.at, *to, unit.len)
+                .context(|| format!("moving BAT entry {}'s block to {to:#x}", unit.id))?;
+        }
+        storage
+            .flush()
+            .context(|| "flushing moved blocks".to_string())?;
+        self.commit(&mut j, &changes, &[])?;
+        for (unit, to) in moves {
+            j.free.remove(*to..to + unit.len);
+            j.free.insert(unit.at..unit.at + unit.len);
+        }
+        Ok(())
+    }
+
+    fn shrink(&self) -> Result<u64> {
+        self.check_writable()?;
+        // A log entry names the file size it was written at; replaying it over a shorter
+        // file would be refused. Close the log first.
+        self.close()?;
+        let mut j = self.journal.lock();
+        let end = {
+            let bat = self.bat.read();
+            (0..self.layout.total_entries)
+                .filter_map(|index| self.entry_extent(&bat, index, j.file_end))
+                .map(|extent| extent.end)
+                .fold(self.metadata_end, u64::max)
+                .next_multiple_of(MIB)
+        };
+        if end >= j.file_end {
+            return Ok(j.file_end);
+        }
+        self.storage
+            .set_len(end)
+            .context(|| format!("cutting the file at {end:#x}"))?;
+        self.storage
+            .flush()
+            .context(|| "flushing the shorter file".to_string())?;
+        j.file_end = end;
+        j.free.remove(end..u64::MAX);
+        Ok(end)
+    }
+}

@@ -15,6 +15,7 @@ mod common;
 
 mod chain_mount;
 mod cli;
+mod compact;
 mod corpus_probe;
 mod discard;
 mod mount_concurrency;

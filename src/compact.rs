@@ -50,7 +50,7 @@ pub enum Stage {
 }
 
 /// What a compaction did.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct CompactReport {
     pub image: String,
     pub format: String,
@@ -60,6 +60,13 @@ pub struct CompactReport {
     /// Bytes the host filesystem held for the file before and after.
     pub allocated_before: u64,
     pub allocated_after: u64,
+    #[serde(flatten)]
+    pub work: Compaction,
+}
+
+/// What compacting an open image did.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Compaction {
     pub blocks_moved: u64,
     pub bytes_moved: u64,
     /// Blocks of zeros given back (`--zero-blocks`).
@@ -74,13 +81,13 @@ impl fmt::Display for CompactReport {
             self.image,
             human(self.length_before),
             human(self.length_after),
-            self.blocks_moved
+            self.work.blocks_moved
         )?;
-        if self.zero_blocks_released > 0 {
+        if self.work.zero_blocks_released > 0 {
             write!(
                 f,
                 ", {} blocks of zeros released",
-                self.zero_blocks_released
+                self.work.zero_blocks_released
             )?;
         }
         writeln!(
@@ -165,9 +172,7 @@ fn compact_file(
         length_after: before.len(),
         allocated_before: before.blocks() * 512,
         allocated_after: before.blocks() * 512,
-        blocks_moved: 0,
-        bytes_moved: 0,
-        zero_blocks_released: 0,
+        work: Compaction::default(),
     };
     if layer.format() == Format::Raw {
         return Err(Error::unsupported(
@@ -175,7 +180,7 @@ fn compact_file(
              zeros holes)",
         ));
     }
-    compact_layer(layer.as_ref(), options, &mut report, progress)?;
+    report.work = compact_layer(layer.as_ref(), options, progress)?;
     drop(layer);
     let after = std::fs::metadata(path).context(|| "cannot read file attributes".to_string())?;
     report.length_after = after.len();
@@ -183,22 +188,24 @@ fn compact_file(
     Ok(report)
 }
 
-/// Compacts the file of `layer`, opened writable, counting what it does in `report`;
-/// closes the image.
-fn compact_layer(
+/// Compacts the file of `layer`, opened writable and used by nothing else, and closes
+/// the image. [`compact`] does this for an image file, with the locks and checks a user
+/// needs.
+pub fn compact_layer(
     layer: &dyn Layer,
     options: &CompactOptions,
-    report: &mut CompactReport,
     progress: &mut dyn FnMut(&Progress),
-) -> Result<()> {
+) -> Result<Compaction> {
+    let mut work = Compaction::default();
     if let Some(relocation) = layer.relocation() {
         if options.zero_blocks {
-            report.zero_blocks_released = release_zero_blocks(layer, relocation, progress)?;
+            work.zero_blocks_released = release_zero_blocks(layer, relocation, progress)?;
         }
-        move_blocks(relocation, report, progress)?;
-        report.length_after = relocation.shrink()?;
+        move_blocks(relocation, &mut work, progress)?;
+        relocation.shrink()?;
     }
-    layer.close()
+    layer.close()?;
+    Ok(work)
 }
 
 /// Gives back every block that may be released and whose data reads as zeros.
@@ -249,7 +256,7 @@ fn release_zero_blocks(
 /// that fits them, in batches.
 fn move_blocks(
     relocation: &dyn Relocation,
-    report: &mut CompactReport,
+    report: &mut Compaction,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<()> {
     let mut free = relocation.free_space();
@@ -289,7 +296,7 @@ fn commit_batch(
     relocation: &dyn Relocation,
     batch: &mut Vec<(Unit, u64)>,
     free: &mut FreeSpace,
-    report: &mut CompactReport,
+    report: &mut Compaction,
 ) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
@@ -383,15 +390,13 @@ mod tests {
         (storage.contents(), contents)
     }
 
-    fn compact_mem(storage: Box<dyn Storage>, zero_blocks: bool) -> Result<CompactReport> {
+    fn compact_mem(storage: Box<dyn Storage>, zero_blocks: bool) -> Result<Compaction> {
         let disk = open(storage, false)?;
         let options = CompactOptions {
             zero_blocks,
             force: false,
         };
-        let mut report = CompactReport::default();
-        compact_layer(disk.as_ref(), &options, &mut report, &mut |_| {})?;
-        Ok(report)
+        compact_layer(disk.as_ref(), &options, &mut |_| {})
     }
 
     #[test]

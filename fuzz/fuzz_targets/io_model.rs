@@ -1,11 +1,14 @@
 //! Opens an image made of fuzzer bytes read/write, runs a fuzzer-chosen sequence of reads,
-//! writes, discards, flushes and allocation queries, closes it, and opens it again. Every
-//! image that opened once must open again, and read back what was written and discarded,
-//! both before the close and after.
+//! writes, discards, flushes and allocation queries, closes it, and opens it again; then
+//! compacts it and opens it once more. Every image that opened once must open again, and
+//! read back what was written and discarded, before the close, after it, and after the
+//! compaction (whether or not the compaction succeeded).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashMap;
+use vdisk_mount::chain::{ImageContext, open_chain};
+use vdisk_mount::compact::{CompactOptions, compact_layer};
 use vdisk_mount::{OpenOptions, VirtualDisk, open_storage};
 use vdisk_mount_fuzz::{Bytes, decode_image};
 
@@ -136,7 +139,23 @@ fuzz_target!(|data: &[u8]| {
         panic!("image opened, was used (close: {closed:?}), then failed to open: {e}")
     });
     assert_eq!(reopened.size(), size);
-    if closed.is_ok() {
-        model.check(reopened.as_ref(), "after reopen");
+    if closed.is_err() {
+        return;
     }
+    model.check(reopened.as_ref(), "after reopen");
+    drop(reopened);
+
+    let storage = std::sync::Arc::new(storage.snapshot());
+    let layer = open_chain(Box::new(storage.clone()), &options, &ImageContext::detached())
+        .unwrap_or_else(|e| panic!("image reopened once, then failed to open: {e}"));
+    let compact_options = CompactOptions {
+        zero_blocks: bytes.is_empty() || bytes.u8() & 1 == 1,
+        force: false,
+    };
+    let compacted = compact_layer(layer.as_ref(), &compact_options, &mut |_| {});
+    drop(layer);
+    let compacted_disk = open_storage(Box::new(storage.snapshot()), &options)
+        .unwrap_or_else(|e| panic!("image failed to open after compaction ({compacted:?}): {e}"));
+    assert_eq!(compacted_disk.size(), size);
+    model.check(compacted_disk.as_ref(), "after compaction");
 });

@@ -199,3 +199,75 @@ fn a_write_and_trim_loop_does_not_grow_a_vhd() {
     common::qemu_img(&["create", "-f", "vpc", image.to_str().unwrap(), "1G"]);
     write_trim_rounds_keep_the_file_length(&image, "vpc", 2 * MIB);
 }
+
+/// Through a mount of a differencing child, a discard over data its parent holds reads
+/// as zeros, during the mount and after it, and leaves the parent's file as it was.
+fn child_discard_hides_the_parent(format: &str) {
+    if !mount::fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join(format!("base.{format}"));
+    let child = dir.path().join(format!("child.{format}"));
+    let vdisk = |args: &[&str]| crate::common::vdisk::vdisk_ok(args);
+    vdisk(&[
+        "create",
+        "--size",
+        "16M",
+        "--block-size",
+        "1M",
+        parent.to_str().unwrap(),
+    ]);
+    let data = mount::pattern(3, 16 * MIB as usize);
+    {
+        let disk = common::chain::open(&parent, false);
+        disk.write_at(&data, 0).unwrap();
+        disk.close().unwrap();
+    }
+    vdisk(&[
+        "create",
+        "--block-size",
+        "1M",
+        "--parent",
+        parent.to_str().unwrap(),
+        child.to_str().unwrap(),
+    ]);
+    let parent_file = common::sha256_file(&parent);
+    // Whole blocks and parts of blocks on both sides.
+    let (start, len) = (MIB / 2 + 512, 3 * MIB + 4096);
+    let mut expected = data.clone();
+    expected[start as usize..(start + len) as usize].fill(0);
+    {
+        let mounted = Mount::new(&child, &[]);
+        common::run(
+            Command::new("fallocate")
+                .args(["-p", "-o", &start.to_string(), "-l", &len.to_string()])
+                .arg(mounted.disk()),
+        );
+        assert!(
+            std::fs::read(mounted.disk()).unwrap() == expected,
+            "{format}: while mounted"
+        );
+        mounted.unmount();
+    }
+    assert_eq!(
+        common::sha256_file(&parent),
+        parent_file,
+        "{format}: parent changed"
+    );
+    let chain = common::chain::open(&child, true);
+    assert!(
+        common::chain::read_all(chain.as_ref()) == expected,
+        "{format}: after unmount"
+    );
+}
+
+#[test]
+fn a_discard_in_a_vhdx_child_reads_zeros_not_the_parent() {
+    child_discard_hides_the_parent("vhdx");
+}
+
+#[test]
+fn a_discard_in_a_vhd_child_reads_zeros_not_the_parent() {
+    child_discard_hides_the_parent("vhd");
+}

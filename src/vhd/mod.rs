@@ -322,6 +322,27 @@ impl VhdDisk {
         self.commit_block(d, block, sector, block_at)
     }
 
+    /// Writes BAT entries (block, sector) and flushes them, then changes them in memory;
+    /// `doing` names the operation in errors.
+    fn write_bat_entries(&self, d: &Dynamic, entries: &[(u64, u32)], doing: &str) -> Result<()> {
+        for &(block, sector) in entries {
+            self.storage
+                .write_at(
+                    &Bat::entry_bytes(sector),
+                    d.table_offset + block * bat::ENTRY_SIZE,
+                )
+                .context(|| format!("{doing} block {block}: writing its BAT entry"))?;
+        }
+        self.storage
+            .flush()
+            .context(|| format!("{doing} blocks: flushing the BAT"))?;
+        let mut bat = d.bat.write();
+        for &(block, sector) in entries {
+            bat.set(block, sector);
+        }
+        Ok(())
+    }
+
     /// Points `block`'s BAT entry at `sector`, its data being durable at `block_at`.
     fn commit_block(&self, d: &Dynamic, block: u64, sector: u32, block_at: u64) -> Result<u64> {
         self.storage
@@ -754,22 +775,8 @@ impl Layer for VhdDisk {
             return Ok(rest);
         }
         let storage = self.storage.as_ref();
-        for &(block, _) in &released {
-            storage
-                .write_at(
-                    &Bat::entry_bytes(UNALLOCATED),
-                    d.table_offset + block * bat::ENTRY_SIZE,
-                )
-                .context(|| format!("releasing block {block}: writing its BAT entry"))?;
-        }
-        storage
-            .flush()
-            .context(|| "releasing blocks: flushing the BAT".to_string())?;
-        let mut bat = d.bat.write();
-        for &(block, _) in &released {
-            bat.set(block, UNALLOCATED);
-        }
-        drop(bat);
+        let entries: Vec<(u64, u32)> = released.iter().map(|&(b, _)| (b, UNALLOCATED)).collect();
+        self.write_bat_entries(d, &entries, "releasing")?;
         for (block, block_at) in released {
             storage
                 .punch_hole(block_at, d.layout.span())

@@ -61,20 +61,8 @@ impl Relocation for VhdDisk {
         storage
             .flush()
             .context(|| "flushing moved blocks".to_string())?;
-        for &(block, sector) in &entries {
-            storage
-                .write_at(
-                    &Bat::entry_bytes(sector),
-                    d.table_offset + block * bat::ENTRY_SIZE,
-                )
-                .context(|| format!("moving block {block}: writing its BAT entry"))?;
-        }
-        storage
-            .flush()
-            .context(|| "flushing the BAT of moved blocks".to_string())?;
-        let mut bat = d.bat.write();
-        for ((unit, to), (block, sector)) in moves.iter().zip(entries) {
-            bat.set(block, sector);
+        self.write_bat_entries(d, &entries, "moving")?;
+        for (unit, to) in moves {
             allocator.free.remove(*to..to + unit.len);
             allocator.free.insert(unit.at..unit.at + unit.len);
         }

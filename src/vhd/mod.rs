@@ -19,6 +19,12 @@
 //! 3. write the BAT entry. This is the commit point; a crash before it only leaks the
 //!    space, and the entry becomes durable with the next flush like any other write.
 //!
+//! Space that no block uses (gaps found at open, blocks released by discards) is taken
+//! before the file grows: it is cleared to zeros, the bitmap and data are written and
+//! flushed, then the BAT entry; the footer stays where it is. Data I/O to allocated
+//! blocks pins the space gate (see `free_space`), so released space is reused only once
+//! no read or write that found the old block can still reach it.
+//!
 //! Differencing disks (`differencing.rs`) describe their parent and are handed it, opened
 //! read-only, by the chain module; per-sector bitmaps kept in memory send a sector to
 //! this file (bit set) or to the parent (clear). Their new blocks start with a clear bitmap,

@@ -17,7 +17,11 @@
 //! Locking: the BAT lives in memory under a read/write lock that the data path holds only
 //! long enough to copy one entry; payload I/O runs outside it. Everything that changes
 //! metadata on disk (header updates, block allocation, log entries, BAT and bitmap pages)
-//! is serialized by the journal mutex, taken before the BAT and bitmap locks.
+//! is serialized by the journal mutex, taken before the BAT and bitmap locks. Payload I/O
+//! pins the space gate across the BAT lookup and the I/O, never while waiting for the
+//! journal; allocations that reuse released space retire it through the gate (see
+//! `free_space`). New blocks take free space (gaps found at open, released blocks) before
+//! the file grows.
 //!
 //! Log policy: the first metadata change of a session installs a fresh LogGuid. Each
 //! change is written as a log entry and flushed, then applied in place and flushed, so every entry is fully applied before the next is written (each entry's Tail

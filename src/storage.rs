@@ -41,6 +41,14 @@ pub trait Storage: Send + Sync {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         write_zeros(self, offset, len)
     }
+    /// Says `[offset, offset + len)` will be read soon, so the host can start reading it
+    /// in the background. Only a hint.
+    fn will_need(&self, _offset: u64, _len: u64) {}
+    /// Copies `len` bytes at `from` to `to` (ranges apart); what reads as zeros in the
+    /// source may become a hole in the target. Durable like a write.
+    fn copy_within(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
+        copy_through_memory(self, from, to, len)
+    }
 }
 
 /// Lets tests keep a handle on a storage (to inject faults or simulate power loss) while a
@@ -68,6 +76,14 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).punch_hole(offset, len)
+    }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
+    }
+
+    fn copy_within(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
+        (**self).copy_within(from, to, len)
     }
 }
 
@@ -148,6 +164,43 @@ impl FileStorage {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// Where the next data (`SEEK_DATA`) or hole (`SEEK_HOLE`) at or after `offset` starts;
+    /// `None` when there is no more data. Only a query: every read and write names its own
+    /// offset, so the descriptor's position is never used.
+    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        let at =
+            libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: a plain syscall on a descriptor this storage keeps open.
+        match unsafe { libc::lseek(self.file.as_raw_fd(), at, whence) } {
+            -1 => match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                e => Err(e),
+            },
+            found => Ok(Some(found as u64)),
+        }
+    }
+
+    /// Copies `len` bytes from `from` to `to` of this file inside the kernel.
+    fn copy_range(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        let (mut from, mut to) = (
+            libc::loff_t::try_from(from).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?,
+            libc::loff_t::try_from(to).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?,
+        );
+        let mut left = len;
+        while left > 0 {
+            let n = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
+            // SAFETY: both offsets are valid pointers to locals; the descriptor is open.
+            let copied = unsafe { libc::copy_file_range(fd, &mut from, fd, &mut to, n, 0) };
+            match copied {
+                -1 => return Err(io::Error::last_os_error()),
+                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                n => left -= n as u64,
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Storage for FileStorage {
@@ -190,41 +243,120 @@ impl Storage for FileStorage {
             e => Err(e),
         }
     }
+
+    /// The data runs of the source (holes found with `SEEK_DATA`/`SEEK_HOLE`) copied by
+    /// the kernel (`copy_file_range`: no trip through this process, and a shared extent on
+    /// filesystems that can); the target's other pages become holes. Falls back to a copy
+    /// through memory where the filesystem offers neither.
+    fn copy_within(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
+        zero_range(self, to, len, true)?;
+        let end = from + len;
+        let mut at = from;
+        while at < end {
+            let Some(data) = self.seek(at, libc::SEEK_DATA)?.filter(|&d| d < end) else {
+                return Ok(());
+            };
+            let hole = self.seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            if let Err(e) = self.copy_range(data, to + (data - from), hole - data) {
+                return match e.raw_os_error() {
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                        copy_through_memory(self, data, to + (data - from), end - data)
+                    }
+                    _ => Err(e),
+                };
+            }
+            at = hole;
+        }
+        Ok(())
+    }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        if let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+            // SAFETY: a plain syscall on a descriptor this storage keeps open. A failed
+            // hint changes nothing.
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), at, n, libc::POSIX_FADV_WILLNEED) };
+        }
+    }
 }
 
-/// Copies `len` bytes from `from` to `to` in the same file, the ranges apart, leaving
-/// holes where whole pages of the source read as zeros (the target range is made a hole
-/// first, so it reads as zeros wherever nothing is written).
-pub fn copy_sparse(storage: &dyn Storage, from: u64, to: u64, len: u64) -> io::Result<()> {
-    const CHUNK: u64 = 4 << 20;
-    zero_range(storage, to, len, true)?;
-    let mut buf = vec![0u8; CHUNK.min(len) as usize];
+/// Bytes one thread copies at a time in [`copy_sparse`].
+const COPY_PIECE: u64 = 4 << 20;
+
+/// Copies each `(from, to, len)` range to its new place in the same file, the ranges all
+/// apart, as [`Storage::copy_within`] does. Pieces are copied by several threads at once:
+/// a copy costs processor time, which one thread cannot keep up with.
+pub fn copy_sparse(storage: &dyn Storage, copies: &[(u64, u64, u64)]) -> io::Result<()> {
+    let pieces: Vec<(u64, u64, u64)> = copies
+        .iter()
+        .flat_map(|&(from, to, len)| {
+            (0..len.div_ceil(COPY_PIECE)).map(move |i| {
+                let at = i * COPY_PIECE;
+                (from + at, to + at, (len - at).min(COPY_PIECE))
+            })
+        })
+        .collect();
+    for &(from, _, len) in &pieces {
+        storage.will_need(from, len);
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(pieces.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(from, to, len)) = pieces.get(i) else {
+                            return Ok(());
+                        };
+                        storage.copy_within(from, to, len)?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|worker| worker.join().expect("copy threads do not panic"))
+    })
+}
+
+/// [`Storage::copy_within`] by reading into memory: whole target pages that would get
+/// only zeros become holes instead.
+fn copy_through_memory<S: Storage + ?Sized>(
+    storage: &S,
+    from: u64,
+    to: u64,
+    len: u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len.min(COPY_PIECE) as usize];
     let mut done = 0;
     while done < len {
-        let n = (len - done).min(CHUNK) as usize;
-        let chunk = &mut buf[..n];
-        storage.read_at(chunk, from + done)?;
-        // Pages of the target file, so holes land on whole pages.
+        let n = (len - done).min(COPY_PIECE) as usize;
+        let (from, to, buf) = (from + done, to + done, &mut buf[..n]);
+        zero_range(storage, to, n as u64, true)?;
+        storage.read_at(buf, from)?;
         let mut at = 0usize;
         while at < n {
-            let target = to + done + at as u64;
-            let page_end = ((target / PAGE as u64 + 1) * PAGE as u64 - target) as usize;
-            let end = (at + page_end).min(n);
-            if chunk[at..end].iter().any(|&b| b != 0) {
-                // Runs of pages with data go down in one request.
-                let mut run_end = end;
-                while run_end < n {
-                    let next = (run_end + PAGE).min(n);
-                    if chunk[run_end..next].iter().all(|&b| b == 0) {
-                        break;
-                    }
-                    run_end = next;
-                }
-                storage.write_at(&chunk[at..run_end], target)?;
-                at = run_end;
-            } else {
+            let target = to + at as u64;
+            let end = (at + (PAGE - (target % PAGE as u64) as usize)).min(n);
+            if buf[at..end].iter().all(|&b| b == 0) {
                 at = end;
+                continue;
             }
+            // Runs of pages with data go down in one request.
+            let mut run_end = end;
+            while run_end < n {
+                let next = (run_end + PAGE).min(n);
+                if buf[run_end..next].iter().all(|&b| b == 0) {
+                    break;
+                }
+                run_end = next;
+            }
+            storage.write_at(&buf[at..run_end], target)?;
+            at = run_end;
         }
         done += n as u64;
     }
@@ -287,7 +419,12 @@ pub fn write_zeros<S: Storage + ?Sized>(storage: &S, offset: u64, len: u64) -> i
 /// Makes `[offset, offset + len)` of `storage` read as zeros: with `unmap`, the whole pages
 /// inside it become a hole and only the partial pages at its edges are written; without,
 /// every byte is written (the host keeps the space allocated).
-pub fn zero_range(storage: &dyn Storage, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+pub fn zero_range<S: Storage + ?Sized>(
+    storage: &S,
+    offset: u64,
+    len: u64,
+    unmap: bool,
+) -> io::Result<()> {
     let end = offset.saturating_add(len);
     let (first, last) = (
         offset.next_multiple_of(PAGE as u64),
@@ -397,6 +534,40 @@ mod tests {
         s.read_at(&mut buf, 0).unwrap();
         assert!(buf[..1000].iter().chain(&buf[5000..]).all(|&b| b == 7));
         assert!(buf[1000..5000].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn copies_keep_the_source_holes_and_match_through_memory_too() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        let mib = 1usize << 20;
+        // Source: 3 MiB of data with a 1 MiB hole in the middle; target: 8 MiB of junk.
+        let mut contents: Vec<u8> = (0..12 * mib).map(|i| (i % 251) as u8 | 1).collect();
+        contents[mib..2 * mib].fill(0);
+        std::fs::write(&path, &contents).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        let storage = FileStorage::new(file);
+        storage.punch_hole(mib as u64, mib as u64).unwrap();
+        let blocks = || std::fs::metadata(&path).unwrap().blocks() * 512;
+        let before = blocks();
+        let (target, memory_target) = (4 * mib as u64, 8 * mib as u64);
+        copy_sparse(&storage, &[(0, target, 3 * mib as u64)]).unwrap();
+        copy_through_memory(&storage, 0, memory_target, 3 * mib as u64).unwrap();
+        let mut found = vec![0u8; 12 * mib];
+        storage.read_at(&mut found, 0).unwrap();
+        for at in [target as usize, memory_target as usize] {
+            assert!(
+                found[at..at + 3 * mib] == contents[..3 * mib],
+                "copy at {at}"
+            );
+        }
+        // Each target's middle MiB, junk before, is a hole now, as in the source.
+        assert!(
+            before - blocks() >= 2 * mib as u64 - 64 * 1024,
+            "{before} -> {}",
+            blocks()
+        );
     }
 
     #[test]

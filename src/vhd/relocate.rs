@@ -52,12 +52,13 @@ impl Relocation for VhdDisk {
         let d = self.dynamic_part();
         let mut allocator = d.allocator.lock();
         let storage = self.storage.as_ref();
-        let mut entries = Vec::with_capacity(moves.len());
-        for (unit, to) in moves {
-            entries.push((unit.id, block_sector(unit.id, *to)?));
-            storage::copy_sparse(storage, unit.at, *to, unit.len)
-                .context(|| format!("moving block {} to {to:#x}", unit.id))?;
-        }
+        let entries = moves
+            .iter()
+            .map(|(unit, to)| Ok((unit.id, block_sector(unit.id, *to)?)))
+            .collect::<Result<Vec<(u64, u32)>>>()?;
+        let copies: Vec<(u64, u64, u64)> = moves.iter().map(|(u, to)| (u.at, *to, u.len)).collect();
+        storage::copy_sparse(storage, &copies)
+            .context(|| format!("moving {} blocks", moves.len()))?;
         storage
             .flush()
             .context(|| "flushing moved blocks".to_string())?;

@@ -79,9 +79,10 @@ impl Relocation for VhdxDisk {
                 Error::invalid_input(format!("BAT entry {} has nothing to move", unit.id))
             })?;
             changes.push((unit.id, BatEntry::new(state, *to)));
-            storage::copy_sparse(storage, unit.at, *to, unit.len)
-                .context(|| format!("moving BAT entry {}'s block to {to:#x}", unit.id))?;
         }
+        let copies: Vec<(u64, u64, u64)> = moves.iter().map(|(u, to)| (u.at, *to, u.len)).collect();
+        storage::copy_sparse(storage, &copies)
+            .context(|| format!("moving {} blocks", moves.len()))?;
         storage
             .flush()
             .context(|| "flushing moved blocks".to_string())?;

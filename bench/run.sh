@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of vdisk-mount against the raw backing file, a FUSE pass-through
 # of that file (vdisk-mount -o format=raw), qemu-storage-daemon's FUSE export and libvhdi's
-# vhdimount, with fio. Writes the results into BENCHMARKS.md (or --output FILE) between
-# the "bench:begin" and "bench:end" markers, keeping any text around them.
+# vhdimount, with fio; then fstrim through the mount against a raw sparse file, and
+# `vdisk compact` against `qemu-img convert`. Writes the results into BENCHMARKS.md (or
+# --output FILE) between the "bench:begin" and "bench:end" markers, keeping any text
+# around them.
 #
 #   bench/run.sh [--quick] [--output FILE] [--workdir DIR]
 #
@@ -17,11 +19,12 @@
 #
 # Needs root (mounts, loop devices, dropping the page cache) and these tools, which it
 # never installs: fio; qemu-img, qemu-io and qemu-storage-daemon (Debian: qemu-utils);
-# vhdimount (libvhdi-utils); fusermount3 (fuse3); losetup (mount).
+# vhdimount (libvhdi-utils); fusermount3 (fuse3); losetup (mount); fstrim and fallocate
+# (util-linux); mkfs.ext4 (e2fsprogs).
 set -euo pipefail
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -54,6 +57,9 @@ need qemu-storage-daemon qemu-utils
 need vhdimount libvhdi-utils
 need fusermount3 fuse3
 need losetup mount
+need fstrim util-linux
+need fallocate util-linux
+need mkfs.ext4 e2fsprogs
 if [ ${#missing[@]} -gt 0 ]; then
     echo "bench/run.sh needs these tools, which it does not install:" >&2
     printf '  %s\n' "${missing[@]}" >&2
@@ -76,7 +82,8 @@ else
     bin="$repo/target/release/vdisk-mount"
 fi
 [ -x "$bin" ] || { echo "no vdisk-mount binary at $bin" >&2; exit 1; }
-[ -x "$(dirname "$bin")/vdisk" ] || { echo "no vdisk binary beside $bin" >&2; exit 1; }
+vdisk="$(dirname "$bin")/vdisk"
+[ -x "$vdisk" ] || { echo "no vdisk binary beside $bin" >&2; exit 1; }
 
 # --- sizes and durations -----------------------------------------------------------------
 
@@ -86,12 +93,19 @@ if [ $quick = 1 ]; then
     alloc_size=$((256 * MIB)) # the allocating write
     ramp=0s
     runtime=500ms
+    trim_size=$((512 * MIB)) # the image under the filesystem that fstrim trims
+    trim_files=$((256 * MIB)) # the files written, deleted, then trimmed
+    compact_size=$((512 * MIB)) # the image vdisk compact packs
 else
     size=$((4096 * MIB))
     alloc_size=$((1024 * MIB))
     ramp=1s
     runtime=3s
+    trim_size=$((4096 * MIB))
+    trim_files=$((1024 * MIB))
+    compact_size=$((4096 * MIB))
 fi
+reps=3 # timed runs of each contender for fstrim and compact (median, min-max)
 huge_size=10T # the image whose start-up time is measured
 vhdx_block=32M
 
@@ -108,9 +122,13 @@ fi
 
 mounts=()    # FUSE mountpoints (directories or qemu export files)
 loop=""      # the attached loop device, if any
+fs_mnt=""    # the mounted filesystem on that loop device, if any
 qsd_pid=""   # the running qemu-storage-daemon, if any
 cleanup() {
     local m
+    if [ -n "$fs_mnt" ] && mountpoint -q "$fs_mnt" 2> /dev/null; then
+        umount "$fs_mnt" 2> /dev/null || umount -l "$fs_mnt" 2> /dev/null || true
+    fi
     [ -z "$loop" ] || losetup -d "$loop" 2> /dev/null || true
     for m in "${mounts[@]}"; do
         if mountpoint -q "$m" 2> /dev/null; then
@@ -120,7 +138,7 @@ cleanup() {
     [ -z "$qsd_pid" ] || kill "$qsd_pid" 2> /dev/null || true
     if [ "$remove_workdir" = 1 ]; then
         # Only after every mount inside it is gone.
-        for m in "${mounts[@]}"; do
+        for m in "${mounts[@]}" ${fs_mnt:+"$fs_mnt"}; do
             mountpoint -q "$m" 2> /dev/null && return
         done
         rm -rf "$workdir"
@@ -311,7 +329,7 @@ qemu-img convert -n -f raw -O vhdx "$raw" "$vhdx_fixed"
 # convert starts it 512 bytes past one, which costs any reader of the file (BENCHMARKS.md,
 # Findings). vdisk-mount and qemu-storage-daemon are both measured on this same file.
 vhd_dyn="$workdir/dynamic.vhd"
-"$(dirname "$bin")/vdisk" create --format vhd --size "$size" "$vhd_dyn" > /dev/null
+"$vdisk" create --format vhd --size "$size" "$vhd_dyn" > /dev/null
 start_vdisk "$vhd_dyn"
 dd if="$raw" of="$target_file" bs=1M oflag=direct conv=notrunc,fsync status=none
 stop_target
@@ -404,6 +422,156 @@ for format in vhdx vpc; do
     rm -f "$image"
 done
 
+# --- repeated timings ----------------------------------------------------------------------
+# fstrim and compact time every contender $reps times, by turns with what it is compared
+# with; runs[] keeps one figure per run, reported as median and min–max.
+
+declare -A runs  # "what|who" -> figures, space-separated
+declare -A after # "who|format" -> file length after compacting, in bytes
+
+# Seconds between two $EPOCHREALTIME readings.
+seconds() { # t0 t1
+    awk -v t0="$1" -v t1="$2" 'BEGIN { printf "%.3f\n", t1 - t0 }'
+}
+
+# Before every timed run, what earlier steps left dirty is written out, so no contender
+# pays for it (a copy's dirty pages would go out with compact's first flush). A full run
+# also drops the page cache before every timed run, a quick one only before each
+# contender's first (as for the fio jobs).
+drop_before_run() { # rep
+    sync
+    [ $quick = 1 ] && [ "$1" -gt 1 ] || drop_caches
+}
+
+# Bytes the host filesystem holds for a file.
+allocated() { # file
+    stat -c '%b %B' "$1" | awk '{ printf "%.0f\n", $1 * $2 }'
+}
+
+# --- fstrim through the mount --------------------------------------------------------------
+
+# The files written into the filesystem are copies of one chunk of random data.
+chunk="$workdir/chunk"
+chunk_size=$((64 * MIB))
+head -c "$chunk_size" /dev/urandom > "$chunk"
+
+# ext4 on a loop device over `file` (a mount's disk file, or a raw file); $trim_files of
+# files written and synced, deleted and synced; then fstrim on the filesystem, timed, and
+# the space the host gave back for `host` (the file on the host's own filesystem).
+trim_run() { # who file host rep
+    local who=$1 file=$2 host=$3 i t0 t1 before freed
+    loop=$(losetup -f --show --direct-io=on "$file")
+    mkfs.ext4 -q -b 4096 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$loop"
+    fs_mnt=$(mktemp -d "$workdir/ext4.XXXXXX")
+    mount "$loop" "$fs_mnt"
+    for ((i = 0; i < trim_files / chunk_size; i++)); do
+        cp "$chunk" "$fs_mnt/file$i"
+    done
+    sync
+    rm "$fs_mnt"/file*
+    sync
+    drop_before_run "$4"
+    before=$(allocated "$host")
+    t0=$EPOCHREALTIME
+    fstrim "$fs_mnt"
+    t1=$EPOCHREALTIME
+    freed=$((before - $(allocated "$host")))
+    umount "$fs_mnt"
+    rmdir "$fs_mnt"
+    fs_mnt=""
+    losetup -d "$loop"
+    loop=""
+    runs["trim|$who"]+=" $(seconds "$t0" "$t1")"
+    runs["trim freed|$who"]+=" $freed"
+    log "fstrim on $who: $(seconds "$t0" "$t1") s, $((freed / MIB)) MiB given back"
+}
+
+trim_image="$workdir/trim"
+for rep in $(seq $reps); do
+    for who in VHDX raw VHD; do
+        if [ $who = raw ]; then
+            truncate -s "$trim_size" "$trim_image.raw"
+            trim_run "raw file" "$trim_image.raw" "$trim_image.raw" "$rep"
+            rm "$trim_image.raw"
+        else
+            image="$trim_image.${who,,}"
+            "$vdisk" create --format "${who,,}" --size "$trim_size" "$image" > /dev/null
+            start_vdisk "$image"
+            trim_run "$who" "$target_file" "$image" "$rep"
+            stop_target
+            rm "$image"
+        fi
+    done
+done
+
+# --- vdisk compact against qemu-img convert ------------------------------------------------
+
+# A dynamic image of $compact_size, every byte written (0x5a) through vdisk-mount, then
+# every other block discarded through it: half its blocks are holes in the file.
+holey_image() { # format path block
+    local format=$1 image=$2 block=$3 off
+    "$vdisk" create --format "$format" --size "$compact_size" --block-size "$block" "$image" > /dev/null
+    start_vdisk "$image"
+    dd if=/dev/zero bs=1M count=$((compact_size / MIB)) status=none | tr '\0' '\132' |
+        dd of="$target_file" bs=1M iflag=fullblock oflag=direct conv=notrunc,fsync status=none
+    for ((off = block; off < compact_size; off += 2 * block)); do
+        fallocate --punch-hole --offset "$off" --length "$block" "$target_file"
+    done
+    stop_target
+}
+
+# Fails the run unless `copy` reads exactly as `original`: a figure for a tool that lost
+# data would be worthless.
+same_contents() { # qemu-format original copy tool
+    qemu-img compare -q -f "$1" -F "$1" "$2" "$3" || {
+        echo "$4 changed what the image holds: $3 differs from $2" >&2
+        exit 1
+    }
+}
+
+for format in vhdx vhd; do
+    name=${format^^}
+    if [ $format = vhdx ]; then
+        qfmt=vhdx block=$((32 * MIB)) convert_opts="subformat=dynamic,block_size=32M"
+    else
+        qfmt=vpc block=$((2 * MIB)) convert_opts="subformat=dynamic,force_size=on"
+    fi
+    source="$workdir/holey.$format"
+    work="$workdir/work.$format"
+    new="$workdir/converted.$format"
+    holey_image $format "$source" $block
+    for rep in $(seq $reps); do
+        # Both start from a sparse copy of the same image, made before the clock starts.
+        cp --sparse=always "$source" "$work"
+        drop_before_run "$rep"
+        t0=$EPOCHREALTIME
+        summary=$("$vdisk" compact --json "$work")
+        t1=$EPOCHREALTIME
+        same_contents $qfmt "$source" "$work" "vdisk compact"
+        moved=$(sed -n 's/^ *"bytes_moved": *\([0-9]*\).*/\1/p' <<< "$summary")
+        [ -n "$moved" ] || { echo "no bytes_moved in vdisk compact --json: $summary" >&2; exit 1; }
+        runs["compact|$name"]+=" $(seconds "$t0" "$t1")"
+        runs["compact MiB/s|$name"]+=" $(awk -v b="$moved" -v t0="$t0" -v t1="$t1" \
+            'BEGIN { printf "%.1f\n", b / 1048576 / (t1 - t0) }')"
+        runs["compact moved|$name"]+=" $moved"
+        after["compact|$name"]=$(stat -c %s "$work")
+        log "vdisk compact $name: $(seconds "$t0" "$t1") s, $((moved / MIB)) MiB moved"
+        rm "$work"
+
+        cp --sparse=always "$source" "$work"
+        drop_before_run "$rep"
+        t0=$EPOCHREALTIME
+        qemu-img convert -f $qfmt -O $qfmt -o "$convert_opts" "$work" "$new"
+        t1=$EPOCHREALTIME
+        same_contents $qfmt "$source" "$new" "qemu-img convert"
+        runs["convert|$name"]+=" $(seconds "$t0" "$t1")"
+        after["convert|$name"]=$(stat -c %s "$new")
+        log "qemu-img convert $name: $(seconds "$t0" "$t1") s"
+        rm "$work" "$new"
+    done
+    rm "$source"
+done
+
 # --- start-up time and memory for a huge empty image -------------------------------------
 
 huge="$workdir/huge.vhdx"
@@ -445,6 +613,23 @@ ratio() { # a b
 judge() { # ratio goal
     awk -v r="$1" -v g="$2" 'BEGIN {
         if (r == "n/a") print "n/a"; else if (r + 0 >= g) print r; else printf "**%s** (goal %s)\n", r, g }'
+}
+
+# Marks a ratio of times that misses its goal (lower is better).
+judge_at_most() { # ratio goal
+    awk -v r="$1" -v g="$2" 'BEGIN {
+        if (r == "n/a") print "n/a"; else if (r + 0 <= g) print r; else printf "**%s** (goal %s)\n", r, g }'
+}
+
+# The median, least and greatest of a contender's figures, each printed with `format`.
+spread() { # format figures
+    printf '%s\n' $2 | sort -g | awk -v f="$1" '
+        NF { v[++n] = $1 }
+        END {
+            if (n == 0) { print "- - -"; exit }
+            m = n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+            printf f " " f " " f "\n", m, v[1], v[n]
+        }'
 }
 
 unit() { [[ $1 == seq* ]] && echo MiB/s || echo IOPS; }
@@ -533,6 +718,64 @@ report() {
         r=$(ratio "${result["vdisk-mount $name|alloc"]}" "${result["qemu-io $name|alloc"]}")
         echo "| $name | ${result["vdisk-mount $name|alloc"]} | ${result["qsd $name|alloc"]} | ${result["qemu-io $name|alloc"]} | $(judge "$r" 1.00) |"
         [[ $(judge "$r" 1.00) == "**"* ]] && misses+=("allocating write $name: $r× qemu-io (goal 1.00)")
+    done
+    local dropped="every timed run"
+    [ $quick = 0 ] || dropped="each contender's first timed run"
+    echo
+    echo "### fstrim of $((trim_files / MIB)) MiB freed through the mount"
+    echo
+    echo "ext4 (4 KiB blocks, inode tables written by mkfs) on a loop device (\`losetup --direct-io=on\`)" \
+        "over vdisk-mount's disk file for a new $((trim_size / MIB)) MiB dynamic image (\`vdisk create\`:" \
+        "VHDX with 32 MiB blocks, VHD with 2 MiB blocks), and over a raw sparse file of that size;" \
+        "$((trim_files / MIB)) MiB of files written and synced, deleted and synced, then \`fstrim\` on the" \
+        "filesystem timed (its first trim after mounting: all free space). Median of $reps runs taken by" \
+        "turns (VHDX, raw, VHD), min–max beside it, page cache dropped before $dropped;" \
+        "lower is better. Host MiB freed: the median of what the" \
+        "image file held on the host before fstrim minus after, a check that the space went back" \
+        "(goal ≥ 90 % of the files)."
+    echo
+    echo "| fstrim on | seconds | min–max | ÷ raw file | host MiB freed |"
+    echo "|---|---|---|---|---|"
+    local med lo hi raw_med freed label
+    read -r raw_med _ <<< "$(spread %.3f "${runs["trim|raw file"]:-}")"
+    for who in VHDX VHD "raw file"; do
+        read -r med lo hi <<< "$(spread %.3f "${runs["trim|$who"]:-}")"
+        read -r freed _ <<< "$(spread %.0f "${runs["trim freed|$who"]:-}")"
+        freed=$(awk -v b="$freed" 'BEGIN { if (b == "-") print "-"; else printf "%.1f\n", b / 1048576 }')
+        label="vdisk-mount $who" r=$(ratio "$med" "$raw_med")
+        [ "$who" != "raw file" ] || label="raw sparse file" r="-"
+        echo "| $label | $med | $lo–$hi | $r | $freed |"
+        awk -v f="$freed" -v want="$((trim_files / MIB))" 'BEGIN { exit !(f == "-" || f < 0.9 * want) }' \
+            && misses+=("fstrim on $label: $freed MiB given back on the host of $((trim_files / MIB)) MiB freed (goal ≥ 90 %)")
+    done
+    echo
+    echo "### vdisk compact of a $((compact_size / MIB)) MiB image with half its blocks free"
+    echo
+    echo "Dynamic images made by \`vdisk create\` (VHDX with 32 MiB blocks, VHD with 2 MiB blocks), every" \
+        "byte written through vdisk-mount, then every other block discarded through it (\`fallocate" \
+        "--punch-hole\`), which leaves half the blocks as holes in the file. Each run starts from a sparse" \
+        "copy of that image (\`cp --sparse=always\`, not timed): \`vdisk compact\` packs it in place;" \
+        "\`qemu-img convert -O vhdx\` (resp. \`vpc\`), the way to get there without vdisk, writes a second" \
+        "image. Both results are checked equal to the original with \`qemu-img compare\`. Median of $reps" \
+        "runs taken by turns (compact, convert, ...), min–max beside it, page cache dropped before" \
+        "$dropped. MiB/s moved: \`bytes_moved\` of" \
+        "\`vdisk compact --json\` ÷ seconds. Goal: compact takes no longer than convert (÷ ≤ 1.00)."
+    echo
+    echo "| image | compact s | min–max | convert s | min–max | compact ÷ convert | compact MiB/s moved | min–max | MiB moved | file MiB after compact | after convert |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+    local c_med c_lo c_hi q_med q_lo q_hi m_med m_lo m_hi moved_mib mib_c mib_q
+    for name in VHDX VHD; do
+        read -r c_med c_lo c_hi <<< "$(spread %.3f "${runs["compact|$name"]:-}")"
+        read -r q_med q_lo q_hi <<< "$(spread %.3f "${runs["convert|$name"]:-}")"
+        read -r m_med m_lo m_hi <<< "$(spread %.1f "${runs["compact MiB/s|$name"]:-}")"
+        read -r moved_mib _ <<< "$(spread %.0f "${runs["compact moved|$name"]:-}")"
+        moved_mib=$(awk -v b="$moved_mib" 'BEGIN { if (b == "-") print "-"; else printf "%.1f\n", b / 1048576 }')
+        mib_c=$(awk -v b="${after["compact|$name"]:-}" 'BEGIN { if (b == "") print "-"; else printf "%.1f\n", b / 1048576 }')
+        mib_q=$(awk -v b="${after["convert|$name"]:-}" 'BEGIN { if (b == "") print "-"; else printf "%.1f\n", b / 1048576 }')
+        label="$name $([ $name = VHDX ] && echo 32 || echo 2) MiB blocks"
+        r=$(ratio "$c_med" "$q_med")
+        echo "| $label | $c_med | $c_lo–$c_hi | $q_med | $q_lo–$q_hi | $(judge_at_most "$r" 1.00) | $m_med | $m_lo–$m_hi | $moved_mib | $mib_c | $mib_q |"
+        [[ $(judge_at_most "$r" 1.00) == "**"* ]] && misses+=("vdisk compact $label: $r× the time of qemu-img convert (goal ≤ 1.00)")
     done
     echo
     echo "### Start-up and memory"

@@ -21,16 +21,23 @@ const JOBS: [&str; 8] = [
 /// Whether the tools the script drives are installed. Outside CI a missing one skips the
 /// test (saying which); under `CI` it fails it.
 fn tools_available() -> bool {
-    let missing: Vec<&str> = ["fio", "qemu-storage-daemon", "vhdimount", "qemu-io"]
-        .into_iter()
-        .filter(|tool| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .collect();
+    let missing: Vec<&str> = [
+        "fio",
+        "qemu-storage-daemon",
+        "vhdimount",
+        "qemu-io",
+        "mkfs.ext4",
+        "fstrim",
+    ]
+    .into_iter()
+    .filter(|tool| {
+        !Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+    .collect();
     if missing.is_empty() {
         return true;
     }
@@ -65,6 +72,13 @@ fn is_ratio(cell: &str) -> bool {
         Some((ratio, goal)) => is_number(ratio) && goal.strip_suffix(')').is_some_and(is_number),
         None => is_number(cell),
     }
+}
+
+/// The spread of repeated runs: "least–greatest".
+fn is_range(cell: &str) -> bool {
+    cell.split_once('–').is_some_and(|(lo, hi)| {
+        is_number(lo) && is_number(hi) && lo.parse::<f64>().unwrap() <= hi.parse::<f64>().unwrap()
+    })
 }
 
 fn assert_numbers(row: &[&str], check: fn(&str) -> bool, what: &str) {
@@ -143,6 +157,39 @@ fn quick_benchmark_fills_every_row() {
         assert_eq!(found.len(), 1, "allocating-write rows for {image}");
         assert_numbers(&found[0][1..4], is_number, image);
         assert_numbers(&found[0][4..], is_ratio, image);
+    }
+    // fstrim through the mount and on a raw sparse file: median seconds, min–max, the ratio
+    // to the raw file (none on its own row), host space given back.
+    for target in ["vdisk-mount VHDX", "vdisk-mount VHD", "raw sparse file"] {
+        let found = rows(&report, target);
+        assert_eq!(found.len(), 1, "fstrim row for {target}");
+        let row = &found[0];
+        assert_eq!(row.len(), 5, "{target}: {row:?}");
+        assert!(
+            is_number(row[1]) && is_range(row[2]) && is_number(row[4]),
+            "{target}: {row:?}"
+        );
+        if target.starts_with("raw") {
+            assert_eq!(row[3], "-", "{target}: {row:?}");
+        } else {
+            assert!(is_ratio(row[3]), "{target}: {row:?}");
+        }
+    }
+    // vdisk compact against qemu-img convert: median seconds and min–max of each, their
+    // ratio, compact's MiB/s moved and its min–max, MiB moved, file sizes after.
+    for image in ["VHDX 32 MiB blocks", "VHD 2 MiB blocks"] {
+        let found = rows(&report, image);
+        assert_eq!(found.len(), 1, "compact row for {image}");
+        let row = &found[0];
+        assert_eq!(row.len(), 11, "{image}: {row:?}");
+        for (i, cell) in row.iter().enumerate().skip(1) {
+            let ok = match i {
+                2 | 4 | 7 => is_range(cell),
+                5 => is_ratio(cell),
+                _ => is_number(cell),
+            };
+            assert!(ok, "{image}: cell {i} of {row:?}");
+        }
     }
     for daemon in [
         "FUSE raw",

@@ -561,7 +561,9 @@ for format in vhdx vhd; do
         cp --sparse=always "$source" "$work"
         drop_before_run "$rep"
         t0=$EPOCHREALTIME
-        qemu-img convert -f $qfmt -O $qfmt -o "$convert_opts" "$work" "$new"
+        # -t writeback: its output flushed at the end, as a copy that replaces the image
+        # must be (convert's default, -t unsafe, skips that flush); compact flushes too.
+        qemu-img convert -t writeback -f $qfmt -O $qfmt -o "$convert_opts" "$work" "$new"
         t1=$EPOCHREALTIME
         same_contents $qfmt "$source" "$new" "qemu-img convert"
         runs["convert|$name"]+=" $(seconds "$t0" "$t1")"
@@ -756,7 +758,9 @@ report() {
         "--punch-hole\`), which leaves half the blocks as holes in the file. Each run starts from a sparse" \
         "copy of that image (\`cp --sparse=always\`, not timed): \`vdisk compact\` packs it in place;" \
         "\`qemu-img convert -O vhdx\` (resp. \`vpc\`), the way to get there without vdisk, writes a second" \
-        "image. Both results are checked equal to the original with \`qemu-img compare\`. Median of $reps" \
+        "image, made durable (\`-t writeback\`, so it is flushed like compact's work; convert's default" \
+        "\`-t unsafe\` leaves it in the page cache). Both results are checked equal to the original with" \
+        "\`qemu-img compare\`. Median of $reps" \
         "runs taken by turns (compact, convert, ...), min–max beside it, page cache dropped before" \
         "$dropped. MiB/s moved: \`bytes_moved\` of" \
         "\`vdisk compact --json\` ÷ seconds. Goal: compact takes no longer than convert (÷ ≤ 1.00)."

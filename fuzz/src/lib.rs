@@ -123,6 +123,35 @@ impl Storage for SparseStorage {
         state.len = len;
         Ok(())
     }
+
+    /// Whole pages are dropped, partial ones zeroed: as cheap as a real hole, so a huge
+    /// range costs no more than the pages it held.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len).min(self.len()?);
+        let mut state = self.state.lock();
+        let first_whole = offset.div_ceil(PAGE as u64);
+        let last_whole = end / PAGE as u64;
+        let whole: Vec<u64> = state
+            .pages
+            .range(first_whole..last_whole.max(first_whole))
+            .map(|(&page, _)| page)
+            .collect();
+        for page in whole {
+            state.pages.remove(&page);
+        }
+        for (at, stop) in [
+            (offset, (first_whole * PAGE as u64).min(end)),
+            ((last_whole * PAGE as u64).max(offset), end),
+        ] {
+            if at < stop
+                && let Some(p) = state.pages.get_mut(&(at / PAGE as u64))
+            {
+                let from = (at % PAGE as u64) as usize;
+                p[from..from + (stop - at) as usize].fill(0);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reads little-endian numbers off the front of fuzzer bytes; past the end, zeros.

@@ -11,10 +11,11 @@ use crate::free_space::{FreeSpace, SpaceGate};
 use crate::layer::{Layer, MetadataBudget};
 use crate::lock;
 use crate::open::open_layer;
-use crate::relocation::{Relocation, Unit};
+use crate::relocation::{Releasable, Relocation, Unit};
 use crate::storage::FileStorage;
 use serde::Serialize;
 use std::fmt;
+use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -214,33 +215,24 @@ fn release_zero_blocks(
     relocation: &dyn Relocation,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<u64> {
-    let candidates: Vec<Unit> = relocation
+    let blocks: Vec<Releasable> = relocation
         .units()
         .into_iter()
-        .filter(|u| u.releasable.is_some())
+        .filter_map(|u| u.releasable)
         .collect();
-    let total = candidates.len() as u64;
+    let total = blocks.len() as u64;
     let mut buf = vec![0u8; ZERO_CHECK_CHUNK];
+    // Neighbouring blocks of zeros go together: one table update for the run.
+    let mut run: Vec<Range<u64>> = Vec::new();
     let mut released = 0;
-    for (i, unit) in candidates.iter().enumerate() {
-        let Some(block) = &unit.releasable else {
-            continue;
-        };
-        let len = block.disk_range.end - block.disk_range.start;
-        let mut zeros = true;
-        let mut at = 0;
-        while zeros && at < len {
-            let n = (len - at).min(ZERO_CHECK_CHUNK as u64) as usize;
-            layer.read_mapped(&mut buf[..n], block.data_at + at)?;
-            zeros = buf[..n].iter().all(|&b| b == 0);
-            at += n as u64;
+    for (i, block) in blocks.iter().enumerate() {
+        let range = block.disk_range.clone();
+        let zeros = reads_zeros(layer, block, &mut buf)?;
+        if !zeros || run.last().is_some_and(|last| last.end != range.start) {
+            released += release_run(layer, &mut run)?;
         }
-        if zeros
-            && layer
-                .release_blocks(block.disk_range.start, len)?
-                .is_empty()
-        {
-            released += 1;
+        if zeros {
+            run.push(range);
         }
         progress(&Progress {
             stage: Stage::FindingZeroBlocks,
@@ -249,7 +241,43 @@ fn release_zero_blocks(
             moved_bytes: 0,
         });
     }
+    released += release_run(layer, &mut run)?;
     Ok(released)
+}
+
+/// Whether the data of `block` in the file is all zeros.
+fn reads_zeros(layer: &dyn Layer, block: &Releasable, buf: &mut [u8]) -> Result<bool> {
+    let len = block.disk_range.end - block.disk_range.start;
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        layer.read_mapped(&mut buf[..n], block.data_at + at)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
+/// Releases the neighbouring disk ranges of `run` with one request and empties it;
+/// returns how many of them were released.
+fn release_run(layer: &dyn Layer, run: &mut Vec<Range<u64>>) -> Result<u64> {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return Ok(0);
+    };
+    let (start, end) = (first.start, last.end);
+    let kept = layer.release_blocks(start, end - start)?;
+    let released = run
+        .iter()
+        .filter(|r| {
+            !kept
+                .iter()
+                .any(|&(at, len)| at < r.end && r.start < at + len)
+        })
+        .count();
+    run.clear();
+    Ok(released as u64)
 }
 
 /// Moves blocks, the highest in the file first, into the lowest free space below them

@@ -37,6 +37,7 @@ mod bit_runs;
 mod blocking_pool;
 pub mod chain;
 pub mod compact;
+pub mod convert;
 pub mod create;
 pub mod disk;
 pub mod error;

@@ -9,7 +9,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use vdisk_mount::compact::{CompactOptions, Progress, Stage, compact, human};
+use vdisk_mount::compact::{CompactOptions, Stage, compact, human};
+use vdisk_mount::convert::{ConvertOptions, convert};
 use vdisk_mount::create::{CreateOptions, ImageType, create, parse_size};
 use vdisk_mount::info::image_info;
 use vdisk_mount::map::image_map;
@@ -74,6 +75,29 @@ enum Command {
         json: bool,
         image: PathBuf,
     },
+    /// Copy an image (with its parents, flattened) into a new image of any format,
+    /// skipping what reads as zeros. Never replaces an existing file; the source is
+    /// never changed (a dirty VHDX is read through its log).
+    Convert {
+        /// Output format; default: from DST's extension (.vhd, .vhdx, .img or .raw), else
+        /// vhdx.
+        #[arg(long, value_enum)]
+        format: Option<ConvertFormatArg>,
+        /// Allocation type of a VHD or VHDX output (default dynamic).
+        #[arg(long = "type", value_enum)]
+        image_type: Option<TypeArg>,
+        /// Block size of a VHD or VHDX output (default: VHD 2M, VHDX 32M).
+        #[arg(long, value_parser = size_arg)]
+        block_size: Option<u64>,
+        /// Round the disk size up to a whole MiB, as Azure requires of fixed VHDs.
+        #[arg(long)]
+        azure: bool,
+        /// Print a JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
+        src: PathBuf,
+        dst: PathBuf,
+    },
     /// List the virtual disk's extents: data (in which image of the chain, at which file
     /// offset) or zeros (read-only; never modifies the image).
     Map {
@@ -91,6 +115,13 @@ enum FormatArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum ConvertFormatArg {
+    Vhd,
+    Vhdx,
+    Raw,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum TypeArg {
     Dynamic,
     Fixed,
@@ -98,6 +129,20 @@ enum TypeArg {
 
 fn size_arg(text: &str) -> std::result::Result<u64, String> {
     parse_size(text).map_err(|e| e.to_string())
+}
+
+fn block_size_arg(bytes: u64) -> Result<u32> {
+    u32::try_from(bytes)
+        .map_err(|_| vdisk_mount::Error::invalid_input(format!("block size {bytes} is too large")))
+}
+
+impl TypeArg {
+    fn image_type(self) -> ImageType {
+        match self {
+            TypeArg::Dynamic => ImageType::Dynamic,
+            TypeArg::Fixed => ImageType::Fixed,
+        }
+    }
 }
 
 fn run(command: Command) -> Result<()> {
@@ -111,22 +156,13 @@ fn run(command: Command) -> Result<()> {
             parent,
             image,
         } => {
-            let block_size = block_size
-                .map(|b| {
-                    u32::try_from(b).map_err(|_| {
-                        vdisk_mount::Error::invalid_input(format!("block size {b} is too large"))
-                    })
-                })
-                .transpose()?;
+            let block_size = block_size.map(block_size_arg).transpose()?;
             let options = CreateOptions {
                 format: format.map(|f| match f {
                     FormatArg::Vhd => Format::Vhd,
                     FormatArg::Vhdx => Format::Vhdx,
                 }),
-                image_type: image_type.map(|t| match t {
-                    TypeArg::Dynamic => ImageType::Dynamic,
-                    TypeArg::Fixed => ImageType::Fixed,
-                }),
+                image_type: image_type.map(TypeArg::image_type),
                 size,
                 block_size,
                 logical_sector_size: logical_sector,
@@ -135,6 +171,37 @@ fn run(command: Command) -> Result<()> {
             create(&image, &options)
         }
         Command::Info { json, image } => print(&image_info(&image, &OpenOptions::default())?, json),
+        Command::Convert {
+            format,
+            image_type,
+            block_size,
+            azure,
+            json,
+            src,
+            dst,
+        } => {
+            let options = ConvertOptions {
+                format: format.map(|f| match f {
+                    ConvertFormatArg::Vhd => Format::Vhd,
+                    ConvertFormatArg::Vhdx => Format::Vhdx,
+                    ConvertFormatArg::Raw => Format::Raw,
+                }),
+                image_type: image_type.map(TypeArg::image_type),
+                block_size: block_size.map(block_size_arg).transpose()?,
+                azure,
+            };
+            let mut display = ProgressLine::new();
+            let report = convert(&src, &dst, &options, &mut |p| {
+                display.show(
+                    "converting",
+                    p.done,
+                    p.total,
+                    &format!("{}%", p.done * 100 / p.total.max(1)),
+                )
+            });
+            display.finish();
+            print(&report?, json)
+        }
         Command::Compact {
             zero_blocks,
             force,
@@ -143,7 +210,18 @@ fn run(command: Command) -> Result<()> {
         } => {
             let options = CompactOptions { zero_blocks, force };
             let mut display = ProgressLine::new();
-            let report = compact(&image, &options, &mut |p| display.show(p));
+            let report = compact(&image, &options, &mut |p| {
+                let what = match p.stage {
+                    Stage::FindingZeroBlocks => "looking for blocks of zeros",
+                    Stage::Moving => "moving blocks",
+                };
+                display.show(
+                    what,
+                    p.done,
+                    p.total,
+                    &format!("{} moved", human(p.moved_bytes)),
+                )
+            });
             display.finish();
             print(&report?, json)
         }
@@ -166,23 +244,14 @@ impl ProgressLine {
         }
     }
 
-    fn show(&mut self, progress: &Progress) {
+    fn show(&mut self, what: &str, done: u64, total: u64, detail: &str) {
         let due = self
             .shown
             .is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
-        if !self.enabled || !(due || progress.done == progress.total) {
+        if !self.enabled || !(due || done == total) {
             return;
         }
-        let what = match progress.stage {
-            Stage::FindingZeroBlocks => "looking for blocks of zeros",
-            Stage::Moving => "moving blocks",
-        };
-        eprint!(
-            "\r{what}: {}/{} ({} moved)\x1b[K",
-            progress.done,
-            progress.total,
-            human(progress.moved_bytes)
-        );
+        eprint!("\r{what}: {done}/{total} ({detail})\x1b[K");
         self.shown = Some(Instant::now());
     }
 

@@ -16,6 +16,7 @@ mod common;
 mod chain_mount;
 mod cli;
 mod compact;
+mod convert;
 mod corpus_probe;
 mod discard;
 mod mount_concurrency;

@@ -1,0 +1,315 @@
+//! `vdisk convert`: any readable image (VHD, VHDX, raw, a differencing chain flattened, a
+//! dirty VHDX read through its log without changing it) copied into a new image of any
+//! format. Ranges that read as zeros are not written, so a sparse source gives a sparse
+//! result. The new image is built under a hidden name beside the destination and takes
+//! its name only once it is complete and durable, never replacing an existing file.
+
+use crate::create::{CreateOptions, ImageType, create};
+use crate::disk::{Allocation, Format, OpenOptions, VirtualDisk};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::lock;
+use serde::Serialize;
+use std::ffi::CString;
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Bytes read and written at a time.
+const CHUNK: u64 = 4 << 20;
+/// Most of the disk whose allocation is asked at once.
+const WINDOW: u64 = 1 << 36;
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConvertOptions {
+    /// `None`: from the destination's name (`.vhd`, `.vhdx`, `.img`/`.raw`), else VHDX.
+    pub format: Option<Format>,
+    /// `None`: dynamic.
+    pub image_type: Option<ImageType>,
+    /// `None`: the format's usual block size.
+    pub block_size: Option<u32>,
+    /// Round the disk size up to a whole MiB, as Azure requires of fixed VHDs.
+    pub azure: bool,
+}
+
+/// How far a conversion has come: bytes of the disk looked at, of all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConvertReport {
+    pub source: String,
+    pub source_format: String,
+    pub destination: String,
+    pub format: String,
+    pub disk_size: u64,
+    /// Bytes of data written into the new image (ranges of zeros are skipped).
+    pub bytes_written: u64,
+    pub file_length: u64,
+}
+
+impl fmt::Display for ConvertReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} ({}) -> {} ({}, {} disk, {} of data written)",
+            self.source,
+            self.source_format,
+            self.destination,
+            self.format,
+            crate::compact::human(self.disk_size),
+            crate::compact::human(self.bytes_written)
+        )
+    }
+}
+
+/// The format a destination's name asks for.
+fn format_from_name(path: &Path) -> Option<Format> {
+    match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+        "vhd" => Some(Format::Vhd),
+        "vhdx" => Some(Format::Vhdx),
+        "img" | "raw" => Some(Format::Raw),
+        _ => None,
+    }
+}
+
+/// Converts the image at `src` (with its parents) into a new image at `dst`.
+pub fn convert(
+    src: &Path,
+    dst: &Path,
+    options: &ConvertOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<ConvertReport> {
+    // Shared, as a read-only mount takes it: no writer changes the source meanwhile.
+    let src_file = std::fs::File::open(src)
+        .context(|| "cannot open image".to_string())
+        .map_err(|e| e.with_file(src))?;
+    lock::lock(&src_file, true)
+        .map_err(|problem| Error::new(ErrorKind::InUse(problem)).with_file(src))?;
+    let read_only = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    // A file with no image signature is a raw disk, as for qemu-img: only read here, so
+    // nothing is risked by the guess.
+    let source = match crate::open(src, &read_only) {
+        Err(e) if matches!(e.kind(), ErrorKind::NotADiskImage) => crate::open(
+            src,
+            &OpenOptions {
+                format: Some(Format::Raw),
+                ..read_only
+            },
+        )?,
+        opened => opened?,
+    };
+    if std::fs::symlink_metadata(dst).is_ok() {
+        return Err(Error::invalid_input(format!(
+            "{}: already exists; convert never replaces a file",
+            dst.display()
+        )));
+    }
+    let format = options
+        .format
+        .or_else(|| format_from_name(dst))
+        .unwrap_or(Format::Vhdx);
+    let mut size = source.size();
+    if options.azure {
+        size = size.next_multiple_of(MIB);
+    }
+    let partial = partial_name(dst)?;
+    let built = build(source.as_ref(), &partial, format, size, options, progress);
+    let bytes_written = match built {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e.with_file(dst));
+        }
+    };
+    if let Err(e) = rename_no_replace(&partial, dst) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(Error::io("giving the new image its name", e).with_file(dst));
+    }
+    let file_length = std::fs::metadata(dst)
+        .context(|| "cannot read file attributes".to_string())
+        .map_err(|e| e.with_file(dst))?
+        .len();
+    Ok(ConvertReport {
+        source: src.display().to_string(),
+        source_format: source.format().to_string(),
+        destination: dst.display().to_string(),
+        format: format.to_string(),
+        disk_size: size,
+        bytes_written,
+        file_length,
+    })
+}
+
+/// A hidden name beside `dst` for the image while it is built.
+fn partial_name(dst: &Path) -> Result<PathBuf> {
+    let name = dst
+        .file_name()
+        .ok_or_else(|| Error::invalid_input(format!("{}: not a file name", dst.display())))?;
+    Ok(dst.with_file_name(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
+/// Makes the new image at `path` and copies every range of `source` that holds anything
+/// but zeros; returns the bytes written. The image is flushed and closed.
+fn build(
+    source: &dyn VirtualDisk,
+    path: &Path,
+    format: Format,
+    size: u64,
+    options: &ConvertOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<u64> {
+    match format {
+        Format::Raw => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .context(|| "cannot create image".to_string())?;
+            file.set_len(size)
+                .context(|| "sizing the new image".to_string())?;
+        }
+        _ => create(
+            path,
+            &CreateOptions {
+                format: Some(format),
+                image_type: options.image_type,
+                size: Some(size),
+                block_size: options.block_size,
+                logical_sector_size: (format == Format::Vhdx)
+                    .then_some(source.logical_sector_size()),
+                parent: None,
+            },
+        )?,
+    }
+    let target = crate::open(
+        path,
+        &OpenOptions {
+            format: Some(format),
+            ..OpenOptions::default()
+        },
+    )?;
+    let written = copy_data(source, target.as_ref(), progress)?;
+    target.close()?;
+    drop(target);
+    let file = std::fs::File::open(path).context(|| "reopening the new image".to_string())?;
+    file.sync_all()
+        .context(|| "flushing the new image".to_string())?;
+    Ok(written)
+}
+
+/// Copies what `source` holds into `target`, skipping ranges the source maps as zeros
+/// and pages that read as zeros (the new image reads zeros there already, and a dynamic
+/// one allocates no block for them).
+fn copy_data(
+    source: &dyn VirtualDisk,
+    target: &dyn VirtualDisk,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<u64> {
+    let size = source.size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut written = 0;
+    let mut window = 0;
+    while window < size {
+        let window_len = (size - window).min(WINDOW);
+        for extent in source.allocation(window, window_len)? {
+            if extent.state != Allocation::Data {
+                continue;
+            }
+            let mut at = extent.offset;
+            while at < extent.offset + extent.len {
+                let n = (extent.offset + extent.len - at).min(CHUNK) as usize;
+                let chunk = &mut buf[..n];
+                source.read_at(chunk, at)?;
+                for (start, end) in data_runs(chunk) {
+                    target.write_at(&chunk[start..end], at + start as u64)?;
+                    written += (end - start) as u64;
+                }
+                at += n as u64;
+                progress(&Progress {
+                    done: at,
+                    total: size,
+                });
+            }
+        }
+        window += window_len;
+    }
+    progress(&Progress {
+        done: size,
+        total: size,
+    });
+    Ok(written)
+}
+
+/// The runs of whole 4 KiB pieces of `buf` that hold anything but zeros.
+fn data_runs(buf: &[u8]) -> Vec<(usize, usize)> {
+    const PIECE: usize = 4096;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, piece) in buf.chunks(PIECE).enumerate() {
+        if piece.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let (start, end) = (i * PIECE, i * PIECE + piece.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+/// Renames `from` to `to` unless `to` exists, in one step.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both are NUL-terminated strings that outlive the call.
+    let done = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    match done {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_runs_skip_pages_of_zeros_and_merge_neighbours() {
+        let mut buf = vec![0u8; 5 * 4096 + 100];
+        buf[10] = 1;
+        buf[4096 + 7] = 1;
+        buf[3 * 4096] = 1;
+        buf[5 * 4096 + 99] = 1;
+        assert_eq!(
+            data_runs(&buf),
+            vec![
+                (0, 2 * 4096),
+                (3 * 4096, 4 * 4096),
+                (5 * 4096, 5 * 4096 + 100)
+            ]
+        );
+        assert!(data_runs(&[0u8; 8192]).is_empty());
+    }
+}

@@ -6,9 +6,10 @@ use super::*;
 use crate::relocation::{Releasable, Unit};
 
 impl VhdxDisk {
-    /// The file range BAT entry `index` names, if it names one: the whole block where the
-    /// file holds it, else the part inside the disk (a last block cut short by its
-    /// creator).
+    /// The file range BAT entry `index` names, if it names one inside the file: the whole
+    /// block where the file holds it, else the part inside the disk (a last block cut
+    /// short by its creator). Present blocks were checked at open; an entry without data
+    /// may still name any old location, which counts only if it lies in the file.
     fn entry_extent(&self, bat: &Bat, index: u64, file_end: u64) -> Option<Range<u64>> {
         let entry = bat.entry(index);
         let at = entry.file_offset();
@@ -23,7 +24,8 @@ impl VhdxDisk {
             Some(end) if !is_bitmap && end <= file_end => self.layout.block_size,
             _ => bat.used_len(index, self.params.virtual_size),
         };
-        Some(at..at + len)
+        let end = at.checked_add(len).filter(|&end| end <= file_end)?;
+        Some(at..end)
     }
 }
 

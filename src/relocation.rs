@@ -2,8 +2,9 @@
 //! may move (blocks and, in VHDX, sector bitmap blocks), the space nothing uses, and a
 //! crash-safe move. `compact.rs` decides what moves where.
 
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::free_space::FreeSpace;
+use crate::storage::{self, Storage};
 use std::ops::Range;
 
 /// A piece of the file that can move as a whole.
@@ -43,4 +44,23 @@ pub trait Relocation {
     /// Cuts the file after the last byte any structure or unit uses, keeping it a valid
     /// image at every instant; returns the new file length.
     fn shrink(&self) -> Result<u64>;
+}
+
+/// The first half of every move: each unit copied to its new place, then flushed, so the
+/// tables may point there.
+pub fn copy_units(storage: &dyn Storage, moves: &[(Unit, u64)]) -> Result<()> {
+    let copies: Vec<(u64, u64, u64)> = moves.iter().map(|(u, to)| (u.at, *to, u.len)).collect();
+    storage::copy_sparse(storage, &copies).context(|| format!("moving {} blocks", moves.len()))?;
+    storage
+        .flush()
+        .context(|| "flushing moved blocks".to_string())
+}
+
+/// The last half: once the tables point at the new places, `free` loses them and gains
+/// the old ones.
+pub fn account_moves(free: &mut FreeSpace, moves: &[(Unit, u64)]) {
+    for (unit, to) in moves {
+        free.remove(*to..to + unit.len);
+        free.insert(unit.at..unit.at + unit.len);
+    }
 }

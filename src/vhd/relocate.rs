@@ -3,7 +3,7 @@
 //! cut after the last block by writing the footer there first.
 
 use super::*;
-use crate::relocation::{Releasable, Unit};
+use crate::relocation::{Releasable, Unit, account_moves, copy_units};
 use std::ops::Range;
 
 impl VhdDisk {
@@ -56,17 +56,9 @@ impl Relocation for VhdDisk {
             .iter()
             .map(|(unit, to)| Ok((unit.id, block_sector(unit.id, *to)?)))
             .collect::<Result<Vec<(u64, u32)>>>()?;
-        let copies: Vec<(u64, u64, u64)> = moves.iter().map(|(u, to)| (u.at, *to, u.len)).collect();
-        storage::copy_sparse(storage, &copies)
-            .context(|| format!("moving {} blocks", moves.len()))?;
-        storage
-            .flush()
-            .context(|| "flushing moved blocks".to_string())?;
+        copy_units(storage, moves)?;
         self.write_bat_entries(d, &entries, "moving")?;
-        for (unit, to) in moves {
-            allocator.free.remove(*to..to + unit.len);
-            allocator.free.insert(unit.at..unit.at + unit.len);
-        }
+        account_moves(&mut allocator.free, moves);
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //! closed and the file cut after the last block, at a 1 MiB boundary.
 
 use super::*;
-use crate::relocation::{Releasable, Unit};
+use crate::relocation::{Releasable, Unit, account_moves, copy_units};
 
 impl VhdxDisk {
     /// The file range BAT entry `index` names, if it names one inside the file: the whole
@@ -82,17 +82,9 @@ impl Relocation for VhdxDisk {
             })?;
             changes.push((unit.id, BatEntry::new(state, *to)));
         }
-        let copies: Vec<(u64, u64, u64)> = moves.iter().map(|(u, to)| (u.at, *to, u.len)).collect();
-        storage::copy_sparse(storage, &copies)
-            .context(|| format!("moving {} blocks", moves.len()))?;
-        storage
-            .flush()
-            .context(|| "flushing moved blocks".to_string())?;
+        copy_units(storage, moves)?;
         self.commit(&mut j, &changes, &[])?;
-        for (unit, to) in moves {
-            j.free.remove(*to..to + unit.len);
-            j.free.insert(unit.at..unit.at + unit.len);
-        }
+        account_moves(&mut j.free, moves);
         Ok(())
     }
 

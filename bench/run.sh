@@ -2,9 +2,9 @@
 # Side-by-side benchmark of vdisk-mount against the raw backing file, a FUSE pass-through
 # of that file (vdisk-mount -o format=raw), qemu-storage-daemon's FUSE export and libvhdi's
 # vhdimount, with fio; then fstrim through the mount against a raw sparse file, and
-# `vdisk compact` against `qemu-img convert`. Writes the results into BENCHMARKS.md (or
-# --output FILE) between the "bench:begin" and "bench:end" markers, keeping any text
-# around them.
+# `vdisk compact` and `vdisk convert` against `qemu-img convert`. Writes the results into
+# BENCHMARKS.md (or --output FILE) between the "bench:begin" and "bench:end" markers,
+# keeping any text around them.
 #
 #   bench/run.sh [--quick] [--output FILE] [--workdir DIR]
 #
@@ -522,9 +522,9 @@ holey_image() { # format path block
 
 # Fails the run unless `copy` reads exactly as `original`: a figure for a tool that lost
 # data would be worthless.
-same_contents() { # qemu-format original copy tool
-    qemu-img compare -q -f "$1" -F "$1" "$2" "$3" || {
-        echo "$4 changed what the image holds: $3 differs from $2" >&2
+same_contents() { # original-format original copy-format copy tool
+    qemu-img compare -q -f "$1" -F "$3" "$2" "$4" || {
+        echo "$5 changed what the image holds: $4 differs from $2" >&2
         exit 1
     }
 }
@@ -547,7 +547,7 @@ for format in vhdx vhd; do
         t0=$EPOCHREALTIME
         summary=$("$vdisk" compact --json "$work")
         t1=$EPOCHREALTIME
-        same_contents $qfmt "$source" "$work" "vdisk compact"
+        same_contents $qfmt "$source" $qfmt "$work" "vdisk compact"
         moved=$(sed -n 's/^ *"bytes_moved": *\([0-9]*\).*/\1/p' <<< "$summary")
         [ -n "$moved" ] || { echo "no bytes_moved in vdisk compact --json: $summary" >&2; exit 1; }
         runs["compact|$name"]+=" $(seconds "$t0" "$t1")"
@@ -565,14 +565,58 @@ for format in vhdx vhd; do
         # must be (convert's default, -t unsafe, skips that flush); compact flushes too.
         qemu-img convert -t writeback -f $qfmt -O $qfmt -o "$convert_opts" "$work" "$new"
         t1=$EPOCHREALTIME
-        same_contents $qfmt "$source" "$new" "qemu-img convert"
+        same_contents $qfmt "$source" $qfmt "$new" "qemu-img convert"
         runs["convert|$name"]+=" $(seconds "$t0" "$t1")"
         after["convert|$name"]=$(stat -c %s "$new")
         log "qemu-img convert $name: $(seconds "$t0" "$t1") s"
         rm "$work" "$new"
     done
-    rm "$source"
 done
+
+# --- vdisk convert against qemu-img convert ------------------------------------------------
+
+# The half-full images above, each converted into the other format and into raw by both
+# tools, by turns; outputs made durable by both (vdisk convert flushes before it renames
+# its output into place; qemu-img with -t writeback) and checked equal to the source.
+qemu_format_of() { # vdisk-format
+    case $1 in vhd) echo vpc ;; *) echo "$1" ;; esac
+}
+# What `vdisk create` makes by default (qemu-img's VHD blocks are 2 MiB, as ours).
+qemu_options_of() { # vdisk-format
+    case $1 in
+        vhd) echo "subformat=dynamic,force_size=on" ;;
+        vhdx) echo "subformat=dynamic,block_size=32M" ;;
+        raw) echo "" ;;
+    esac
+}
+convert_pairs=("vhdx vhd" "vhd vhdx" "vhdx raw")
+for rep in $(seq $reps); do
+    for pair in "${convert_pairs[@]}"; do
+        read -r from to <<< "$pair"
+        source="$workdir/holey.$from" qfrom=$(qemu_format_of $from) qto=$(qemu_format_of $to)
+        name="${from^^} → ${to^^}" new="$workdir/converted.$to"
+
+        drop_before_run "$rep"
+        t0=$EPOCHREALTIME
+        "$vdisk" convert --format $to "$source" "$new" > /dev/null
+        t1=$EPOCHREALTIME
+        same_contents $qfrom "$source" $qto "$new" "vdisk convert"
+        runs["vdisk convert|$name"]+=" $(seconds "$t0" "$t1")"
+        log "vdisk convert $name: $(seconds "$t0" "$t1") s"
+        rm "$new"
+
+        drop_before_run "$rep"
+        t0=$EPOCHREALTIME
+        options=$(qemu_options_of $to)
+        qemu-img convert -t writeback -f $qfrom -O $qto ${options:+-o "$options"} "$source" "$new"
+        t1=$EPOCHREALTIME
+        same_contents $qfrom "$source" $qto "$new" "qemu-img convert"
+        runs["qemu-img convert|$name"]+=" $(seconds "$t0" "$t1")"
+        log "qemu-img convert $name: $(seconds "$t0" "$t1") s"
+        rm "$new"
+    done
+done
+rm "$workdir"/holey.*
 
 # --- start-up time and memory for a huge empty image -------------------------------------
 
@@ -780,6 +824,28 @@ report() {
         r=$(ratio "$c_med" "$q_med")
         echo "| $label | $c_med | $c_lo–$c_hi | $q_med | $q_lo–$q_hi | $(judge_at_most "$r" 1.00) | $m_med | $m_lo–$m_hi | $moved_mib | $mib_c | $mib_q |"
         [[ $(judge_at_most "$r" 1.00) == "**"* ]] && misses+=("vdisk compact $label: $r× the time of qemu-img convert (goal ≤ 1.00)")
+    done
+    echo
+    echo "### vdisk convert against qemu-img convert"
+    echo
+    echo "The two half-full images of the compact rows (the VHDX with 32 MiB blocks, the VHD with" \
+        "2 MiB blocks) converted by \`vdisk convert\` and by \`qemu-img convert -t writeback\` into a new" \
+        "dynamic image of the other format (the block size each tool makes by default, 32 MiB for VHDX," \
+        "2 MiB for VHD) and into a raw file; both outputs durable on return and checked equal to the source" \
+        "with \`qemu-img compare\`. Median of $reps runs taken by turns, min–max beside it, page cache" \
+        "dropped before $dropped. Goal: vdisk convert takes no longer than qemu-img convert (÷ ≤ 1.00)."
+    echo
+    echo "| source → output | vdisk convert s | min–max | qemu-img convert s | min–max | vdisk ÷ qemu-img |"
+    echo "|---|---|---|---|---|---|"
+    local v_med v_lo v_hi pair from to
+    for pair in "${convert_pairs[@]}"; do
+        read -r from to <<< "$pair"
+        name="${from^^} → ${to^^}"
+        read -r v_med v_lo v_hi <<< "$(spread %.3f "${runs["vdisk convert|$name"]:-}")"
+        read -r q_med q_lo q_hi <<< "$(spread %.3f "${runs["qemu-img convert|$name"]:-}")"
+        r=$(ratio "$v_med" "$q_med")
+        echo "| $name | $v_med | $v_lo–$v_hi | $q_med | $q_lo–$q_hi | $(judge_at_most "$r" 1.00) |"
+        [[ $(judge_at_most "$r" 1.00) == "**"* ]] && misses+=("vdisk convert $name: $r× the time of qemu-img convert (goal ≤ 1.00)")
     done
     echo
     echo "### Start-up and memory"

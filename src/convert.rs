@@ -13,6 +13,7 @@ use std::ffi::CString;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 /// Bytes read and written at a time.
 const CHUNK: u64 = 4 << 20;
@@ -210,45 +211,79 @@ fn build(
 
 /// Copies what `source` holds into `target`, skipping ranges the source maps as zeros
 /// and pages that read as zeros (the new image reads zeros there already, and a dynamic
-/// one allocates no block for them).
+/// one allocates no block for them). A reader thread keeps up to `BUFFERS` chunks read
+/// ahead, so reading the source and writing the target overlap instead of taking turns.
 fn copy_data(
     source: &dyn VirtualDisk,
     target: &dyn VirtualDisk,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<u64> {
+    const BUFFERS: usize = 4;
     let size = source.size();
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut written = 0;
-    let mut window = 0;
-    while window < size {
-        let window_len = (size - window).min(WINDOW);
-        for extent in source.allocation(window, window_len)? {
-            if extent.state != Allocation::Data {
-                continue;
-            }
-            let mut at = extent.offset;
-            while at < extent.offset + extent.len {
-                let n = (extent.offset + extent.len - at).min(CHUNK) as usize;
-                let chunk = &mut buf[..n];
-                source.read_at(chunk, at)?;
-                for (start, end) in data_runs(chunk) {
-                    target.write_at(&chunk[start..end], at + start as u64)?;
-                    written += (end - start) as u64;
-                }
-                at += n as u64;
-                progress(&Progress {
-                    done: at,
-                    total: size,
-                });
-            }
-        }
-        window += window_len;
+    let (full_tx, full_rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>)>>(BUFFERS);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        empty_tx
+            .send(vec![0u8; CHUNK as usize])
+            .expect("receiver alive");
     }
-    progress(&Progress {
-        done: size,
-        total: size,
-    });
-    Ok(written)
+    std::thread::scope(|scope| {
+        // Owned here so a writer that stops early drops it, ending a reader that waits
+        // for a buffer.
+        let empty_tx = empty_tx;
+        scope.spawn(move || {
+            // Ends when every chunk is sent, on the first error (sent on), or when the
+            // writer has stopped (its receivers are gone).
+            let read_all = || -> Result<()> {
+                let mut window = 0;
+                while window < size {
+                    let window_len = (size - window).min(WINDOW);
+                    for extent in source.allocation(window, window_len)? {
+                        if extent.state != Allocation::Data {
+                            continue;
+                        }
+                        let mut at = extent.offset;
+                        while at < extent.offset + extent.len {
+                            let n = (extent.offset + extent.len - at).min(CHUNK) as usize;
+                            let Ok(mut buf) = empty_rx.recv() else {
+                                return Ok(());
+                            };
+                            buf.resize(n, 0);
+                            source.read_at(&mut buf, at)?;
+                            if full_tx.send(Ok((at, buf))).is_err() {
+                                return Ok(());
+                            }
+                            at += n as u64;
+                        }
+                    }
+                    window += window_len;
+                }
+                Ok(())
+            };
+            if let Err(e) = read_all() {
+                let _ = full_tx.send(Err(e));
+            }
+        });
+        let mut written = 0;
+        for chunk in full_rx {
+            let (at, buf) = chunk?;
+            for (start, end) in data_runs(&buf) {
+                target.write_at(&buf[start..end], at + start as u64)?;
+                written += (end - start) as u64;
+            }
+            progress(&Progress {
+                done: at + buf.len() as u64,
+                total: size,
+            });
+            // The reader may have finished and dropped its receiver.
+            let _ = empty_tx.send(buf);
+        }
+        progress(&Progress {
+            done: size,
+            total: size,
+        });
+        Ok(written)
+    })
 }
 
 /// The runs of whole 4 KiB pieces of `buf` that hold anything but zeros.
@@ -294,6 +329,8 @@ fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::MemStorage;
+    use std::sync::Arc;
 
     #[test]
     fn data_runs_skip_pages_of_zeros_and_merge_neighbours() {
@@ -311,5 +348,48 @@ mod tests {
             ]
         );
         assert!(data_runs(&[0u8; 8192]).is_empty());
+    }
+
+    fn raw_disk(storage: &Arc<MemStorage>) -> Box<dyn VirtualDisk> {
+        let options = OpenOptions {
+            format: Some(Format::Raw),
+            ..OpenOptions::default()
+        };
+        crate::open_storage(Box::new(storage.clone()), &options).unwrap()
+    }
+
+    #[test]
+    fn copy_data_copies_every_chunk_and_skips_zero_pages() {
+        let size = 11 * CHUNK as usize + 4096 * 3;
+        let mut data = vec![0u8; size];
+        for (i, byte) in data.iter_mut().enumerate() {
+            // Pages of zeros between pages of data, in every chunk.
+            if (i / 4096) % 3 != 1 {
+                *byte = (i % 251) as u8 + 1;
+            }
+        }
+        let source = Arc::new(MemStorage::from_vec(data.clone()));
+        let target = Arc::new(MemStorage::from_vec(vec![0u8; size]));
+        let written = copy_data(&*raw_disk(&source), &*raw_disk(&target), &mut |_| {}).unwrap();
+        assert_eq!(target.contents(), data);
+        assert_eq!(
+            written,
+            data.chunks(4096).filter(|p| p[0] != 0).count() as u64 * 4096
+        );
+    }
+
+    #[test]
+    fn copy_data_stops_on_the_first_read_or_write_error() {
+        let size = 16 * CHUNK as usize;
+        let source = Arc::new(MemStorage::from_vec(vec![7u8; size]));
+        let target = Arc::new(MemStorage::from_vec(vec![0u8; size]));
+        target.fail_writes_after(2, libc::EIO);
+        let error = copy_data(&*raw_disk(&source), &*raw_disk(&target), &mut |_| {});
+        assert!(error.is_err(), "a failed write ends the copy");
+
+        target.clear_faults();
+        source.fail_reads(libc::EIO);
+        let error = copy_data(&*raw_disk(&source), &*raw_disk(&target), &mut |_| {});
+        assert!(error.is_err(), "a failed read ends the copy");
     }
 }

@@ -13,8 +13,8 @@
 //! A fixed image's data area is allocated on the host unless asked to stay sparse:
 //! Hyper-V refuses a VHD that reaches it as a sparse file.
 //!
-//! A differencing child records the parent's footer Time Stamp as its Parent Time Stamp,
-//! as Windows does (not the parent file's modification time, which copying changes), and
+//! A differencing child records the parent's footer Time Stamp as its Parent Time Stamp
+//! (not the parent file's modification time, which copying changes), and
 //! names the parent relatively (W2ru) and absolutely (W2ku: the Windows path the user
 //! gave, else the host path in Windows form).
 

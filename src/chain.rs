@@ -446,6 +446,8 @@ pub fn stored_parent_paths(child: &Path, parent: &Path) -> Result<StoredParentPa
         relative: relative_windows_path(&child_dir, &canonical),
         absolute: windows_form(&canonical),
         canonical,
+        windows: None,
+        volume: None,
     })
 }
 
@@ -462,18 +464,15 @@ pub fn parent_image(child: &Path, parent: &Path) -> Result<ParentImage> {
     let identity = disk
         .identity()
         .ok_or_else(|| in_parent("a raw image cannot be a parent"))?;
-    let modified = fs::metadata(&paths.canonical)
-        .and_then(|m| m.modified())
-        .context(|| "reading the parent's modification time".to_string())
-        .map_err(|e| e.with_file(parent))?;
+    let facts = disk.facts();
     Ok(ParentImage {
         format: disk.format(),
         identity,
-        disk_id: disk.facts().disk_id,
+        disk_id: facts.disk_id,
         size: disk.size(),
         logical_sector_size: disk.logical_sector_size(),
         physical_sector_size: disk.physical_sector_size(),
-        modified,
+        time_stamp: facts.time_stamp,
         paths,
     })
 }

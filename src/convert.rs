@@ -1,10 +1,12 @@
 //! `vdisk convert`: any readable image (VHD, VHDX, raw, a differencing chain flattened, a
 //! dirty VHDX read through its log without changing it) copied into a new image of any
 //! format. Ranges that read as zeros are not written, so a sparse source gives a sparse
-//! result. The new image is built under a hidden name beside the destination and takes
-//! its name only once it is complete and durable, never replacing an existing file.
+//! result; a fixed output is allocated on the host all the same (unless asked to stay
+//! sparse), and any output can be. The new image is built under a hidden name beside the
+//! destination and takes its name only once it is complete and durable, never replacing
+//! an existing file.
 
-use crate::create::{CreateOptions, ImageType, create};
+use crate::create::{CreateOptions, HostAllocation, ImageType, azure_size, create};
 use crate::disk::{Allocation, Format, OpenOptions, VirtualDisk};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::lock;
@@ -19,7 +21,6 @@ use std::sync::mpsc;
 const CHUNK: u64 = 4 << 20;
 /// Most of the disk whose allocation is asked at once.
 const WINDOW: u64 = 1 << 36;
-const MIB: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConvertOptions {
@@ -31,6 +32,11 @@ pub struct ConvertOptions {
     pub block_size: Option<u32>,
     /// Round the disk size up to a whole MiB, as Azure requires of fixed VHDs.
     pub azure: bool,
+    /// Leave a fixed output's unwritten data area unallocated on the host (holes).
+    pub sparse: bool,
+    /// Allocate the whole output file on the host, whatever its type, so no copy of it
+    /// can arrive sparse.
+    pub preallocate: bool,
 }
 
 /// How far a conversion has come: bytes of the disk looked at, of all.
@@ -49,20 +55,24 @@ pub struct ConvertReport {
     pub disk_size: u64,
     /// Bytes of data written into the new image (ranges of zeros are skipped).
     pub bytes_written: u64,
-    pub file_length: u64,
+    #[serde(flatten)]
+    pub host: HostAllocation,
+    /// What other programs may refuse in the new image.
+    pub warnings: Vec<String>,
 }
 
 impl fmt::Display for ConvertReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} ({}) -> {} ({}, {} disk, {} of data written)",
+            "{} ({}) -> {} ({}, {} disk, {} of data written; {})",
             self.source,
             self.source_format,
             self.destination,
             self.format,
             crate::compact::human(self.disk_size),
-            crate::compact::human(self.bytes_written)
+            crate::compact::human(self.bytes_written),
+            self.host
         )
     }
 }
@@ -116,13 +126,13 @@ pub fn convert(
         .format
         .or_else(|| format_from_name(dst))
         .unwrap_or(Format::Vhdx);
-    let mut size = source.size();
-    if options.azure {
-        size = size.next_multiple_of(MIB);
-    }
+    let size = match options.azure {
+        true => azure_size(source.size())?,
+        false => source.size(),
+    };
     let partial = partial_name(dst)?;
     let built = build(source.as_ref(), &partial, format, size, options, progress);
-    let bytes_written = match built {
+    let (bytes_written, warnings) = match built {
         Ok(n) => n,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
@@ -133,10 +143,6 @@ pub fn convert(
         let _ = std::fs::remove_file(&partial);
         return Err(Error::io("giving the new image its name", e).with_file(dst));
     }
-    let file_length = std::fs::metadata(dst)
-        .context(|| "cannot read file attributes".to_string())
-        .map_err(|e| e.with_file(dst))?
-        .len();
     Ok(ConvertReport {
         source: src.display().to_string(),
         source_format: source.format().to_string(),
@@ -144,7 +150,8 @@ pub fn convert(
         format: format.to_string(),
         disk_size: size,
         bytes_written,
-        file_length,
+        host: HostAllocation::of(dst)?,
+        warnings,
     })
 }
 
@@ -161,7 +168,8 @@ fn partial_name(dst: &Path) -> Result<PathBuf> {
 }
 
 /// Makes the new image at `path` and copies every range of `source` that holds anything
-/// but zeros; returns the bytes written. The image is flushed and closed.
+/// but zeros; returns the bytes written and the warnings the new image earned. The image
+/// is flushed and closed.
 fn build(
     source: &dyn VirtualDisk,
     path: &Path,
@@ -169,8 +177,8 @@ fn build(
     size: u64,
     options: &ConvertOptions,
     progress: &mut dyn FnMut(&Progress),
-) -> Result<u64> {
-    match format {
+) -> Result<(u64, Vec<String>)> {
+    let warnings = match format {
         Format::Raw => {
             let file = std::fs::OpenOptions::new()
                 .write(true)
@@ -179,20 +187,25 @@ fn build(
                 .context(|| "cannot create image".to_string())?;
             file.set_len(size)
                 .context(|| "sizing the new image".to_string())?;
+            Vec::new()
         }
-        _ => create(
-            path,
-            &CreateOptions {
-                format: Some(format),
-                image_type: options.image_type,
-                size: Some(size),
-                block_size: options.block_size,
-                logical_sector_size: (format == Format::Vhdx)
-                    .then_some(source.logical_sector_size()),
-                parent: None,
-            },
-        )?,
-    }
+        _ => {
+            create(
+                path,
+                &CreateOptions {
+                    format: Some(format),
+                    image_type: options.image_type,
+                    size: Some(size),
+                    block_size: options.block_size,
+                    logical_sector_size: (format == Format::Vhdx)
+                        .then_some(source.logical_sector_size()),
+                    sparse: options.sparse,
+                    ..CreateOptions::default()
+                },
+            )?
+            .warnings
+        }
+    };
     let target = crate::open(
         path,
         &OpenOptions {
@@ -203,10 +216,21 @@ fn build(
     let written = copy_data(source, target.as_ref(), progress)?;
     target.close()?;
     drop(target);
-    let file = std::fs::File::open(path).context(|| "reopening the new image".to_string())?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .context(|| "reopening the new image".to_string())?;
+    if options.preallocate {
+        let len = file
+            .metadata()
+            .context(|| "cannot read file attributes".to_string())?
+            .len();
+        crate::storage::allocate(&file, len)
+            .context(|| "allocating the image on the host".to_string())?;
+    }
     file.sync_all()
         .context(|| "flushing the new image".to_string())?;
-    Ok(written)
+    Ok((written, warnings))
 }
 
 /// Copies what `source` holds into `target`, skipping ranges the source maps as zeros

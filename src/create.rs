@@ -3,11 +3,18 @@
 //! driver writes the image.
 
 use crate::chain::parent_image;
+use crate::compact::human;
 use crate::disk::Format;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::vhd::{VhdCreateOptions, VhdKind, create_vhd};
 use crate::vhdx::create::{VhdxCreateOptions, VhdxKind, create_vhdx};
+use crate::windows_path::{WindowsPath, volume_path};
+use serde::Serialize;
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+const MIB: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageType {
@@ -31,6 +38,94 @@ pub struct CreateOptions {
     pub logical_sector_size: Option<u32>,
     /// Makes a differencing child of this VHD or VHDX.
     pub parent: Option<PathBuf>,
+    /// Leave a fixed image's data area unallocated on the host (holes), as it reads zeros
+    /// anyway; by default it is allocated, as Hyper-V wants.
+    pub sparse: bool,
+    /// Round the disk size up to a whole MiB, as Azure requires of fixed VHDs.
+    pub azure: bool,
+    /// Where Windows finds the parent: `D:\vms\base.vhdx` or `\\server\share\base.vhdx`.
+    pub parent_win_path: Option<String>,
+    /// The parent's volume GUID path, `\\?\Volume{GUID}\vms\base.vhdx` (VHDX only).
+    pub parent_volume_path: Option<String>,
+}
+
+/// What was made: the disk, and what the file takes on the host.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CreateReport {
+    pub image: String,
+    pub format: String,
+    /// fixed, dynamic or differencing.
+    pub subtype: String,
+    pub disk_size: u64,
+    #[serde(flatten)]
+    pub host: HostAllocation,
+    /// What other programs may refuse in the new image.
+    pub warnings: Vec<String>,
+}
+
+impl fmt::Display for CreateReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {} {}, {} disk, {}",
+            self.image,
+            self.subtype,
+            self.format,
+            human(self.disk_size),
+            self.host
+        )
+    }
+}
+
+/// How much of an image file the host's filesystem has given space to.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct HostAllocation {
+    pub file_length: u64,
+    /// Bytes the filesystem holds for the file (`st_blocks`): short of `file_length` by
+    /// its holes, and a little over it where it reserves whole blocks.
+    pub allocated_bytes: u64,
+}
+
+impl HostAllocation {
+    pub fn of(path: &Path) -> Result<HostAllocation> {
+        let meta = std::fs::metadata(path)
+            .context(|| "cannot read file attributes".to_string())
+            .map_err(|e| e.with_file(path))?;
+        Ok(HostAllocation {
+            file_length: meta.len(),
+            allocated_bytes: meta.blocks() * 512,
+        })
+    }
+}
+
+impl fmt::Display for HostAllocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} of the {} file allocated on the host",
+            human(self.allocated_bytes.min(self.file_length)),
+            human(self.file_length)
+        )
+    }
+}
+
+/// `size` rounded up to a whole MiB, as Azure requires of a fixed VHD's virtual size.
+pub fn azure_size(size: u64) -> Result<u64> {
+    size.checked_next_multiple_of(MIB).ok_or_else(|| {
+        Error::invalid_input(format!(
+            "disk size {size} cannot be rounded up to a whole MiB"
+        ))
+    })
+}
+
+/// Why Azure would refuse a new image, if it would.
+fn azure_warning(format: Format, fixed: bool, size: u64) -> Option<String> {
+    (format == Format::Vhd && fixed && !size.is_multiple_of(MIB)).then(|| {
+        format!(
+            "a disk size of {size} bytes is not a whole number of MiB, which Azure requires \
+             of a fixed VHD (--azure rounds it up)"
+        )
+    })
 }
 
 /// The format `path`'s extension names, if any.
@@ -43,10 +138,28 @@ fn format_from_name(path: &Path) -> Option<Format> {
 }
 
 /// Creates the image `path`, which must not exist.
-pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
+pub fn create(path: &Path, options: &CreateOptions) -> Result<CreateReport> {
     let invalid = |problem: String| Err(Error::invalid_input(problem));
     let parent = match &options.parent {
-        Some(parent) => Some(parent_image(path, parent)?),
+        Some(parent_path) => {
+            let mut parent = parent_image(path, parent_path)?;
+            parent.paths.windows = options
+                .parent_win_path
+                .as_deref()
+                .map(WindowsPath::parse)
+                .transpose()?;
+            parent.paths.volume = options
+                .parent_volume_path
+                .as_deref()
+                .map(volume_path)
+                .transpose()?;
+            Some(parent)
+        }
+        None if options.parent_win_path.is_some() || options.parent_volume_path.is_some() => {
+            return invalid(
+                "a parent's Windows or volume path is only for a differencing image".to_string(),
+            );
+        }
         None => None,
     };
     let format = match &parent {
@@ -72,12 +185,22 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
             .or_else(|| format_from_name(path))
             .unwrap_or(Format::Vhdx),
     };
-    let size = match (options.size, &options.parent) {
+    let size = match (options.size, &parent) {
+        (Some(size), _) if options.azure => azure_size(size)?,
         (Some(size), _) => size,
         (None, Some(_)) => 0,
         (None, None) => return invalid("the disk size is required without a parent".to_string()),
     };
     let fixed = options.image_type == Some(ImageType::Fixed);
+    let disk_size = match &parent {
+        Some(parent) if size == 0 => parent.size,
+        _ => size,
+    };
+    let subtype = match (&parent, fixed) {
+        (Some(_), _) => "differencing",
+        (None, true) => "fixed",
+        (None, false) => "dynamic",
+    };
     match format {
         Format::Vhd => {
             if options.logical_sector_size.is_some_and(|s| s != 512) {
@@ -92,7 +215,8 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
             if let Some(block_size) = options.block_size {
                 vhd.block_size = block_size;
             }
-            create_vhd(path, &vhd)
+            vhd.sparse = options.sparse;
+            create_vhd(path, &vhd)?;
         }
         Format::Vhdx => {
             let kind = match parent {
@@ -107,10 +231,21 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
             if let Some(sector) = options.logical_sector_size {
                 vhdx.logical_sector_size = sector;
             }
-            create_vhdx(path, &vhdx)
+            vhdx.sparse = options.sparse;
+            create_vhdx(path, &vhdx)?;
         }
-        Format::Raw => invalid("raw images are made with truncate, not here".to_string()),
+        Format::Raw => return invalid("raw images are made with truncate, not here".to_string()),
     }
+    Ok(CreateReport {
+        image: path.display().to_string(),
+        format: format.to_string(),
+        subtype: subtype.to_string(),
+        disk_size,
+        host: HostAllocation::of(path)?,
+        warnings: azure_warning(format, fixed, disk_size)
+            .into_iter()
+            .collect(),
+    })
 }
 
 /// Parses a size: a number of bytes with an optional binary suffix K, M, G or T (also
@@ -141,7 +276,9 @@ mod tests {
     use crate::open::probe;
     use crate::storage::FileStorage;
     use crate::vhdx::create::{VhdxCreateOptions, VhdxKind, create_vhdx};
-    use crate::vhdx::parent_locator::{ABSOLUTE_WIN32_PATH, ParentLocator, RELATIVE_PATH};
+    use crate::vhdx::parent_locator::{
+        ABSOLUTE_WIN32_PATH, PARENT_LINKAGE, ParentLocator, RELATIVE_PATH, VOLUME_PATH,
+    };
     use std::fs;
     use std::fs::File;
 
@@ -176,15 +313,16 @@ mod tests {
         };
         let base_data_write_guid = base_info.data_write_guid.unwrap();
         assert_eq!(locator.linkages().unwrap(), [base_data_write_guid]);
-        assert_eq!(locator.get(RELATIVE_PATH), Some(".\\base.vhdx"));
-        let canonical = fs::canonicalize(&base).unwrap();
         assert_eq!(
-            locator.get(ABSOLUTE_WIN32_PATH).unwrap(),
-            format!(
-                "\\\\?\\{}",
-                canonical.display().to_string().replace('/', "\\")
-            )
+            locator.get(PARENT_LINKAGE).unwrap(),
+            format!("{{{base_data_write_guid}}}"),
+            "braced, lower case"
         );
+        assert_eq!(locator.get(RELATIVE_PATH), Some(".\\base.vhdx"));
+        // No Windows path follows from a host path, so none is recorded.
+        assert_eq!(locator.get(ABSOLUTE_WIN32_PATH), None);
+        assert_eq!(locator.get(VOLUME_PATH), None);
+        let canonical = fs::canonicalize(&base).unwrap();
         let (found, parent) = child_disk.parent().unwrap();
         assert_eq!(found, canonical);
         assert_eq!(parent.identity(), Some(*base_data_write_guid.as_bytes()));
@@ -193,6 +331,179 @@ mod tests {
         let err = create_vhdx(&smaller, &VhdxCreateOptions::new(4 << 20, kind)).unwrap_err();
         assert!(err.to_string().contains("would cut off"), "{err}");
         assert!(!smaller.exists());
+    }
+
+    fn open_read_only(path: &Path) -> Box<dyn crate::layer::Layer> {
+        let options = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        crate::chain::open_layered(path, &options).unwrap()
+    }
+
+    fn child_options(parent: &Path) -> CreateOptions {
+        CreateOptions {
+            parent: Some(parent.to_path_buf()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn windows_paths_given_for_the_parent_are_recorded_in_each_formats_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let sized = CreateOptions {
+            size: Some(4 << 20),
+            ..Default::default()
+        };
+        let (base_vhdx, base_vhd) = (dir.path().join("base.vhdx"), dir.path().join("base.vhd"));
+        create(&base_vhdx, &sized).unwrap();
+        create(&base_vhd, &sized).unwrap();
+
+        let child = dir.path().join("child.vhdx");
+        create(
+            &child,
+            &CreateOptions {
+                parent_win_path: Some("\\\\nas\\vms\\base.vhdx".into()),
+                parent_volume_path: Some(
+                    "\\\\?\\Volume{26A21BDA-A627-11D7-9931-806E6F6E6963}\\vms\\base.vhdx".into(),
+                ),
+                ..child_options(&base_vhdx)
+            },
+        )
+        .unwrap();
+        let locator = ParentLocator {
+            entries: open_read_only(&child).facts().parent_locator.unwrap(),
+        };
+        assert_eq!(
+            locator.get(ABSOLUTE_WIN32_PATH),
+            Some("\\\\?\\UNC\\nas\\vms\\base.vhdx")
+        );
+        assert_eq!(
+            locator.get(VOLUME_PATH),
+            Some("\\\\?\\Volume{26a21bda-a627-11d7-9931-806e6f6e6963}\\vms\\base.vhdx")
+        );
+        assert_eq!(locator.get(RELATIVE_PATH), Some(".\\base.vhdx"));
+
+        // A VHD keeps the plain form in its absolute (W2ku) locator, and has no place for
+        // a volume path.
+        let child = dir.path().join("child.vhd");
+        create(
+            &child,
+            &CreateOptions {
+                parent_win_path: Some("d:/vms/base.vhd".into()),
+                ..child_options(&base_vhd)
+            },
+        )
+        .unwrap();
+        assert!(
+            open_read_only(&child)
+                .parent_link()
+                .unwrap()
+                .paths
+                .contains(&crate::layer::ParentPath::Absolute(
+                    "d:\\vms\\base.vhd".into()
+                ))
+        );
+        for (options, problem) in [
+            (
+                CreateOptions {
+                    parent_volume_path: Some(
+                        "\\\\?\\Volume{26a21bda-a627-11d7-9931-806e6f6e6963}\\b.vhd".into(),
+                    ),
+                    ..child_options(&base_vhd)
+                },
+                "no volume path",
+            ),
+            (
+                CreateOptions {
+                    parent_win_path: Some("/srv/base.vhd".into()),
+                    ..child_options(&base_vhd)
+                },
+                "parent Windows path '/srv/base.vhd'",
+            ),
+            (
+                CreateOptions {
+                    parent_win_path: Some("D:\\base.vhd".into()),
+                    ..sized.clone()
+                },
+                "only for a differencing image",
+            ),
+        ] {
+            let refused = dir.path().join("refused.vhd");
+            let err = create(&refused, &options).unwrap_err();
+            assert!(err.to_string().contains(problem), "{err}");
+            assert!(!refused.exists());
+        }
+    }
+
+    #[test]
+    fn fixed_images_are_allocated_on_the_host_unless_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, sparse) in [
+            ("fixed.vhd", false),
+            ("fixed.vhdx", false),
+            ("sparse.vhd", true),
+            ("sparse.vhdx", true),
+            ("dynamic.vhdx", false),
+        ] {
+            let path = dir.path().join(name);
+            let report = create(
+                &path,
+                &CreateOptions {
+                    size: Some(16 << 20),
+                    block_size: name.ends_with(".vhdx").then_some(1 << 20),
+                    image_type: (!name.starts_with("dynamic")).then_some(ImageType::Fixed),
+                    sparse,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(report.host, HostAllocation::of(&path).unwrap(), "{name}");
+            let HostAllocation {
+                file_length,
+                allocated_bytes,
+            } = report.host;
+            assert_eq!(file_length, fs::metadata(&path).unwrap().len(), "{name}");
+            if name.starts_with("fixed") {
+                assert!(file_length > 16 << 20, "{name}: {file_length}");
+                assert!(allocated_bytes >= file_length, "{name}: {report:?}");
+            } else {
+                assert!(allocated_bytes < 4 << 20, "{name}: {report:?}");
+            }
+            assert_eq!(report.disk_size, 16 << 20);
+            assert_eq!(open_read_only(&path).size(), 16 << 20, "{name}");
+        }
+    }
+
+    #[test]
+    fn sizes_azure_refuses_are_warned_of_or_rounded_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let odd = 5 * (1 << 20) + 512;
+        let fixed = |format, azure| CreateOptions {
+            format: Some(format),
+            image_type: Some(ImageType::Fixed),
+            size: Some(odd),
+            azure,
+            ..Default::default()
+        };
+        let report = create(&dir.path().join("a.vhd"), &fixed(Format::Vhd, false)).unwrap();
+        assert_eq!(report.disk_size, odd);
+        assert_eq!(report.warnings.len(), 1, "{report:?}");
+        assert!(report.warnings[0].contains("whole number of MiB"));
+        let report = create(&dir.path().join("b.vhd"), &fixed(Format::Vhd, true)).unwrap();
+        assert_eq!(report.disk_size, 6 << 20);
+        assert_eq!(open_read_only(&dir.path().join("b.vhd")).size(), 6 << 20);
+        assert!(report.warnings.is_empty());
+        // Azure takes only fixed VHDs, so only those are warned of.
+        let report = create(&dir.path().join("c.vhdx"), &fixed(Format::Vhdx, false)).unwrap();
+        assert!(report.warnings.is_empty());
+        let dynamic = CreateOptions {
+            image_type: None,
+            ..fixed(Format::Vhd, false)
+        };
+        let report = create(&dir.path().join("d.vhd"), &dynamic).unwrap();
+        assert!(report.warnings.is_empty());
+        assert!(azure_size(u64::MAX).is_err());
     }
 
     #[test]

@@ -15,12 +15,12 @@ use crate::error::{Error, Result};
 use crate::free_space::{SpaceGate, SpacePin};
 use crate::relocation::Relocation;
 use crate::storage;
+use crate::windows_path::WindowsPath;
 use std::any::Any;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::SystemTime;
 use uuid::Uuid;
 
 /// Where one run of a layer's virtual disk is.
@@ -487,6 +487,10 @@ pub struct StoredParentPaths {
     pub relative: String,
     /// The parent's absolute host path in Windows form (`\srv\vm\base.vhdx`).
     pub absolute: String,
+    /// Where Windows finds the parent, when the user said so (no host path tells).
+    pub windows: Option<WindowsPath>,
+    /// The parent's volume GUID path (`\\?\Volume{GUID}\vm\base.vhdx`), when given.
+    pub volume: Option<String>,
 }
 
 /// What a new differencing image takes from its parent, gathered by opening the parent
@@ -501,7 +505,8 @@ pub struct ParentImage {
     pub size: u64,
     pub logical_sector_size: u32,
     pub physical_sector_size: u32,
-    pub modified: SystemTime,
+    /// A VHD parent's footer Time Stamp, which its child records as Parent Time Stamp.
+    pub time_stamp: Option<u32>,
     pub paths: StoredParentPaths,
 }
 
@@ -540,7 +545,8 @@ impl MetadataBudget {
     }
 }
 
-/// What `vdisk info` reports about one image file; what a format lacks stays empty.
+/// What `vdisk info` reports about one image file, and a new child takes from it; what a
+/// format lacks stays empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LayerFacts {
     /// fixed, dynamic, differencing or raw.
@@ -559,6 +565,8 @@ pub struct LayerFacts {
     pub log_was_dirty: Option<bool>,
     /// A differencing VHDX's parent locator: key/value pairs as stored.
     pub parent_locator: Option<Vec<(String, String)>>,
+    /// A VHD footer's Time Stamp (seconds since 2000), which a new child copies.
+    pub time_stamp: Option<u32>,
 }
 
 #[cfg(test)]

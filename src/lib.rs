@@ -53,6 +53,7 @@ pub mod relocation;
 pub mod storage;
 pub mod vhd;
 pub mod vhdx;
+pub mod windows_path;
 
 pub use chain::{open, open_storage, open_storage_in};
 pub use disk::{Allocation, Extent, Format, OpenOptions, VhdSizeRule, VirtualDisk};

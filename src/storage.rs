@@ -438,6 +438,25 @@ pub fn zero_range<S: Storage + ?Sized>(
     write_zeros(storage, last, end - last)
 }
 
+/// Gives every byte of `file` up to `len` space on the host, extending the file to `len`
+/// if it is shorter and keeping what it holds: `posix_fallocate`, which on filesystems
+/// without `fallocate` writes a zero byte into each block that reads as zero. Space
+/// reserved this way reads as zeros and counts in the file's allocated size (`st_blocks`),
+/// though ext4 and xfs report it as holes to `SEEK_HOLE` until it is written.
+pub fn allocate(file: &File, len: u64) -> io::Result<()> {
+    let Ok(n) = libc::off_t::try_from(len) else {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: a plain call on a descriptor the caller keeps open.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, n) } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
 #[cfg(test)]
 mod memory;
 #[cfg(test)]
@@ -507,6 +526,28 @@ mod tests {
         s.set_len(4).unwrap();
         assert!(s.read_at(&mut buf, 0).is_err());
         s.flush().unwrap();
+    }
+
+    #[test]
+    fn allocation_fills_holes_and_keeps_what_the_file_holds() {
+        use std::os::unix::fs::MetadataExt;
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(b"kept", 5 << 20).unwrap();
+        file.set_len(8 << 20).unwrap();
+        assert!(file.metadata().unwrap().blocks() * 512 < 1 << 20);
+        allocate(&file, 12 << 20).unwrap();
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.len(), 12 << 20, "extended to the length asked");
+        assert!(
+            meta.blocks() * 512 >= 12 << 20,
+            "{} bytes",
+            meta.blocks() * 512
+        );
+        let mut buf = [1u8; 8];
+        file.read_exact_at(&mut buf, (5 << 20) - 4).unwrap();
+        assert_eq!(&buf, b"\0\0\0\0kept");
+        allocate(&file, 0).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 12 << 20);
     }
 
     #[test]

@@ -50,6 +50,23 @@ enum Command {
         /// Make a differencing child of this VHD or VHDX.
         #[arg(long)]
         parent: Option<PathBuf>,
+        /// Where Windows will find the parent (D:\vms\base.vhdx or
+        /// \\server\share\base.vhdx), recorded for Windows beside the relative path.
+        #[arg(long, requires = "parent")]
+        parent_win_path: Option<String>,
+        /// The parent's volume GUID path on Windows (\\?\Volume{GUID}\vms\base.vhdx;
+        /// VHDX only).
+        #[arg(long, requires = "parent")]
+        parent_volume_path: Option<String>,
+        /// Leave a fixed image unallocated on the host (holes) instead of allocating it all.
+        #[arg(long)]
+        sparse: bool,
+        /// Round the disk size up to a whole MiB, as Azure requires of fixed VHDs.
+        #[arg(long)]
+        azure: bool,
+        /// Print a JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
         image: PathBuf,
     },
     /// Describe an image and its chain of parents (read-only; never modifies the image).
@@ -92,6 +109,12 @@ enum Command {
         /// Round the disk size up to a whole MiB, as Azure requires of fixed VHDs.
         #[arg(long)]
         azure: bool,
+        /// Leave a fixed output unallocated on the host where no data was written.
+        #[arg(long, conflicts_with = "preallocate")]
+        sparse: bool,
+        /// Allocate the whole output file on the host, whatever its type.
+        #[arg(long)]
+        preallocate: bool,
         /// Print a JSON summary instead of text.
         #[arg(long)]
         json: bool,
@@ -154,6 +177,11 @@ fn run(command: Command) -> Result<()> {
             block_size,
             logical_sector,
             parent,
+            parent_win_path,
+            parent_volume_path,
+            sparse,
+            azure,
+            json,
             image,
         } => {
             let block_size = block_size.map(block_size_arg).transpose()?;
@@ -167,8 +195,14 @@ fn run(command: Command) -> Result<()> {
                 block_size,
                 logical_sector_size: logical_sector,
                 parent,
+                sparse,
+                azure,
+                parent_win_path,
+                parent_volume_path,
             };
-            create(&image, &options)
+            let report = create(&image, &options)?;
+            warn(&report.image, &report.warnings);
+            print(&report, json)
         }
         Command::Info { json, image } => print(&image_info(&image, &OpenOptions::default())?, json),
         Command::Convert {
@@ -176,6 +210,8 @@ fn run(command: Command) -> Result<()> {
             image_type,
             block_size,
             azure,
+            sparse,
+            preallocate,
             json,
             src,
             dst,
@@ -189,6 +225,8 @@ fn run(command: Command) -> Result<()> {
                 image_type: image_type.map(TypeArg::image_type),
                 block_size: block_size.map(block_size_arg).transpose()?,
                 azure,
+                sparse,
+                preallocate,
             };
             let mut display = ProgressLine::new();
             let report = convert(&src, &dst, &options, &mut |p| {
@@ -200,7 +238,9 @@ fn run(command: Command) -> Result<()> {
                 )
             });
             display.finish();
-            print(&report?, json)
+            let report = report?;
+            warn(&report.destination, &report.warnings);
+            print(&report, json)
         }
         Command::Compact {
             zero_blocks,
@@ -259,6 +299,13 @@ impl ProgressLine {
         if self.enabled && self.shown.is_some() {
             eprint!("\r\x1b[K");
         }
+    }
+}
+
+/// Tells on standard error what other programs may refuse in the image just made.
+fn warn(image: &str, warnings: &[String]) {
+    for warning in warnings {
+        eprintln!("vdisk: warning: {image}: {warning}");
     }
 }
 

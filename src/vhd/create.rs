@@ -10,6 +10,13 @@
 //! Layout of dynamic and differencing images, as Hyper-V and qemu write them: footer copy
 //! at 0, dynamic header at 512, BAT at 1536 (all entries unallocated), then for
 //! differencing disks one 512-byte-aligned data area per parent locator, then the footer.
+//! A fixed image's data area is allocated on the host unless asked to stay sparse:
+//! Hyper-V refuses a VHD that reaches it as a sparse file.
+//!
+//! A differencing child records the parent's footer Time Stamp as its Parent Time Stamp
+//! (not the parent file's modification time, which copying changes), and
+//! names the parent relatively (W2ru) and absolutely (W2ku: the Windows path the user
+//! gave, else the host path in Windows form).
 
 use super::bat::table_bytes;
 use super::dynamic_header::{DynamicHeader, HEADER_SIZE, MAX_DISK_SIZE, PARENT_LOCATORS_LEN};
@@ -20,6 +27,7 @@ use super::{MAX_BAT_ENTRIES, SECTOR};
 use crate::disk::Format;
 use crate::error::{Error, IoContext, Result};
 use crate::layer::ParentImage;
+use crate::storage;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -60,6 +68,8 @@ pub struct VhdCreateOptions {
     /// Data bytes per block of dynamic and differencing disks: a power of two of at least
     /// 512 ([`DEFAULT_BLOCK_SIZE`] unless there is a reason).
     pub block_size: u32,
+    /// Leave a fixed disk's data area as a hole in the host file instead of allocating it.
+    pub sparse: bool,
 }
 
 impl VhdCreateOptions {
@@ -68,6 +78,7 @@ impl VhdCreateOptions {
             size,
             kind,
             block_size: DEFAULT_BLOCK_SIZE,
+            sparse: false,
         }
     }
 }
@@ -117,6 +128,11 @@ fn record_parent(parent: &ParentImage) -> Result<ParentRecord> {
         ))
         .with_file(&parent.paths.canonical));
     }
+    if parent.paths.volume.is_some() {
+        return Err(invalid(
+            "a VHD records no volume path of its parent; give its Windows path".to_string(),
+        ));
+    }
     let name = parent
         .paths
         .canonical
@@ -125,11 +141,14 @@ fn record_parent(parent: &ParentImage) -> Result<ParentRecord> {
         .unwrap_or_default();
     Ok(ParentRecord {
         unique_id: parent.identity,
-        timestamp: vhd_timestamp(parent.modified),
+        timestamp: parent.time_stamp.unwrap_or_default(),
         size: parent.size,
         name,
         relative: parent.paths.relative.clone(),
-        absolute: parent.paths.absolute.clone(),
+        absolute: match &parent.paths.windows {
+            Some(windows) => windows.plain().to_string(),
+            None => parent.paths.absolute.clone(),
+        },
     })
 }
 
@@ -188,9 +207,14 @@ fn write_image(file: &File, options: &VhdCreateOptions) -> Result<()> {
             .context(|| format!("writing the {what}"))
     };
     if disk_type == DiskType::Fixed {
-        // The data area stays a hole: it reads as zeros without taking space.
-        file.set_len(size)
-            .context(|| "sizing the data area".to_string())?;
+        if options.sparse {
+            // The data area stays a hole: it reads as zeros without taking space.
+            file.set_len(size)
+                .context(|| "sizing the data area".to_string())?;
+        } else {
+            storage::allocate(file, size + FOOTER_SIZE as u64)
+                .context(|| "allocating the image on the host".to_string())?;
+        }
         return write(&footer, size, "footer");
     }
 
@@ -294,6 +318,49 @@ mod tests {
         assert_eq!(vhd_timestamp(UNIX_EPOCH), 0);
     }
 
+    /// A child records its parent's footer Time Stamp, not when the parent file last
+    /// changed; one whose Parent Time Stamp matches neither (children made by older
+    /// versions stored the file's modification time) still opens with its parent.
+    #[test]
+    fn a_child_records_the_parents_time_stamp_and_opens_without_a_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vhd");
+        create_vhd(&base, &VhdCreateOptions::new(4 << 20, VhdKind::Dynamic)).unwrap();
+        let footer_bytes: [u8; FOOTER_SIZE] =
+            fs::read(&base).unwrap()[..FOOTER_SIZE].try_into().unwrap();
+        let parent_time = Footer::parse(&footer_bytes, "footer").unwrap().timestamp;
+        // Copying or touching a parent changes its modification time, not its footer.
+        File::options()
+            .write(true)
+            .open(&base)
+            .unwrap()
+            .set_modified(UNIX_EPOCH + VHD_EPOCH + Duration::from_secs(12345))
+            .unwrap();
+        let child = dir.path().join("child.vhd");
+        let parent = crate::chain::parent_image(&child, &base).unwrap();
+        create_vhd(
+            &child,
+            &VhdCreateOptions::new(0, VhdKind::Differencing { parent }),
+        )
+        .unwrap();
+        let header_at = FOOTER_SIZE..FOOTER_SIZE + HEADER_SIZE;
+        let mut image = fs::read(&child).unwrap();
+        let mut header =
+            DynamicHeader::parse(&image[header_at.clone()].try_into().unwrap()).unwrap();
+        assert_eq!(header.parent_timestamp, parent_time);
+        assert_ne!(parent_time, 12345);
+
+        header.parent_timestamp = 12345;
+        image[header_at].copy_from_slice(&header.serialize());
+        fs::write(&child, image).unwrap();
+        let options = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let disk = crate::chain::open_layered(&child, &options).unwrap();
+        assert_eq!(disk.parent().unwrap().0, fs::canonicalize(&base).unwrap());
+    }
+
     #[test]
     fn created_images_open_with_the_requested_size() {
         let dir = tempfile::tempdir().unwrap();
@@ -360,11 +427,13 @@ mod tests {
                             size: 1 << 20,
                             logical_sector_size: 512,
                             physical_sector_size: 512,
-                            modified: SystemTime::now(),
+                            time_stamp: None,
                             paths: crate::layer::StoredParentPaths {
                                 canonical: dir.path().join("base.vhdx"),
                                 relative: ".\\base.vhdx".into(),
                                 absolute: "\\base.vhdx".into(),
+                                windows: None,
+                                volume: None,
                             },
                         },
                     },

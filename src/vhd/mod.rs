@@ -832,6 +832,7 @@ impl Layer for VhdDisk {
             allocated_blocks: self.allocated_blocks(),
             total_blocks: self.block_size().map(|b| self.size.div_ceil(b)),
             unique_id: Some(self.unique_id()),
+            time_stamp: Some(self.footer.timestamp),
             ..LayerFacts::default()
         }
     }

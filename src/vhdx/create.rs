@@ -5,18 +5,20 @@
 //! at 2 MiB, the 1 MiB metadata region after it, then payload. The BAT is sized for a
 //! differencing file (every chunk's sector-bitmap entry) whatever the type, rounded up to
 //! 1 MiB. A fixed image has every payload block FULLY_PRESENT in disk order and
-//! LeaveBlockAllocated set; its data area is a hole, reading as zeros without taking
-//! space. Dynamic and differencing images start with every block NOT_PRESENT; a
-//! differencing one also has an empty sector bitmap block for every chunk (holes too).
+//! LeaveBlockAllocated set; its data area reads as zeros and is allocated on the host
+//! unless asked to stay sparse (a hole), since Hyper-V refuses a VHDX that reaches it as a
+//! sparse file. Dynamic and differencing images start with every block NOT_PRESENT; a
+//! differencing one also has an empty sector bitmap block for every chunk (holes).
 //!
 //! A differencing child copies the parent's virtual-disk items (size unless a larger one
 //! is asked for, disk id, sector sizes) and records in its parent locator:
-//! * `parent_linkage`: the parent's DataWriteGuid, braced and lowercase;
+//! * `parent_linkage`: the parent's DataWriteGuid, braced and lowercase, as [MS-VHDX]
+//!   says (Windows itself writes upper case, which libvhdi refuses to read);
 //! * `relative_path`: from the child's directory, with backslashes (`.\base.vhdx`), which
 //!   is what Hyper-V and this library try first and what survives moving both files;
-//! * `absolute_win32_path`: `\\?\` followed by the parent's absolute host path with
-//!   backslashes (`\\?\\srv\vm\base.vhdx`). Windows cannot resolve a host path; this
-//!   library maps it back and tries it after the relative path.
+//! * `volume_path` and `absolute_win32_path`, only when the user gave the parent's volume
+//!   GUID path or Windows path: [MS-VHDX] allows nothing but `\\?\` followed by a drive
+//!   or a share in the latter, and no such path follows from a host path.
 
 use super::bat::{BAT_ENTRY_LEN, BatEntry, BatLayout, PayloadState};
 use super::fields::MIB;
@@ -27,13 +29,16 @@ use super::metadata::{
     FILE_PARAMETERS, LOGICAL_SECTOR_SIZE, METADATA_TABLE_LEN, MetadataItem, MetadataTable,
     PARENT_LOCATOR, PHYSICAL_SECTOR_SIZE, VIRTUAL_DISK_ID, VIRTUAL_DISK_SIZE,
 };
-use super::parent_locator::{ABSOLUTE_WIN32_PATH, PARENT_LINKAGE, ParentLocator, RELATIVE_PATH};
+use super::parent_locator::{
+    ABSOLUTE_WIN32_PATH, PARENT_LINKAGE, ParentLocator, RELATIVE_PATH, VOLUME_PATH,
+};
 use super::region_table::{
     BAT_REGION, METADATA_REGION, REGION_TABLE_OFFSETS, RegionEntry, RegionTable,
 };
 use crate::disk::Format;
 use crate::error::{Error, IoContext, Result};
 use crate::layer::ParentImage;
+use crate::storage;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -77,6 +82,8 @@ pub struct VhdxCreateOptions {
     pub logical_sector_size: u32,
     /// 512 or 4096; a child takes its parent's.
     pub physical_sector_size: u32,
+    /// Leave a fixed image's data area as a hole in the host file instead of allocating it.
+    pub sparse: bool,
 }
 
 impl VhdxCreateOptions {
@@ -88,6 +95,7 @@ impl VhdxCreateOptions {
             block_size: DEFAULT_BLOCK_SIZE,
             logical_sector_size: 512,
             physical_sector_size: 4096,
+            sparse: false,
         }
     }
 }
@@ -122,6 +130,8 @@ struct Plan {
     physical_sector_size: u32,
     disk_id: Uuid,
     fixed: bool,
+    /// Whether the whole file is allocated on the host.
+    allocate: bool,
     locator: Option<ParentLocator>,
 }
 
@@ -137,6 +147,7 @@ fn plan(options: &VhdxCreateOptions) -> Result<Plan> {
         physical_sector_size: options.physical_sector_size,
         disk_id: Uuid::new_v4(),
         fixed: options.kind == VhdxKind::Fixed,
+        allocate: options.kind == VhdxKind::Fixed && !options.sparse,
         locator: None,
     };
     if let VhdxKind::Differencing { parent } = &options.kind {
@@ -161,20 +172,21 @@ fn plan(options: &VhdxCreateOptions) -> Result<Plan> {
         plan.logical_sector_size = parent.logical_sector_size;
         plan.physical_sector_size = parent.physical_sector_size;
         plan.disk_id = disk_id;
-        let stored = parent.paths.clone();
-        plan.locator = Some(ParentLocator {
-            entries: vec![
-                (
-                    PARENT_LINKAGE.to_string(),
-                    format!("{{{}}}", Uuid::from_bytes(parent.identity).hyphenated()),
-                ),
-                (RELATIVE_PATH.to_string(), stored.relative),
-                (
-                    ABSOLUTE_WIN32_PATH.to_string(),
-                    format!("\\\\?\\{}", stored.absolute),
-                ),
-            ],
-        });
+        let stored = &parent.paths;
+        let mut entries = vec![
+            (
+                PARENT_LINKAGE.to_string(),
+                Uuid::from_bytes(parent.identity).braced().to_string(),
+            ),
+            (RELATIVE_PATH.to_string(), stored.relative.clone()),
+        ];
+        if let Some(volume) = &stored.volume {
+            entries.push((VOLUME_PATH.to_string(), volume.clone()));
+        }
+        if let Some(windows) = &stored.windows {
+            entries.push((ABSOLUTE_WIN32_PATH.to_string(), windows.extended()));
+        }
+        plan.locator = Some(ParentLocator { entries });
     }
     let bs = u64::from(plan.block_size);
     if !plan.block_size.is_power_of_two() || !(MIB..=256 * MIB).contains(&bs) {
@@ -342,7 +354,11 @@ fn write_image(file: &File, plan: &Plan) -> Result<()> {
     write(&bat, BAT_OFFSET, "BAT")?;
     // Log, NOT_PRESENT BAT entries, empty sector bitmaps and a fixed image's data all
     // read as zeros.
-    file.set_len(end).context(|| "sizing the image".to_string())
+    if plan.allocate {
+        storage::allocate(file, end).context(|| "allocating the image on the host".to_string())
+    } else {
+        file.set_len(end).context(|| "sizing the image".to_string())
+    }
 }
 
 #[cfg(test)]

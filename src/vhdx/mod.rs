@@ -442,6 +442,7 @@ impl Layer for VhdxDisk {
             log_was_dirty: Some(v.log_was_dirty),
             parent_locator: v.parent_locator,
             unique_id: None,
+            time_stamp: None,
         }
     }
 }

@@ -867,11 +867,13 @@ fn parent_image(disk: &VhdxDisk, path: &std::path::Path) -> ParentImage {
         size: disk.size(),
         logical_sector_size: disk.logical_sector_size(),
         physical_sector_size: disk.physical_sector_size(),
-        modified: std::time::SystemTime::now(),
+        time_stamp: None,
         paths: StoredParentPaths {
             canonical: path.to_path_buf(),
             relative: ".\\base.vhdx".to_string(),
             absolute: path.display().to_string().replace('/', "\\"),
+            windows: None,
+            volume: None,
         },
     }
 }

@@ -36,15 +36,17 @@ pub fn read_all(disk: &dyn VirtualDisk) -> Vec<u8> {
 }
 
 /// Makes a differencing child of `parent` at `path`, in the parent's format and size,
-/// with `vdisk create --parent`.
+/// with `vdisk create --parent`. A VHDX child also gets a Windows path for its parent:
+/// libvhdi 20210425 looks for a VHDX parent only by the file name in
+/// `absolute_win32_path` (beside the child), never by `relative_path`.
 pub fn child_of(parent: &Path, path: &Path) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vdisk"))
-        .arg("create")
-        .arg("--parent")
-        .arg(parent)
-        .arg(path)
-        .output()
-        .unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vdisk"));
+    command.arg("create").arg("--parent").arg(parent);
+    if path.extension().is_some_and(|e| e == "vhdx") {
+        let name = parent.file_name().unwrap().to_str().unwrap();
+        command.arg(format!("--parent-win-path=C:\\images\\{name}"));
+    }
+    let out = command.arg(path).output().unwrap();
     assert!(
         out.status.success(),
         "vdisk create --parent {}: {}",

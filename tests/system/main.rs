@@ -38,3 +38,4 @@ mod vhd_qemu;
 mod vhdx_chain;
 mod vhdx_corpus;
 mod vhdx_qemu;
+mod windows_compat;

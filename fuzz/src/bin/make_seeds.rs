@@ -87,7 +87,7 @@ fn options(
         size: Some(size),
         block_size: Some(block),
         logical_sector_size: (format == Format::Vhdx).then_some(sector),
-        parent: None,
+        ..CreateOptions::default()
     }
 }
 

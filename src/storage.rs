@@ -439,7 +439,11 @@ pub fn zero_range<S: Storage + ?Sized>(
 }
 
 #[cfg(test)]
+mod crashing;
+#[cfg(test)]
 mod memory;
+#[cfg(test)]
+pub use crashing::Crashing;
 #[cfg(test)]
 pub use memory::{MemStorage, PendingOp, Survives};
 

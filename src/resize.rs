@@ -552,6 +552,32 @@ mod tests {
     }
 
     #[test]
+    fn an_old_location_in_the_way_of_a_growing_bat_is_forgotten() {
+        let kind = &KINDS[2];
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = std::fs::read(create_in(dir.path(), "image", kind, None)).unwrap();
+        let storage = Arc::new(MemStorage::from_vec(bat_last(&fresh)));
+        let disk = open(Box::new(storage.clone()), false).unwrap();
+        // Block 0 goes right after the BAT, then leaves its place.
+        disk.write_at(&[0x5A; 8192], 0).unwrap();
+        disk.write_at(&[0xA5; 8192], kind.size - 8192).unwrap();
+        disk.discard(0, MIB).unwrap();
+        disk.close().unwrap();
+        let mut image = storage.contents();
+        let (bat_at, _) = bat_region(&image);
+        let old_place = bat_at + MIB;
+        // As Windows leaves them: UNMAPPED, naming where the block was.
+        image[bat_at as usize..][..8].copy_from_slice(&(old_place | 3).to_le_bytes());
+        let before = state_of(image.clone());
+        let storage = Arc::new(MemStorage::from_vec(image));
+        resize_mem(Box::new(storage.clone()), 128 * GIB).unwrap();
+        let grown = storage.contents();
+        assert_eq!(bat_region(&grown), (bat_at, 2 * MIB as u32));
+        assert_eq!(grown[bat_at as usize..][..8], 3u64.to_le_bytes());
+        assert_eq!(state_of(grown), (128 * GIB, before.1));
+    }
+
+    #[test]
     fn only_data_past_the_new_end_stops_a_shrink_without_force() {
         let kind = &KINDS[2];
         let storage = MemStorage::from_vec(populated(kind));

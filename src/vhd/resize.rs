@@ -30,6 +30,10 @@
 //! the old end and it, then rewrites that footer with the new size. Shrinking rewrites the
 //! trailing footer with the new size where it is, then writes it at the new end and cuts
 //! the file after it. The new data area is a hole, as `vdisk create` leaves it.
+//!
+//! A crash after the commit point leaves work that changes nothing a reader of the
+//! trailing footer sees (qemu reads the copy at 0, though): resizing to the size the
+//! disk has finishes it.
 
 use super::create::{block_count, check_size};
 use super::*;
@@ -53,25 +57,23 @@ impl VhdDisk {
         }
     }
 
-    /// Writes the footer for a disk of `size` bytes: the trailing one (the commit point)
-    /// at `at` and, for dynamic disks, the copy at 0, each flushed.
-    fn write_footers(&self, size: u64, at: u64) -> Result<()> {
-        let (_, geometry) = self.fitted(size);
-        let new = footer::resized(&self.footer_bytes.lock(), size, geometry);
-        end_with_footer(self.storage.as_ref(), &new, at)?;
+    /// Writes `new`, the footer: the trailing one (the commit point) at `at` and, for
+    /// dynamic disks, the copy at 0, each flushed.
+    fn write_footers(&self, new: &[u8; FOOTER_SIZE], at: u64) -> Result<()> {
+        end_with_footer(self.storage.as_ref(), new, at)?;
         if self.dynamic.is_some() {
             self.storage
-                .write_at(&new, 0)
+                .write_at(new, 0)
                 .context(|| "writing the footer copy at 0".to_string())?;
             self.storage
                 .flush()
                 .context(|| "flushing the footer copy".to_string())?;
         }
-        *self.footer_bytes.lock() = new;
+        *self.footer_bytes.lock() = *new;
         Ok(())
     }
 
-    fn grow_fixed(&self, size: u64) -> Result<()> {
+    fn grow_fixed(&self, size: u64, footer: &[u8; FOOTER_SIZE]) -> Result<()> {
         let storage = self.storage.as_ref();
         let file_len = storage
             .len()
@@ -87,29 +89,34 @@ impl VhdDisk {
         storage
             .flush()
             .context(|| "flushing the cleared footer".to_string())?;
-        self.write_footers(size, size)
+        self.write_footers(footer, size)
     }
 
-    fn shrink_fixed(&self, size: u64) -> Result<()> {
+    fn shrink_fixed(&self, size: u64, footer: &[u8; FOOTER_SIZE]) -> Result<()> {
         let storage = self.storage.as_ref();
         let file_len = storage
             .len()
             .context(|| "reading the file size".to_string())?;
         // Where it is, the new footer leaves a data area larger than the disk, which
         // readers accept; then it moves to the new end.
-        self.write_footers(size, file_len - FOOTER_SIZE as u64)?;
-        let new = *self.footer_bytes.lock();
-        end_with_footer(storage, &new, size)
+        self.write_footers(footer, file_len - FOOTER_SIZE as u64)?;
+        end_with_footer(storage, footer, size)
     }
 
-    fn grow_dynamic(&self, d: &Dynamic, size: u64) -> Result<u64> {
+    /// The dynamic header's bytes as the file holds them, and what they say.
+    fn read_header(&self) -> Result<([u8; HEADER_SIZE], DynamicHeader)> {
+        let mut header = [0u8; HEADER_SIZE];
+        self.storage
+            .read_at(&mut header, self.footer.data_offset)
+            .context(|| "reading the VHD dynamic header".to_string())?;
+        let parsed = DynamicHeader::parse(&header)?;
+        Ok((header, parsed))
+    }
+
+    fn grow_dynamic(&self, d: &Dynamic, size: u64, footer: &[u8; FOOTER_SIZE]) -> Result<u64> {
         let storage = self.storage.as_ref();
         let header_at = self.footer.data_offset;
-        let mut header = [0u8; HEADER_SIZE];
-        storage
-            .read_at(&mut header, header_at)
-            .context(|| "reading the VHD dynamic header".to_string())?;
-        let old = DynamicHeader::parse(&header)?;
+        let (header, old) = self.read_header()?;
         // `fit_size` bounded the count far below u32::MAX.
         let entries = old
             .max_table_entries
@@ -160,13 +167,13 @@ impl VhdDisk {
                 .context(|| "flushing the VHD dynamic header".to_string())?;
         }
         let footer_at = d.allocator.lock().next_block;
-        self.write_footers(size, footer_at)?;
+        self.write_footers(footer, footer_at)?;
         Ok(moved)
     }
 
-    fn shrink_dynamic(&self, d: &Dynamic, size: u64) -> Result<()> {
+    fn shrink_dynamic(&self, d: &Dynamic, size: u64, footer: &[u8; FOOTER_SIZE]) -> Result<()> {
         let mut allocator = d.allocator.lock();
-        self.write_footers(size, allocator.next_block)?;
+        self.write_footers(footer, allocator.next_block)?;
         let first_cut = size.div_ceil(d.layout.block_size);
         let cut: Vec<(u64, u64)> = d
             .bat
@@ -175,6 +182,20 @@ impl VhdDisk {
             .filter(|&(block, _)| block >= first_cut)
             .collect();
         self.unallocate(d, &mut allocator, &cut)?;
+        // Entries past the disk that this session never loaded (a shrink interrupted
+        // before it gave their blocks back) would point past the end of the cut file.
+        let (_, header) = self.read_header()?;
+        let stale =
+            first_cut * bat::ENTRY_SIZE..u64::from(header.max_table_entries) * bat::ENTRY_SIZE;
+        if !stale.is_empty() {
+            let at = header.table_offset + stale.start;
+            self.storage
+                .write_at(&vec![0xFF; (stale.end - stale.start) as usize], at)
+                .context(|| format!("clearing BAT entries past the end at {at:#x}"))?;
+            self.storage
+                .flush()
+                .context(|| "flushing the BAT".to_string())?;
+        }
         drop(allocator);
         self.shrink()?;
         Ok(())
@@ -222,14 +243,19 @@ impl Resize for VhdDisk {
         Ok(size)
     }
 
+    /// The size the disk has already rewrites the footer as it is, which finishes a resize
+    /// interrupted after its commit point: the copy at 0 written, the file cut.
     fn resize(&self, size: u64) -> Result<u64> {
         self.check_writable()?;
+        let footer = match size == self.size {
+            true => *self.footer_bytes.lock(),
+            false => footer::resized(&self.footer_bytes.lock(), size, self.fitted(size).1),
+        };
         let moved = match (&self.dynamic, size > self.size) {
-            _ if size == self.size => 0,
-            (None, true) => self.grow_fixed(size).map(|()| 0)?,
-            (None, false) => self.shrink_fixed(size).map(|()| 0)?,
-            (Some(d), true) => self.grow_dynamic(d, size)?,
-            (Some(d), false) => self.shrink_dynamic(d, size).map(|()| 0)?,
+            (None, true) => self.grow_fixed(size, &footer).map(|()| 0)?,
+            (None, false) => self.shrink_fixed(size, &footer).map(|()| 0)?,
+            (Some(d), true) => self.grow_dynamic(d, size, &footer)?,
+            (Some(d), false) => self.shrink_dynamic(d, size, &footer).map(|()| 0)?,
         };
         self.close()?;
         Ok(moved)
@@ -278,6 +304,37 @@ mod tests {
         // A disk sized by Current Size takes any whole number of sectors.
         let other = open(Arc::new(MemStorage::from_vec(image(4_212_736, b"win ", 0))));
         assert_eq!(other.fit_size(wanted + 512).unwrap(), wanted + 512);
+    }
+
+    #[test]
+    fn finishing_an_interrupted_shrink_leaves_no_entry_past_the_end_of_the_file() {
+        let storage = Arc::new(MemStorage::from_vec(image(
+            32 * u64::from(BLOCK),
+            b"win ",
+            0,
+        )));
+        let disk = open(storage.clone());
+        for block in 0..32 {
+            disk.write_at(&[1; 512], block * u64::from(BLOCK)).unwrap();
+        }
+        // Past the two footers, the shrink fails.
+        storage.fail_writes_after(2, libc::EIO);
+        disk.resize(8 * u64::from(BLOCK)).unwrap_err();
+        storage.clear_faults();
+        let disk = open(storage.clone());
+        assert_eq!(disk.size(), 8 * u64::from(BLOCK));
+        disk.resize(disk.size()).unwrap();
+        // qemu checks every entry the header has room for against the file's length.
+        let file = storage.contents();
+        let header = DynamicHeader::parse(file[512..1536].try_into().unwrap()).unwrap();
+        let table = &file[header.table_offset as usize..][..header.max_table_entries as usize * 4];
+        for (index, entry) in table.chunks_exact(4).enumerate() {
+            let sector = u32::from_be_bytes(entry.try_into().unwrap());
+            if sector != bat::UNALLOCATED {
+                assert!(index < 8, "entry {index} is left");
+                assert!(u64::from(sector) * 512 + 512 + u64::from(BLOCK) <= file.len() as u64);
+            }
+        }
     }
 
     #[test]

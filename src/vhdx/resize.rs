@@ -137,6 +137,38 @@ impl VhdxDisk {
         Ok(1)
     }
 
+    /// Entries without data that still name an old location inside `range` (which
+    /// readers take as unused) name none any more, so no entry points into the BAT
+    /// growing there. They read as zeros either way.
+    fn forget_old_locations(&self, range: &Range<u64>) -> Result<()> {
+        let mut j = self.journal.lock();
+        let changes: Vec<(u64, BatEntry)> = {
+            let bat = self.bat.read();
+            (0..self.layout.total_entries)
+                .filter(|&index| {
+                    !self.layout.is_sector_bitmap_index(index)
+                        && self.layout.block_of_index(index) < self.layout.payload_blocks
+                })
+                .filter_map(|index| {
+                    let entry = bat.entry(index);
+                    let state = entry.payload_state()?;
+                    let at = entry.file_offset();
+                    let end = at + bat.used_len(index, self.size());
+                    let present = matches!(
+                        state,
+                        PayloadState::FullyPresent | PayloadState::PartiallyPresent
+                    );
+                    (!present && at != 0 && at < range.end && range.start < end)
+                        .then(|| (index, BatEntry::new(state, 0)))
+                })
+                .collect()
+        };
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.commit(&mut j, &changes, &[])
+    }
+
     fn grow(&self, size: u64) -> Result<u64> {
         let old_layout = self.layout;
         let layout = self.layout_for(size);
@@ -167,6 +199,7 @@ impl VhdxDisk {
                 self.reserve(len)?
             } else {
                 moved += clear(self, growth.clone())?;
+                self.forget_old_locations(&growth)?;
                 // Blocks that moved out left their data behind.
                 storage::zero_range(self.storage.as_ref(), growth.start, len - old_len, true)
                     .context(|| "clearing the space the BAT grows into".to_string())?;

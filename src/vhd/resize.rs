@@ -31,14 +31,15 @@
 //! trailing footer with the new size where it is, then writes it at the new end and cuts
 //! the file after it. The new data area is a hole, as `vdisk create` leaves it.
 //!
-//! A crash after the commit point leaves work that changes nothing a reader of the
-//! trailing footer sees (qemu reads the copy at 0, though): resizing to the size the
-//! disk has finishes it.
+//! A crash after the commit point of a dynamic disk may leave the copy at 0 with the old
+//! size, which qemu reads: resizing to the size the disk has rewrites both footers as the
+//! trailing one is. Blocks a shrink did not give back yet stay, harmless, past the end.
 
 use super::create::{block_count, check_size};
 use super::*;
 use crate::relocation::clear;
 use dynamic_header::TABLE_FIELDS_LEN;
+use std::cmp::Ordering;
 
 impl VhdDisk {
     /// The size a resize to `size` gives and the geometry that goes with it: a disk whose
@@ -243,19 +244,24 @@ impl Resize for VhdDisk {
         Ok(size)
     }
 
-    /// The size the disk has already rewrites the footer as it is, which finishes a resize
-    /// interrupted after its commit point: the copy at 0 written, the file cut.
+    /// The size the disk has already rewrites a dynamic disk's footers as the trailing
+    /// one is, which finishes a resize interrupted after its commit point.
     fn resize(&self, size: u64) -> Result<u64> {
         self.check_writable()?;
         let footer = match size == self.size {
             true => *self.footer_bytes.lock(),
             false => footer::resized(&self.footer_bytes.lock(), size, self.fitted(size).1),
         };
-        let moved = match (&self.dynamic, size > self.size) {
-            (None, true) => self.grow_fixed(size, &footer).map(|()| 0)?,
-            (None, false) => self.shrink_fixed(size, &footer).map(|()| 0)?,
-            (Some(d), true) => self.grow_dynamic(d, size, &footer)?,
-            (Some(d), false) => self.shrink_dynamic(d, size, &footer).map(|()| 0)?,
+        let moved = match (&self.dynamic, size.cmp(&self.size)) {
+            (None, Ordering::Equal) => 0,
+            (None, Ordering::Greater) => self.grow_fixed(size, &footer).map(|()| 0)?,
+            (None, Ordering::Less) => self.shrink_fixed(size, &footer).map(|()| 0)?,
+            (Some(d), Ordering::Equal) => {
+                let at = d.allocator.lock().next_block;
+                self.write_footers(&footer, at).map(|()| 0)?
+            }
+            (Some(d), Ordering::Greater) => self.grow_dynamic(d, size, &footer)?,
+            (Some(d), Ordering::Less) => self.shrink_dynamic(d, size, &footer).map(|()| 0)?,
         };
         self.close()?;
         Ok(moved)
@@ -306,8 +312,9 @@ mod tests {
         assert_eq!(other.fit_size(wanted + 512).unwrap(), wanted + 512);
     }
 
-    #[test]
-    fn finishing_an_interrupted_shrink_leaves_no_entry_past_the_end_of_the_file() {
+    /// A dynamic disk of 32 blocks, all written, shrunk to 8 but stopped right after
+    /// the first `writes` writes.
+    fn interrupted_shrink(writes: u64) -> Arc<MemStorage> {
         let storage = Arc::new(MemStorage::from_vec(image(
             32 * u64::from(BLOCK),
             b"win ",
@@ -317,23 +324,56 @@ mod tests {
         for block in 0..32 {
             disk.write_at(&[1; 512], block * u64::from(BLOCK)).unwrap();
         }
-        // Past the two footers, the shrink fails.
-        storage.fail_writes_after(2, libc::EIO);
+        storage.fail_writes_after(writes, libc::EIO);
         disk.resize(8 * u64::from(BLOCK)).unwrap_err();
         storage.clear_faults();
-        let disk = open(storage.clone());
-        assert_eq!(disk.size(), 8 * u64::from(BLOCK));
-        disk.resize(disk.size()).unwrap();
-        // qemu checks every entry the header has room for against the file's length.
-        let file = storage.contents();
+        assert_eq!(open(storage.clone()).size(), 8 * u64::from(BLOCK));
+        storage
+    }
+
+    /// The BAT entries the header has room for that point at a block, by index.
+    fn allocated_entries(file: &[u8]) -> Vec<(usize, u64)> {
         let header = DynamicHeader::parse(file[512..1536].try_into().unwrap()).unwrap();
         let table = &file[header.table_offset as usize..][..header.max_table_entries as usize * 4];
-        for (index, entry) in table.chunks_exact(4).enumerate() {
-            let sector = u32::from_be_bytes(entry.try_into().unwrap());
-            if sector != bat::UNALLOCATED {
-                assert!(index < 8, "entry {index} is left");
-                assert!(u64::from(sector) * 512 + 512 + u64::from(BLOCK) <= file.len() as u64);
-            }
+        table
+            .chunks_exact(4)
+            .map(|entry| u32::from_be_bytes(entry.try_into().unwrap()))
+            .enumerate()
+            .filter(|&(_, sector)| sector != bat::UNALLOCATED)
+            .map(|(index, sector)| (index, u64::from(sector) * 512))
+            .collect()
+    }
+
+    #[test]
+    fn resizing_to_the_current_size_finishes_the_footer_copy() {
+        // The trailing footer written, the copy at 0 not.
+        let storage = interrupted_shrink(1);
+        let disk = open(storage.clone());
+        disk.resize(disk.size()).unwrap();
+        let file = storage.contents();
+        assert_eq!(file[..FOOTER_SIZE], file[file.len() - FOOTER_SIZE..]);
+        // qemu checks every entry the header has room for against the file's length.
+        for (index, at) in allocated_entries(&file) {
+            assert!(
+                at + 512 + u64::from(BLOCK) <= file.len() as u64,
+                "entry {index}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shrink_clears_every_entry_past_the_new_end() {
+        // Both footers written, no block given back: entries 8 to 31 left behind, which
+        // a session of 8 blocks does not load.
+        let storage = interrupted_shrink(2);
+        open(storage.clone()).resize(4 * u64::from(BLOCK)).unwrap();
+        let file = storage.contents();
+        for (index, at) in allocated_entries(&file) {
+            assert!(index < 4, "entry {index} is left");
+            assert!(
+                at + 512 + u64::from(BLOCK) <= file.len() as u64,
+                "entry {index}"
+            );
         }
     }
 

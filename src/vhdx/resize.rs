@@ -275,7 +275,8 @@ impl VhdxDisk {
         let mut regions = described.regions.clone();
         for region in regions.entries.iter_mut().filter(|r| r.guid == BAT_REGION) {
             region.file_offset = at;
-            // At most 32 MiB: `fit_size` checked the BAT against what a reader loads.
+            // The old length, or at most 32 MiB: `fit_size` checked the BAT against what a
+            // reader loads.
             region.length = len as u32;
         }
         self.commit_size(&described, size, Some(&regions))?;

@@ -279,26 +279,21 @@ fn kill_torture(image: &Path, block: u64, size: &str, extra: &[&str]) {
         image.extension().unwrap().to_str().unwrap()
     ));
     common::vdisk::copy_sparse(image, &finished);
-    let mut args = vec!["resize"];
-    args.extend(extra);
-    args.extend([finished.to_str().unwrap(), size]);
-    vdisk_ok(&args);
+    let args_for = |target: &Path| -> Vec<String> {
+        let mut args = vec!["resize".to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.extend([target.to_str().unwrap().to_string(), size.to_string()]);
+        args
+    };
+    let finish = args_for(&finished);
+    vdisk_ok(&finish.iter().map(String::as_str).collect::<Vec<_>>());
     let after = disk_state(&finished);
     assert_ne!(before.0, after.0);
     let reference = dir.join("after.raw");
     common::qemu_convert_to_raw(format, &finished, &reference);
 
-    let work_arg: &str = work.to_str().unwrap();
-    let args: Vec<&str> = args
-        .iter()
-        .map(|&a| {
-            if a == finished.to_str().unwrap() {
-                work_arg
-            } else {
-                a
-            }
-        })
-        .collect();
+    let args = args_for(&work);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     kill_at_random_instants(image, &work, &args, 24, |what, attempt| {
         let found = disk_state(&work);
         assert!(

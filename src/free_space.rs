@@ -159,6 +159,16 @@ impl FreeSpace {
         space
     }
 
+    /// Whether all of `range` is free.
+    pub fn covers(&self, range: Range<u64>) -> bool {
+        range.is_empty()
+            || self
+                .free
+                .range(..=range.start)
+                .next_back()
+                .is_some_and(|(_, &end)| end >= range.end)
+    }
+
     /// Free and pending bytes.
     pub fn bytes(&self) -> u64 {
         let free: u64 = self.free.iter().map(|(s, e)| e - s).sum();

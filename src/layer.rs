@@ -13,7 +13,7 @@
 use crate::disk::{Allocation, DiscardMode, Extent, Format, VirtualDisk, check_range, push_extent};
 use crate::error::{Error, Result};
 use crate::free_space::{SpaceGate, SpacePin};
-use crate::relocation::Relocation;
+use crate::relocation::{Relocation, Resize};
 use crate::storage;
 use crate::windows_path::WindowsPath;
 use std::any::Any;
@@ -112,6 +112,11 @@ pub trait Layer: VirtualDisk + Any {
 
     /// How this file's blocks move when it is compacted; `None` when nothing in it can.
     fn relocation(&self) -> Option<&dyn Relocation> {
+        None
+    }
+
+    /// How this file's disk changes its size; `None` when it cannot.
+    fn resizing(&self) -> Option<&dyn Resize> {
         None
     }
 }

@@ -50,6 +50,7 @@ pub mod map;
 pub mod open;
 pub mod raw;
 pub mod relocation;
+pub mod resize;
 pub mod storage;
 pub mod vhd;
 pub mod vhdx;

@@ -458,7 +458,11 @@ pub fn allocate(file: &File, len: u64) -> io::Result<()> {
 }
 
 #[cfg(test)]
+mod crashing;
+#[cfg(test)]
 mod memory;
+#[cfg(test)]
+pub use crashing::Crashing;
 #[cfg(test)]
 pub use memory::{MemStorage, PendingOp, Survives};
 

@@ -14,6 +14,7 @@ use vdisk_mount::convert::{ConvertOptions, convert};
 use vdisk_mount::create::{CreateOptions, ImageType, create, parse_size};
 use vdisk_mount::info::image_info;
 use vdisk_mount::map::image_map;
+use vdisk_mount::resize::{ResizeOptions, resize};
 use vdisk_mount::{Format, OpenOptions, Result};
 
 #[derive(Parser, Debug)]
@@ -120,6 +121,24 @@ enum Command {
         json: bool,
         src: PathBuf,
         dst: PathBuf,
+    },
+    /// Change the disk's size in place: a larger disk reads zeros in its new range. Safe
+    /// to interrupt at any point; refuses an image in use.
+    Resize {
+        /// Allow a smaller size, when the range cut off holds no data.
+        #[arg(long)]
+        shrink: bool,
+        /// Cut off data past a smaller size, and resize a parent of differencing images
+        /// beside it.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
+        image: PathBuf,
+        /// The new disk size in bytes, or with a binary suffix K, M, G, T.
+        #[arg(value_parser = size_arg)]
+        size: u64,
     },
     /// List the virtual disk's extents: data (in which image of the chain, at which file
     /// offset) or zeros (read-only; never modifies the image).
@@ -265,6 +284,16 @@ fn run(command: Command) -> Result<()> {
             display.finish();
             print(&report?, json)
         }
+        Command::Resize {
+            shrink,
+            force,
+            json,
+            image,
+            size,
+        } => print(
+            &resize(&image, size, &ResizeOptions { shrink, force })?,
+            json,
+        ),
         Command::Map { json, image } => print(&image_map(&image, &OpenOptions::default())?, json),
     }
 }

@@ -99,9 +99,8 @@ impl Bat {
         sector.to_be_bytes()
     }
 
-    /// On-disk bytes of the whole table of `entries` entries, padded with all ones. Only
-    /// tests build tables: the driver writes single entries.
-    #[cfg(test)]
+    /// On-disk bytes of the whole table of `entries` entries (at least as many as are
+    /// kept), padded with all ones.
     pub fn serialize(&self, entries: u32) -> Vec<u8> {
         let mut bytes = vec![0xFF; table_bytes(entries) as usize];
         for (slot, entry) in bytes.chunks_exact_mut(4).zip(&self.entries) {

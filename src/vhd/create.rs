@@ -156,6 +156,30 @@ fn invalid(problem: String) -> Error {
     Error::invalid_input(problem)
 }
 
+/// Checks that a disk of `size` bytes is one the format can hold.
+pub(super) fn check_size(size: u64) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(SECTOR) || size > MAX_DISK_SIZE {
+        return Err(invalid(format!(
+            "disk size {size} is not a whole number of 512-byte sectors between 512 and \
+             {MAX_DISK_SIZE} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The blocks of `block_size` bytes a disk of `size` bytes needs, if a VHD opened here
+/// may have that many.
+pub(super) fn block_count(size: u64, block_size: u32) -> Result<u64> {
+    let blocks = size.div_ceil(u64::from(block_size));
+    if blocks > MAX_BAT_ENTRIES {
+        return Err(invalid(format!(
+            "{blocks} blocks of {block_size} bytes are more than the {MAX_BAT_ENTRIES} a \
+             VHD opened here may have; choose larger blocks"
+        )));
+    }
+    Ok(blocks)
+}
+
 fn write_image(file: &File, options: &VhdCreateOptions) -> Result<()> {
     let parent = match &options.kind {
         VhdKind::Differencing { parent } => Some(record_parent(parent)?),
@@ -171,12 +195,7 @@ fn write_image(file: &File, options: &VhdCreateOptions) -> Result<()> {
         }
         _ => options.size,
     };
-    if size == 0 || !size.is_multiple_of(SECTOR) || size > MAX_DISK_SIZE {
-        return Err(invalid(format!(
-            "disk size {size} is not a whole number of 512-byte sectors between 512 and \
-             {MAX_DISK_SIZE} bytes"
-        )));
-    }
+    check_size(size)?;
     let disk_type = match options.kind {
         VhdKind::Fixed => DiskType::Fixed,
         VhdKind::Dynamic => DiskType::Dynamic,
@@ -224,13 +243,7 @@ fn write_image(file: &File, options: &VhdCreateOptions) -> Result<()> {
             "block size {block_size} is not a power of two of at least 512"
         )));
     }
-    let entries = size.div_ceil(u64::from(block_size));
-    if entries > MAX_BAT_ENTRIES {
-        return Err(invalid(format!(
-            "{entries} blocks of {block_size} bytes are more than the {MAX_BAT_ENTRIES} a \
-             VHD opened here may have; choose larger blocks"
-        )));
-    }
+    let entries = block_count(size, block_size)?;
     let table_at = (FOOTER_SIZE + HEADER_SIZE) as u64;
     // `entries` is at most MAX_BAT_ENTRIES, far below u32::MAX.
     let max_table_entries = entries as u32;

@@ -15,6 +15,9 @@ const SUPPORTED_MAJOR_VERSION: u32 = 1;
 const MIN_BLOCK_SIZE: u32 = 512;
 /// Largest disk the format allows: 0xFF000000 sectors (2040 GiB).
 pub const MAX_DISK_SIZE: u64 = 0xFF00_0000 * 512;
+/// Bytes of the header that hold every field a resize changes, checksum included.
+pub const TABLE_FIELDS_LEN: usize = 512;
+const _: () = assert!(offset_of!(RawDynamicHeader, checksum) + 4 <= TABLE_FIELDS_LEN);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DynamicHeader {
@@ -115,6 +118,22 @@ impl DynamicHeader {
         zerocopy::transmute!(raw)
     }
 
+    /// The header `bytes` (a valid one) with the BAT at `table_offset` holding
+    /// `max_table_entries` entries, checksum renewed; every other byte stays. Both fields
+    /// and the checksum lie in the first sector, so writing that sector alone replaces the
+    /// header in one atomic step.
+    pub fn with_table(
+        bytes: &[u8; HEADER_SIZE],
+        table_offset: u64,
+        max_table_entries: u32,
+    ) -> [u8; HEADER_SIZE] {
+        let mut raw: RawDynamicHeader = zerocopy::transmute!(*bytes);
+        raw.table_offset = table_offset.into();
+        raw.max_table_entries = max_table_entries.into();
+        raw.checksum = vhd_checksum(raw.as_bytes(), offset_of!(RawDynamicHeader, checksum)).into();
+        zerocopy::transmute!(raw)
+    }
+
     /// The Parent Unicode Name (UTF-16BE, up to the first NUL); undecodable units show as
     /// U+FFFD.
     pub fn parent_name(&self) -> String {
@@ -156,6 +175,27 @@ mod tests {
         let bytes = header.serialize();
         assert_eq!(DynamicHeader::parse(&bytes).unwrap(), header);
         assert_eq!(header.parent_name(), "parent.vhd");
+    }
+
+    #[test]
+    fn a_new_table_changes_the_first_sector_only() {
+        let mut bytes = sample().serialize();
+        // A reserved byte another tool left set in the second sector counts in the sum.
+        bytes[1000] = 9;
+        let at = offset_of!(RawDynamicHeader, checksum);
+        let seal = vhd_checksum(&bytes, at).to_be_bytes();
+        bytes[at..at + 4].copy_from_slice(&seal);
+        let moved = DynamicHeader::with_table(&bytes, 1 << 20, 700);
+        assert_eq!(moved[TABLE_FIELDS_LEN..], bytes[TABLE_FIELDS_LEN..]);
+        let header = DynamicHeader::parse(&moved).unwrap();
+        assert_eq!(
+            header,
+            DynamicHeader {
+                table_offset: 1 << 20,
+                max_table_entries: 700,
+                ..sample()
+            }
+        );
     }
 
     #[test]

@@ -147,6 +147,19 @@ impl Footer {
     }
 }
 
+/// The footer `bytes` (a valid one) describing a disk of `size` bytes with `geometry`,
+/// checksum renewed; every other byte, Original Size and reserved bytes included, stays
+/// as it was, as Hyper-V keeps them when it resizes.
+pub fn resized(bytes: &[u8; FOOTER_SIZE], size: u64, geometry: Geometry) -> [u8; FOOTER_SIZE] {
+    let mut raw: RawFooter = zerocopy::transmute!(*bytes);
+    raw.current_size = size.into();
+    raw.cylinders = geometry.cylinders.into();
+    raw.heads = geometry.heads;
+    raw.sectors_per_track = geometry.sectors_per_track;
+    raw.checksum = vhd_checksum(raw.as_bytes(), offset_of!(RawFooter, checksum)).into();
+    zerocopy::transmute!(raw)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +218,27 @@ mod tests {
         assert_eq!(footer.unique_id[..4], [0x8c, 0x54, 0xdf, 0x94]);
         // Re-serializing reproduces the exact bytes, checksum included.
         assert_eq!(footer.serialize(), bytes);
+    }
+
+    #[test]
+    fn resizing_changes_only_size_geometry_and_checksum() {
+        let mut bytes = sample().serialize();
+        // A reserved byte another tool left set survives.
+        bytes[500] = 7;
+        let seal = vhd_checksum(&bytes, offset_of!(RawFooter, checksum)).to_be_bytes();
+        bytes[64..68].copy_from_slice(&seal);
+        let geometry = Geometry::for_size(40 << 20);
+        let resized = resized(&bytes, 40 << 20, geometry);
+        let footer = Footer::parse(&resized, "VHD footer").unwrap();
+        assert_eq!(
+            footer,
+            Footer {
+                current_size: 40 << 20,
+                geometry,
+                ..sample()
+            }
+        );
+        assert_eq!(resized[500], 7);
     }
 
     #[test]

@@ -50,6 +50,23 @@ impl Geometry {
         }
     }
 
+    /// The geometry of the smallest disk of at least `size` bytes that a geometry
+    /// describes exactly ([`Geometry::for_size`] of that size gives it back), or the
+    /// largest geometry past their reach: the sizes a disk read by its geometry can have.
+    /// Exact, so a size it gave gives the same geometry again.
+    pub fn covering(size: u64) -> Geometry {
+        let mut sectors = size.div_ceil(512);
+        loop {
+            // Every whole cylinder (at most 16 × 255 sectors) is exact, so this ends
+            // within a few thousand steps.
+            let geometry = Geometry::for_size(sectors * 512);
+            if geometry.bytes() == sectors * 512 || geometry == Geometry::MAX {
+                return geometry;
+            }
+            sectors += 1;
+        }
+    }
+
     /// Disk capacity the geometry describes, in bytes.
     pub fn bytes(&self) -> u64 {
         u64::from(self.cylinders) * u64::from(self.heads) * u64::from(self.sectors_per_track) * 512
@@ -114,6 +131,27 @@ mod tests {
         assert_eq!(Geometry::for_size(4 * MIB), chs(120, 4, 17));
         assert_eq!(Geometry::for_size(136_365_211_648), chs(65278, 16, 255));
         assert_eq!(Geometry::for_size(0), chs(0, 4, 17));
+    }
+
+    #[test]
+    fn covering_geometries_are_exact_and_hold_the_size_within_a_cylinder() {
+        for size in [
+            512,
+            4_212_736,
+            20 * MIB,
+            20 * MIB + 512,
+            GIB,
+            5 * GIB + 12345 * 512,
+        ] {
+            let g = Geometry::covering(size);
+            assert!(g.bytes() >= size, "{size}: {g:?}");
+            assert!(g.bytes() - size < 16 * 255 * 512, "{size}: {g:?}");
+            assert_eq!(Geometry::for_size(g.bytes()), g, "{size}: not exact");
+            assert_eq!(Geometry::covering(g.bytes()), g, "{size}: not stable");
+        }
+        assert_eq!(Geometry::covering(4_212_736), chs(121, 4, 17));
+        assert_eq!(Geometry::covering(20 * MIB), chs(603, 4, 17));
+        assert_eq!(Geometry::covering(200 * GIB), Geometry::MAX);
     }
 
     #[test]

@@ -45,26 +45,28 @@ pub mod fuzzing;
 mod geometry;
 mod parent_locator;
 mod relocate;
+mod resize;
 
 pub use create::{VhdCreateOptions, VhdKind, create_vhd};
 use dynamic_header::MAX_DISK_SIZE;
 pub use footer::DiskType;
 pub use geometry::Geometry;
 
-use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VirtualDisk};
+use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VhdSizeRule, VirtualDisk};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
 use crate::free_space::{FreeSpace, SpaceGate, aligned_place};
 use crate::layer::{
     self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
     push_run,
 };
-use crate::relocation::Relocation;
+use crate::relocation::{Relocation, Resize};
 use crate::storage::{self, Storage};
 use bat::{Bat, BlockLayout, Reserved, UNALLOCATED};
 use dynamic_header::{DynamicHeader, HEADER_SIZE};
 use footer::{FOOTER_SIZE, Footer, LEGACY_FOOTER_SIZE};
 use geometry::{SizeSource, size_source};
 use parking_lot::{Mutex, RwLock};
+use std::ops::Range;
 
 const SECTOR: u64 = 512;
 /// Most BAT entries kept in memory (16 MiB, with as much again for checking them at
@@ -79,7 +81,12 @@ const DATA_ALIGNMENT: u64 = 4096;
 pub struct VhdDisk {
     storage: Box<dyn Storage>,
     footer: Footer,
+    /// The footer's bytes as found, rewritten unchanged at each new end of file; only a
+    /// resize changes them.
+    footer_bytes: Mutex<[u8; FOOTER_SIZE]>,
     size: u64,
+    /// Which footer field gave `size`.
+    size_rule: VhdSizeRule,
     read_only: bool,
     discard: DiscardMode,
     /// Present for dynamic disks.
@@ -99,8 +106,8 @@ struct Dynamic {
     /// Where the structures before the blocks (footer copy, header, BAT, parent
     /// locators) end.
     metadata_end: u64,
-    /// The footer as found, rewritten unchanged at each new end of file.
-    footer_bytes: [u8; FOOTER_SIZE],
+    /// The file ranges of those structures but the BAT, which the BAT may not grow into.
+    structures: Vec<Range<u64>>,
     /// A new block's bitmap: every sector marked as present.
     full_bitmap: Vec<u8>,
     /// Present for differencing disks.
@@ -164,7 +171,9 @@ impl VhdDisk {
         Ok(VhdDisk {
             storage,
             footer,
+            footer_bytes: Mutex::new(found.bytes),
             size,
+            size_rule: options.vhd_size_rule,
             read_only: options.read_only,
             discard: options.discard.unwrap_or(match dynamic {
                 Some(_) => DiscardMode::Unmap,
@@ -297,13 +306,32 @@ impl VhdDisk {
             }
             return self.commit_block(d, block, sector, block_at);
         }
-        let old_footer_at = allocator.next_block;
-        let block_at = (old_footer_at + head).next_multiple_of(data_alignment) - head;
+        let block_at = (allocator.next_block + head).next_multiple_of(data_alignment) - head;
         let sector = block_sector(block, block_at)?;
         let footer_at = block_at + span;
+        self.move_footer(allocator, footer_at, &context)?;
+        fill(block_at, &context)?;
+        storage.flush().context(|| context("flushing block data"))?;
+        // Even a failed entry write may have reached the file: never hand this space out
+        // again.
+        allocator.next_block = footer_at;
+        self.commit_block(d, block, sector, block_at)
+    }
 
+    /// Moves the trailing footer from `allocator.next_block` forward to `footer_at`,
+    /// leaving the space between reading as zeros; the caller sets `next_block` once it
+    /// uses that space. The file always ends in a valid footer: the new one is durable
+    /// before the old one is zeroed.
+    fn move_footer(
+        &self,
+        allocator: &Allocator,
+        footer_at: u64,
+        context: &dyn Fn(&str) -> String,
+    ) -> Result<()> {
+        let storage = self.storage.as_ref();
+        let old_footer_at = allocator.next_block;
         // Whatever follows the old footer (a legacy short footer, or a block left behind
-        // by a failed allocation) is cut off so the new block's unwritten sectors are zeros.
+        // by a failed allocation) is cut off so the space up to the new one reads zeros.
         let file_len = storage.len().context(|| context("reading file size"))?;
         if file_len != old_footer_at + FOOTER_SIZE as u64 {
             storage
@@ -311,21 +339,15 @@ impl VhdDisk {
                 .context(|| context("trimming the file end"))?;
         }
         storage
-            .write_at(&d.footer_bytes, footer_at)
+            .write_at(&*self.footer_bytes.lock(), footer_at)
             .context(|| context("writing the footer at the new end"))?;
         storage
             .flush()
             .context(|| context("flushing the new footer"))?;
-        // A stale footer left in the gap before the block would look like the end of an
-        // image to a tool that scans for one.
-        storage::write_zeros(storage, old_footer_at, block_at - old_footer_at)
-            .context(|| context("clearing the old footer"))?;
-        fill(block_at, &context)?;
-        storage.flush().context(|| context("flushing block data"))?;
-        // Even a failed entry write may have reached the file: never hand this space out
-        // again.
-        allocator.next_block = footer_at;
-        self.commit_block(d, block, sector, block_at)
+        // A stale footer left in the data area would look like the end of an image to a
+        // tool that scans for one.
+        storage::write_zeros(storage, old_footer_at, FOOTER_SIZE as u64)
+            .context(|| context("clearing the old footer"))
     }
 
     /// Writes BAT entries (block, sector) and flushes them, then changes them in memory;
@@ -345,6 +367,28 @@ impl VhdDisk {
         let mut bat = d.bat.write();
         for &(block, sector) in entries {
             bat.set(block, sector);
+        }
+        Ok(())
+    }
+
+    /// Makes the (block, offset) pairs of `released` unallocated, durably, and only then
+    /// their space a hole and free once no I/O can reach it.
+    fn unallocate(
+        &self,
+        d: &Dynamic,
+        allocator: &mut Allocator,
+        released: &[(u64, u64)],
+    ) -> Result<()> {
+        if released.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<(u64, u32)> = released.iter().map(|&(b, _)| (b, UNALLOCATED)).collect();
+        self.write_bat_entries(d, &entries, "releasing")?;
+        for &(block, block_at) in released {
+            self.storage
+                .punch_hole(block_at, d.layout.span())
+                .context(|| format!("releasing the space of block {block}"))?;
+            allocator.free.release(block_at..block_at + d.layout.span());
         }
         Ok(())
     }
@@ -624,9 +668,13 @@ fn open_dynamic(
         layout,
         bat: RwLock::new(bat),
         metadata_end: reserved.iter().map(|r| r.start + r.len).max().unwrap_or(0),
+        structures: reserved
+            .iter()
+            .filter(|r| r.start != table_at)
+            .map(|r| r.start..r.start + r.len)
+            .collect(),
         allocator: Mutex::new(Allocator { next_block, free }),
         space: SpaceGate::default(),
-        footer_bytes: found.bytes,
         full_bitmap: vec![0xFF; layout.bitmap_bytes as usize],
         differencing,
     })
@@ -777,18 +825,7 @@ impl Layer for VhdDisk {
                 }
             }
         }
-        if released.is_empty() {
-            return Ok(rest);
-        }
-        let storage = self.storage.as_ref();
-        let entries: Vec<(u64, u32)> = released.iter().map(|&(b, _)| (b, UNALLOCATED)).collect();
-        self.write_bat_entries(d, &entries, "releasing")?;
-        for (block, block_at) in released {
-            storage
-                .punch_hole(block_at, d.layout.span())
-                .context(|| format!("releasing the space of block {block}"))?;
-            allocator.free.release(block_at..block_at + d.layout.span());
-        }
+        self.unallocate(d, &mut allocator, &released)?;
         Ok(rest)
     }
 
@@ -802,6 +839,10 @@ impl Layer for VhdDisk {
 
     fn relocation(&self) -> Option<&dyn Relocation> {
         self.dynamic.as_ref()?;
+        Some(self)
+    }
+
+    fn resizing(&self) -> Option<&dyn Resize> {
         Some(self)
     }
 

@@ -84,7 +84,7 @@ impl Relocation for VhdDisk {
         // The old footer stays at the end until the new one is durable: a crash in
         // between leaves an image that still ends in a valid footer.
         storage
-            .write_at(&d.footer_bytes, end)
+            .write_at(&*self.footer_bytes.lock(), end)
             .context(|| format!("writing the footer at {end:#x}"))?;
         storage
             .flush()
@@ -99,5 +99,43 @@ impl Relocation for VhdDisk {
         allocator.next_block = end;
         allocator.free.remove(end..u64::MAX);
         Ok(new_len)
+    }
+
+    fn reserve(&self, len: u64) -> Result<u64> {
+        self.check_writable()?;
+        let d = self.dynamic_part();
+        let mut allocator = d.allocator.lock();
+        if let Some(at) = allocator
+            .free
+            .take(len, &d.space, |range| self.place(range, len))
+        {
+            return Ok(at);
+        }
+        let at = self
+            .place(allocator.next_block..u64::MAX, len)
+            .ok_or_else(|| {
+                Error::invalid_input("the image file would exceed the largest offset")
+            })?;
+        let footer_at = (at + len).next_multiple_of(SECTOR);
+        self.move_footer(&allocator, footer_at, &|step| {
+            format!("making room for {len} bytes: {step}")
+        })?;
+        allocator.next_block = footer_at;
+        Ok(at)
+    }
+
+    fn claim(&self, range: Range<u64>) -> Result<()> {
+        self.check_writable()?;
+        let d = self.dynamic_part();
+        let mut allocator = d.allocator.lock();
+        if range.end > allocator.next_block {
+            let footer_at = range.end.next_multiple_of(SECTOR);
+            self.move_footer(&allocator, footer_at, &|step| {
+                format!("growing the file to {footer_at:#x}: {step}")
+            })?;
+            allocator.next_block = footer_at;
+        }
+        allocator.free.remove(range);
+        Ok(())
     }
 }

@@ -199,6 +199,16 @@ impl Bat {
         Ok(Bat { layout, entries })
     }
 
+    /// The same table for a disk of `layout` (a larger one): the entries it lacks, whole
+    /// pages of them, are zero (NOT_PRESENT).
+    pub fn grown(&self, layout: BatLayout) -> Bat {
+        let pages = (layout.total_entries * BAT_ENTRY_LEN).div_ceil(BAT_PAGE_LEN as u64);
+        let mut entries = self.entries.clone();
+        let len = entries.len().max(pages as usize * ENTRIES_PER_PAGE);
+        entries.resize(len, BatEntry(0));
+        Bat { layout, entries }
+    }
+
     pub fn entry(&self, index: u64) -> BatEntry {
         self.entries[index as usize]
     }

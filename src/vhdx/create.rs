@@ -205,18 +205,21 @@ fn plan(options: &VhdxCreateOptions) -> Result<Plan> {
             )));
         }
     }
-    if plan.size == 0
-        || plan.size > MAX_VIRTUAL_SIZE
-        || !plan
-            .size
-            .is_multiple_of(u64::from(plan.logical_sector_size))
+    check_size(plan.size, plan.logical_sector_size)?;
+    Ok(plan)
+}
+
+/// Checks that a disk of `size` bytes with sectors of `logical_sector_size` bytes is one
+/// the format can hold.
+pub(super) fn check_size(size: u64, logical_sector_size: u32) -> Result<()> {
+    if size == 0 || size > MAX_VIRTUAL_SIZE || !size.is_multiple_of(u64::from(logical_sector_size))
     {
         return Err(invalid(format!(
-            "disk size {} is not a whole number of {}-byte sectors up to 64 TiB",
-            plan.size, plan.logical_sector_size
+            "disk size {size} is not a whole number of {logical_sector_size}-byte sectors up \
+             to 64 TiB"
         )));
     }
-    Ok(plan)
+    Ok(())
 }
 
 /// The metadata region: table, then the items one after another.

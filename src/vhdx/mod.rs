@@ -46,6 +46,7 @@ pub mod parent_locator;
 pub mod region_table;
 mod relocate;
 mod replay;
+mod resize;
 pub mod sector_bitmap;
 mod write;
 
@@ -56,7 +57,7 @@ use crate::layer::{
     self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
     copy_up, push_run,
 };
-use crate::relocation::Relocation;
+use crate::relocation::{Relocation, Resize};
 use crate::storage::{self, Storage, write_zeros};
 use bat::{BAT_ENTRY_LEN, BAT_PAGE_LEN, Bat, BatEntry, BatLayout, PayloadState, ReservedRange};
 use fields::MIB;
@@ -179,6 +180,24 @@ impl VhdxDisk {
                 .read_at(buf, file_offset)
                 .context(|| format!("reading {} bytes at {file_offset:#x}", buf.len())),
         }
+    }
+
+    /// Commits BAT `changes` that leave `spaces` unused; only then do they become holes,
+    /// and free once no I/O can reach them: only a hole may be handed out again.
+    fn give_back(
+        &self,
+        j: &mut Journal,
+        changes: &[(u64, BatEntry)],
+        spaces: Vec<Range<u64>>,
+    ) -> Result<()> {
+        self.commit(j, changes, &[])?;
+        for space in spaces {
+            self.storage
+                .punch_hole(space.start, space.end - space.start)
+                .context(|| format!("releasing the space at {:#x}", space.start))?;
+            j.free.release(space);
+        }
+        Ok(())
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -384,17 +403,8 @@ impl Layer for VhdxDisk {
                 )
             })
             .collect();
-        self.commit(&mut j, &changes, &[])?;
-        // The entries no longer point at the blocks' space once the commit returns: only
-        // then may it become a hole, and only a hole may be handed out again.
-        for (block, space) in whole_blocks {
-            if let Some(space) = space {
-                self.storage
-                    .punch_hole(space.start, space.end - space.start)
-                    .context(|| format!("releasing the space of block {block}"))?;
-                j.free.release(space);
-            }
-        }
+        let spaces: Vec<Range<u64>> = whole_blocks.into_iter().filter_map(|(_, s)| s).collect();
+        self.give_back(&mut j, &changes, spaces)?;
         Ok(rest)
     }
 
@@ -403,6 +413,10 @@ impl Layer for VhdxDisk {
     }
 
     fn relocation(&self) -> Option<&dyn Relocation> {
+        Some(self)
+    }
+
+    fn resizing(&self) -> Option<&dyn Resize> {
         Some(self)
     }
 

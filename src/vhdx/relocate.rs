@@ -115,4 +115,27 @@ impl Relocation for VhdxDisk {
         j.free.remove(end..u64::MAX);
         Ok(end)
     }
+
+    fn reserve(&self, len: u64) -> Result<u64> {
+        self.check_writable()?;
+        let mut j = self.journal.lock();
+        // Whole MiB, so the file's end stays where a log entry may name it.
+        self.allocate_space(&mut j, len.next_multiple_of(MIB), "moved data")
+    }
+
+    fn claim(&self, range: Range<u64>) -> Result<()> {
+        self.check_writable()?;
+        let mut j = self.journal.lock();
+        if range.end > j.file_end {
+            let end = range.end.next_multiple_of(MIB);
+            self.storage
+                .set_len(end)
+                .context(|| format!("extending the file to {end:#x}"))?;
+            let old_end = j.file_end;
+            j.free.insert(old_end..end);
+            j.file_end = end;
+        }
+        j.free.remove(range);
+        Ok(())
+    }
 }

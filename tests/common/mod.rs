@@ -219,10 +219,20 @@ pub fn sha256_disk(disk: &dyn vdisk_mount::VirtualDisk) -> String {
 }
 
 /// The disk libvhdi's vhdimount reads from the VHD `image` (with its parents, for a
-/// differencing one): mounted at a temporary directory, read whole, unmounted. vhdimount
-/// shows a chain as `vhdi1` (the base) up to `vhdiN` (the image named), so the file with
-/// the highest number is the one read.
+/// differencing one): mounted at a temporary directory, read whole, unmounted.
 pub fn vhdimount_read(image: &Path) -> Vec<u8> {
+    vhdimount_with(image, |disk| std::fs::read(disk))
+        .unwrap_or_else(|e| panic!("reading {} through vhdimount: {e}", image.display()))
+}
+
+/// Calls `read` with the file through which libvhdi's vhdimount shows the disk of the
+/// VHD or VHDX `image`, mounted at a temporary directory for the call. vhdimount shows a
+/// chain as `vhdi1` (the base) up to `vhdiN` (the image named), so the file with the
+/// highest number is the one handed over.
+pub fn vhdimount_with<T>(
+    image: &Path,
+    read: impl FnOnce(&Path) -> std::io::Result<T>,
+) -> std::io::Result<T> {
     let mountpoint = tempfile::tempdir().unwrap();
     run(Command::new("vhdimount").arg(image).arg(mountpoint.path()));
     let top = std::fs::read_dir(mountpoint.path()).map(|entries| {
@@ -238,9 +248,9 @@ pub fn vhdimount_read(image: &Path) -> Vec<u8> {
             .max()
             .unwrap_or(0u32)
     });
-    let contents = top.and_then(|n| std::fs::read(mountpoint.path().join(format!("vhdi{n}"))));
+    let result = top.and_then(|n| read(&mountpoint.path().join(format!("vhdi{n}"))));
     unmount_busy_tolerant(mountpoint.path());
-    contents.unwrap_or_else(|e| panic!("reading {} through vhdimount: {e}", image.display()))
+    result
 }
 
 /// Unmounts a FUSE mount this process no longer uses. Another test thread that forks a

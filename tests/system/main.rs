@@ -26,6 +26,7 @@ mod mount_loop;
 mod mount_raw;
 mod mount_vhd;
 mod mount_vhdx;
+mod resize;
 mod service_faults;
 mod service_lock;
 mod service_mount;

@@ -1,0 +1,80 @@
+//! A storage for crash tests of offline rewrites: before every request that changes the
+//! file, it captures each state a power loss could leave there and hands it to a check.
+//! Only test builds have it.
+
+use super::{MemStorage, Storage, Survives};
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub struct Crashing<F> {
+    inner: MemStorage,
+    /// Called with each crashed file and a description of the crash.
+    check: F,
+    checked: AtomicUsize,
+}
+
+impl<F: Fn(MemStorage, &str) + Send + Sync> Crashing<F> {
+    pub fn new(inner: MemStorage, check: F) -> Self {
+        Crashing {
+            inner,
+            check,
+            checked: AtomicUsize::new(0),
+        }
+    }
+
+    /// Checks the states a power loss now would leave.
+    pub fn check_crashes(&self) {
+        let pending = self.inner.pending();
+        // Requests since the last flush reach the medium in any order: crashes keep the
+        // first `n` of them, or all but one. Of a long list (a batch of copies into free
+        // space), eight spread over it.
+        let step = pending.len().div_ceil(8).max(1);
+        let samples: Vec<usize> = (0..pending.len()).step_by(step).collect();
+        let prefixes = samples.iter().copied().chain([pending.len()]).map(|n| {
+            let keep: Box<dyn Fn(usize) -> bool> = Box::new(move |i| i < n);
+            (format!("the first {n}"), keep)
+        });
+        let all_but_one = samples.iter().map(|&n| {
+            let keep: Box<dyn Fn(usize) -> bool> = Box::new(move |i| i != n);
+            (format!("all but request {n}"), keep)
+        });
+        for (what, keep) in prefixes.chain(all_but_one) {
+            let crashed = self.inner.power_loss(|i, _| match keep(i) {
+                true => Survives::Everything,
+                false => Survives::Nothing,
+            });
+            let what = format!(
+                "crash keeping {what} of {} unflushed requests",
+                pending.len()
+            );
+            (self.check)(crashed, &what);
+            self.checked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many crashed states were checked.
+    pub fn checked(&self) -> usize {
+        self.checked.load(Ordering::Relaxed)
+    }
+}
+
+impl<F: Fn(MemStorage, &str) + Send + Sync> Storage for Crashing<F> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_crashes();
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.check_crashes();
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check_crashes();
+        self.inner.set_len(len)
+    }
+}

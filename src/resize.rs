@@ -13,6 +13,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::lock;
 use serde::Serialize;
 use std::fmt;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// Bytes read at a time when looking for data in the range a shrink cuts off.
@@ -150,11 +151,23 @@ fn resize_file(path: &Path, size: u64, options: &ResizeOptions) -> Result<Resize
         }
         report.data_discarded = data_past(disk.as_ref(), after, options.force)?;
     }
+    // A fixed image the host had fully allocated (as `create` makes it, so Hyper-V takes
+    // it) stays so; one made `--sparse` stays sparse.
+    let keep_allocated = disk.facts().subtype == "fixed" && meta.blocks() * 512 >= meta.len();
     report.blocks_moved = resizing.resize(after)?;
     drop(disk);
-    report.length_after = std::fs::metadata(path)
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .context(|| "cannot reopen image".to_string())?;
+    report.length_after = file
+        .metadata()
         .context(|| "cannot read file attributes".to_string())?
         .len();
+    if keep_allocated {
+        crate::storage::allocate(&file, report.length_after)
+            .context(|| "allocating the grown image on the host".to_string())?;
+    }
     Ok(report)
 }
 
@@ -250,6 +263,7 @@ mod tests {
             logical_sector_size: (parent.is_none() && kind.format == Format::Vhdx)
                 .then_some(kind.sector),
             parent,
+            ..CreateOptions::default()
         };
         create(&path, &options).unwrap();
         path

@@ -148,11 +148,13 @@ impl Footer {
 }
 
 /// The footer `bytes` (a valid one) describing a disk of `size` bytes with `geometry`,
-/// checksum renewed; every other byte, Original Size and reserved bytes included, stays
-/// as it was, as Hyper-V keeps them when it resizes.
+/// checksum renewed; every other byte stays as it was. Original Size changes too: the
+/// specification calls it informational (the size at creation), but libvhdi takes the
+/// disk's size from it, and would not see past the old end of a grown disk.
 pub fn resized(bytes: &[u8; FOOTER_SIZE], size: u64, geometry: Geometry) -> [u8; FOOTER_SIZE] {
     let mut raw: RawFooter = zerocopy::transmute!(*bytes);
     raw.current_size = size.into();
+    raw.original_size = size.into();
     raw.cylinders = geometry.cylinders.into();
     raw.heads = geometry.heads;
     raw.sectors_per_track = geometry.sectors_per_track;
@@ -221,7 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn resizing_changes_only_size_geometry_and_checksum() {
+    fn resizing_changes_only_sizes_geometry_and_checksum() {
         let mut bytes = sample().serialize();
         // A reserved byte another tool left set survives.
         bytes[500] = 7;
@@ -234,6 +236,7 @@ mod tests {
             footer,
             Footer {
                 current_size: 40 << 20,
+                original_size: 40 << 20,
                 geometry,
                 ..sample()
             }

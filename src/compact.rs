@@ -341,7 +341,7 @@ fn commit_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{MemStorage, Storage, Survives};
+    use crate::storage::{MemStorage, Storage};
     use crate::vhd::{VhdCreateOptions, VhdKind, create_vhd};
     use crate::vhdx::create::{VhdxCreateOptions, VhdxKind, create_vhdx};
     use rand::rngs::StdRng;
@@ -485,31 +485,12 @@ mod tests {
 
     impl Crashing {
         fn check_crashes(&self) {
-            let pending = self.inner.pending();
-            // Requests since the last flush reach the medium in any order: crashes keep
-            // the first `n` of them, or all but one. Of a long list (a batch of copies
-            // into free space), eight spread over it.
-            let step = pending.len().div_ceil(8).max(1);
-            let samples: Vec<usize> = (0..pending.len()).step_by(step).collect();
-            let prefixes = samples.iter().copied().chain([pending.len()]).map(|n| {
-                let keep: Box<dyn Fn(usize) -> bool> = Box::new(move |i| i < n);
-                (format!("the first {n}"), keep)
-            });
-            let all_but_one = samples.iter().map(|&n| {
-                let keep: Box<dyn Fn(usize) -> bool> = Box::new(move |i| i != n);
-                (format!("all but request {n}"), keep)
-            });
-            for (what, keep) in prefixes.chain(all_but_one) {
-                let crashed = self.inner.power_loss(|i, _| match keep(i) {
-                    true => Survives::Everything,
-                    false => Survives::Nothing,
-                });
+            for (what, crashed) in self.inner.crash_states() {
                 let disk = open(Box::new(crashed), true)
-                    .unwrap_or_else(|e| panic!("crash keeping {what} requests: {e}"));
+                    .unwrap_or_else(|e| panic!("crash keeping {what}: {e}"));
                 assert!(
                     read_all(disk.as_ref()) == self.contents,
-                    "crash keeping {what} of {} unflushed requests changed the contents",
-                    pending.len()
+                    "crash keeping {what} changed the contents"
                 );
                 self.checked
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

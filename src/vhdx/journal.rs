@@ -20,15 +20,18 @@ pub(super) struct Journal {
 
 impl VhdxDisk {
     /// Before the first user-visible change of a session: new FileWriteGuid and
-    /// DataWriteGuid in both headers.
+    /// DataWriteGuid in both headers (FileWriteGuid alone when the identity is kept).
     pub(super) fn begin_user_write(&self) -> Result<()> {
         if self.data_write_started.load(Ordering::Acquire) {
             return Ok(());
         }
         let mut j = self.journal.lock();
         if !j.data_write_guid_changed {
+            let keep = self.keep_identity;
             update_header(self.storage.as_ref(), &mut j, |h| {
-                h.data_write_guid = Uuid::new_v4()
+                if !keep {
+                    h.data_write_guid = Uuid::new_v4()
+                }
             })?;
             j.data_write_guid_changed = true;
         }

@@ -129,6 +129,8 @@ pub struct VhdxDisk {
     space: SpaceGate,
     /// Fast path: the header update for user-visible writes is done.
     data_write_started: AtomicBool,
+    /// User-visible writes keep DataWriteGuid (`OpenOptions::keep_identity`).
+    keep_identity: bool,
     /// A metadata change failed after its log entry became durable; the in-place BAT may
     /// be stale until the image is reopened (and the log replayed).
     poisoned: AtomicBool,

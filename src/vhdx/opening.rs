@@ -204,6 +204,7 @@ impl VhdxDisk {
             journal: Mutex::new(journal),
             space: SpaceGate::default(),
             data_write_started: AtomicBool::new(false),
+            keep_identity: options.keep_identity,
             poisoned: AtomicBool::new(false),
             payload_overlay,
             params,

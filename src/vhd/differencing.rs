@@ -202,6 +202,17 @@ impl Differencing {
         }
     }
 
+    /// Drops `blocks`, whose BAT entries are unallocated now: they read from the parent,
+    /// and have no bitmap left to write. Called with the allocator held.
+    pub(super) fn forget(&self, blocks: impl Iterator<Item = u64>) {
+        let mut unsaved = self.unsaved_bitmaps.lock();
+        let mut map = self.blocks.write();
+        for block in blocks {
+            map.remove(&block);
+            unsaved.remove(&block);
+        }
+    }
+
     /// The bytes `span` (offsets in the block starting at virtual `block_start`) should
     /// hold once `data` is written at `in_block` inside it: the parent's bytes around it.
     fn widen_with_parent(

@@ -349,6 +349,32 @@ impl VhdDisk {
         Ok(())
     }
 
+    /// Unallocates `blocks` (block, offset in the file), with the allocator held: their
+    /// entries durable first, then their space a hole and free. A differencing disk's
+    /// blocks then read from its parent.
+    fn unallocate(
+        &self,
+        d: &Dynamic,
+        allocator: &mut Allocator,
+        blocks: &[(u64, u64)],
+    ) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<(u64, u32)> = blocks.iter().map(|&(b, _)| (b, UNALLOCATED)).collect();
+        self.write_bat_entries(d, &entries, "releasing")?;
+        if let Some(diff) = &d.differencing {
+            diff.forget(blocks.iter().map(|&(b, _)| b));
+        }
+        for &(block, block_at) in blocks {
+            self.storage
+                .punch_hole(block_at, d.layout.span())
+                .context(|| format!("releasing the space of block {block}"))?;
+            allocator.free.release(block_at..block_at + d.layout.span());
+        }
+        Ok(())
+    }
+
     /// Points `block`'s BAT entry at `sector`, its data being durable at `block_at`.
     fn commit_block(&self, d: &Dynamic, block: u64, sector: u32, block_at: u64) -> Result<u64> {
         self.storage
@@ -777,23 +803,22 @@ impl Layer for VhdDisk {
                 }
             }
         }
-        if released.is_empty() {
-            return Ok(rest);
-        }
-        let storage = self.storage.as_ref();
-        let entries: Vec<(u64, u32)> = released.iter().map(|&(b, _)| (b, UNALLOCATED)).collect();
-        self.write_bat_entries(d, &entries, "releasing")?;
-        for (block, block_at) in released {
-            storage
-                .punch_hole(block_at, d.layout.span())
-                .context(|| format!("releasing the space of block {block}"))?;
-            allocator.free.release(block_at..block_at + d.layout.span());
-        }
+        self.unallocate(d, &mut allocator, &released)?;
         Ok(rest)
     }
 
     fn parent_link(&self) -> Option<&ParentLink> {
         Some(&self.dynamic.as_ref()?.differencing.as_ref()?.link)
+    }
+
+    fn clear_to_parent(&self) -> Result<()> {
+        self.check_writable()?;
+        let Some(d) = self.dynamic.as_ref().filter(|d| d.differencing.is_some()) else {
+            return Err(Error::invalid_input("not a VHD differencing disk"));
+        };
+        let mut allocator = d.allocator.lock();
+        let blocks: Vec<(u64, u64)> = d.bat.read().allocated_blocks().collect();
+        self.unallocate(d, &mut allocator, &blocks)
     }
 
     fn space_gate(&self) -> Option<&SpaceGate> {

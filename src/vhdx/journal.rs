@@ -48,26 +48,6 @@ impl VhdxDisk {
         changes: &[(u64, BatEntry)],
         bitmap_pages: &[BitmapPageChange],
     ) -> Result<()> {
-        if j.writer.is_none() {
-            let aligned = j.file_end.next_multiple_of(MIB);
-            if aligned != j.file_end {
-                // FlushedFileOffset must be a durable, 1 MiB aligned file size.
-                self.storage
-                    .set_len(aligned)
-                    .context(|| "extending file to a 1 MiB boundary".to_string())?;
-                self.storage
-                    .flush()
-                    .context(|| "flushing file extension".to_string())?;
-                j.file_end = aligned;
-            }
-            let log_guid = Uuid::new_v4();
-            update_header(self.storage.as_ref(), j, |h| h.log_guid = log_guid)?;
-            j.writer = Some(LogWriter::new(
-                j.header.log_offset,
-                j.header.log_length,
-                log_guid,
-            ));
-        }
         let encoded: Vec<(u64, [u8; 8])> = changes
             .iter()
             .map(|&(index, entry)| {
@@ -96,9 +76,59 @@ impl VhdxDisk {
             )
             .map(|(file_offset, data)| LogUpdate::Page { file_offset, data })
             .collect();
+        self.journal_pages(j, &updates, false)?;
+        if let Some(d) = &self.differencing {
+            let mut bitmaps = d.bitmaps.write();
+            for change in bitmap_pages {
+                bitmaps.apply_page(change.chunk, change.page, &change.contents);
+            }
+        }
+        let mut bat = self.bat.write();
+        for &(index, entry) in changes {
+            bat.set(index, entry);
+        }
+        Ok(())
+    }
+
+    /// Writes whole metadata pages through the log: each entry durable, then its pages in
+    /// place durable. Updates go in order, as few entries as fit; each entry is atomic.
+    /// `atomic` refuses, before writing any, updates that need more than one entry.
+    pub(super) fn journal_pages(
+        &self,
+        j: &mut Journal,
+        updates: &[LogUpdate],
+        atomic: bool,
+    ) -> Result<()> {
+        if j.writer.is_none() {
+            let aligned = j.file_end.next_multiple_of(MIB);
+            if aligned != j.file_end {
+                // FlushedFileOffset must be a durable, 1 MiB aligned file size.
+                self.storage
+                    .set_len(aligned)
+                    .context(|| "extending file to a 1 MiB boundary".to_string())?;
+                self.storage
+                    .flush()
+                    .context(|| "flushing file extension".to_string())?;
+                j.file_end = aligned;
+            }
+            let log_guid = Uuid::new_v4();
+            update_header(self.storage.as_ref(), j, |h| h.log_guid = log_guid)?;
+            j.writer = Some(LogWriter::new(
+                j.header.log_offset,
+                j.header.log_length,
+                log_guid,
+            ));
+        }
         let file_end = j.file_end;
         let writer = j.writer.as_mut().unwrap();
-        for group in writer.split(&updates) {
+        let groups = writer.split(updates);
+        if atomic && groups.len() > 1 {
+            return Err(Error::unsupported(format!(
+                "a metadata change of {} pages does not fit one log entry",
+                updates.len()
+            )));
+        }
+        for group in groups {
             writer.write_entry(self.storage.as_ref(), group, file_end, file_end)?;
             self.storage
                 .flush()
@@ -119,15 +149,41 @@ impl VhdxDisk {
                 return Err(e);
             }
         }
-        if let Some(d) = &self.differencing {
-            let mut bitmaps = d.bitmaps.write();
-            for change in bitmap_pages {
-                bitmaps.apply_page(change.chunk, change.page, &change.contents);
-            }
+        Ok(())
+    }
+
+    /// Sets the payload entries of `blocks` to `state` (which holds no data) through the
+    /// log. The entries no longer point at the blocks' space once that returns: only then
+    /// does it become a hole, and only a hole may be handed out again.
+    pub(super) fn retire_blocks(
+        &self,
+        j: &mut Journal,
+        blocks: &[u64],
+        state: PayloadState,
+    ) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
         }
-        let mut bat = self.bat.write();
-        for &(index, entry) in changes {
-            bat.set(index, entry);
+        let block_size = self.layout.block_size;
+        let mut changes = Vec::with_capacity(blocks.len());
+        let mut spaces = Vec::new();
+        for &block in blocks {
+            let entry = self.bat.read().payload(block);
+            if matches!(
+                entry.payload_state(),
+                Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent)
+            ) {
+                let len = block_size.min(self.size() - block * block_size);
+                spaces.push((block, entry.file_offset()..entry.file_offset() + len));
+            }
+            changes.push((self.layout.payload_index(block), BatEntry::new(state, 0)));
+        }
+        self.commit(j, &changes, &[])?;
+        for (block, space) in spaces {
+            self.storage
+                .punch_hole(space.start, space.end - space.start)
+                .context(|| format!("releasing the space of block {block}"))?;
+            j.free.release(space);
         }
         Ok(())
     }

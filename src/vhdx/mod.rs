@@ -40,6 +40,7 @@ pub mod fuzzing;
 pub mod header;
 mod journal;
 pub mod log;
+mod merge;
 pub mod metadata;
 mod opening;
 pub mod parent_locator;
@@ -80,10 +81,14 @@ use write::BitmapPageChange;
 
 /// What a differencing image has besides a dynamic one.
 struct Differencing {
-    locator: ParentLocator,
-    /// The parent the locator names.
+    /// Rewritten only under the journal lock (a merge renames the parent).
+    locator: RwLock<ParentLocator>,
+    /// The parent the locator named when the image was opened.
     link: ParentLink,
-    /// Opened read-only (other children may share it) and attached by the chain module.
+    /// Where the metadata region holding the locator is in the file.
+    metadata_region: Range<u64>,
+    /// Opened read-only (other children may share it, unless a merge writes into it)
+    /// and attached by the chain module.
     parent: Option<Parent>,
     /// Sector bitmaps of the chunks that have one; changed only under the journal lock,
     /// and always before the BAT entries that make them count.
@@ -158,7 +163,7 @@ impl VhdxDisk {
             parent_locator: self
                 .differencing
                 .as_ref()
-                .map(|d| d.locator.entries.clone()),
+                .map(|d| d.locator.read().entries.clone()),
         }
     }
 
@@ -360,12 +365,7 @@ impl Layer for VhdxDisk {
             let block_len = block_size.min(self.size() - piece.block * block_size);
             let whole = piece.in_block == 0 && piece.len as u64 == block_len;
             if holds_data && whole && (child || !self.params.leave_blocks_allocated) {
-                let space = matches!(
-                    state,
-                    Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent)
-                )
-                .then(|| entry.file_offset()..entry.file_offset() + block_len);
-                whole_blocks.push((piece.block, space));
+                whole_blocks.push(piece.block);
                 continue;
             }
             let at = offset + piece.at as u64;
@@ -374,29 +374,7 @@ impl Layer for VhdxDisk {
                 _ => rest.push((at, piece.len as u64)),
             }
         }
-        if whole_blocks.is_empty() {
-            return Ok(rest);
-        }
-        let changes: Vec<(u64, BatEntry)> = whole_blocks
-            .iter()
-            .map(|&(b, _)| {
-                (
-                    self.layout.payload_index(b),
-                    BatEntry::new(PayloadState::Zero, 0),
-                )
-            })
-            .collect();
-        self.commit(&mut j, &changes, &[])?;
-        // The entries no longer point at the blocks' space once the commit returns: only
-        // then may it become a hole, and only a hole may be handed out again.
-        for (block, space) in whole_blocks {
-            if let Some(space) = space {
-                self.storage
-                    .punch_hole(space.start, space.end - space.start)
-                    .context(|| format!("releasing the space of block {block}"))?;
-                j.free.release(space);
-            }
-        }
+        self.retire_blocks(&mut j, &whole_blocks, PayloadState::Zero)?;
         Ok(rest)
     }
 
@@ -420,6 +398,14 @@ impl Layer for VhdxDisk {
 
     fn parent_layer(&self) -> Option<&Parent> {
         self.differencing.as_ref()?.parent.as_ref()
+    }
+
+    fn clear_to_parent(&self) -> Result<()> {
+        self.clear_blocks_to_parent()
+    }
+
+    fn relink_merged_parent(&self) -> Result<()> {
+        self.relink_parent()
     }
 
     fn facts(&self) -> LayerFacts {

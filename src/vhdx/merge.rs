@@ -12,15 +12,36 @@ use super::*;
 use std::any::Any;
 
 impl VhdxDisk {
-    /// Makes every payload block NOT_PRESENT, through the log, and gives their space back.
-    /// Sector bitmaps keep their bits, which no NOT_PRESENT block consults and the next
-    /// write into the block clears.
+    /// Clears every sector bitmap bit, then makes every payload block NOT_PRESENT, through
+    /// the log, and gives their space back. Either step alone leaves sectors reading from
+    /// the parent what they read before; bits first, because some readers (libvhdi)
+    /// consult them even in NOT_PRESENT blocks.
     pub(super) fn clear_blocks_to_parent(&self) -> Result<()> {
         self.check_writable()?;
-        if self.differencing.is_none() {
+        let Some(d) = &self.differencing else {
             return Err(Error::invalid_input("not a VHDX differencing disk"));
-        }
+        };
         let mut j = self.journal.lock();
+        let cleared: Vec<BitmapPageChange> = {
+            let bat = self.bat.read();
+            d.bitmaps
+                .read()
+                .held_pages()
+                .into_iter()
+                .map(|(chunk, page)| BitmapPageChange {
+                    chunk,
+                    page,
+                    file_offset: bat
+                        .sector_bitmap(chunk * self.layout.chunk_ratio)
+                        .file_offset()
+                        + page * BAT_PAGE_LEN as u64,
+                    contents: Box::new([0; BAT_PAGE_LEN]),
+                })
+                .collect()
+        };
+        if !cleared.is_empty() {
+            self.commit(&mut j, &[], &cleared)?;
+        }
         let blocks: Vec<u64> = {
             let bat = self.bat.read();
             (0..self.layout.payload_blocks)

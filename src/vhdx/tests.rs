@@ -1154,3 +1154,24 @@ fn relinking_moves_a_parent_locator_that_outgrows_its_room() {
             .all(|(k, _)| k != parent_locator::PARENT_LINKAGE2)
     );
 }
+
+#[test]
+fn a_child_cleared_to_its_parent_keeps_no_block_and_no_bit() {
+    let (parent, child, _) = parent_and_child(4 * MIB, 4 * MIB, 512);
+    let storage = Arc::new(MemStorage::from_vec(child));
+    let disk = open_child(storage.clone(), &parent, false, unlimited()).unwrap();
+    disk.write_at(&[7; 5000], MIB - 100).unwrap();
+    disk.discard(2 * MIB, MIB).unwrap();
+    disk.clear_blocks_to_parent().unwrap();
+    disk.close().unwrap();
+    drop(disk);
+    let again = open_child(storage, &parent, true, unlimited()).unwrap();
+    let bat = again.bat.read();
+    assert!(
+        (0..again.layout.payload_blocks)
+            .all(|b| bat.payload(b).payload_state() == Some(PayloadState::NotPresent))
+    );
+    let d = again.differencing.as_ref().unwrap();
+    assert_eq!(d.bitmaps.read().page_count(), 0);
+    assert_eq!(again.info().allocated_blocks, 0);
+}

@@ -33,3 +33,47 @@ pub fn vdisk_fails(args: &[&str]) -> String {
 pub fn info_json(path: &Path) -> Value {
     serde_json::from_str(&vdisk_ok(&["info", "--json", path.to_str().unwrap()])).unwrap()
 }
+
+/// `vdisk ARGS` killed at random instants. Times one whole run (after `prepare`), then
+/// until `kills` runs were killed: `prepare`, start it, kill it after a random part of
+/// that time, and hand `check` the attempt's number and whether the run was killed
+/// before it finished. `what` names the case in the failure for too few kills.
+pub fn kill_at_random(
+    what: &str,
+    args: &[&str],
+    kills: usize,
+    seed: u64,
+    prepare: &mut dyn FnMut(),
+    check: &mut dyn FnMut(usize, bool),
+) {
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+    prepare();
+    let started = std::time::Instant::now();
+    vdisk_ok(args);
+    let whole = started.elapsed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut killed, mut attempts) = (0, 0);
+    while killed < kills {
+        attempts += 1;
+        assert!(
+            attempts <= 200,
+            "{what}: only {killed} of {attempts} runs were killed before they finished \
+             (a whole run takes {whole:?})"
+        );
+        prepare();
+        let mut child = Command::new(VDISK)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(whole.mul_f64(rng.random_range(0.0..1.0)));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let was_killed = status.code().is_none();
+        if was_killed {
+            killed += 1;
+        }
+        check(attempts, was_killed);
+    }
+}

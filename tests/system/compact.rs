@@ -4,13 +4,12 @@
 
 use crate::common;
 use crate::common::mount::{self, FsMount, LoopDevice, Mount};
-use crate::common::vdisk::{VDISK, vdisk_fails, vdisk_ok};
+use crate::common::vdisk::{kill_at_random, vdisk_fails, vdisk_ok};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
 
 const MIB: u64 = 1 << 20;
 
@@ -26,18 +25,11 @@ fn disk_sha(image: &Path) -> String {
     common::sha256_disk(common::chain::open(image, true).as_ref())
 }
 
-fn qemu_format(image: &Path) -> &'static str {
-    match image.extension().and_then(|e| e.to_str()) {
-        Some("vhdx") => "vhdx",
-        _ => "vpc",
-    }
-}
-
 /// ext4 inside a 1 GiB image keeps 100 MiB of files and gives 300 MiB back by fstrim;
 /// compact then cuts the file to the blocks still used (within two blocks and the
 /// metadata), and qemu and libvhdi read what the disk held before.
 fn compact_after_trim(image: &Path, block: u64) {
-    let format = qemu_format(image);
+    let format = common::qemu_format(image);
     let kept = mount::pattern(5, 100 * MIB as usize);
     {
         let vdisk = Mount::new(image, &[]);
@@ -160,15 +152,11 @@ fn fragment(image: &Path, seed: u64, block: u64) {
     disk.close().unwrap();
 }
 
-fn copy_sparse(from: &Path, to: &Path) {
-    common::run(Command::new("cp").arg("--sparse=always").arg(from).arg(to));
-}
-
 /// `vdisk compact` killed at random instants: every image left behind opens with the
 /// same contents, and a second compaction finishes it to an image qemu checks clean and
 /// reads the same.
 fn kill_torture(image: &Path, block: u64) {
-    let format = qemu_format(image);
+    let format = common::qemu_format(image);
     let dir = image.parent().unwrap();
     fragment(image, 3, block);
     let expected = disk_sha(image);
@@ -178,39 +166,15 @@ fn kill_torture(image: &Path, block: u64) {
         "work.{}",
         image.extension().unwrap().to_str().unwrap()
     ));
-
-    copy_sparse(image, &work);
-    let started = Instant::now();
-    vdisk_ok(&["compact", work.to_str().unwrap()]);
-    let whole = started.elapsed();
-
-    let mut rng = StdRng::seed_from_u64(17);
-    let (mut killed, mut attempts) = (0, 0);
-    while killed < 30 {
-        attempts += 1;
-        assert!(
-            attempts <= 200,
-            "{format}: only {killed} of {attempts} runs were killed before they finished \
-             (a whole run takes {whole:?})"
-        );
-        std::fs::remove_file(&work).unwrap();
-        copy_sparse(image, &work);
-        let mut child = Command::new(VDISK)
-            .arg("compact")
-            .arg(&work)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(whole.mul_f64(rng.random_range(0.0..1.0)));
-        let _ = child.kill();
-        let status = child.wait().unwrap();
-        if status.code().is_none() {
-            killed += 1;
-        }
-        let what = format!("{format}: kill {attempts} ({status})");
+    let mut prepare = || {
+        let _ = std::fs::remove_file(&work);
+        common::copy_sparse(image, &work);
+    };
+    let mut check = |attempt: usize, _killed: bool| {
+        let what = format!("{format}: kill {attempt}");
         assert_eq!(disk_sha(&work), expected, "{what}: contents changed");
         // Every third one is finished and checked by qemu too.
-        if attempts % 3 == 0 {
+        if attempt.is_multiple_of(3) {
             vdisk_ok(&["compact", work.to_str().unwrap()]);
             common::qemu_check_clean(format, &work);
             let compared = Command::new("qemu-img")
@@ -221,7 +185,15 @@ fn kill_torture(image: &Path, block: u64) {
                 .unwrap();
             assert!(compared.success(), "{what}: qemu reads other contents");
         }
-    }
+    };
+    kill_at_random(
+        format,
+        &["compact", work.to_str().unwrap()],
+        30,
+        17,
+        &mut prepare,
+        &mut check,
+    );
 }
 
 #[test]
@@ -401,7 +373,7 @@ fn corpus_images_compact_and_read_the_same() {
             if size <= FULL_READ_LIMIT {
                 assert_eq!(disk_sha(&path), expected, "{name}: {report}");
             }
-            common::qemu_check_clean(qemu_format(&path), &path);
+            common::qemu_check_clean(common::qemu_format(&path), &path);
             compacted += 1;
         }
     }

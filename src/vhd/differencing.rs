@@ -105,7 +105,8 @@ struct DiffBlock {
 pub(super) struct Differencing {
     /// The parent the image names.
     pub link: ParentLink,
-    /// Opened read-only (other children may share it) and attached by the chain module.
+    /// Opened read-only (other children may share it, unless a merge writes into it)
+    /// and attached by the chain module.
     pub parent: Option<Parent>,
     /// Every allocated block with its bitmap as reads must see it.
     blocks: RwLock<HashMap<u64, DiffBlock>>,

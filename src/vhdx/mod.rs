@@ -3,8 +3,7 @@
 //!
 //! Differencing: the image describes its parent (its DataWriteGuid must be the locator's
 //! `parent_linkage`, or `parent_linkage2`) and the chain module hands it over, opened
-//! read-only. NOT_PRESENT
-//! blocks read from the parent; PARTIALLY_PRESENT ones per sector, as their chunk's sector
+//! read-only (writable for a merge, `merge.rs`). NOT_PRESENT blocks read from the parent; PARTIALLY_PRESENT ones per sector, as their chunk's sector
 //! bitmap says; ZERO, UNMAPPED and UNDEFINED read zeros, never the parent. A write into a
 //! NOT_PRESENT block allocates it (and its chunk's bitmap block if missing), completes the
 //! partly written first and last sectors with the parent's bytes, flushes, then journals

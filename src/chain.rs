@@ -11,8 +11,10 @@
 //! path with symlinks resolved, and again on the opened descriptor, so swapping the file
 //! in between gains nothing), must carry a VHD or VHDX signature, must not already be in
 //! the chain (a cycle), and must carry the identity the child recorded for its parent.
-//! Parents are always opened read-only: many children may share one, and any write to a
-//! parent silently changes what every child reads.
+//! Parents are opened read-only: many children may share one, and any write to a parent
+//! silently changes what every child reads. The one exception is a merge
+//! ([`OpenOptions::writable_parent`]), which writes into the first parent what its child
+//! already shows, with the parent locked against every other user.
 
 use crate::disk::{OpenOptions, VirtualDisk};
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -432,6 +434,16 @@ pub fn children_beside(image: &Path) -> Result<Vec<PathBuf>> {
     Ok(children)
 }
 
+/// How a message names children that [`children_beside`] found: the first one, and how
+/// many more there are.
+pub fn name_children(children: &[PathBuf]) -> String {
+    match children {
+        [] => String::new(),
+        [only] => only.display().to_string(),
+        [first, rest @ ..] => format!("{} (and {} more)", first.display(), rest.len()),
+    }
+}
+
 /// The paths a new differencing image at `child` records for its existing `parent`.
 pub fn stored_parent_paths(child: &Path, parent: &Path) -> Result<StoredParentPaths> {
     let canonical = fs::canonicalize(parent)
@@ -477,7 +489,8 @@ pub fn parent_image(child: &Path, parent: &Path) -> Result<ParentImage> {
     })
 }
 
-/// Finds and opens, read-only and without its own parent, the parent `link` names for
+/// Finds and opens, read-only (unless `options` asks for a writable first parent) and
+/// without its own parent, the parent `link` names for
 /// the image `place` describes (whose logical sectors are `sector_size` bytes); returns
 /// where it was found (symlinks resolved), the image, and where the parent sits in turn.
 fn open_parent(
@@ -534,9 +547,11 @@ fn open_parent(
 
 /// Finds `candidate` on the host and checks it can only be an image file: a regular
 /// file outside the kernel's own filesystems, checked on the path and again on the open
-/// descriptor; returns where it resolves to, its device and inode, and the open file.
+/// descriptor; returns where it resolves to, its device and inode, and the file, open
+/// for writing too if `writable`.
 fn locate_host_file(
     candidate: &Path,
+    writable: bool,
 ) -> std::result::Result<(PathBuf, (u64, u64), Located), Attempt> {
     let meta = match fs::metadata(candidate) {
         Ok(meta) => meta,
@@ -565,6 +580,7 @@ fn locate_host_file(
     // is followed at the end of a path that had none.
     let file = fs::OpenOptions::new()
         .read(true)
+        .write(writable)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW)
         .open(&canonical)
         .map_err(|e| refused(candidate, format_args!("cannot open: {e}")))?;
@@ -589,8 +605,10 @@ fn try_parent(
     sector_size: u32,
     options: &OpenOptions,
 ) -> std::result::Result<(PathBuf, Box<dyn Layer>, ImageContext), Attempt> {
+    // Only the first parent, the one a merge writes into; its own parents stay read-only.
+    let writable = options.writable_parent && context.chain.len() == 1;
     let (canonical, (dev, ino), located) = match &context.files {
-        ParentFiles::Host => locate_host_file(candidate)?,
+        ParentFiles::Host => locate_host_file(candidate, writable)?,
         ParentFiles::Memory(files) => {
             let key = lexical(candidate);
             let (index, storage) = files
@@ -617,10 +635,11 @@ fn try_parent(
         ));
     }
     // A parent must not change under its children: shared with readers, kept from
-    // writers (qemu's included) for as long as it is open.
+    // writers (qemu's included) for as long as it is open. One written into is locked as
+    // a read-write mount locks its image.
     let storage: Box<dyn Storage> = match located {
         Located::File(file) => {
-            crate::lock::lock(&file, true).map_err(|problem| refused(candidate, problem))?;
+            crate::lock::lock(&file, !writable).map_err(|problem| refused(candidate, problem))?;
             Box::new(FileStorage::new(file))
         }
         Located::Memory(storage) => Box::new(storage),
@@ -655,9 +674,11 @@ fn try_parent(
         files: context.files.clone(),
     };
     let parent_options = OpenOptions {
-        read_only: true,
+        read_only: !writable,
         format: Some(format),
         parent: None,
+        writable_parent: false,
+        keep_identity: writable,
         ..options.clone()
     };
     let disk = open_layer(storage, &parent_options, &parent_context.budget)

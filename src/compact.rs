@@ -139,18 +139,14 @@ fn compact_file(
     lock::lock(&file, false).map_err(|problem| Error::new(ErrorKind::InUse(problem)))?;
     if !options.force {
         let children = chain::children_beside(path)?;
-        if let Some(child) = children.first() {
+        if !children.is_empty() {
             return Err(Error::invalid_input(format!(
-                "{} is the parent of the differencing image {}{}. Compacting keeps the \
+                "{} is the parent of the differencing image {}. Compacting keeps the \
                  contents and the identity children check, but moves blocks a child's \
                  reader may be using right now if it does not honour image locks (another \
                  host, Hyper-V over a share); pass --force if nothing uses the chain",
                 path.display(),
-                child.display(),
-                match children.len() {
-                    1 => String::new(),
-                    n => format!(" (and {} more)", n - 1),
-                }
+                chain::name_children(&children),
             )));
         }
     }

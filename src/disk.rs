@@ -139,6 +139,13 @@ pub struct OpenOptions {
     /// What discards do; `None`: [`DiscardMode::Unmap`] for dynamic and differencing
     /// images, [`DiscardMode::Zero`] for fixed and raw ones.
     pub discard: Option<DiscardMode>,
+    /// Open the first parent read-write as well, locked as a read-write mount locks an
+    /// image and with `keep_identity`: for merging a differencing image into its parent.
+    pub writable_parent: bool,
+    /// Writes leave the identity children name this image by (VHDX DataWriteGuid) as it
+    /// is: for writing into a parent what its child already shows, which changes nothing
+    /// that child reads.
+    pub keep_identity: bool,
 }
 
 /// How a range of the virtual disk is backed.

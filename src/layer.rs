@@ -119,6 +119,23 @@ pub trait Layer: VirtualDisk + Any {
     fn resizing(&self) -> Option<&dyn Resize> {
         None
     }
+
+    /// Hands every block of a differencing image back to its parent (VHD: unallocated,
+    /// VHDX: NOT_PRESENT), the table change durable before the space is given back. Only
+    /// for an image whose parent already holds everything it shows (after a merge): what
+    /// it reads does not change at any instant.
+    fn clear_to_parent(&self) -> Result<()> {
+        Err(Error::invalid_input("not a differencing image"))
+    }
+
+    /// After a merge wrote this image's data into its parent: gives the parent the new
+    /// identity changed data calls for, where the format has one (VHDX DataWriteGuid; a
+    /// VHD's Unique Id is not renewed by writes), naming it in this image first, so that
+    /// this image finds its parent at every instant and images that named the old
+    /// identity refuse the changed parent.
+    fn relink_merged_parent(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Pins `layer`'s space, if it reuses space, across a mapping and the I/O to it.

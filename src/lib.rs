@@ -36,6 +36,7 @@
 mod bit_runs;
 mod blocking_pool;
 pub mod chain;
+pub mod commit;
 pub mod compact;
 pub mod convert;
 pub mod create;

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use vdisk_mount::commit::{CommitOptions, commit};
 use vdisk_mount::compact::{CompactOptions, Stage, compact, human};
 use vdisk_mount::convert::{ConvertOptions, convert};
 use vdisk_mount::create::{CreateOptions, ImageType, create, parse_size};
@@ -92,6 +93,21 @@ enum Command {
         #[arg(long)]
         json: bool,
         image: PathBuf,
+    },
+    /// Merge a differencing image into its parent (what Merge-VHD does), then remove it.
+    /// Safe to interrupt at any point; refuses images in use.
+    Commit {
+        /// Keep the child, emptied: it reads the merged parent.
+        #[arg(long)]
+        keep_child: bool,
+        /// Merge even when other differencing images beside the parent name it, or images
+        /// beside the child name the child.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
+        child: PathBuf,
     },
     /// Copy an image (with its parents, flattened) into a new image of any format,
     /// skipping what reads as zeros. Never replaces an existing file; the source is
@@ -294,6 +310,25 @@ fn run(command: Command) -> Result<()> {
             &resize(&image, size, &ResizeOptions { shrink, force })?,
             json,
         ),
+        Command::Commit {
+            keep_child,
+            force,
+            json,
+            child,
+        } => {
+            let options = CommitOptions { keep_child, force };
+            let mut display = ProgressLine::new();
+            let report = commit(&child, &options, &mut |p| {
+                display.show(
+                    "merging",
+                    p.done,
+                    p.total,
+                    &format!("{}%", p.done * 100 / p.total.max(1)),
+                )
+            });
+            display.finish();
+            print(&report?, json)
+        }
         Command::Map { json, image } => print(&image_map(&image, &OpenOptions::default())?, json),
     }
 }

@@ -2,7 +2,7 @@
 //! file, it captures each state a power loss could leave there and hands it to a check.
 //! Only test builds have it.
 
-use super::{MemStorage, Storage, Survives};
+use super::{MemStorage, Storage};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -24,30 +24,8 @@ impl<F: Fn(MemStorage, &str) + Send + Sync> Crashing<F> {
 
     /// Checks the states a power loss now would leave.
     pub fn check_crashes(&self) {
-        let pending = self.inner.pending();
-        // Requests since the last flush reach the medium in any order: crashes keep the
-        // first `n` of them, or all but one. Of a long list (a batch of copies into free
-        // space), eight spread over it.
-        let step = pending.len().div_ceil(8).max(1);
-        let samples: Vec<usize> = (0..pending.len()).step_by(step).collect();
-        let prefixes = samples.iter().copied().chain([pending.len()]).map(|n| {
-            let keep: Box<dyn Fn(usize) -> bool> = Box::new(move |i| i < n);
-            (format!("the first {n}"), keep)
-        });
-        let all_but_one = samples.iter().map(|&n| {
-            let keep: Box<dyn Fn(usize) -> bool> = Box::new(move |i| i != n);
-            (format!("all but request {n}"), keep)
-        });
-        for (what, keep) in prefixes.chain(all_but_one) {
-            let crashed = self.inner.power_loss(|i, _| match keep(i) {
-                true => Survives::Everything,
-                false => Survives::Nothing,
-            });
-            let what = format!(
-                "crash keeping {what} of {} unflushed requests",
-                pending.len()
-            );
-            (self.check)(crashed, &what);
+        for (what, crashed) in self.inner.crash_states() {
+            (self.check)(crashed, &format!("crash keeping {what}"));
             self.checked.fetch_add(1, Ordering::Relaxed);
         }
     }

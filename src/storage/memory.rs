@@ -131,6 +131,36 @@ impl MemStorage {
         self.power_loss(|_, _| Survives::Nothing)
     }
 
+    /// Files a power loss now could leave, each with what of the unflushed changes it
+    /// kept. Those reach the medium in any order: a crash keeps the first `n` of them, or
+    /// all but one. Of a long list (a batch of copies), eight `n` spread over it.
+    pub fn crash_states(&self) -> impl Iterator<Item = (String, Self)> + '_ {
+        let pending = self.pending().len();
+        let step = pending.div_ceil(8).max(1);
+        let samples: Vec<usize> = (0..pending).step_by(step).collect();
+        let prefixes = samples.clone().into_iter().chain([pending]).map(move |n| {
+            let crashed = self.power_loss(|i, _| match i < n {
+                true => Survives::Everything,
+                false => Survives::Nothing,
+            });
+            (
+                format!("the first {n} of {pending} unflushed requests"),
+                crashed,
+            )
+        });
+        let all_but_one = samples.into_iter().map(move |n| {
+            let crashed = self.power_loss(|i, _| match i != n {
+                true => Survives::Everything,
+                false => Survives::Nothing,
+            });
+            (
+                format!("all but request {n} of {pending} unflushed"),
+                crashed,
+            )
+        });
+        prefixes.chain(all_but_one)
+    }
+
     fn injected(errno: &AtomicI32) -> io::Result<()> {
         match errno.load(Ordering::SeqCst) {
             0 => Ok(()),

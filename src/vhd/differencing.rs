@@ -105,7 +105,8 @@ struct DiffBlock {
 pub(super) struct Differencing {
     /// The parent the image names.
     pub link: ParentLink,
-    /// Opened read-only (other children may share it) and attached by the chain module.
+    /// Opened read-only (other children may share it, unless a merge writes into it)
+    /// and attached by the chain module.
     pub parent: Option<Parent>,
     /// Every allocated block with its bitmap as reads must see it.
     blocks: RwLock<HashMap<u64, DiffBlock>>,
@@ -199,6 +200,17 @@ impl Differencing {
                 };
                 push_run(runs, bytes.end - bytes.start, mapping);
             }
+        }
+    }
+
+    /// Drops `blocks`, whose BAT entries are unallocated now: they read from the parent,
+    /// and have no bitmap left to write. Called with the allocator held.
+    pub(super) fn forget(&self, blocks: impl Iterator<Item = u64>) {
+        let mut unsaved = self.unsaved_bitmaps.lock();
+        let mut map = self.blocks.write();
+        for block in blocks {
+            map.remove(&block);
+            unsaved.remove(&block);
         }
     }
 

@@ -371,20 +371,24 @@ impl VhdDisk {
         Ok(())
     }
 
-    /// Makes the (block, offset) pairs of `released` unallocated, durably, and only then
-    /// their space a hole and free once no I/O can reach it.
+    /// Unallocates `blocks` (block, offset in the file), with the allocator held: their
+    /// entries durable first, then their space a hole and free. A differencing disk's
+    /// blocks then read from its parent.
     fn unallocate(
         &self,
         d: &Dynamic,
         allocator: &mut Allocator,
-        released: &[(u64, u64)],
+        blocks: &[(u64, u64)],
     ) -> Result<()> {
-        if released.is_empty() {
+        if blocks.is_empty() {
             return Ok(());
         }
-        let entries: Vec<(u64, u32)> = released.iter().map(|&(b, _)| (b, UNALLOCATED)).collect();
+        let entries: Vec<(u64, u32)> = blocks.iter().map(|&(b, _)| (b, UNALLOCATED)).collect();
         self.write_bat_entries(d, &entries, "releasing")?;
-        for &(block, block_at) in released {
+        if let Some(diff) = &d.differencing {
+            diff.forget(blocks.iter().map(|&(b, _)| b));
+        }
+        for &(block, block_at) in blocks {
             self.storage
                 .punch_hole(block_at, d.layout.span())
                 .context(|| format!("releasing the space of block {block}"))?;
@@ -831,6 +835,16 @@ impl Layer for VhdDisk {
 
     fn parent_link(&self) -> Option<&ParentLink> {
         Some(&self.dynamic.as_ref()?.differencing.as_ref()?.link)
+    }
+
+    fn clear_to_parent(&self) -> Result<()> {
+        self.check_writable()?;
+        let Some(d) = self.dynamic.as_ref().filter(|d| d.differencing.is_some()) else {
+            return Err(Error::invalid_input("not a VHD differencing disk"));
+        };
+        let mut allocator = d.allocator.lock();
+        let blocks: Vec<(u64, u64)> = d.bat.read().allocated_blocks().collect();
+        self.unallocate(d, &mut allocator, &blocks)
     }
 
     fn space_gate(&self) -> Option<&SpaceGate> {

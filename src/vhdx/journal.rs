@@ -20,15 +20,18 @@ pub(super) struct Journal {
 
 impl VhdxDisk {
     /// Before the first user-visible change of a session: new FileWriteGuid and
-    /// DataWriteGuid in both headers.
+    /// DataWriteGuid in both headers (FileWriteGuid alone when the identity is kept).
     pub(super) fn begin_user_write(&self) -> Result<()> {
         if self.data_write_started.load(Ordering::Acquire) {
             return Ok(());
         }
         let mut j = self.journal.lock();
         if !j.data_write_guid_changed {
+            let keep = self.keep_identity;
             update_header(self.storage.as_ref(), &mut j, |h| {
-                h.data_write_guid = Uuid::new_v4()
+                if !keep {
+                    h.data_write_guid = Uuid::new_v4()
+                }
             })?;
             j.data_write_guid_changed = true;
         }
@@ -73,7 +76,7 @@ impl VhdxDisk {
             )
             .map(|(file_offset, data)| LogUpdate::Page { file_offset, data })
             .collect();
-        self.commit_pages(j, &updates)?;
+        self.journal_pages(j, &updates, false)?;
         if let Some(d) = &self.differencing {
             let mut bitmaps = d.bitmaps.write();
             for change in bitmap_pages {
@@ -87,9 +90,15 @@ impl VhdxDisk {
         Ok(())
     }
 
-    /// Journals and applies whole metadata pages: each log entry durable, then its pages
-    /// in place durable. Updates that fit one entry are applied together or not at all.
-    pub(super) fn commit_pages(&self, j: &mut Journal, updates: &[LogUpdate]) -> Result<()> {
+    /// Writes whole metadata pages through the log: each entry durable, then its pages in
+    /// place durable. Updates go in order, as few entries as fit; each entry is atomic.
+    /// `atomic` refuses, before writing any, updates that need more than one entry.
+    pub(super) fn journal_pages(
+        &self,
+        j: &mut Journal,
+        updates: &[LogUpdate],
+        atomic: bool,
+    ) -> Result<()> {
         if j.writer.is_none() {
             let aligned = j.file_end.next_multiple_of(MIB);
             if aligned != j.file_end {
@@ -112,7 +121,14 @@ impl VhdxDisk {
         }
         let file_end = j.file_end;
         let writer = j.writer.as_mut().unwrap();
-        for group in writer.split(updates) {
+        let groups = writer.split(updates);
+        if atomic && groups.len() > 1 {
+            return Err(Error::unsupported(format!(
+                "a metadata change of {} pages does not fit one log entry",
+                updates.len()
+            )));
+        }
+        for group in groups {
             writer.write_entry(self.storage.as_ref(), group, file_end, file_end)?;
             self.storage
                 .flush()
@@ -134,6 +150,34 @@ impl VhdxDisk {
             }
         }
         Ok(())
+    }
+
+    /// Sets the payload entries of `blocks` to `state` (which holds no data) through the
+    /// log, then gives their space back (`give_back`).
+    pub(super) fn retire_blocks(
+        &self,
+        j: &mut Journal,
+        blocks: &[u64],
+        state: PayloadState,
+    ) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let block_size = self.layout.block_size;
+        let mut changes = Vec::with_capacity(blocks.len());
+        let mut spaces = Vec::new();
+        for &block in blocks {
+            let entry = self.bat.read().payload(block);
+            if matches!(
+                entry.payload_state(),
+                Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent)
+            ) {
+                let len = block_size.min(self.size() - block * block_size);
+                spaces.push(entry.file_offset()..entry.file_offset() + len);
+            }
+            changes.push((self.layout.payload_index(block), BatEntry::new(state, 0)));
+        }
+        self.give_back(j, &changes, spaces)
     }
 
     /// Reserves `len` bytes reading as zeros at a 1 MiB boundary, in free space if some

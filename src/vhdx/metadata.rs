@@ -150,6 +150,56 @@ impl MetadataTable {
         self.items.iter().find(|i| i.id == id && !i.is_user)
     }
 
+    /// Gives system item `id` room for `len` bytes in a region of `region_len` bytes:
+    /// where it is, if no other item starts before it would end, else after the last
+    /// item. Returns the offset; the table then says both.
+    pub fn resize_item(&mut self, id: Uuid, len: u32, region_len: u64) -> Result<u32> {
+        let index = self
+            .items
+            .iter()
+            .position(|i| i.id == id && !i.is_user)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    CorruptionKind::InvalidField,
+                    "metadata table",
+                    format!("has no item {id}"),
+                )
+            })?;
+        let end = |i: &MetadataItem| u64::from(i.offset) + u64::from(i.length);
+        let fits_at = |at: u64| {
+            at + u64::from(len) <= region_len
+                && self.items.iter().enumerate().all(|(i, other)| {
+                    i == index
+                        || other.length == 0
+                        || at + u64::from(len) <= u64::from(other.offset)
+                        || end(other) <= at
+                })
+        };
+        let current = &self.items[index];
+        let after_all = self
+            .items
+            .iter()
+            .map(end)
+            .fold(METADATA_TABLE_LEN as u64, u64::max);
+        let at = [
+            (current.length != 0).then_some(u64::from(current.offset)),
+            Some(after_all),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|&at| fits_at(at))
+        .ok_or_else(|| {
+            Error::unsupported(format!(
+                "metadata region: no room for {len} bytes of item {id}"
+            ))
+        })?;
+        // Below the region's length, itself a u32.
+        let at = at as u32;
+        self.items[index].offset = at;
+        self.items[index].length = len;
+        Ok(at)
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut raw = RawMetadataTable::new_zeroed();
         raw.signature = *SIGNATURE;
@@ -456,5 +506,42 @@ pub(crate) mod tests {
         );
         table(&mut r).entries[5].flags = 0.into();
         assert!(read(&r).is_ok(), "unknown optional items are ignored");
+    }
+
+    #[test]
+    fn a_resized_item_stays_where_it_has_room_and_moves_past_the_others_otherwise() {
+        let region = region_with(&params(), MIB as usize);
+        let mut table = MetadataTable::parse(&region[..METADATA_TABLE_LEN], MIB).unwrap();
+        let base = METADATA_TABLE_LEN as u32;
+        // Virtual Disk ID (16 bytes at 16) has the Logical Sector Size right after it.
+        assert_eq!(
+            table.resize_item(VIRTUAL_DISK_ID, 12, MIB).unwrap(),
+            base + 16
+        );
+        assert_eq!(
+            table.resize_item(VIRTUAL_DISK_ID, 16, MIB).unwrap(),
+            base + 16
+        );
+        assert_eq!(
+            table.resize_item(VIRTUAL_DISK_ID, 17, MIB).unwrap(),
+            base + 40
+        );
+        // The last item grows in place.
+        assert_eq!(
+            table.resize_item(VIRTUAL_DISK_ID, 100, MIB).unwrap(),
+            base + 40
+        );
+        let item = table.find(VIRTUAL_DISK_ID).unwrap();
+        assert_eq!((item.offset, item.length), (base + 40, 100));
+        assert_eq!(
+            table.resize_item(LOGICAL_SECTOR_SIZE, 20, MIB).unwrap(),
+            base + 140
+        );
+        assert_eq!(MetadataTable::parse(&table.to_bytes(), MIB).unwrap(), table);
+        let err = table
+            .resize_item(PHYSICAL_SECTOR_SIZE, MIB as u32, MIB)
+            .unwrap_err();
+        assert!(err.to_string().contains("no room"), "{err}");
+        assert!(table.resize_item(PARENT_LOCATOR, 4, MIB).is_err());
     }
 }

@@ -3,8 +3,7 @@
 //!
 //! Differencing: the image describes its parent (its DataWriteGuid must be the locator's
 //! `parent_linkage`, or `parent_linkage2`) and the chain module hands it over, opened
-//! read-only. NOT_PRESENT
-//! blocks read from the parent; PARTIALLY_PRESENT ones per sector, as their chunk's sector
+//! read-only (writable for a merge, `merge.rs`). NOT_PRESENT blocks read from the parent; PARTIALLY_PRESENT ones per sector, as their chunk's sector
 //! bitmap says; ZERO, UNMAPPED and UNDEFINED read zeros, never the parent. A write into a
 //! NOT_PRESENT block allocates it (and its chunk's bitmap block if missing), completes the
 //! partly written first and last sectors with the parent's bytes, flushes, then journals
@@ -40,6 +39,7 @@ pub mod fuzzing;
 pub mod header;
 mod journal;
 pub mod log;
+mod merge;
 pub mod metadata;
 mod opening;
 pub mod parent_locator;
@@ -81,10 +81,14 @@ use write::BitmapPageChange;
 
 /// What a differencing image has besides a dynamic one.
 struct Differencing {
-    locator: ParentLocator,
-    /// The parent the locator names.
+    /// Rewritten only under the journal lock (a merge renames the parent).
+    locator: RwLock<ParentLocator>,
+    /// The parent the locator named when the image was opened.
     link: ParentLink,
-    /// Opened read-only (other children may share it) and attached by the chain module.
+    /// Where the metadata region holding the locator is in the file.
+    metadata_region: Range<u64>,
+    /// Opened read-only (other children may share it, unless a merge writes into it)
+    /// and attached by the chain module.
     parent: Option<Parent>,
     /// Sector bitmaps of the chunks that have one; changed only under the journal lock,
     /// and always before the BAT entries that make them count.
@@ -130,6 +134,8 @@ pub struct VhdxDisk {
     space: SpaceGate,
     /// Fast path: the header update for user-visible writes is done.
     data_write_started: AtomicBool,
+    /// User-visible writes keep DataWriteGuid (`OpenOptions::keep_identity`).
+    keep_identity: bool,
     /// A metadata change failed after its log entry became durable; the in-place BAT may
     /// be stale until the image is reopened (and the log replayed).
     poisoned: AtomicBool,
@@ -157,7 +163,7 @@ impl VhdxDisk {
             parent_locator: self
                 .differencing
                 .as_ref()
-                .map(|d| d.locator.entries.clone()),
+                .map(|d| d.locator.read().entries.clone()),
         }
     }
 
@@ -377,12 +383,7 @@ impl Layer for VhdxDisk {
             let block_len = block_size.min(self.size() - piece.block * block_size);
             let whole = piece.in_block == 0 && piece.len as u64 == block_len;
             if holds_data && whole && (child || !self.params.leave_blocks_allocated) {
-                let space = matches!(
-                    state,
-                    Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent)
-                )
-                .then(|| entry.file_offset()..entry.file_offset() + block_len);
-                whole_blocks.push((piece.block, space));
+                whole_blocks.push(piece.block);
                 continue;
             }
             let at = offset + piece.at as u64;
@@ -391,20 +392,7 @@ impl Layer for VhdxDisk {
                 _ => rest.push((at, piece.len as u64)),
             }
         }
-        if whole_blocks.is_empty() {
-            return Ok(rest);
-        }
-        let changes: Vec<(u64, BatEntry)> = whole_blocks
-            .iter()
-            .map(|&(b, _)| {
-                (
-                    self.layout.payload_index(b),
-                    BatEntry::new(PayloadState::Zero, 0),
-                )
-            })
-            .collect();
-        let spaces: Vec<Range<u64>> = whole_blocks.into_iter().filter_map(|(_, s)| s).collect();
-        self.give_back(&mut j, &changes, spaces)?;
+        self.retire_blocks(&mut j, &whole_blocks, PayloadState::Zero)?;
         Ok(rest)
     }
 
@@ -432,6 +420,14 @@ impl Layer for VhdxDisk {
 
     fn parent_layer(&self) -> Option<&Parent> {
         self.differencing.as_ref()?.parent.as_ref()
+    }
+
+    fn clear_to_parent(&self) -> Result<()> {
+        self.clear_blocks_to_parent()
+    }
+
+    fn relink_merged_parent(&self) -> Result<()> {
+        self.relink_parent()
     }
 
     fn facts(&self) -> LayerFacts {

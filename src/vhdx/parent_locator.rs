@@ -158,6 +158,31 @@ impl ParentLocator {
         Ok(found)
     }
 
+    /// This locator naming the parent by `linkages`: the first as `parent_linkage`, a
+    /// second as `parent_linkage2`, which goes when there is none. Braced, and upper case
+    /// if the stored `parent_linkage` was.
+    pub fn relinked(&self, linkages: &[Uuid]) -> ParentLocator {
+        let upper = self
+            .get(PARENT_LINKAGE)
+            .is_some_and(|v| v.chars().any(|c| c.is_ascii_uppercase()));
+        let text = |id: &Uuid| {
+            let braced = format!("{{{}}}", id.hyphenated());
+            if upper { braced.to_uppercase() } else { braced }
+        };
+        let mut entries: Vec<(String, String)> = self
+            .entries
+            .iter()
+            .filter(|(key, _)| key != PARENT_LINKAGE && key != PARENT_LINKAGE2)
+            .cloned()
+            .collect();
+        let named = [PARENT_LINKAGE, PARENT_LINKAGE2]
+            .iter()
+            .zip(linkages)
+            .map(|(key, id)| (key.to_string(), text(id)));
+        entries.splice(0..0, named);
+        ParentLocator { entries }
+    }
+
     /// The stored paths in the order the specification tries them.
     pub fn paths(&self) -> Vec<ParentPath> {
         [
@@ -286,5 +311,29 @@ mod tests {
             entries: vec![(PARENT_LINKAGE.into(), "{nope}".into())],
         };
         assert!(bad_guid.linkages().is_err());
+    }
+
+    #[test]
+    fn relinking_names_one_or_two_parents_in_the_stored_letter_case() {
+        let (a, b) = (Uuid::from_u128(0xabcdef), Uuid::from_u128(0x12));
+        let both = locator().relinked(&[a, b]);
+        assert_eq!(both.linkages().unwrap(), [a, b]);
+        assert_eq!(
+            both.get(PARENT_LINKAGE2),
+            Some("{00000000-0000-0000-0000-000000000012}")
+        );
+        assert_eq!(both.paths(), locator().paths());
+        let one = both.relinked(&[b]);
+        assert_eq!(one.linkages().unwrap(), [b]);
+        assert_eq!(one.get(PARENT_LINKAGE2), None);
+        assert_eq!(one.entries.len(), locator().entries.len());
+        assert_eq!(ParentLocator::parse(&one.to_bytes()).unwrap(), one);
+
+        let mut upper = locator();
+        upper.entries[0].1 = upper.entries[0].1.to_uppercase();
+        assert_eq!(
+            upper.relinked(&[a]).get(PARENT_LINKAGE),
+            Some("{00000000-0000-0000-0000-000000ABCDEF}")
+        );
     }
 }

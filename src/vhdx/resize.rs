@@ -269,7 +269,7 @@ impl VhdxDisk {
         let writes: Vec<(u64, &[u8])> = logged.iter().map(|(o, b)| (*o, &b[..])).collect();
         let entries = self.page_updates(&writes)?;
         if !entries.is_empty() {
-            self.commit_pages(&mut self.journal.lock(), &entries)?;
+            self.journal_pages(&mut self.journal.lock(), &entries, false)?;
         }
 
         let mut regions = described.regions.clone();
@@ -300,11 +300,9 @@ impl VhdxDisk {
         if let Some(table) = &table {
             writes.extend(REGION_TABLE_OFFSETS.map(|offset| (offset, &table[..])));
         }
-        // A few pages, which one log entry applies whole or not at all. Were it ever split,
-        // the region tables (lower in the file, so first) would go first: a larger BAT
-        // region under the old size is a valid image too.
+        // A few pages, which one log entry applies whole or not at all.
         let updates = self.page_updates(&writes)?;
-        self.commit_pages(&mut self.journal.lock(), &updates)
+        self.journal_pages(&mut self.journal.lock(), &updates, true)
     }
 
     fn shrink_to(&self, size: u64) -> Result<()> {

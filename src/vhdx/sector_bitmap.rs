@@ -43,6 +43,13 @@ impl SectorBitmaps {
         self.pages.len()
     }
 
+    /// The pages with a bit set, as (chunk, page), in order.
+    pub fn held_pages(&self) -> Vec<(u64, u64)> {
+        let mut held: Vec<(u64, u64)> = self.pages.keys().copied().collect();
+        held.sort_unstable();
+        held
+    }
+
     #[cfg(test)]
     pub fn contains(&self, chunk: u64) -> bool {
         self.pages.keys().any(|&(c, _)| c == chunk)

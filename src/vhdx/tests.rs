@@ -1096,3 +1096,84 @@ fn a_refused_discard_leaves_the_image_untouched() {
     assert_eq!(storage.write_count(), 0);
     assert_eq!(storage.contents(), image);
 }
+
+#[test]
+fn relinking_moves_a_parent_locator_that_outgrows_its_room() {
+    let (parent, mut child, model) = parent_and_child(2 * MIB, 2 * MIB, 512);
+    let region = {
+        let disk = open_child(
+            Arc::new(MemStorage::from_vec(child.clone())),
+            &parent,
+            true,
+            unlimited(),
+        )
+        .unwrap();
+        disk.differencing.as_ref().unwrap().metadata_region.clone()
+    };
+    let at = region.start as usize;
+    let mut table = MetadataTable::parse(&child[at..at + METADATA_TABLE_LEN], MIB).unwrap();
+    let locator = table.find(PARENT_LOCATOR).unwrap().clone();
+    // A user item right after the locator leaves it no room to grow in place.
+    let user = metadata::MetadataItem {
+        id: Uuid::from_u128(0x5e5),
+        offset: locator.offset + locator.length,
+        length: 16,
+        is_user: true,
+        is_virtual_disk: false,
+        is_required: false,
+    };
+    table.items.push(user.clone());
+    put(&mut child, region.start, &table.to_bytes());
+    let user_at = at + user.offset as usize;
+    child[user_at..user_at + 16].copy_from_slice(&[0xEE; 16]);
+
+    let child = Arc::new(MemStorage::from_vec(child));
+    let mut disk = VhdxDisk::open(Box::new(child.clone()), &OpenOptions::default()).unwrap();
+    disk.attach_parent(Parent {
+        path: "base.vhdx".into(),
+        layer: Box::new(open_storage(parent.clone(), false).unwrap()),
+    });
+    disk.relink_parent().unwrap();
+    disk.close().unwrap();
+    drop(disk);
+    let disk = open_child(child.clone(), &parent, true, unlimited()).unwrap();
+    assert!(read_all(&disk) == model);
+    let bytes = child.contents();
+    let table = MetadataTable::parse(&bytes[at..at + METADATA_TABLE_LEN], MIB).unwrap();
+    let moved = table.find(PARENT_LOCATOR).unwrap();
+    assert_eq!(moved.offset, user.offset + user.length);
+    assert_eq!(&bytes[user_at..user_at + 16], &[0xEE; 16]);
+    let old = at + locator.offset as usize;
+    assert!(
+        bytes[old..old + locator.length as usize]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    let entries = disk.info().parent_locator.unwrap();
+    assert!(
+        entries
+            .iter()
+            .all(|(k, _)| k != parent_locator::PARENT_LINKAGE2)
+    );
+}
+
+#[test]
+fn a_child_cleared_to_its_parent_keeps_no_block_and_no_bit() {
+    let (parent, child, _) = parent_and_child(4 * MIB, 4 * MIB, 512);
+    let storage = Arc::new(MemStorage::from_vec(child));
+    let disk = open_child(storage.clone(), &parent, false, unlimited()).unwrap();
+    disk.write_at(&[7; 5000], MIB - 100).unwrap();
+    disk.discard(2 * MIB, MIB).unwrap();
+    disk.clear_blocks_to_parent().unwrap();
+    disk.close().unwrap();
+    drop(disk);
+    let again = open_child(storage, &parent, true, unlimited()).unwrap();
+    let bat = again.bat.read();
+    assert!(
+        (0..again.layout.payload_blocks)
+            .all(|b| bat.payload(b).payload_state() == Some(PayloadState::NotPresent))
+    );
+    let d = again.differencing.as_ref().unwrap();
+    assert_eq!(d.bitmaps.read().page_count(), 0);
+    assert_eq!(again.info().allocated_blocks, 0);
+}

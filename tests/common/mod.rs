@@ -156,6 +156,19 @@ pub fn qemu_convert_to_raw(format: &str, image: &Path, dst: &Path) {
         .arg(dst));
 }
 
+/// qemu's name for the format of `image`, told by its extension: `vhdx`, else `vpc`.
+pub fn qemu_format(image: &Path) -> &'static str {
+    match image.extension().and_then(|e| e.to_str()) {
+        Some("vhdx") => "vhdx",
+        _ => "vpc",
+    }
+}
+
+/// Copies `from` to `to` keeping its holes.
+pub fn copy_sparse(from: &Path, to: &Path) {
+    run(Command::new("cp").arg("--sparse=always").arg(from).arg(to));
+}
+
 /// `qemu-img check` must report no errors.
 pub fn qemu_check_clean(format: &str, image: &Path) {
     let out = Command::new("qemu-img")

@@ -37,36 +37,32 @@ pub fn info_json(path: &Path) -> Value {
     serde_json::from_str(&vdisk_ok(&["info", "--json", path.to_str().unwrap()])).unwrap()
 }
 
-/// Copies `from` to `to` keeping its holes.
-pub fn copy_sparse(from: &Path, to: &Path) {
-    super::run(Command::new("cp").arg("--sparse=always").arg(from).arg(to));
-}
-
-/// Runs `vdisk ARGS` on fresh copies of `image` at `work`, killed at random instants,
-/// until `kills` runs were killed before they finished; after each run `check(what,
-/// attempt)` looks at the copy left behind. A first run, not killed, times a whole one.
-pub fn kill_at_random_instants(
-    image: &Path,
-    work: &Path,
+/// `vdisk ARGS` killed at random instants. Times one whole run (after `prepare`), then
+/// until `kills` runs were killed: `prepare`, start it, kill it after a random part of
+/// that time, and hand `check` the attempt's number and whether the run was killed
+/// before it finished. `what` names the case in the failure for too few kills.
+pub fn kill_at_random(
+    what: &str,
     args: &[&str],
-    kills: u32,
-    mut check: impl FnMut(&str, u32),
+    kills: usize,
+    seed: u64,
+    prepare: &mut dyn FnMut(),
+    check: &mut dyn FnMut(usize, bool),
 ) {
-    copy_sparse(image, work);
+    prepare();
     let started = Instant::now();
     vdisk_ok(args);
     let whole = started.elapsed();
-    let mut rng = StdRng::seed_from_u64(17);
+    let mut rng = StdRng::seed_from_u64(seed);
     let (mut killed, mut attempts) = (0, 0);
     while killed < kills {
         attempts += 1;
         assert!(
             attempts <= 200,
-            "vdisk {args:?}: only {killed} of {attempts} runs were killed before they \
-             finished (a whole run takes {whole:?})"
+            "{what}: only {killed} of {attempts} runs were killed before they finished \
+             (a whole run takes {whole:?})"
         );
-        std::fs::remove_file(work).unwrap();
-        copy_sparse(image, work);
+        prepare();
         let mut child = Command::new(VDISK)
             .args(args)
             .stdout(Stdio::null())
@@ -75,9 +71,10 @@ pub fn kill_at_random_instants(
         std::thread::sleep(whole.mul_f64(rng.random_range(0.0..1.0)));
         let _ = child.kill();
         let status = child.wait().unwrap();
-        if status.code().is_none() {
+        let was_killed = status.code().is_none();
+        if was_killed {
             killed += 1;
         }
-        check(&format!("kill {attempts} ({status})"), attempts);
+        check(attempts, was_killed);
     }
 }

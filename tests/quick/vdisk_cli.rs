@@ -1,5 +1,6 @@
 //! The `vdisk` command on its own: `create` picks the format (children follow their
-//! parent) and refuses what it cannot do with one line, leaving no file behind. What qemu
+//! parent) and refuses what it cannot do with one line, leaving no file behind; `commit`
+//! says what it merged. What qemu
 //! and libvhdi make of created images, and `info` on the corpus, are in the system tier's
 //! `vdisk_cli` module.
 
@@ -115,4 +116,37 @@ fn create_picks_the_format_and_refuses_what_it_cannot_do() {
     ] {
         assert!(!dir.path().join(name).exists(), "{name} left behind");
     }
+}
+
+#[test]
+fn commit_says_what_it_merged_and_refuses_an_image_without_a_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = (dir.path().join("base.vhdx"), dir.path().join("child.vhdx"));
+    vdisk_ok(&["create", "--size", "8M", base.to_str().unwrap()]);
+    vdisk_ok(&[
+        "create",
+        "--parent",
+        base.to_str().unwrap(),
+        child.to_str().unwrap(),
+    ]);
+    let disk = vdisk_mount::open(&child, &Default::default()).unwrap();
+    disk.write_at(&[0x3C; 3 << 20], MIB).unwrap();
+    disk.close().unwrap();
+    drop(disk);
+    let err = vdisk_fails(&["commit", base.to_str().unwrap()]);
+    assert!(err.contains("not a differencing image"), "{err}");
+    let said = vdisk_ok(&["commit", child.to_str().unwrap()]);
+    assert_eq!(
+        said,
+        format!(
+            "{} merged into {}: 3.0 MiB written, 0 bytes zeroed; child removed\n",
+            child.display(),
+            fs::canonicalize(&base).unwrap().display()
+        )
+    );
+    assert!(!child.exists());
+    let disk = vdisk_mount::open(&base, &Default::default()).unwrap();
+    let mut buf = vec![0u8; 3 << 20];
+    disk.read_at(&mut buf, MIB).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x3C));
 }

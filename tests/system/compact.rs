@@ -4,7 +4,7 @@
 
 use crate::common;
 use crate::common::mount::{self, FsMount, LoopDevice, Mount};
-use crate::common::vdisk::{kill_at_random_instants, vdisk_fails, vdisk_ok};
+use crate::common::vdisk::{kill_at_random, vdisk_fails, vdisk_ok};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::Value;
@@ -25,18 +25,11 @@ fn disk_sha(image: &Path) -> String {
     common::sha256_disk(common::chain::open(image, true).as_ref())
 }
 
-fn qemu_format(image: &Path) -> &'static str {
-    match image.extension().and_then(|e| e.to_str()) {
-        Some("vhdx") => "vhdx",
-        _ => "vpc",
-    }
-}
-
 /// ext4 inside a 1 GiB image keeps 100 MiB of files and gives 300 MiB back by fstrim;
 /// compact then cuts the file to the blocks still used (within two blocks and the
 /// metadata), and qemu and libvhdi read what the disk held before.
 fn compact_after_trim(image: &Path, block: u64) {
-    let format = qemu_format(image);
+    let format = common::qemu_format(image);
     let kept = mount::pattern(5, 100 * MIB as usize);
     {
         let vdisk = Mount::new(image, &[]);
@@ -163,7 +156,7 @@ fn fragment(image: &Path, seed: u64, block: u64) {
 /// same contents, and a second compaction finishes it to an image qemu checks clean and
 /// reads the same.
 fn kill_torture(image: &Path, block: u64) {
-    let format = qemu_format(image);
+    let format = common::qemu_format(image);
     let dir = image.parent().unwrap();
     fragment(image, 3, block);
     let expected = disk_sha(image);
@@ -173,16 +166,16 @@ fn kill_torture(image: &Path, block: u64) {
         "work.{}",
         image.extension().unwrap().to_str().unwrap()
     ));
-    let args = ["compact", work.to_str().unwrap()];
-    kill_at_random_instants(image, &work, &args, 30, |what, attempt| {
-        assert_eq!(
-            disk_sha(&work),
-            expected,
-            "{format}: {what}: contents changed"
-        );
+    let mut prepare = || {
+        let _ = std::fs::remove_file(&work);
+        common::copy_sparse(image, &work);
+    };
+    let mut check = |attempt: usize, _killed: bool| {
+        let what = format!("{format}: kill {attempt}");
+        assert_eq!(disk_sha(&work), expected, "{what}: contents changed");
         // Every third one is finished and checked by qemu too.
-        if attempt % 3 == 0 {
-            vdisk_ok(&args);
+        if attempt.is_multiple_of(3) {
+            vdisk_ok(&["compact", work.to_str().unwrap()]);
             common::qemu_check_clean(format, &work);
             let compared = Command::new("qemu-img")
                 .args(["compare", "-q", "-f", format, "-F", "raw"])
@@ -195,7 +188,15 @@ fn kill_torture(image: &Path, block: u64) {
                 "{format}: {what}: qemu reads other contents"
             );
         }
-    });
+    };
+    kill_at_random(
+        format,
+        &["compact", work.to_str().unwrap()],
+        30,
+        17,
+        &mut prepare,
+        &mut check,
+    );
 }
 
 #[test]
@@ -375,7 +376,7 @@ fn corpus_images_compact_and_read_the_same() {
             if size <= FULL_READ_LIMIT {
                 assert_eq!(disk_sha(&path), expected, "{name}: {report}");
             }
-            common::qemu_check_clean(qemu_format(&path), &path);
+            common::qemu_check_clean(common::qemu_format(&path), &path);
             compacted += 1;
         }
     }

@@ -15,6 +15,7 @@ mod common;
 
 mod chain_mount;
 mod cli;
+mod commit;
 mod compact;
 mod convert;
 mod corpus_probe;

@@ -5,7 +5,7 @@
 
 use crate::common;
 use crate::common::mount::{self, Mount};
-use crate::common::vdisk::{kill_at_random_instants, vdisk_fails, vdisk_ok};
+use crate::common::vdisk::{kill_at_random, vdisk_fails, vdisk_ok};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::Value;
@@ -269,7 +269,7 @@ fn kill_torture(image: &Path, block: u64, size: &str, extra: &[&str]) {
         "done.{}",
         image.extension().unwrap().to_str().unwrap()
     ));
-    common::vdisk::copy_sparse(image, &finished);
+    common::copy_sparse(image, &finished);
     let args_for = |target: &Path| -> Vec<String> {
         let mut args = vec!["resize".to_string()];
         args.extend(extra.iter().map(|a| a.to_string()));
@@ -285,23 +285,29 @@ fn kill_torture(image: &Path, block: u64, size: &str, extra: &[&str]) {
 
     let args = args_for(&work);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    kill_at_random_instants(image, &work, &args, 24, |what, attempt| {
+    let mut prepare = || {
+        let _ = std::fs::remove_file(&work);
+        common::copy_sparse(image, &work);
+    };
+    let mut check = |attempt: usize, _killed: bool| {
+        let what = format!("{format}: kill {attempt}");
         let found = disk_state(&work);
         assert!(
             found == before || found == after,
-            "{format}: {what}: the disk reads neither as before nor as after (size {})",
+            "{what}: the disk reads neither as before nor as after (size {})",
             found.0
         );
         // Every third one is finished and checked by qemu too.
-        if attempt % 3 == 0 {
+        if attempt.is_multiple_of(3) {
             vdisk_ok(&args);
             common::qemu_check_clean(format, &work);
             assert!(
                 qemu_reads(&work, &reference),
-                "{format}: {what}: qemu reads otherwise"
+                "{what}: qemu reads otherwise"
             );
         }
-    });
+    };
+    kill_at_random(format, &args, 24, 17, &mut prepare, &mut check);
 }
 
 fn torture_image(name: &str, block: &str) -> (tempfile::TempDir, PathBuf) {
@@ -353,7 +359,7 @@ fn corpus_images_grow_and_read_the_same() {
                 continue;
             }
             let original = dir.path().join(format!("original{suffix}"));
-            common::vdisk::copy_sparse(&path, &original);
+            common::copy_sparse(&path, &original);
             let size = common::chain::open(&path, true).size();
             let block_size = common::vdisk::info_json(&path)["block_size"]
                 .as_u64()

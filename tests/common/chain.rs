@@ -40,8 +40,13 @@ pub fn read_all(disk: &dyn VirtualDisk) -> Vec<u8> {
 /// libvhdi 20210425 looks for a VHDX parent only by the file name in
 /// `absolute_win32_path` (beside the child), never by `relative_path`.
 pub fn child_of(parent: &Path, path: &Path) {
+    child_of_with(parent, path, &[]);
+}
+
+/// `child_of` with more `vdisk create` options.
+pub fn child_of_with(parent: &Path, path: &Path, options: &[&str]) {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vdisk"));
-    command.arg("create").arg("--parent").arg(parent);
+    command.arg("create").args(options).arg("--parent").arg(parent);
     if path.extension().is_some_and(|e| e == "vhdx") {
         let name = parent.file_name().unwrap().to_str().unwrap();
         command.arg(format!("--parent-win-path=C:\\images\\{name}"));

@@ -73,14 +73,7 @@ fn assert_parent_reads(parent: &Path, expected: &[u8], what: &str) {
 /// discard over whole blocks the parent holds data in, and zeros written over more.
 /// Returns what it must read: vhdimount's reading of the parent, with those changes.
 fn scribbled_child(parent: &Path, child: &Path, seed: u64) -> Vec<u8> {
-    vdisk_ok(&[
-        "create",
-        "--block-size",
-        "1M",
-        "--parent",
-        parent.to_str().unwrap(),
-        child.to_str().unwrap(),
-    ]);
+    common::chain::child_of_with(parent, child, &["--block-size", "1M"]);
     let mut model = common::vhdimount_read(parent);
     let writes = random_writes(&mut model, &mut StdRng::seed_from_u64(seed), 30);
     write_directly(child, &writes);

@@ -374,6 +374,27 @@ fn corpus_images_grow_and_read_the_same() {
             assert!(after >= target, "{name}: {report}");
             let format = qemu_format(&path);
             common::qemu_check_clean(format, &path);
+            if target > 1 << 40 {
+                // qemu's VHDX driver reports no allocation status, so a comparison would
+                // read the whole 5 TiB: qemu reads zeros just past the old end and at the
+                // new one, then the disk shrinks back to be compared whole.
+                let probes = [size, after - MIB];
+                for at in probes {
+                    let read = Command::new("qemu-io")
+                        .args(["-f", format, "-r", "-c"])
+                        .arg(format!("read -P 0 {at} 512"))
+                        .arg(&path)
+                        .output()
+                        .unwrap();
+                    let said = String::from_utf8_lossy(&read.stdout);
+                    assert!(
+                        read.status.success() && !said.contains("Pattern verification failed"),
+                        "{name}: qemu reads other than zeros at {at}: {said}"
+                    );
+                }
+                resize_json(&path, &size.to_string(), &["--shrink"]);
+                common::qemu_check_clean(format, &path);
+            }
             // Different sizes: qemu compares the common part and wants zeros past it.
             let compared = Command::new("qemu-img")
                 .args(["compare", "-q", "-f", format, "-F", format])

@@ -46,7 +46,11 @@ pub fn child_of(parent: &Path, path: &Path) {
 /// `child_of` with more `vdisk create` options.
 pub fn child_of_with(parent: &Path, path: &Path, options: &[&str]) {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vdisk"));
-    command.arg("create").args(options).arg("--parent").arg(parent);
+    command
+        .arg("create")
+        .args(options)
+        .arg("--parent")
+        .arg(parent);
     if path.extension().is_some_and(|e| e == "vhdx") {
         let name = parent.file_name().unwrap().to_str().unwrap();
         command.arg(format!("--parent-win-path=C:\\images\\{name}"));

@@ -341,7 +341,7 @@ fn commit_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{MemStorage, Storage, Survives};
+    use crate::storage::{CrashingStorage, MemStorage, Storage};
     use crate::vhd::{VhdCreateOptions, VhdKind, create_vhd};
     use crate::vhdx::create::{VhdxCreateOptions, VhdxKind, create_vhdx};
     use rand::rngs::StdRng;
@@ -475,69 +475,6 @@ mod tests {
         }
     }
 
-    /// Captures, before every request that changes the file, each state a power loss
-    /// could leave, and checks it opens with the disk's contents.
-    struct Crashing {
-        inner: Arc<MemStorage>,
-        contents: Vec<u8>,
-        checked: std::sync::atomic::AtomicUsize,
-    }
-
-    impl Crashing {
-        fn check_crashes(&self) {
-            let pending = self.inner.pending();
-            // Requests since the last flush reach the medium in any order: crashes keep
-            // the first `n` of them, or all but one. Of a long list (a batch of copies
-            // into free space), eight spread over it.
-            let step = pending.len().div_ceil(8).max(1);
-            let samples: Vec<usize> = (0..pending.len()).step_by(step).collect();
-            let prefixes = samples.iter().copied().chain([pending.len()]).map(|n| {
-                let keep: Box<dyn Fn(usize) -> bool> = Box::new(move |i| i < n);
-                (format!("the first {n}"), keep)
-            });
-            let all_but_one = samples.iter().map(|&n| {
-                let keep: Box<dyn Fn(usize) -> bool> = Box::new(move |i| i != n);
-                (format!("all but request {n}"), keep)
-            });
-            for (what, keep) in prefixes.chain(all_but_one) {
-                let crashed = self.inner.power_loss(|i, _| match keep(i) {
-                    true => Survives::Everything,
-                    false => Survives::Nothing,
-                });
-                let disk = open(Box::new(crashed), true)
-                    .unwrap_or_else(|e| panic!("crash keeping {what} requests: {e}"));
-                assert!(
-                    read_all(disk.as_ref()) == self.contents,
-                    "crash keeping {what} of {} unflushed requests changed the contents",
-                    pending.len()
-                );
-                self.checked
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-    }
-
-    impl Storage for Crashing {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            self.inner.read_at(buf, offset)
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-            self.check_crashes();
-            self.inner.write_at(buf, offset)
-        }
-        fn flush(&self) -> std::io::Result<()> {
-            self.check_crashes();
-            self.inner.flush()
-        }
-        fn len(&self) -> std::io::Result<u64> {
-            self.inner.len()
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.check_crashes();
-            self.inner.set_len(len)
-        }
-    }
-
     #[test]
     fn a_crash_at_any_instant_of_a_compaction_keeps_the_contents() {
         for (format, size, block, sector) in [
@@ -545,14 +482,20 @@ mod tests {
             ("vhdx", 8 * MIB, MIB, 4096),
         ] {
             let (image, contents) = fragmented(format, size, block, sector);
-            let storage = Arc::new(Crashing {
-                inner: Arc::new(MemStorage::from_vec(image)),
-                contents,
-                checked: Default::default(),
-            });
+            let storage = Arc::new(CrashingStorage::new(
+                Arc::new(MemStorage::from_vec(image)),
+                move |what, crashed| {
+                    let disk = open(Box::new(crashed), true)
+                        .unwrap_or_else(|e| panic!("crash keeping {what}: {e}"));
+                    assert!(
+                        read_all(disk.as_ref()) == contents,
+                        "crash keeping {what} changed the contents"
+                    );
+                },
+            ));
             compact_mem(Box::new(storage.clone()), true).unwrap();
             storage.check_crashes();
-            let checked = storage.checked.load(std::sync::atomic::Ordering::Relaxed);
+            let checked = storage.checked();
             assert!(checked > 30, "{format}: only {checked} crash states");
         }
     }

@@ -36,11 +36,13 @@
 mod bit_runs;
 mod blocking_pool;
 pub mod chain;
+pub mod check;
 pub mod compact;
 pub mod convert;
 pub mod create;
 pub mod disk;
 pub mod error;
+pub mod finding;
 pub mod free_space;
 pub mod fuse;
 pub mod info;

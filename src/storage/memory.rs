@@ -4,7 +4,8 @@
 use super::Storage;
 use parking_lot::Mutex;
 use std::io;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 /// One change made since the last flush, kept so a power loss can drop or tear it.
 #[derive(Debug, Clone)]
@@ -201,5 +202,85 @@ impl Storage for MemStorage {
         state.current.resize(len as usize, 0);
         state.pending.push(PendingOp::SetLen(len));
         Ok(())
+    }
+}
+
+/// What a test does with each state a power loss could leave ([`CrashingStorage`]): `what`
+/// says which requests survived.
+pub type CrashCheck = dyn Fn(&str, MemStorage) + Send + Sync;
+
+/// An in-memory file that, before every request changing it, hands each state a power
+/// loss could leave at that instant to a check: a driver's crash safety, tried at every
+/// step of whatever it does.
+pub struct CrashingStorage {
+    pub inner: Arc<MemStorage>,
+    check: Box<CrashCheck>,
+    checked: AtomicUsize,
+}
+
+impl CrashingStorage {
+    pub fn new(
+        inner: Arc<MemStorage>,
+        check: impl Fn(&str, MemStorage) + Send + Sync + 'static,
+    ) -> CrashingStorage {
+        CrashingStorage {
+            inner,
+            check: Box::new(check),
+            checked: AtomicUsize::new(0),
+        }
+    }
+
+    /// How many crash states were checked.
+    pub fn checked(&self) -> usize {
+        self.checked.load(Ordering::Relaxed)
+    }
+
+    /// Checks the states a power loss now could leave. Requests since the last flush
+    /// reach the medium in any order: crashes keep the first `n` of them, or all but one.
+    /// Of a long list (a batch of copies), eight spread over it.
+    pub fn check_crashes(&self) {
+        let pending = self.inner.pending();
+        let step = pending.len().div_ceil(8).max(1);
+        let samples: Vec<usize> = (0..pending.len()).step_by(step).collect();
+        let prefixes = samples.iter().copied().chain([pending.len()]).map(|n| {
+            let keep: Box<dyn Fn(usize) -> bool> = Box::new(move |i| i < n);
+            (
+                format!("the first {n} of {} unflushed requests", pending.len()),
+                keep,
+            )
+        });
+        let all_but_one = samples.iter().map(|&n| {
+            let keep: Box<dyn Fn(usize) -> bool> = Box::new(move |i| i != n);
+            (format!("all but request {n} of {}", pending.len()), keep)
+        });
+        for (what, keep) in prefixes.chain(all_but_one) {
+            let crashed = self.inner.power_loss(|i, _| match keep(i) {
+                true => Survives::Everything,
+                false => Survives::Nothing,
+            });
+            (self.check)(&what, crashed);
+            self.checked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Storage for CrashingStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_crashes();
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.check_crashes();
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check_crashes();
+        self.inner.set_len(len)
     }
 }

@@ -45,26 +45,6 @@ impl VhdxDisk {
         changes: &[(u64, BatEntry)],
         bitmap_pages: &[BitmapPageChange],
     ) -> Result<()> {
-        if j.writer.is_none() {
-            let aligned = j.file_end.next_multiple_of(MIB);
-            if aligned != j.file_end {
-                // FlushedFileOffset must be a durable, 1 MiB aligned file size.
-                self.storage
-                    .set_len(aligned)
-                    .context(|| "extending file to a 1 MiB boundary".to_string())?;
-                self.storage
-                    .flush()
-                    .context(|| "flushing file extension".to_string())?;
-                j.file_end = aligned;
-            }
-            let log_guid = Uuid::new_v4();
-            update_header(self.storage.as_ref(), j, |h| h.log_guid = log_guid)?;
-            j.writer = Some(LogWriter::new(
-                j.header.log_offset,
-                j.header.log_length,
-                log_guid,
-            ));
-        }
         let encoded: Vec<(u64, [u8; 8])> = changes
             .iter()
             .map(|&(index, entry)| {
@@ -93,9 +73,46 @@ impl VhdxDisk {
             )
             .map(|(file_offset, data)| LogUpdate::Page { file_offset, data })
             .collect();
+        self.log_pages(j, &updates)?;
+        if let Some(d) = &self.differencing {
+            let mut bitmaps = d.bitmaps.write();
+            for change in bitmap_pages {
+                bitmaps.apply_page(change.chunk, change.page, &change.contents);
+            }
+        }
+        let mut bat = self.bat.write();
+        for &(index, entry) in changes {
+            bat.set(index, entry);
+        }
+        Ok(())
+    }
+
+    /// Writes whole-page metadata updates through the log: each entry durable, then its
+    /// pages in place durable. The first change of a session installs a fresh LogGuid.
+    pub(super) fn log_pages(&self, j: &mut Journal, updates: &[LogUpdate]) -> Result<()> {
+        if j.writer.is_none() {
+            let aligned = j.file_end.next_multiple_of(MIB);
+            if aligned != j.file_end {
+                // FlushedFileOffset must be a durable, 1 MiB aligned file size.
+                self.storage
+                    .set_len(aligned)
+                    .context(|| "extending file to a 1 MiB boundary".to_string())?;
+                self.storage
+                    .flush()
+                    .context(|| "flushing file extension".to_string())?;
+                j.file_end = aligned;
+            }
+            let log_guid = Uuid::new_v4();
+            update_header(self.storage.as_ref(), j, |h| h.log_guid = log_guid)?;
+            j.writer = Some(LogWriter::new(
+                j.header.log_offset,
+                j.header.log_length,
+                log_guid,
+            ));
+        }
         let file_end = j.file_end;
         let writer = j.writer.as_mut().unwrap();
-        for group in writer.split(&updates) {
+        for group in writer.split(updates) {
             writer.write_entry(self.storage.as_ref(), group, file_end, file_end)?;
             self.storage
                 .flush()
@@ -115,16 +132,6 @@ impl VhdxDisk {
                 self.poisoned.store(true, Ordering::Release);
                 return Err(e);
             }
-        }
-        if let Some(d) = &self.differencing {
-            let mut bitmaps = d.bitmaps.write();
-            for change in bitmap_pages {
-                bitmaps.apply_page(change.chunk, change.page, &change.contents);
-            }
-        }
-        let mut bat = self.bat.write();
-        for &(index, entry) in changes {
-            bat.set(index, entry);
         }
         Ok(())
     }

@@ -1,0 +1,119 @@
+//! What checking a VHD adds to an open (which reports a damaged trailing footer and bad
+//! BAT entries through its `Problems`): the footer copy at offset 0, which an open never
+//! reads while the trailing footer is sound; and the repairs of what the checks found.
+
+use super::*;
+
+impl VhdDisk {
+    /// The footer copy at offset 0 of a dynamic or differencing disk must be a sound copy
+    /// of the footer in use: qemu reads that copy rather than the trailing footer.
+    pub fn check_more(&self, findings: &mut Vec<Finding>) -> Result<()> {
+        if self.dynamic.is_none() {
+            return Ok(());
+        }
+        let mut copy = [0u8; FOOTER_SIZE];
+        self.storage
+            .read_at(&mut copy, 0)
+            .context(|| "reading the VHD footer copy at offset 0".to_string())?;
+        const COPY: &str = "VHD footer copy";
+        match Footer::parse(&copy, COPY) {
+            Ok(footer) if footer == self.footer => {}
+            Ok(_) => findings.push(Finding::corruption(
+                CorruptionKind::InvalidField,
+                COPY,
+                Some(0),
+                "differs from the footer at the end of the file",
+                Fix::RewriteCopy,
+            )),
+            Err(e) => findings.push(Finding::from_error(&e, Some(0), Fix::RewriteCopy)),
+        }
+        Ok(())
+    }
+
+    /// Applies `fixes` to a disk opened for writing as a check opens it (bad entries
+    /// taken as unallocated); returns what was done.
+    pub fn repair(&self, fixes: &[&Fix]) -> Result<Vec<String>> {
+        self.check_writable()?;
+        let mut done = Vec::new();
+        let Some(d) = &self.dynamic else {
+            return Ok(done);
+        };
+        if fixes.contains(&&Fix::RewriteCopy) {
+            done.push(self.rewrite_footer(d)?);
+        }
+        let given_up: Vec<(u64, u64, u64)> = fixes
+            .iter()
+            .filter_map(|fix| match fix {
+                Fix::GiveUp {
+                    entry,
+                    disk_start,
+                    disk_end,
+                } => Some((*entry, *disk_start, *disk_end)),
+                _ => None,
+            })
+            .collect();
+        if !given_up.is_empty() {
+            let entries: Vec<(u64, u32)> =
+                given_up.iter().map(|&(b, ..)| (b, UNALLOCATED)).collect();
+            self.write_bat_entries(d, &entries, "giving up")?;
+            // An unallocated block of a child reads its parent: zeros written over it
+            // take a block of their own.
+            if d.differencing.is_some() {
+                for &(_, start, end) in &given_up {
+                    storage::zero_chunks(start, end - start, |zeros, at| self.write_at(zeros, at))?;
+                }
+                self.flush()?;
+            }
+            done.push(format!(
+                "{} BAT entries set to read as zeros",
+                given_up.len()
+            ));
+        }
+        Ok(done)
+    }
+
+    /// Writes the footer in use where a copy of it is damaged, missing or different: over
+    /// a damaged trailing footer (one that still has its cookie), else after everything
+    /// the file holds; and at offset 0. The good copy stays untouched until the other is
+    /// durable, so the disk opens at every instant.
+    fn rewrite_footer(&self, d: &Dynamic) -> Result<String> {
+        let storage = self.storage.as_ref();
+        let file_len = storage
+            .len()
+            .context(|| "reading the file size".to_string())?;
+        let mut trailing = Vec::new();
+        locate_footer(storage, file_len, &mut Problems::Record(&mut trailing))?;
+        let done = if trailing.is_empty() {
+            storage
+                .write_at(&d.footer_bytes, 0)
+                .context(|| "writing the footer copy at offset 0".to_string())?;
+            "VHD footer copy at offset 0 rewritten".to_string()
+        } else {
+            let last = file_len.saturating_sub(FOOTER_SIZE as u64);
+            let mut cookie = [0u8; 8];
+            storage
+                .read_at(&mut cookie, last)
+                .context(|| "reading the end of the file".to_string())?;
+            let blocks_end = d
+                .bat
+                .read()
+                .allocated_blocks()
+                .map(|(_, at)| at + d.layout.span())
+                .max()
+                .unwrap_or(0);
+            let at = match &cookie == footer::COOKIE {
+                true => last,
+                false => file_len.max(blocks_end).max(d.metadata_end),
+            }
+            .next_multiple_of(SECTOR);
+            storage
+                .write_at(&d.footer_bytes, at)
+                .context(|| format!("writing the footer at {at:#x}"))?;
+            format!("VHD footer at {at:#x} rewritten from the copy at offset 0")
+        };
+        storage
+            .flush()
+            .context(|| "flushing the footer".to_string())?;
+        Ok(done)
+    }
+}

@@ -308,7 +308,7 @@ fn examine(storage: &Arc<dyn Storage>, context: &ImageContext) -> Result<Examine
         ));
     }
     if layer.parent_link().is_some() {
-        findings.extend(check_parent(driver.into_layer(), context));
+        findings.extend(check_parent(driver.into_layer(), context)?);
     }
     Ok(Examined {
         format,
@@ -347,25 +347,31 @@ fn leak(storage: &dyn Storage, start: u64, end: u64) -> Result<Option<Finding>> 
 }
 
 /// Whether the parent the image names opens, carrying the identity the image expects,
-/// and whether the paths it stores still lead there.
-fn check_parent(layer: Box<dyn Layer>, context: &ImageContext) -> Option<Finding> {
+/// and whether the paths it stores still lead there. A chain too large to open is beyond
+/// checking, not damaged.
+fn check_parent(layer: Box<dyn Layer>, context: &ImageContext) -> Result<Option<Finding>> {
     let options = OpenOptions {
         read_only: true,
         ..OpenOptions::default()
     };
-    let link = layer.parent_link().cloned()?;
+    let Some(link) = layer.parent_link().cloned() else {
+        return Ok(None);
+    };
     match chain::open_parents(layer, &options, context) {
-        Err(e) => Some(Finding::corruption(
+        Err(e) if matches!(e.kind(), ErrorKind::Unsupported(_)) => Err(e),
+        Err(e) => Ok(Some(Finding::corruption(
             CorruptionKind::InvalidField,
             "parent link",
             None,
             e.to_string(),
             Fix::None,
-        )),
+        ))),
         Ok(top) => {
-            let found = top.parent_layer()?.path.clone();
+            let Some(found) = top.parent_layer().map(|p| p.path.clone()) else {
+                return Ok(None);
+            };
             let stale = context.stale_parent_paths(&link, &found);
-            (!stale.is_empty()).then(|| {
+            Ok((!stale.is_empty()).then(|| {
                 Finding::info(
                     "parent locator",
                     None,
@@ -376,7 +382,7 @@ fn check_parent(layer: Box<dyn Layer>, context: &ImageContext) -> Option<Finding
                     ),
                     Fix::RewriteParentPaths { parent: found },
                 )
-            })
+            }))
         }
     }
 }

@@ -620,6 +620,22 @@ fn open_dynamic(
         len: area.end - area.start,
         name: "parent locator data",
     }));
+    // A check hears of locator data over another structure; an open reads the paths from
+    // it all the same, and keeps blocks out of it.
+    for (i, area) in reserved.iter().enumerate().skip(3) {
+        if let Some(other) = reserved[..i]
+            .iter()
+            .find(|r| area.start < r.start + r.len && r.start < area.start + area.len)
+        {
+            problems.note(Finding::corruption(
+                CorruptionKind::OutOfBounds,
+                "VHD parent locator data",
+                Some(area.start),
+                format!("{} bytes overlap the {}", area.len, other.name),
+                Fix::None,
+            ));
+        }
+    }
     let validated = bat.validate(layout, &reserved, data_end);
     for bad in &validated.bad {
         let start = bad.index * layout.block_size;

@@ -66,20 +66,24 @@ impl VhdxDisk {
         let log_was_dirty = journal.header.log_is_dirty();
         let overlay = replay_log(storage.as_ref(), &journal, file_len)?;
         if log_was_dirty {
-            problems.note(Finding::info(
-                "log",
-                Some(journal.header.log_offset),
-                match &overlay {
-                    Some(replay) => format!(
-                        "holds {} updates to replay (readers replay them in memory)",
-                        replay.updates.len()
-                    ),
-                    None => "LogGuid is set but the log holds no valid entry: nothing to \
-                             replay"
-                        .to_string(),
-                },
-                Fix::ReplayLog,
-            ));
+            let log = |problem: String| {
+                Finding::info(
+                    "log",
+                    Some(journal.header.log_offset),
+                    problem,
+                    Fix::ReplayLog,
+                )
+            };
+            match &overlay {
+                Some(replay) => problems.note(log(format!(
+                    "holds {} updates to replay (readers replay them in memory)",
+                    replay.updates.len()
+                ))),
+                None => problems.tolerate(log(format!(
+                    "LogGuid {} is set but the log holds no valid entry: nothing to replay",
+                    journal.header.log_guid
+                ))),
+            }
         }
         let file_len = match &overlay {
             Some(o) => o.logical_len,

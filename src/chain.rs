@@ -148,6 +148,24 @@ impl ImageContext {
         &self.budget
     }
 
+    /// The paths this image, a child, records for its parent at `parent` (symlinks
+    /// resolved), as a new child there would.
+    pub fn parent_paths(&self, parent: &Path) -> Result<StoredParentPaths> {
+        let Some(child) = &self.path else {
+            return Err(Error::invalid_input(
+                "an image without a file path cannot record where its parent is",
+            ));
+        };
+        match &self.files {
+            ParentFiles::Host => stored_parent_paths(child, parent),
+            ParentFiles::Memory(_) => Ok(StoredParentPaths {
+                relative: relative_windows_path(child.parent().unwrap_or(Path::new("/")), parent),
+                absolute: windows_form(parent),
+                canonical: parent.to_path_buf(),
+            }),
+        }
+    }
+
     /// The paths `link` stores that do not lead to `found`, where its parent was found
     /// (symlinks resolved), each described; empty when they are all current. A relative
     /// path must lead there (and one must be stored), so must absolute paths in host form,

@@ -255,6 +255,17 @@ impl Driver {
             Driver::Vhdx(disk) => disk.repair(fixes),
         }
     }
+
+    fn rewrite_parent_paths(&self, parent: &Path, context: &ImageContext) -> Result<String> {
+        let paths = context.parent_paths(parent)?;
+        match self {
+            Driver::Vhd(disk) => {
+                let name = parent.file_name().unwrap_or_default().to_string_lossy();
+                disk.rewrite_parent_paths(&name, &paths)
+            }
+            Driver::Vhdx(disk) => disk.rewrite_parent_paths(&paths),
+        }
+    }
 }
 
 /// Looks at the image in `storage`, read-only: what its driver reports opening it, what
@@ -409,6 +420,11 @@ fn repair(
     if !fixes.is_empty() {
         let driver = Driver::open(examined.format, storage, false, context, &mut Vec::new())?;
         repaired.extend(driver.repair(&fixes)?);
+        for fix in &fixes {
+            if let Fix::RewriteParentPaths { parent } = fix {
+                repaired.push(driver.rewrite_parent_paths(parent, context)?);
+            }
+        }
         driver.layer().close()?;
         given_up.extend(fixes.iter().filter_map(|fix| match fix {
             Fix::GiveUp {
@@ -422,6 +438,11 @@ fn repair(
             }),
             _ => None,
         }));
+        match given_up.len() {
+            0 => {}
+            1 => repaired.push("1 BAT entry set to read as zeros".to_string()),
+            n => repaired.push(format!("{n} BAT entries set to read as zeros")),
+        }
     }
     // Space is only given back once nothing corrupt is left: a bad entry may still name
     // it.
@@ -907,6 +928,30 @@ mod tests {
         }
     }
 
+    fn in_memory(path: &Path, files: &[(PathBuf, &[u8])]) -> ImageContext {
+        let files = files
+            .iter()
+            .map(|(path, bytes)| {
+                let file: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(bytes.to_vec()));
+                (path.clone(), file)
+            })
+            .collect();
+        ImageContext::in_memory(path, files)
+    }
+
+    /// What the chain whose top is `child`, at `path`, reads with the images of `files`.
+    fn chain_contents(path: &Path, child: MemStorage, files: &[(PathBuf, &[u8])]) -> Vec<u8> {
+        let options = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let disk = crate::open_storage_in(Box::new(child), &options, &in_memory(path, files))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut all = vec![0u8; disk.size() as usize];
+        disk.read_at(&mut all, 0).unwrap();
+        all
+    }
+
     /// Checks `child` at `path`, with the images of `files` where they say.
     fn run_chain(
         path: &Path,
@@ -915,14 +960,7 @@ mod tests {
         repair: Option<RepairLevel>,
     ) -> (CheckReport, Vec<u8>) {
         let storage = Arc::new(MemStorage::from_vec(child.to_vec()));
-        let files = files
-            .iter()
-            .map(|(path, bytes)| {
-                let file: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(bytes.to_vec()));
-                (path.clone(), file)
-            })
-            .collect();
-        let context = ImageContext::in_memory(path, files);
+        let context = in_memory(path, files);
         let options = CheckOptions { repair };
         let report = check_storage(path, storage.clone(), &context, &options).unwrap();
         (report, storage.contents())
@@ -960,6 +998,35 @@ mod tests {
                 Fix::RewriteParentPaths {
                     parent: name(moved, "parent")
                 }
+            );
+            // A repair writes the paths of where the parent is now, as a new child there
+            // would store them, and the chain reads the same.
+            let moved_files = [(name(moved, "parent"), c.parent.as_slice())];
+            let before = chain_contents(
+                &name(moved, "child"),
+                MemStorage::from_vec(c.child.clone()),
+                &moved_files,
+            );
+            let (repaired, child) = run_chain(
+                &name(moved, "child"),
+                &c.child,
+                &moved_files,
+                Some(RepairLevel::Safe),
+            );
+            assert_eq!(repaired.findings, [], "{format}: {repaired}");
+            assert!(
+                repaired.repaired[0].contains("\\vm\\parent."),
+                "{repaired:?}"
+            );
+            let (again, _) = run_chain(&name(moved, "child"), &child, &moved_files, None);
+            assert_eq!(again.findings, [], "{format}: {again}");
+            assert!(
+                chain_contents(
+                    &name(moved, "child"),
+                    MemStorage::from_vec(child),
+                    &moved_files
+                ) == before,
+                "{format}: the chain reads otherwise"
             );
             // The parent missing, or another image in its place.
             let other = image(format, None);
@@ -1034,6 +1101,72 @@ mod tests {
                 storage.checked() > 3,
                 "{format} {what}: {}",
                 storage.checked()
+            );
+        }
+    }
+
+    #[test]
+    fn a_parent_path_rewrite_cut_short_at_any_instant_leaves_a_chain_that_reads_the_same() {
+        for format in [Format::Vhd, Format::Vhdx] {
+            let c = chain(format);
+            let (child_at, parent_at) = (
+                PathBuf::from(format!("/vm/child.{}", ext(format))),
+                PathBuf::from(format!("/vm/parent.{}", ext(format))),
+            );
+            let files = [(parent_at.clone(), c.parent.as_slice())];
+            let before = chain_contents(&child_at, MemStorage::from_vec(c.child.clone()), &files);
+            let (crash_child_at, parent) = (child_at.clone(), c.parent.clone());
+            let storage = Arc::new(CrashingStorage::new(
+                Arc::new(MemStorage::from_vec(c.child)),
+                move |state, crashed| {
+                    let files = [(parent_at.clone(), parent.as_slice())];
+                    let found = chain_contents(&crash_child_at, crashed, &files);
+                    assert!(found == before, "{format}: crash keeping {state}");
+                },
+            ));
+            let report = check_storage(
+                &child_at,
+                storage.clone(),
+                &in_memory(&child_at, &files),
+                &CheckOptions {
+                    repair: Some(RepairLevel::Safe),
+                },
+            )
+            .unwrap();
+            assert_eq!(report.findings, [], "{format}: {report}");
+            assert!(storage.checked() > 4, "{format}: {}", storage.checked());
+        }
+    }
+
+    #[test]
+    fn a_childs_block_given_up_reads_zeros_not_its_parent() {
+        for format in [Format::Vhd, Format::Vhdx] {
+            let c = chain(format);
+            let child_at = c.dir.join(format!("child.{}", ext(format)));
+            let files = [(
+                c.dir.join(format!("parent.{}", ext(format))),
+                c.parent.as_slice(),
+            )];
+            let before = chain_contents(&child_at, MemStorage::from_vec(c.child.clone()), &files);
+            // The child's block 1 (1 MiB blocks), which it wrote, points past the end.
+            let mut damaged = c.child.clone();
+            match format {
+                Format::Vhd => patch(&mut damaged, VHD_BAT + 4, &0xFFFF_FF00u32.to_be_bytes()),
+                _ => patch(
+                    &mut damaged,
+                    VHDX_BAT + 8,
+                    &((1 << 40) | 6u64).to_le_bytes(),
+                ),
+            }
+            let (report, _) = run_chain(&child_at, &damaged, &files, None);
+            assert_eq!(report.status(), Status::Corrupt, "{format}: {report}");
+            let (repaired, after) = run_chain(&child_at, &damaged, &files, Some(RepairLevel::All));
+            assert_eq!(repaired.status(), Status::Clean, "{format}: {repaired}");
+            let mut expected = before;
+            expected[MIB as usize..2 * MIB as usize].fill(0);
+            assert!(
+                chain_contents(&child_at, MemStorage::from_vec(after), &files) == expected,
+                "{format}: the block given up does not read zeros"
             );
         }
     }

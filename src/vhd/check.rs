@@ -3,6 +3,7 @@
 //! reads while the trailing footer is sound; and the repairs of what the checks found.
 
 use super::*;
+use crate::layer::StoredParentPaths;
 
 impl VhdDisk {
     /// The footer copy at offset 0 of a dynamic or differencing disk must be a sound copy
@@ -64,10 +65,6 @@ impl VhdDisk {
                 }
                 self.flush()?;
             }
-            done.push(format!(
-                "{} BAT entries set to read as zeros",
-                given_up.len()
-            ));
         }
         Ok(done)
     }
@@ -115,5 +112,65 @@ impl VhdDisk {
             .flush()
             .context(|| "flushing the footer".to_string())?;
         Ok(done)
+    }
+
+    /// Names the parent at `paths` (its file name `name`), as Hyper-V does when it finds a
+    /// parent moved. The dynamic header has no second copy to fall back on while it is
+    /// rewritten in place, so the new header and its locator data go where the footer is,
+    /// a footer past them first; only once they are durable does the trailing footer (one
+    /// sector) point at the new header, then the copy at offset 0. The old header stays
+    /// whole until then, so the disk opens at every instant.
+    pub fn rewrite_parent_paths(&self, name: &str, paths: &StoredParentPaths) -> Result<String> {
+        self.check_writable()?;
+        let Some(d) = self.dynamic.as_ref().filter(|d| d.differencing.is_some()) else {
+            return Err(Error::invalid_input("not a differencing disk"));
+        };
+        let storage = self.storage.as_ref();
+        let mut allocator = d.allocator.lock();
+        let mut bytes = [0u8; HEADER_SIZE];
+        storage
+            .read_at(&mut bytes, self.footer.data_offset)
+            .context(|| "reading the VHD dynamic header".to_string())?;
+        let mut header = DynamicHeader::parse(&bytes)?;
+        let header_at = allocator.next_block;
+        let header_end = header_at + HEADER_SIZE as u64;
+        let (data, end) = header.name_parent(name, &paths.relative, &paths.absolute, header_end)?;
+        let footer_at = end.next_multiple_of(SECTOR);
+        let context = |step: &str| format!("rewriting the parent's paths: {step}");
+        storage
+            .write_at(&d.footer_bytes, footer_at)
+            .context(|| context("writing the footer at the new end"))?;
+        storage
+            .flush()
+            .context(|| context("flushing the new footer"))?;
+        storage
+            .write_at(&header.serialize(), header_at)
+            .context(|| context("writing the new dynamic header"))?;
+        for (at, bytes) in &data {
+            storage
+                .write_at(bytes, *at)
+                .context(|| context("writing parent locator data"))?;
+        }
+        storage
+            .flush()
+            .context(|| context("flushing the new header"))?;
+        let footer = Footer {
+            data_offset: header_at,
+            ..self.footer.clone()
+        }
+        .serialize();
+        for (at, which) in [(footer_at, "footer"), (0, "footer copy")] {
+            storage
+                .write_at(&footer, at)
+                .context(|| context(&format!("writing the {which}")))?;
+            storage
+                .flush()
+                .context(|| context(&format!("flushing the {which}")))?;
+        }
+        allocator.next_block = footer_at;
+        Ok(format!(
+            "parent locators rewritten at {header_at:#x}: W2ru {}, W2ku {}",
+            paths.relative, paths.absolute
+        ))
     }
 }

@@ -1,9 +1,11 @@
 //! What checking a VHDX adds to an open (which reports damaged copies, bad BAT entries and
 //! a dirty log through its `Problems`): entry states the image type forbids, and the
 //! repairs of what the checks found. Every repair goes through the paths writes take: a
-//! header through the two-slot update, region tables and BAT entries through the log.
+//! header through the two-slot update, region tables, BAT entries and the parent locator
+//! through the log.
 
 use super::*;
+use crate::layer::StoredParentPaths;
 
 impl VhdxDisk {
     /// What an open does not look at: PARTIALLY_PRESENT blocks in an image without a
@@ -70,10 +72,6 @@ impl VhdxDisk {
                 .map(|&index| (index, self.layout.naming_nothing(index)))
                 .collect();
             self.commit(&mut self.journal.lock(), &changes, &[])?;
-            done.push(format!(
-                "{} BAT entries set to read as zeros",
-                given_up.len()
-            ));
         }
         Ok(done)
     }
@@ -123,5 +121,70 @@ impl VhdxDisk {
             ));
         }
         Ok(done)
+    }
+
+    /// Writes the parent locator again naming the parent at `paths`, through the log: in
+    /// its place if the new item fits there, else after the last item of the metadata
+    /// region, the table entry changed in the same log entry.
+    pub fn rewrite_parent_paths(&self, paths: &StoredParentPaths) -> Result<String> {
+        self.check_writable()?;
+        let Some(d) = &self.differencing else {
+            return Err(Error::invalid_input("not a differencing image"));
+        };
+        let storage = self.storage.as_ref();
+        let (region_at, region_len) = self.metadata_region;
+        let mut table_bytes = vec![0u8; METADATA_TABLE_LEN];
+        storage
+            .read_at(&mut table_bytes, region_at)
+            .context(|| "reading the metadata table".to_string())?;
+        let mut table = MetadataTable::parse(&table_bytes, region_len)?;
+        let index = table
+            .items
+            .iter()
+            .position(|i| i.id == PARENT_LOCATOR && !i.is_user)
+            .ok_or_else(|| Error::invalid_input("the metadata table has no parent locator"))?;
+        let item = d.locator.with_paths(paths).to_bytes();
+        let len = u32::try_from(item.len())
+            .map_err(|_| Error::invalid_input("the parent's paths are too long"))?;
+        let old = table.items[index].clone();
+        let offset = if len <= old.length {
+            old.offset
+        } else {
+            let end = table
+                .items
+                .iter()
+                .map(|i| u64::from(i.offset) + u64::from(i.length))
+                .fold(METADATA_TABLE_LEN as u64, u64::max);
+            u32::try_from(end)
+                .ok()
+                .filter(|&at| u64::from(at) + u64::from(len) <= region_len)
+                .ok_or_else(|| {
+                    Error::unsupported("the metadata region has no room for the parent's new paths")
+                })?
+        };
+        table.items[index].offset = offset;
+        table.items[index].length = len;
+        let new_table = table.to_bytes();
+        let entry = 32 + 32 * index;
+        let ranges = [
+            (region_at + u64::from(offset), &item[..]),
+            (region_at + entry as u64, &new_table[entry..entry + 32]),
+        ];
+        let pages = log::merge_into_pages(&ranges, |page_at| {
+            let mut page = [0u8; log::LOG_SECTOR];
+            storage
+                .read_at(&mut page, page_at)
+                .context(|| format!("reading metadata at {page_at:#x}"))?;
+            Ok(page)
+        })?;
+        let updates: Vec<LogUpdate> = pages
+            .into_iter()
+            .map(|(file_offset, data)| LogUpdate::Page { file_offset, data })
+            .collect();
+        self.log_pages(&mut self.journal.lock(), &updates)?;
+        Ok(format!(
+            "parent locator rewritten: relative_path {}, absolute_win32_path \\\\?\\{}",
+            paths.relative, paths.absolute
+        ))
     }
 }

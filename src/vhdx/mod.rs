@@ -119,6 +119,8 @@ pub struct VhdxDisk {
     params: DiskParameters,
     creator: String,
     bat_offset: u64,
+    /// Where the metadata region lies and its length.
+    metadata_region: (u64, u64),
     log_was_dirty: bool,
     /// How BAT indices map onto the disk (the same as `bat.layout`, without the lock).
     layout: BatLayout,

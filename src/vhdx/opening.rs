@@ -247,6 +247,7 @@ impl VhdxDisk {
             ),
             creator,
             bat_offset: bat_region.file_offset,
+            metadata_region: (meta_region.file_offset, u64::from(meta_region.length)),
             log_was_dirty,
             layout: bat.layout,
             bat: RwLock::new(bat),

@@ -504,3 +504,76 @@ fn a_mounted_image_is_refused_naming_the_daemon() {
     assert!(vdisk_fails(&["check", "--repair", image.to_str().unwrap()]).contains("in use"));
     reader.unmount();
 }
+
+/// A chain moved to another directory finds its parent by the relative path, but its
+/// absolute path is stale: a repair writes the paths of where the parent is now, and
+/// libvhdi reads the chain as before.
+#[test]
+fn stale_parent_paths_are_rewritten_where_the_parent_was_found() {
+    for format in ["vhd", "vhdx"] {
+        let root = tempfile::tempdir().unwrap();
+        let made = root.path().join("made");
+        std::fs::create_dir(&made).unwrap();
+        let (parent, child) = (
+            made.join(format!("base.{format}")),
+            made.join(format!("child.{format}")),
+        );
+        let qemu = if format == "vhd" { "vpc" } else { "vhdx" };
+        common::qemu_img(&["create", "-q", "-f", qemu, parent.to_str().unwrap(), "8M"]);
+        common::qemu_io(qemu, &parent, &["write -P 0x11 0 8M"]);
+        vdisk_ok(&[
+            "create",
+            "--parent",
+            parent.to_str().unwrap(),
+            child.to_str().unwrap(),
+        ]);
+        let disk = common::chain::open(&child, false);
+        disk.write_at(&mount::pattern(7, 300_000), 3 * MIB + 5)
+            .unwrap();
+        disk.close().unwrap();
+        drop(disk);
+        let before = common::vhdimount_read(&child);
+
+        let moved = root.path().join("moved");
+        std::fs::rename(&made, &moved).unwrap();
+        let child = moved.join(format!("child.{format}"));
+        let (status, report) = check(&child, &[]);
+        let found = findings(&report);
+        assert_eq!(status, 0, "{format}: {found:?}");
+        assert!(
+            found.len() == 1
+                && found[0].starts_with("info: parent locator: the parent was found at ")
+                && found[0].contains("absolute path")
+                && found[0].contains("made"),
+            "{format}: {found:?}"
+        );
+        let (status, report) = check(&child, &["--repair"]);
+        assert_eq!(
+            (status, findings(&report)),
+            (0, vec![]),
+            "{format}: {report}"
+        );
+        let (status, again) = check(&child, &[]);
+        assert_eq!((status, findings(&again)), (0, vec![]), "{format}");
+        let info = crate::common::vdisk::info_json(&child);
+        let moved = moved.canonicalize().unwrap();
+        assert_eq!(
+            info["chain"][0]["path"],
+            format!("{}/base.{format}", moved.display())
+        );
+        if format == "vhdx" {
+            let absolute = info["parent_locator"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["key"] == "absolute_win32_path")
+                .map(|e| e["value"].as_str().unwrap().to_string());
+            let windows = format!("{}\\base.vhdx", moved.display()).replace('/', "\\");
+            assert_eq!(absolute, Some(format!("\\\\?\\{windows}")));
+        }
+        assert!(
+            common::vhdimount_read(&child) == before,
+            "{format}: libvhdi reads otherwise"
+        );
+    }
+}

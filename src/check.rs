@@ -513,6 +513,7 @@ impl fmt::Display for CheckReport {
                 Fix::ReplayLog => " [--repair replays it]",
                 Fix::Release { .. } => " [--repair releases it]",
                 Fix::RewriteParentPaths { .. } => " [--repair rewrites the paths]",
+                Fix::ClearStaleBits => " [--repair clears them]",
                 Fix::GiveUp { .. } => {
                     " [--repair=all makes the block read as zeros, giving up its data]"
                 }
@@ -1169,5 +1170,24 @@ mod tests {
                 "{format}: the block given up does not read zeros"
             );
         }
+    }
+
+    #[test]
+    fn bits_of_a_childs_not_present_block_are_cleared() {
+        let c = chain(Format::Vhdx);
+        let child_at = c.dir.join("child.vhdx");
+        let files = [(c.dir.join("parent.vhdx"), c.parent.as_slice())];
+        // Block 1, which the child wrote, made NOT_PRESENT: it reads the parent, its bits
+        // stay set and its space is leaked.
+        let mut damaged = c.child.clone();
+        patch(&mut damaged, VHDX_BAT + 8, &[0; 8]);
+        let before = chain_contents(&child_at, MemStorage::from_vec(damaged.clone()), &files);
+        let (report, _) = run_chain(&child_at, &damaged, &files, None);
+        assert_eq!(report.status(), Status::Corrupt, "{report}");
+        assert_eq!(report.findings[0].structure, "sector bitmaps", "{report}");
+        assert_eq!(report.findings[0].fix, Fix::ClearStaleBits);
+        let (repaired, after) = run_chain(&child_at, &damaged, &files, Some(RepairLevel::Safe));
+        assert_eq!(repaired.findings, [], "{repaired}");
+        assert!(chain_contents(&child_at, MemStorage::from_vec(after), &files) == before);
     }
 }

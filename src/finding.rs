@@ -43,6 +43,8 @@ pub enum Fix {
     ReplayLog,
     /// Unused file space is given back to the host (a hole), or cut off the file's end.
     Release { start: u64, end: u64 },
+    /// Sector bitmap bits of blocks that are not PARTIALLY_PRESENT are cleared.
+    ClearStaleBits,
     /// The parent's paths are written as where it was found, as Hyper-V does.
     RewriteParentPaths { parent: PathBuf },
     /// A BAT entry that names no usable space is made to read as zeros; what it named

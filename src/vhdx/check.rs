@@ -9,8 +9,26 @@ use crate::layer::StoredParentPaths;
 
 impl VhdxDisk {
     /// What an open does not look at: PARTIALLY_PRESENT blocks in an image without a
-    /// parent (refused only when read), and a fixed image's blocks that are not allocated.
+    /// parent (refused only when read), sector bitmap bits of a child's NOT_PRESENT
+    /// blocks, and a fixed image's blocks that are not allocated.
     pub fn check_more(&self, findings: &mut Vec<Finding>) {
+        if let Some(d) = &self.differencing {
+            let stale = self.clearing_bits(d, self.blocks_reading_the_parent());
+            let blocks: usize = stale.iter().map(|(_, ranges)| ranges.len()).sum();
+            if blocks > 0 {
+                findings.push(Finding::corruption(
+                    CorruptionKind::InvalidField,
+                    "sector bitmaps",
+                    None,
+                    format!(
+                        "bits are set for {blocks} NOT_PRESENT blocks: the format reads \
+                         those blocks from the parent, but libvhdi reads the sectors whose \
+                         bits are set from the file"
+                    ),
+                    Fix::ClearStaleBits,
+                ));
+            }
+        }
         let bat = self.bat.read();
         let layout = self.layout;
         let mut unallocated = 0;
@@ -73,7 +91,27 @@ impl VhdxDisk {
                 .collect();
             self.commit(&mut self.journal.lock(), &changes, &[])?;
         }
+        if let Some(d) = &self.differencing
+            && fixes.contains(&&Fix::ClearStaleBits)
+        {
+            let bits = self.clearing_bits(d, self.blocks_reading_the_parent());
+            let blocks: usize = bits.iter().map(|(_, ranges)| ranges.len()).sum();
+            if blocks > 0 {
+                let pages = self.bitmap_changes(d, &bits);
+                self.commit(&mut self.journal.lock(), &[], &pages)?;
+                done.push(format!("sector bitmap bits of {blocks} blocks cleared"));
+            }
+        }
         Ok(done)
+    }
+
+    /// The blocks of a child that read their parent whatever their sector bitmap says.
+    fn blocks_reading_the_parent(&self) -> impl Iterator<Item = u64> {
+        let bat = self.bat.read();
+        let blocks: Vec<u64> = (0..self.layout.payload_blocks)
+            .filter(|&b| bat.payload(b).payload_state() == Some(PayloadState::NotPresent))
+            .collect();
+        blocks.into_iter()
     }
 
     /// Writes a damaged header again (both slots, as every header update does) and a

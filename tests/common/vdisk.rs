@@ -57,3 +57,52 @@ pub fn check(path: &Path, extra: &[&str]) -> (i32, Value) {
     });
     (code, report)
 }
+
+/// Runs `vdisk ARGS... WORK` and kills it at random instants, until `kills` runs were
+/// killed before they finished. Before every run `prepare(WORK)` lays out a fresh image
+/// there; after every run, killed or not, `judge(WORK, attempt, what)` checks what it
+/// left (`attempt` counts runs from 1, `what` names the run in messages). The instants are
+/// spread over how long one whole run takes, measured first; fails if 200 runs were too
+/// few.
+pub fn kill_at_random_instants(
+    args: &[&str],
+    work: &Path,
+    kills: usize,
+    seed: u64,
+    mut prepare: impl FnMut(&Path),
+    mut judge: impl FnMut(&Path, usize, &str),
+) {
+    use rand::{RngExt, SeedableRng};
+    let mut command = Command::new(VDISK);
+    command
+        .args(args)
+        .arg(work)
+        .stdout(std::process::Stdio::null());
+    prepare(work);
+    let started = std::time::Instant::now();
+    let whole = command.status().unwrap();
+    let whole_run = started.elapsed();
+    assert!(
+        whole.code().is_some_and(|code| code != 1),
+        "vdisk {args:?}: {whole}"
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut killed, mut attempts) = (0, 0);
+    while killed < kills {
+        attempts += 1;
+        assert!(
+            attempts <= 200,
+            "vdisk {args:?}: only {killed} of {attempts} runs were killed before they \
+             finished (a whole run takes {whole_run:?})"
+        );
+        prepare(work);
+        let mut child = command.spawn().unwrap();
+        std::thread::sleep(whole_run.mul_f64(rng.random_range(0.0..1.0)));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        if status.code().is_none() {
+            killed += 1;
+        }
+        judge(work, attempts, &format!("kill {attempts} ({status})"));
+    }
+}

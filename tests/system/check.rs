@@ -5,7 +5,7 @@
 
 use crate::common;
 use crate::common::mount::{self, Mount};
-use crate::common::vdisk::{check, vdisk_fails, vdisk_ok};
+use crate::common::vdisk::{check, kill_at_random_instants, vdisk_fails, vdisk_ok};
 use serde_json::Value;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -574,6 +574,99 @@ fn stale_parent_paths_are_rewritten_where_the_parent_was_found() {
         assert!(
             common::vhdimount_read(&child) == before,
             "{format}: libvhdi reads otherwise"
+        );
+    }
+}
+
+/// A child of `format` over a qemu-made parent, in a directory moved after they were made
+/// (stale absolute paths), every block written, then every other block dropped from its
+/// BAT (leaked space) and copies damaged (VHD: the footer copy; VHDX: header 1 and
+/// region table 2). Returns the child; its parent is beside it.
+fn damaged_moved_chain(root: &Path, format: &str) -> PathBuf {
+    let made = root.join("made");
+    std::fs::create_dir(&made).unwrap();
+    let qemu = if format == "vhd" { "vpc" } else { "vhdx" };
+    let (parent, child) = (
+        made.join(format!("base.{format}")),
+        made.join(format!("child.{format}")),
+    );
+    common::qemu_img(&["create", "-q", "-f", qemu, parent.to_str().unwrap(), "48M"]);
+    common::qemu_io(qemu, &parent, &["write -P 0x11 0 48M"]);
+    vdisk_ok(&[
+        "create",
+        "--block-size",
+        if format == "vhd" { "512K" } else { "1M" },
+        "--parent",
+        parent.to_str().unwrap(),
+        child.to_str().unwrap(),
+    ]);
+    let disk = common::chain::open(&child, false);
+    for (i, at) in (0..disk.size()).step_by(MIB as usize).enumerate() {
+        let len = MIB.min(disk.size() - at) as usize;
+        disk.write_at(&mount::pattern(i as u64, len), at).unwrap();
+    }
+    disk.close().unwrap();
+    drop(disk);
+    if format == "vhd" {
+        let bat = u64::from_be_bytes(read(&child, 512 + 16, 8).try_into().unwrap());
+        for block in (1..96).step_by(2) {
+            patch(&child, bat + 4 * block, &[0xFF; 4]);
+        }
+        patch(&child, 200, b"x");
+    } else {
+        let bat = vhdx_bat(&child);
+        for block in (1..48).step_by(2) {
+            patch(&child, bat + 8 * block, &[0; 8]);
+        }
+        patch(&child, 0x10000 + 300, b"x");
+        patch(&child, 0x40000 + 300, b"x");
+    }
+    let moved = root.join("moved");
+    std::fs::rename(&made, &moved).unwrap();
+    moved.join(format!("child.{format}"))
+}
+
+/// `vdisk check --repair` killed at random instants: every image left behind opens and
+/// reads as it did before (no repair here changes the contents), and a repair run to its
+/// end leaves it clean, read alike by libvhdi.
+#[test]
+fn check_repair_killed_at_random_instants_leaves_images_that_read_the_same() {
+    for format in ["vhd", "vhdx"] {
+        let root = tempfile::tempdir().unwrap();
+        let child = damaged_moved_chain(root.path(), format);
+        let (status, report) = check(&child, &[]);
+        assert_eq!(status, 2, "{format}: {report}");
+        let read_sha =
+            |image: &Path| common::sha256_disk(common::chain::open(image, true).as_ref());
+        let expected = read_sha(&child);
+        let work = child.with_file_name(format!("work.{format}"));
+        let fresh_copy = |work: &Path| {
+            let _ = std::fs::remove_file(work);
+            common::run(
+                Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(&child)
+                    .arg(work),
+            );
+        };
+        kill_at_random_instants(
+            &["check", "--repair"],
+            &work,
+            20,
+            format.len() as u64,
+            fresh_copy,
+            |work, attempt, what| {
+                let what = format!("{format}: {what}");
+                assert_eq!(read_sha(work), expected, "{what}: contents changed");
+                if attempt % 3 == 0 {
+                    let (status, report) = check(work, &["--repair"]);
+                    assert_eq!((status, findings(&report)), (0, vec![]), "{what}");
+                    let (status, again) = check(work, &[]);
+                    assert_eq!((status, findings(&again)), (0, vec![]), "{what}");
+                    let libvhdi = common::sha256_bytes(&common::vhdimount_read(work));
+                    assert_eq!(libvhdi, expected, "{what}: libvhdi reads otherwise");
+                }
+            },
         );
     }
 }

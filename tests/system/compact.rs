@@ -4,13 +4,12 @@
 
 use crate::common;
 use crate::common::mount::{self, FsMount, LoopDevice, Mount};
-use crate::common::vdisk::{VDISK, vdisk_fails, vdisk_ok};
+use crate::common::vdisk::{kill_at_random_instants, vdisk_fails, vdisk_ok};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
 
 const MIB: u64 = 1 << 20;
 
@@ -178,50 +177,33 @@ fn kill_torture(image: &Path, block: u64) {
         "work.{}",
         image.extension().unwrap().to_str().unwrap()
     ));
-
-    copy_sparse(image, &work);
-    let started = Instant::now();
-    vdisk_ok(&["compact", work.to_str().unwrap()]);
-    let whole = started.elapsed();
-
-    let mut rng = StdRng::seed_from_u64(17);
-    let (mut killed, mut attempts) = (0, 0);
-    while killed < 30 {
-        attempts += 1;
-        assert!(
-            attempts <= 200,
-            "{format}: only {killed} of {attempts} runs were killed before they finished \
-             (a whole run takes {whole:?})"
-        );
-        std::fs::remove_file(&work).unwrap();
-        copy_sparse(image, &work);
-        let mut child = Command::new(VDISK)
-            .arg("compact")
-            .arg(&work)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(whole.mul_f64(rng.random_range(0.0..1.0)));
-        let _ = child.kill();
-        let status = child.wait().unwrap();
-        if status.code().is_none() {
-            killed += 1;
-        }
-        let what = format!("{format}: kill {attempts} ({status})");
-        assert_eq!(disk_sha(&work), expected, "{what}: contents changed");
-        // Every third one is finished and checked by qemu too.
-        if attempts % 3 == 0 {
-            vdisk_ok(&["compact", work.to_str().unwrap()]);
-            common::qemu_check_clean(format, &work);
-            let compared = Command::new("qemu-img")
-                .args(["compare", "-q", "-f", format, "-F", "raw"])
-                .arg(&work)
-                .arg(&reference)
-                .status()
-                .unwrap();
-            assert!(compared.success(), "{what}: qemu reads other contents");
-        }
-    }
+    let fresh_copy = |work: &Path| {
+        let _ = std::fs::remove_file(work);
+        copy_sparse(image, work);
+    };
+    kill_at_random_instants(
+        &["compact"],
+        &work,
+        30,
+        17,
+        fresh_copy,
+        |work, attempt, what| {
+            let what = format!("{format}: {what}");
+            assert_eq!(disk_sha(work), expected, "{what}: contents changed");
+            // Every third one is finished and checked by qemu too.
+            if attempt % 3 == 0 {
+                vdisk_ok(&["compact", work.to_str().unwrap()]);
+                common::qemu_check_clean(format, work);
+                let compared = Command::new("qemu-img")
+                    .args(["compare", "-q", "-f", format, "-F", "raw"])
+                    .arg(work)
+                    .arg(&reference)
+                    .status()
+                    .unwrap();
+                assert!(compared.success(), "{what}: qemu reads other contents");
+            }
+        },
+    );
 }
 
 #[test]

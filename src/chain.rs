@@ -144,6 +144,85 @@ impl ImageContext {
     }
 }
 
+impl ImageContext {
+    /// What the chain's metadata is charged to.
+    pub fn budget(&self) -> &MetadataBudget {
+        &self.budget
+    }
+
+    /// The paths this image, a child, records for its parent at `parent` (symlinks
+    /// resolved), as a new child there would.
+    pub fn parent_paths(&self, parent: &Path) -> Result<StoredParentPaths> {
+        let Some(child) = &self.path else {
+            return Err(Error::invalid_input(
+                "an image without a file path cannot record where its parent is",
+            ));
+        };
+        match &self.files {
+            ParentFiles::Host => stored_parent_paths(child, parent),
+            ParentFiles::Memory(_) => Ok(StoredParentPaths {
+                relative: relative_windows_path(child.parent().unwrap_or(Path::new("/")), parent),
+                absolute: windows_form(parent),
+                canonical: parent.to_path_buf(),
+                windows: None,
+                volume: None,
+            }),
+        }
+    }
+
+    /// The paths `link` stores that do not lead to `found`, where its parent was found
+    /// (symlinks resolved), each described; empty when they are all current. A relative
+    /// path must lead there (and one must be stored), so must absolute paths in host form,
+    /// and a stored file name must be the parent's, letter case aside as Windows compares
+    /// names. Paths this host cannot follow (a drive letter, a share) are not judged.
+    pub fn stale_parent_paths(&self, link: &ParentLink, found: &Path) -> Vec<String> {
+        let Some(child) = &self.path else {
+            return Vec::new();
+        };
+        let dir = child.parent().unwrap_or(Path::new("/"));
+        let leads_there = |candidate: &Path| match &self.files {
+            ParentFiles::Host => fs::canonicalize(candidate).is_ok_and(|c| c == found),
+            ParentFiles::Memory(_) => lexical(candidate) == found,
+        };
+        let found_name = found
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase());
+        let mut stale = Vec::new();
+        let mut relative_leads = false;
+        for stored in &link.paths {
+            let (ParentPath::Relative(text)
+            | ParentPath::Absolute(text)
+            | ParentPath::FileName(text)) = stored;
+            let host = host_form(text);
+            let host_absolute = host.starts_with('/') && !host.starts_with("//");
+            match stored {
+                ParentPath::Relative(_) if !host_absolute && !is_foreign_absolute(&host) => {
+                    let relative = host.trim_start_matches("./");
+                    if leads_there(&dir.join(relative)) {
+                        relative_leads = true;
+                    } else {
+                        stale.push(format!("relative path '{text}' leads elsewhere"));
+                    }
+                }
+                ParentPath::FileName(_) => {
+                    let name = file_name(&host).map(str::to_lowercase);
+                    if name.is_some() && name != found_name {
+                        stale.push(format!("file name '{text}' is not the parent's"));
+                    }
+                }
+                _ if host_absolute && !leads_there(Path::new(&host)) => {
+                    stale.push(format!("absolute path '{text}' leads elsewhere"));
+                }
+                _ => {}
+            }
+        }
+        if !relative_leads && !stale.iter().any(|s| s.starts_with("relative")) {
+            stale.insert(0, "no relative path is stored".to_string());
+        }
+        stale
+    }
+}
+
 /// The host form of a stored path: `\\?\` and `\??\` prefixes dropped, backslashes turned
 /// into slashes, trailing NULs cut.
 fn host_form(stored: &str) -> String {
@@ -217,6 +296,9 @@ pub fn candidate_paths(child_dir: &Path, paths: &[ParentPath]) -> Vec<PathBuf> {
                     relative = rest;
                 }
                 near.push(child_dir.join(relative));
+                // Moved along with its child into another layout: found by its name beside
+                // the child, as an absolute path's file is (the parent's identity decides).
+                near.extend(file_name(&host).map(|n| child_dir.join(n)));
             }
             ParentPath::FileName(_) => near.extend(file_name(&host).map(|n| child_dir.join(n))),
             // Absolute paths, and relative ones that turn out not to be: the file is most
@@ -360,7 +442,21 @@ pub fn open_chain(
     options: &OpenOptions,
     context: &ImageContext,
 ) -> Result<Box<dyn Layer>> {
-    let mut layers = vec![open_layer(storage, options, &context.budget)?];
+    open_parents(
+        open_layer(storage, options, &context.budget)?,
+        options,
+        context,
+    )
+}
+
+/// Finds and opens, in a loop, every parent the image `top` (which sits where `context`
+/// says) needs; returns it with each parent attached to its child.
+pub fn open_parents(
+    top: Box<dyn Layer>,
+    options: &OpenOptions,
+    context: &ImageContext,
+) -> Result<Box<dyn Layer>> {
+    let mut layers = vec![top];
     // Where each parent was found, in step with `layers[1..]`.
     let mut found_at = Vec::new();
     let mut place = context.clone();

@@ -515,6 +515,17 @@ pub struct StoredParentPaths {
     pub volume: Option<String>,
 }
 
+impl StoredParentPaths {
+    /// The absolute path a VHD records (W2ku): the Windows one when known, else the host
+    /// path in Windows form, which this library maps back.
+    pub fn vhd_absolute(&self) -> String {
+        match &self.windows {
+            Some(windows) => windows.plain().to_string(),
+            None => self.absolute.clone(),
+        }
+    }
+}
+
 /// What a new differencing image takes from its parent, gathered by opening the parent
 /// with its whole chain.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,9 +24,10 @@
 //! image file, not in the chain already, of the child's format, carrying the identity the
 //! child expects) and opens it read-only through the same probe and dispatch
 //! ([`open::open_layer`]), then hands each child its parent. [`create::create`] makes
-//! fixed, dynamic and differencing images of both formats and [`info::image_info`]
-//! describes an image and its chain; the `vdisk` command offers both. ARCHITECTURE.md
-//! draws the layers.
+//! fixed, dynamic and differencing images of both formats, [`info::image_info`]
+//! describes an image and its chain, and [`check::check`] examines every structure of an
+//! image and repairs what it can; the `vdisk` command offers them. ARCHITECTURE.md draws
+//! the layers.
 //!
 //! Drivers keep metadata (BAT, headers, footer, log state) in memory under a lock; data
 //! I/O to allocated blocks runs outside it. Allocating writes put data on disk and flush
@@ -36,12 +37,14 @@
 mod bit_runs;
 mod blocking_pool;
 pub mod chain;
+pub mod check;
 pub mod commit;
 pub mod compact;
 pub mod convert;
 pub mod create;
 pub mod disk;
 pub mod error;
+pub mod finding;
 pub mod free_space;
 pub mod fuse;
 pub mod info;

@@ -18,6 +18,7 @@
 use std::cell::Cell;
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,12 @@ pub trait Storage: Send + Sync {
     /// source may become a hole in the target. Durable like a write.
     fn copy_within(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
         copy_through_memory(self, from, to, len)
+    }
+    /// The parts of `[offset, offset + len)` that take space on the host, in order: all
+    /// but its holes. A storage that cannot tell counts the pages holding anything but
+    /// zeros.
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        nonzero_pages(self, offset, len)
     }
 }
 
@@ -84,6 +91,10 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
 
     fn copy_within(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
         (**self).copy_within(from, to, len)
+    }
+
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        (**self).data_ranges(offset, len)
     }
 }
 
@@ -251,23 +262,37 @@ impl Storage for FileStorage {
     fn copy_within(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
         zero_range(self, to, len, true)?;
         let end = from + len;
-        let mut at = from;
-        while at < end {
-            let Some(data) = self.seek(at, libc::SEEK_DATA)?.filter(|&d| d < end) else {
-                return Ok(());
-            };
-            let hole = self.seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-            if let Err(e) = self.copy_range(data, to + (data - from), hole - data) {
+        for data in self.data_ranges(from, len)? {
+            if let Err(e) =
+                self.copy_range(data.start, to + (data.start - from), data.end - data.start)
+            {
                 return match e.raw_os_error() {
                     Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
-                        copy_through_memory(self, data, to + (data - from), end - data)
+                        let at = data.start;
+                        copy_through_memory(self, at, to + (at - from), end - at)
                     }
                     _ => Err(e),
                 };
             }
-            at = hole;
         }
         Ok(())
+    }
+
+    /// Found with `SEEK_DATA` and `SEEK_HOLE`; a filesystem without holes has data
+    /// everywhere.
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        let end = offset.saturating_add(len);
+        let mut ranges = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let Some(data) = self.seek(at, libc::SEEK_DATA)?.filter(|&d| d < end) else {
+                break;
+            };
+            let hole = self.seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            ranges.push(data..hole);
+            at = hole;
+        }
+        Ok(ranges)
     }
 
     fn will_need(&self, offset: u64, len: u64) {
@@ -361,6 +386,38 @@ fn copy_through_memory<S: Storage + ?Sized>(
         done += n as u64;
     }
     Ok(())
+}
+
+/// The pages of `[offset, offset + len)` (cut to it) holding anything but zeros, merged
+/// where they touch: [`Storage::data_ranges`] of a storage that knows no holes.
+fn nonzero_pages<S: Storage + ?Sized>(
+    storage: &S,
+    offset: u64,
+    len: u64,
+) -> io::Result<Vec<Range<u64>>> {
+    let end = offset.saturating_add(len);
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    let mut buf = vec![0u8; COPY_PIECE as usize];
+    let mut at = offset;
+    while at < end {
+        let n = (end - at).min(COPY_PIECE) as usize;
+        storage.read_at(&mut buf[..n], at)?;
+        let mut page_at = at;
+        while page_at < at + n as u64 {
+            let page_end = (page_at / PAGE as u64 + 1) * PAGE as u64;
+            let page = page_at..page_end.min(at + n as u64);
+            let bytes = &buf[(page.start - at) as usize..(page.end - at) as usize];
+            if bytes.iter().any(|&b| b != 0) {
+                match ranges.last_mut() {
+                    Some(last) if last.end == page.start => last.end = page.end,
+                    _ => ranges.push(page.clone()),
+                }
+            }
+            page_at = page.end;
+        }
+        at += n as u64;
+    }
+    Ok(ranges)
 }
 
 /// Smallest page size Linux uses; touching one byte per 4 KiB maps every page of any
@@ -612,6 +669,38 @@ mod tests {
             before - blocks() >= 2 * mib as u64 - 64 * 1024,
             "{before} -> {}",
             blocks()
+        );
+    }
+
+    #[test]
+    fn data_ranges_are_what_is_not_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        let page = PAGE as u64;
+        std::fs::write(&path, vec![0xAB; 64 * PAGE]).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        let storage = FileStorage::new(file);
+        storage.punch_hole(16 * page, 32 * page).unwrap();
+        let all = storage.data_ranges(0, 64 * page).unwrap();
+        let inside = storage.data_ranges(8 * page + 5, 16 * page).unwrap();
+        // Filesystems allocate in blocks of their own size: compare at 64 KiB.
+        let coarse = |ranges: &[Range<u64>]| -> Vec<(u64, u64)> {
+            ranges
+                .iter()
+                .map(|r| (r.start / 16 / page, r.end.div_ceil(16 * page)))
+                .collect()
+        };
+        assert_eq!(coarse(&all), [(0, 1), (3, 4)]);
+        assert_eq!(inside.len(), 1);
+        assert_eq!(inside[0], 8 * page + 5..16 * page);
+        // Without holes: pages holding anything but zeros.
+        let mut bytes = vec![0u8; 10 * PAGE];
+        bytes[PAGE + 7] = 1;
+        bytes[3 * PAGE..5 * PAGE].fill(2);
+        let memory = MemStorage::from_vec(bytes);
+        assert_eq!(
+            memory.data_ranges(100, 10 * page - 200).unwrap(),
+            [page..2 * page, 3 * page..5 * page]
         );
     }
 

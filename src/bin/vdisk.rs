@@ -1,5 +1,5 @@
-//! `vdisk`: create VHD and VHDX images, describe and map them. A thin layer over the
-//! library.
+//! `vdisk`: create VHD and VHDX images, describe, map and check them. A thin layer over
+//! the library.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -9,10 +9,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use vdisk_mount::check::{CheckOptions, check};
 use vdisk_mount::commit::{CommitOptions, commit};
 use vdisk_mount::compact::{CompactOptions, Stage, compact, human};
 use vdisk_mount::convert::{ConvertOptions, convert};
 use vdisk_mount::create::{CreateOptions, ImageType, create, parse_size};
+use vdisk_mount::finding::RepairLevel;
 use vdisk_mount::info::image_info;
 use vdisk_mount::map::image_map;
 use vdisk_mount::resize::{ResizeOptions, resize};
@@ -156,6 +158,19 @@ enum Command {
         #[arg(value_parser = size_arg)]
         size: u64,
     },
+    /// Check every structure of an image and the link to its parent; exit status 0
+    /// clean, 2 corruption, 3 leaked space only, 1 could not check. Read-only unless
+    /// --repair.
+    Check {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Repair what can be without guessing user data; `--repair=all` also makes
+        /// unreadable blocks read as zeros, listing what was given up.
+        #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "safe")]
+        repair: Option<RepairArg>,
+        image: PathBuf,
+    },
     /// List the virtual disk's extents: data (in which image of the chain, at which file
     /// offset) or zeros (read-only; never modifies the image).
     Map {
@@ -177,6 +192,12 @@ enum ConvertFormatArg {
     Vhd,
     Vhdx,
     Raw,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RepairArg {
+    Safe,
+    All,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -330,6 +351,21 @@ fn run(command: Command) -> Result<()> {
             print(&report?, json)
         }
         Command::Map { json, image } => print(&image_map(&image, &OpenOptions::default())?, json),
+        Command::Check { .. } => unreachable!("main runs vdisk check for its exit status"),
+    }
+}
+
+/// `vdisk check`, whose exit status tells what it found, as `qemu-img check`'s does.
+fn check_image(image: &std::path::Path, repair: Option<RepairArg>, json: bool) -> ExitCode {
+    let options = CheckOptions {
+        repair: repair.map(|level| match level {
+            RepairArg::Safe => RepairLevel::Safe,
+            RepairArg::All => RepairLevel::All,
+        }),
+    };
+    match check(image, &options).and_then(|report| print(&report, json).map(|()| report)) {
+        Ok(report) => ExitCode::from(report.status().exit_code()),
+        Err(e) => fail(&e),
     }
 }
 
@@ -392,14 +428,19 @@ fn print(report: &(impl Serialize + Display), json: bool) -> Result<()> {
     }
 }
 
+fn fail(e: &vdisk_mount::Error) -> ExitCode {
+    eprintln!("vdisk: {e}");
+    ExitCode::FAILURE
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
-    match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vdisk: {e}");
-            ExitCode::FAILURE
-        }
+    match Cli::parse().command {
+        Command::Check {
+            json,
+            repair,
+            image,
+        } => check_image(&image, repair, json),
+        command => run(command).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS),
     }
 }

@@ -2,7 +2,8 @@
 //! block, the sector number of the block's bitmap, or all ones for a block never written.
 //! Each block is its sector bitmap followed by Block Size bytes of data.
 
-use crate::error::{CorruptionKind, Error, Result};
+use crate::error::{CorruptionKind, Error};
+use std::ops::Range;
 
 pub const UNALLOCATED: u32 = 0xFFFF_FFFF;
 pub const ENTRY_SIZE: u64 = 4;
@@ -110,61 +111,98 @@ impl Bat {
     }
 
     /// Checks that every allocated block lies whole inside `[0, data_end)`, outside every
-    /// `reserved` region and apart from every other block. Returns where the last block
-    /// ends (0 when none is allocated).
-    pub fn validate(
-        &self,
-        layout: BlockLayout,
-        reserved: &[Reserved],
-        data_end: u64,
-    ) -> Result<u64> {
+    /// `reserved` region and apart from every other block. Lists every entry that breaks
+    /// one of those rules (two blocks sharing space both do), those against the file and
+    /// the regions first, and says where the blocks of the others end.
+    pub fn validate(&self, layout: BlockLayout, reserved: &[Reserved], data_end: u64) -> Validated {
         let span = layout.span();
         let mut blocks: Vec<(u64, usize)> = Vec::new();
+        let mut bad = Vec::new();
         for (index, &entry) in self.entries.iter().enumerate() {
             if entry == UNALLOCATED {
                 continue;
             }
             let start = u64::from(entry) * SECTOR;
-            let structure = || format!("BAT entry {index}");
             // u32 sectors times 512 plus a u32-sized span cannot overflow u64.
             let end = start + span;
-            if let Some(r) = reserved
+            let problem = if let Some(r) = reserved
                 .iter()
                 .find(|r| start < r.start + r.len && r.start < end)
             {
-                return Err(Error::corrupt(
-                    CorruptionKind::OutOfBounds,
-                    structure(),
-                    format!("block at offset {start:#x} overlaps the {}", r.name),
-                ));
-            }
-            if end > data_end {
-                return Err(Error::corrupt(
-                    CorruptionKind::OutOfBounds,
-                    structure(),
-                    format!(
-                        "block at offset {start:#x} ({span} bytes) runs past the footer or \
-                         the end of the file at {data_end:#x}"
-                    ),
-                ));
-            }
-            blocks.push((start, index));
+                format!("block at offset {start:#x} overlaps the {}", r.name)
+            } else if end > data_end {
+                format!(
+                    "block at offset {start:#x} ({span} bytes) runs past the footer or the end \
+                     of the file at {data_end:#x}"
+                )
+            } else {
+                blocks.push((start, index));
+                continue;
+            };
+            bad.push(BadEntry::new(index, start..end, data_end, problem));
         }
         blocks.sort_unstable();
+        let mut sharing = Vec::new();
         for pair in blocks.windows(2) {
             let ((first, first_index), (second, second_index)) = (pair[0], pair[1]);
             if second < first + span {
-                return Err(Error::corrupt(
-                    CorruptionKind::OutOfBounds,
-                    format!("BAT entry {second_index}"),
-                    format!(
-                        "block at offset {second:#x} overlaps the block of BAT entry \
-                         {first_index} at {first:#x}"
-                    ),
-                ));
+                sharing.push((second_index, second, first_index, first));
+                sharing.push((first_index, first, second_index, second));
             }
         }
-        Ok(blocks.last().map_or(0, |&(start, _)| start + span))
+        for (index, start, other, other_start) in sharing {
+            if bad.iter().all(|b: &BadEntry| b.index != index as u64) {
+                let problem = format!(
+                    "block at offset {start:#x} overlaps the block of BAT entry {other} at \
+                     {other_start:#x}"
+                );
+                bad.push(BadEntry::new(index, start..start + span, data_end, problem));
+            }
+        }
+        let blocks_end = blocks
+            .iter()
+            .filter(|&&(_, index)| bad.iter().all(|b| b.index != index as u64))
+            .map(|&(start, _)| start + span)
+            .max()
+            .unwrap_or(0);
+        Validated { blocks_end, bad }
+    }
+}
+
+/// What [`Bat::validate`] found.
+#[derive(Debug)]
+pub struct Validated {
+    /// Where the last block of a sound entry ends (0 when there is none).
+    pub blocks_end: u64,
+    pub bad: Vec<BadEntry>,
+}
+
+/// An entry naming space no block may have.
+#[derive(Debug)]
+pub struct BadEntry {
+    pub index: u64,
+    pub problem: String,
+    /// The part of the space it names that lies inside the data area: no one else's.
+    pub space: Range<u64>,
+}
+
+impl BadEntry {
+    fn new(index: usize, block: Range<u64>, data_end: u64, problem: String) -> BadEntry {
+        BadEntry {
+            index: index as u64,
+            problem,
+            space: block.start.min(data_end)..block.end.min(data_end),
+        }
+    }
+
+    /// The structure the problem is about, as messages name it.
+    pub fn structure(&self) -> String {
+        format!("BAT entry {}", self.index)
+    }
+
+    /// The error a normal open refuses the image with.
+    pub fn error(&self) -> Error {
+        Error::corrupt(CorruptionKind::OutOfBounds, self.structure(), &self.problem)
     }
 }
 
@@ -229,9 +267,8 @@ mod tests {
     }
 
     fn rejection(entries: &[u32], data_end: u64) -> String {
-        let err = table(entries)
-            .validate(BlockLayout::new(4096), &reserved(), data_end)
-            .unwrap_err();
+        let validated = table(entries).validate(BlockLayout::new(4096), &reserved(), data_end);
+        let err = validated.bad[0].error();
         assert_eq!(err.corruption_kind(), Some(CorruptionKind::OutOfBounds));
         err.to_string()
     }
@@ -240,16 +277,11 @@ mod tests {
     fn accepts_blocks_in_free_space_and_reports_their_end() {
         // 4 KiB blocks span 9 sectors (1 bitmap + 8 data).
         let bat = table(&[4, UNALLOCATED, 13, 22]);
-        let end = bat
-            .validate(BlockLayout::new(4096), &reserved(), 31 * 512)
-            .unwrap();
-        assert_eq!(end, 31 * 512);
-        assert_eq!(
-            table(&[UNALLOCATED])
-                .validate(BlockLayout::new(4096), &reserved(), 2048)
-                .unwrap(),
-            0
-        );
+        let validated = bat.validate(BlockLayout::new(4096), &reserved(), 31 * 512);
+        assert!(validated.bad.is_empty(), "{validated:?}");
+        assert_eq!(validated.blocks_end, 31 * 512);
+        let empty = table(&[UNALLOCATED]).validate(BlockLayout::new(4096), &reserved(), 2048);
+        assert_eq!((empty.blocks_end, empty.bad.len()), (0, 0));
     }
 
     #[test]
@@ -280,5 +312,32 @@ mod tests {
             "BAT entry 2: block at offset 0x1800 overlaps the block of BAT entry 1 at 0x800"
         );
         assert!(rejection(&[4, 4], 1 << 20).contains("overlaps the block of BAT entry"));
+    }
+
+    #[test]
+    fn every_bad_entry_is_listed_with_the_space_it_names_inside_the_file() {
+        // Entry 0 over the footer copy, 1 and 2 sharing space, 3 sound, 4 past the end.
+        let bat = table(&[0, 4, 12, 40, 200]);
+        let validated = bat.validate(BlockLayout::new(4096), &reserved(), 100 * 512);
+        let bad: Vec<(u64, std::ops::Range<u64>)> = validated
+            .bad
+            .iter()
+            .map(|b| (b.index, b.space.clone()))
+            .collect();
+        assert_eq!(
+            bad,
+            [
+                (0, 0..9 * 512),
+                (4, 100 * 512..100 * 512),
+                (2, 12 * 512..21 * 512),
+                (1, 4 * 512..13 * 512)
+            ]
+        );
+        assert!(
+            validated.bad[3]
+                .problem
+                .contains("overlaps the block of BAT entry 2")
+        );
+        assert_eq!(validated.blocks_end, 49 * 512);
     }
 }

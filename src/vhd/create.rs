@@ -21,8 +21,8 @@
 use super::bat::table_bytes;
 use super::dynamic_header::{DynamicHeader, HEADER_SIZE, MAX_DISK_SIZE, PARENT_LOCATORS_LEN};
 use super::footer::{DiskType, FOOTER_SIZE, Footer, NO_DATA_OFFSET};
+use super::format::PARENT_NAME_LEN;
 use super::geometry::Geometry;
-use super::parent_locator::{ENTRY_SIZE, ParentLocator, Platform, encode_utf16le};
 use super::{MAX_BAT_ENTRIES, SECTOR};
 use crate::disk::Format;
 use crate::error::{Error, IoContext, Result};
@@ -45,8 +45,6 @@ const CREATOR_HOST_OS: [u8; 4] = *b"Wi2k";
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
 /// VHD timestamps count seconds from 2000-01-01 00:00:00 UTC.
 const VHD_EPOCH: Duration = Duration::from_secs(946_684_800);
-/// Bytes the Parent Unicode Name field holds.
-const PARENT_NAME_BYTES: usize = 512;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VhdKind {
@@ -145,10 +143,7 @@ fn record_parent(parent: &ParentImage) -> Result<ParentRecord> {
         size: parent.size,
         name,
         relative: parent.paths.relative.clone(),
-        absolute: match &parent.paths.windows {
-            Some(windows) => windows.plain().to_string(),
-            None => parent.paths.absolute.clone(),
-        },
+        absolute: parent.paths.vhd_absolute(),
     })
 }
 
@@ -256,49 +251,15 @@ fn write_image(file: &File, options: &VhdCreateOptions) -> Result<()> {
         block_size,
         parent_unique_id: [0; 16],
         parent_timestamp: 0,
-        parent_name: [0; PARENT_NAME_BYTES],
+        parent_name: [0; PARENT_NAME_LEN],
         parent_locators: [0; PARENT_LOCATORS_LEN],
     };
     let mut locator_data = Vec::new();
     if let Some(link) = &parent {
         header.parent_unique_id = link.unique_id;
         header.parent_timestamp = link.timestamp;
-        let name: Vec<u8> = link
-            .name
-            .encode_utf16()
-            .flat_map(u16::to_be_bytes)
-            .collect();
-        if name.len() > PARENT_NAME_BYTES {
-            return Err(invalid(format!(
-                "the parent's file name '{}' is longer than the 256 UTF-16 units a VHD can record",
-                link.name
-            )));
-        }
-        header.parent_name[..name.len()].copy_from_slice(&name);
-        for (slot, (platform, text)) in [
-            (Platform::W2ru, &link.relative),
-            (Platform::W2ku, &link.absolute),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let data = encode_utf16le(text);
-            let space = (data.len() as u64).max(1).next_multiple_of(SECTOR);
-            let locator = ParentLocator {
-                platform,
-                data_space: u32::try_from(space)
-                    .map_err(|_| invalid(format!("parent path '{text}' is too long")))?,
-                data_length: data.len() as u32,
-                data_offset: end,
-            };
-            locator
-                .data_range(slot, end + space)
-                .map_err(|_| invalid(format!("parent path '{text}' is too long")))?;
-            header.parent_locators[slot * ENTRY_SIZE..(slot + 1) * ENTRY_SIZE]
-                .copy_from_slice(&locator.serialize());
-            locator_data.push((end, data));
-            end += space;
-        }
+        (locator_data, end) =
+            header.name_parent(&link.name, &link.relative, &link.absolute, end)?;
     }
 
     write(&footer, 0, "footer copy")?;

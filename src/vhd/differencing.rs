@@ -49,6 +49,9 @@ pub(super) struct ParentPaths {
     pub paths: Vec<ParentPath>,
     /// File ranges holding locator data, which no block may overlap.
     pub areas: Vec<Range<u64>>,
+    /// The whole Platform Data Space of each locator (within the data area), which a
+    /// writer such as Windows keeps for longer paths: never free for new blocks.
+    pub spaces: Vec<Range<u64>>,
 }
 
 /// Reads the parent locators of `header` from a file whose data area ends at `data_end`.
@@ -59,6 +62,7 @@ pub(super) fn read_parent_paths(
 ) -> Result<ParentPaths> {
     let mut ranked = Vec::new();
     let mut areas = Vec::new();
+    let mut spaces = Vec::new();
     for (index, locator) in ParentLocator::parse_all(&header.parent_locators)
         .into_iter()
         .enumerate()
@@ -75,6 +79,11 @@ pub(super) fn read_parent_paths(
         if let Some(path) = locator.decode(index, &data)? {
             ranked.push((rank, index, path));
         }
+        let space_end = range
+            .start
+            .saturating_add(locator.space_bytes())
+            .min(data_end);
+        spaces.push(range.start..space_end.max(range.end));
         if !range.is_empty() {
             areas.push(range);
         }
@@ -85,7 +94,11 @@ pub(super) fn read_parent_paths(
     if !name.is_empty() {
         paths.push(ParentPath::FileName(name));
     }
-    Ok(ParentPaths { paths, areas })
+    Ok(ParentPaths {
+        paths,
+        areas,
+        spaces,
+    })
 }
 
 /// Most memory the bitmaps of one disk may take, with a per-block allowance for the table

@@ -4,6 +4,7 @@
 use super::checksum::vhd_checksum;
 pub(super) use super::format::PARENT_LOCATORS_LEN;
 use super::format::{PARENT_NAME_LEN, RawDynamicHeader};
+use super::parent_locator::{ENTRY_SIZE, ParentLocator, Platform, encode_utf16le};
 use crate::error::{CorruptionKind, Error, Result};
 use core::mem::offset_of;
 use zerocopy::{FromZeros, IntoBytes};
@@ -13,6 +14,7 @@ pub const HEADER_SIZE: usize = size_of::<RawDynamicHeader>();
 pub(super) const COOKIE: &[u8; 8] = b"cxsparse";
 const SUPPORTED_MAJOR_VERSION: u32 = 1;
 const MIN_BLOCK_SIZE: u32 = 512;
+const SECTOR: u64 = 512;
 /// Largest disk the format allows: 0xFF000000 sectors (2040 GiB).
 pub const MAX_DISK_SIZE: u64 = 0xFF00_0000 * 512;
 /// Bytes of the header that hold every field a resize changes, checksum included.
@@ -34,6 +36,9 @@ pub struct DynamicHeader {
 }
 
 const STRUCTURE: &str = "VHD dynamic header";
+
+/// A parent locator's data and the file offset it goes to.
+pub type LocatorData = (u64, Vec<u8>);
 
 fn invalid(problem: String) -> Error {
     Error::corrupt(CorruptionKind::InvalidField, STRUCTURE, problem)
@@ -132,6 +137,54 @@ impl DynamicHeader {
         raw.max_table_entries = max_table_entries.into();
         raw.checksum = vhd_checksum(raw.as_bytes(), offset_of!(RawDynamicHeader, checksum)).into();
         zerocopy::transmute!(raw)
+    }
+
+    /// Names the parent as a new child records it: the Parent Unicode Name `name`, and
+    /// the paths `relative` (W2ru) and `absolute` (W2ku) in the first two locators, each
+    /// with its data (UTF-16LE, in whole sectors) laid out from file offset `at`. Returns
+    /// where each piece of data goes, and where they end.
+    pub fn name_parent(
+        &mut self,
+        name: &str,
+        relative: &str,
+        absolute: &str,
+        at: u64,
+    ) -> Result<(Vec<LocatorData>, u64)> {
+        let invalid = |problem: String| Error::invalid_input(problem);
+        let encoded: Vec<u8> = name.encode_utf16().flat_map(u16::to_be_bytes).collect();
+        if encoded.len() > PARENT_NAME_LEN {
+            return Err(invalid(format!(
+                "the parent's file name '{name}' is longer than the 256 UTF-16 units a VHD can \
+                 record"
+            )));
+        }
+        self.parent_name = [0; PARENT_NAME_LEN];
+        self.parent_name[..encoded.len()].copy_from_slice(&encoded);
+        self.parent_locators = [0; PARENT_LOCATORS_LEN];
+        let mut end = at;
+        let mut data = Vec::new();
+        for (slot, (platform, text)) in [(Platform::W2ru, relative), (Platform::W2ku, absolute)]
+            .into_iter()
+            .enumerate()
+        {
+            let bytes = encode_utf16le(text);
+            let space = (bytes.len() as u64).max(1).next_multiple_of(SECTOR);
+            let too_long = || invalid(format!("parent path '{text}' is too long"));
+            let locator = ParentLocator {
+                platform,
+                data_space: u32::try_from(space).map_err(|_| too_long())?,
+                data_length: bytes.len() as u32,
+                data_offset: end,
+            };
+            locator
+                .data_range(slot, end + space)
+                .map_err(|_| too_long())?;
+            self.parent_locators[slot * ENTRY_SIZE..(slot + 1) * ENTRY_SIZE]
+                .copy_from_slice(&locator.serialize());
+            data.push((end, bytes));
+            end += space;
+        }
+        Ok((data, end))
     }
 
     /// The Parent Unicode Name (UTF-16BE, up to the first NUL); undecodable units show as

@@ -34,6 +34,7 @@
 
 mod bat;
 mod bitmap;
+mod check;
 mod checksum;
 pub mod create;
 mod differencing;
@@ -54,6 +55,7 @@ pub use geometry::Geometry;
 
 use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VhdSizeRule, VirtualDisk};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
+use crate::finding::{Finding, Fix, Problems};
 use crate::free_space::{FreeSpace, SpaceGate, aligned_place};
 use crate::layer::{
     self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,
@@ -103,8 +105,8 @@ struct Dynamic {
     /// Pinned by data I/O to allocated blocks, so released space is reused only once no
     /// I/O can still reach it.
     space: SpaceGate,
-    /// Where the structures before the blocks (footer copy, header, BAT, parent
-    /// locators) end.
+    /// Where the structures before the blocks (footer copy, header, BAT, the data spaces
+    /// of parent locators) end.
     metadata_end: u64,
     /// The file ranges of those structures but the BAT, which the BAT may not grow into.
     structures: Vec<Range<u64>>,
@@ -144,10 +146,22 @@ impl VhdDisk {
         options: &OpenOptions,
         budget: &MetadataBudget,
     ) -> Result<VhdDisk> {
+        VhdDisk::open_reporting(storage, options, budget, &mut Problems::Refuse)
+    }
+
+    /// Opens the VHD image held by `storage` as [`VhdDisk::open_charged`] does, sending
+    /// damage it can work around to `problems`: a check records every bad BAT entry and
+    /// opens the image with those entries taken as unallocated.
+    pub fn open_reporting(
+        storage: Box<dyn Storage>,
+        options: &OpenOptions,
+        budget: &MetadataBudget,
+        problems: &mut Problems,
+    ) -> Result<VhdDisk> {
         let file_len = storage
             .len()
             .context(|| "cannot read file size".to_string())?;
-        let found = locate_footer(storage.as_ref(), file_len)?;
+        let found = locate_footer(storage.as_ref(), file_len, problems)?;
         let footer = found.footer.clone();
         let size = virtual_size(&footer, options.vhd_size_rule)?;
         let dynamic = match footer.disk_type {
@@ -164,9 +178,13 @@ impl VhdDisk {
                 }
                 None
             }
-            DiskType::Dynamic | DiskType::Differencing => {
-                Some(open_dynamic(storage.as_ref(), &found, size, budget)?)
-            }
+            DiskType::Dynamic | DiskType::Differencing => Some(open_dynamic(
+                storage.as_ref(),
+                &found,
+                size,
+                budget,
+                problems,
+            )?),
         };
         Ok(VhdDisk {
             storage,
@@ -426,8 +444,13 @@ impl std::fmt::Debug for VhdDisk {
 }
 
 /// Finds the footer: the trailing one (512 bytes, or 511 from old Virtual PC), else, for
-/// dynamic and differencing disks, the copy at offset 0.
-fn locate_footer(storage: &dyn Storage, file_len: u64) -> Result<FoundFooter> {
+/// dynamic and differencing disks, the copy at offset 0; a trailing footer passed over
+/// goes to `problems`.
+fn locate_footer(
+    storage: &dyn Storage,
+    file_len: u64,
+    problems: &mut Problems,
+) -> Result<FoundFooter> {
     let mut trailing_error = None;
     for footer_len in [FOOTER_SIZE, LEGACY_FOOTER_SIZE] {
         let Some(at) = file_len.checked_sub(footer_len as u64) else {
@@ -472,8 +495,10 @@ fn locate_footer(storage: &dyn Storage, file_len: u64) -> Result<FoundFooter> {
     match Footer::parse(&bytes, "VHD footer copy at offset 0") {
         // A fixed disk has no copy: these bytes are disk data that only look like one.
         Ok(footer) if footer.disk_type != DiskType::Fixed => {
-            log::warn!(
-                "VHD footer at the end is unusable ({trailing_error}); using the copy at offset 0"
+            let at = file_len.saturating_sub(FOOTER_SIZE as u64);
+            problems.tolerate(
+                Finding::from_error(&trailing_error, Some(at), Fix::RewriteCopy)
+                    .adding("; the copy at offset 0 is used"),
             );
             Ok(FoundFooter {
                 footer,
@@ -532,12 +557,15 @@ fn out_of_bounds(structure: &str, problem: String) -> Error {
     Error::corrupt(CorruptionKind::OutOfBounds, structure, problem)
 }
 
-/// Reads and checks the dynamic header and BAT of a disk of `size` bytes.
+/// Reads and checks the dynamic header and BAT of a disk of `size` bytes. Bad BAT entries
+/// go to `problems`; if it lets the open go on, they are taken as unallocated, and the
+/// space they name inside the file as nobody's to take.
 fn open_dynamic(
     storage: &dyn Storage,
     found: &FoundFooter,
     size: u64,
     budget: &MetadataBudget,
+    problems: &mut Problems,
 ) -> Result<Dynamic> {
     let data_end = found.data_end;
     let header_at = found.footer.data_offset;
@@ -640,11 +668,41 @@ fn open_dynamic(
         len: area.end - area.start,
         name: "parent locator data",
     }));
-    let blocks_end = bat.validate(layout, &reserved, data_end)?;
-    let structures_end = reserved
+    // A check hears of locator data over another structure; an open reads the paths from
+    // it all the same, and keeps blocks out of it.
+    for (i, area) in reserved.iter().enumerate().skip(3) {
+        if let Some(other) = reserved[..i]
+            .iter()
+            .find(|r| area.start < r.start + r.len && r.start < area.start + area.len)
+        {
+            problems.note(Finding::corruption(
+                CorruptionKind::OutOfBounds,
+                "VHD parent locator data",
+                Some(area.start),
+                format!("{} bytes overlap the {}", area.len, other.name),
+                Fix::None,
+            ));
+        }
+    }
+    let validated = bat.validate(layout, &reserved, data_end);
+    for bad in &validated.bad {
+        let start = bad.index * layout.block_size;
+        let fix = Fix::GiveUp {
+            entry: bad.index,
+            disk_start: start,
+            disk_end: (start + layout.block_size).min(size),
+        };
+        let at = table_at + bad.index * bat::ENTRY_SIZE;
+        problems.refuse(Finding::from_error(&bad.error(), Some(at), fix))?;
+        bat.set(bad.index, UNALLOCATED);
+    }
+    let metadata_end = reserved
         .iter()
         .map(|r| r.start + r.len)
-        .fold(blocks_end, u64::max);
+        .chain(locators.spaces.iter().map(|space| space.end))
+        .max()
+        .unwrap_or(0);
+    let structures_end = metadata_end.max(validated.blocks_end);
     let next_block = if data_end.is_multiple_of(SECTOR) && data_end >= structures_end {
         data_end
     } else {
@@ -653,7 +711,9 @@ fn open_dynamic(
     let used = reserved
         .iter()
         .map(|r| r.start..r.start + r.len)
-        .chain(bat.allocated_blocks().map(|(_, at)| at..at + layout.span()));
+        .chain(bat.allocated_blocks().map(|(_, at)| at..at + layout.span()))
+        .chain(validated.bad.iter().map(|bad| bad.space.clone()))
+        .chain(locators.spaces.iter().cloned());
     let free = FreeSpace::gaps(0..next_block, used);
     let differencing = if is_differencing {
         Some(differencing::Differencing::open(
@@ -671,11 +731,12 @@ fn open_dynamic(
         table_offset: table_at,
         layout,
         bat: RwLock::new(bat),
-        metadata_end: reserved.iter().map(|r| r.start + r.len).max().unwrap_or(0),
+        metadata_end,
         structures: reserved
             .iter()
             .filter(|r| r.start != table_at)
             .map(|r| r.start..r.start + r.len)
+            .chain(locators.spaces.iter().cloned())
             .collect(),
         allocator: Mutex::new(Allocator { next_block, free }),
         space: SpaceGate::default(),

@@ -4,6 +4,7 @@
 use super::fields::{MIB, u64_at};
 use crate::error::{CorruptionKind, Error, Result};
 use crate::free_space::FreeSpace;
+use std::ops::Range;
 
 pub const BAT_ENTRY_LEN: u64 = 8;
 /// The unit in which BAT changes are journaled.
@@ -128,6 +129,15 @@ impl BatLayout {
     pub fn block_of_index(&self, index: u64) -> u64 {
         index - index / (self.chunk_ratio + 1)
     }
+
+    /// An entry at `index` that names no data and no place: ZERO for a payload block
+    /// (zeros even in a child), absent for a sector bitmap block.
+    pub fn naming_nothing(&self, index: u64) -> BatEntry {
+        match self.is_sector_bitmap_index(index) {
+            true => BatEntry(0),
+            false => BatEntry::new(PayloadState::Zero, 0),
+        }
+    }
 }
 
 /// A file range the BAT's blocks must stay clear of (log, BAT, metadata region).
@@ -136,6 +146,35 @@ pub struct ReservedRange {
     pub start: u64,
     pub end: u64,
     pub name: &'static str,
+}
+
+/// What [`Bat::validate`] found.
+#[derive(Debug)]
+pub struct Validated {
+    /// File space nothing uses.
+    pub free: FreeSpace,
+    pub bad: Vec<BadEntry>,
+}
+
+/// An entry that breaks the format's rules.
+#[derive(Debug)]
+pub struct BadEntry {
+    pub index: u64,
+    pub kind: CorruptionKind,
+    pub problem: String,
+    /// The part of the file the entry names: nobody's to take.
+    pub space: Range<u64>,
+}
+
+impl BadEntry {
+    /// The error a normal open refuses the image with.
+    pub fn error(&self) -> Error {
+        Error::corrupt(
+            self.kind,
+            format!("BAT entry {}", self.index),
+            &self.problem,
+        )
+    }
 }
 
 /// The in-memory BAT: every entry of the pages covering the used entries, so a journaled
@@ -241,114 +280,138 @@ impl Bat {
     /// Checks every used entry against the file: valid states, present blocks inside the
     /// file (`file_len`), past the header area, clear of `reserved` and of each other.
     /// The last block only needs its part inside the virtual disk to be in the file.
-    /// Returns the file space past the header area that nothing uses: not `reserved`, no
-    /// block, and no old location that an entry without data still names (locations must
-    /// stay unique).
+    /// Lists every entry that breaks a rule (two blocks sharing space both do), those
+    /// failing on their own first, and the file space past the header area that nothing
+    /// uses: not `reserved`, no block, no old location that an entry without data still
+    /// names (locations must stay unique), and nothing a bad entry names.
     pub fn validate(
         &self,
         virtual_size: u64,
         file_len: u64,
         reserved: &[ReservedRange],
-    ) -> Result<FreeSpace> {
+    ) -> Validated {
         let layout = &self.layout;
         let mut free = FreeSpace::new(MIB..file_len);
         for r in reserved {
             free.remove(r.start..r.end);
         }
+        let mut bad = Vec::new();
         // (offset, index): ends are found again from the index, keeping this list small.
         let mut used: Vec<(u64, u32)> = Vec::new();
         for index in 0..layout.total_entries {
             let entry = self.entry(index);
-            let fail = |kind, problem: String| {
-                Err(Error::corrupt(kind, format!("BAT entry {index}"), problem))
+            let offset = entry.file_offset();
+            let len = self.used_len(index, virtual_size);
+            let mut fail = |kind, problem: String| {
+                bad.push(BadEntry {
+                    index,
+                    kind,
+                    problem,
+                    space: offset.min(file_len)..offset.saturating_add(len).min(file_len),
+                });
             };
-            let len = if layout.is_sector_bitmap_index(index) {
+            if layout.is_sector_bitmap_index(index) {
                 match entry.0 & STATE_MASK {
                     0 => continue,
-                    6 => self.used_len(index, virtual_size),
+                    6 => {}
                     state => {
-                        return fail(
+                        fail(
                             CorruptionKind::InvalidField,
                             format!("invalid sector bitmap state {state}"),
                         );
+                        continue;
                     }
                 }
             } else {
                 match entry.payload_state() {
                     None => {
-                        return fail(
+                        fail(
                             CorruptionKind::InvalidField,
                             format!("invalid payload state {}", entry.0 & STATE_MASK),
                         );
+                        continue;
                     }
                     // A differencing BAT holds whole chunks: entries past the disk's last
                     // block name no data, whatever they say, and are never read.
                     _ if layout.block_of_index(index) >= layout.payload_blocks => continue,
-                    Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent) => {
-                        self.used_len(index, virtual_size)
-                    }
+                    Some(PayloadState::FullyPresent | PayloadState::PartiallyPresent) => {}
                     Some(_) => {
-                        let at = entry.file_offset();
-                        free.remove(at..at.saturating_add(self.used_len(index, virtual_size)));
+                        free.remove(offset..offset.saturating_add(len));
                         continue;
                     }
                 }
-            };
-            let offset = entry.file_offset();
+            }
             if offset < MIB {
-                return fail(
+                fail(
                     CorruptionKind::OutOfBounds,
                     format!("points into the header area (offset {offset:#x})"),
                 );
-            }
-            match offset.checked_add(len) {
-                Some(end) if end <= file_len => {}
-                _ => {
-                    return fail(
-                        CorruptionKind::OutOfBounds,
-                        format!("points past end of file (offset {offset:#x})"),
-                    );
-                }
-            }
-            if let Some(r) = reserved
+            } else if offset.checked_add(len).is_none_or(|end| end > file_len) {
+                fail(
+                    CorruptionKind::OutOfBounds,
+                    format!("points past end of file (offset {offset:#x})"),
+                );
+            } else if let Some(r) = reserved
                 .iter()
                 .find(|r| offset < r.end && r.start < offset + len)
             {
-                return fail(
+                fail(
                     CorruptionKind::OutOfBounds,
                     format!("overlaps the {} (offset {offset:#x})", r.name),
                 );
+            } else {
+                used.push((offset, index as u32));
             }
-            used.push((offset, index as u32));
         }
         used.sort_unstable();
-        for pair in used.windows(2) {
-            if pair[1].0 < pair[0].0 + self.used_len(u64::from(pair[0].1), virtual_size) {
-                let (first, second) = (pair[0].1.min(pair[1].1), pair[0].1.max(pair[1].1));
-                return Err(Error::corrupt(
-                    CorruptionKind::OutOfBounds,
-                    format!("BAT entry {second}"),
-                    format!(
-                        "overlaps the block of BAT entry {first} (offset {:#x})",
-                        pair[1].0
-                    ),
-                ));
+        // Blocks differ in length (bitmap blocks, a short last block): each is compared
+        // with the one reaching furthest among those before it.
+        let mut sharing = Vec::new();
+        let mut furthest: Option<(u64, u32)> = None;
+        for &(offset, index) in &used {
+            let end = offset + self.used_len(u64::from(index), virtual_size);
+            if let Some((reach, other)) = furthest {
+                if offset < reach {
+                    sharing.push((index.max(other), index.min(other), offset));
+                    sharing.push((index.min(other), index.max(other), offset));
+                }
+                if end <= reach {
+                    continue;
+                }
+            }
+            furthest = Some((end, index));
+        }
+        for (index, other, at) in sharing {
+            let index = u64::from(index);
+            if bad.iter().all(|b: &BadEntry| b.index != index) {
+                let offset = self.entry(index).file_offset();
+                bad.push(BadEntry {
+                    index,
+                    kind: CorruptionKind::OutOfBounds,
+                    problem: format!("overlaps the block of BAT entry {other} (offset {at:#x})"),
+                    space: offset..offset + self.used_len(index, virtual_size),
+                });
             }
         }
         for &(offset, index) in &used {
             free.remove(offset..offset + self.used_len(u64::from(index), virtual_size));
         }
-        Ok(free)
+        for b in &bad {
+            free.remove(b.space.clone());
+        }
+        Validated { free, bad }
     }
 
     /// File bytes the allocated entry `index` uses: a sector bitmap block, or the part of
-    /// a payload block inside the virtual disk.
+    /// a payload block inside the virtual disk (none for a block past its end).
     pub fn used_len(&self, index: u64, virtual_size: u64) -> u64 {
         if self.layout.is_sector_bitmap_index(index) {
             MIB
         } else {
             let start = self.layout.block_of_index(index) * self.layout.block_size;
-            self.layout.block_size.min(virtual_size - start)
+            self.layout
+                .block_size
+                .min(virtual_size.saturating_sub(start))
         }
     }
 
@@ -440,7 +503,7 @@ mod tests {
                 .to_le_bytes(),
         );
         let bat = from_bytes(layout, &bytes);
-        bat.validate(4 * MIB, 16 * MIB, &[]).unwrap();
+        assert!(bat.validate(4 * MIB, 16 * MIB, &[]).bad.is_empty());
         assert_eq!(bat.allocated_blocks(), 0);
     }
 
@@ -482,7 +545,8 @@ mod tests {
         assert!(
             bat_with(&[6 | (5 * MIB), 6 | (6 * MIB), 3 | (6 * MIB)])
                 .validate(8 * MIB, file_len, &reserved)
-                .is_ok()
+                .bad
+                .is_empty()
         );
         let cases: [(&[u64], &str); 5] = [
             (&[0, 4], "BAT entry 1: invalid payload state 4"),
@@ -498,11 +562,72 @@ mod tests {
             ),
         ];
         for (entries, text) in cases {
-            let err = bat_with(entries)
-                .validate(8 * MIB, file_len, &reserved)
-                .unwrap_err();
+            let err = bat_with(entries).validate(8 * MIB, file_len, &reserved).bad[0].error();
             assert!(err.to_string().starts_with(text), "{err} is not {text}");
         }
+    }
+
+    #[test]
+    fn every_bad_entry_is_listed_and_what_it_names_is_nobodys() {
+        let reserved = [ReservedRange {
+            start: MIB,
+            end: 3 * MIB,
+            name: "log",
+        }];
+        // Entry 0 at 5 MiB is shared with entry 3; entry 1 past the end, entry 2 in the
+        // log, entry 4 of reserved state 4 at 9 MiB.
+        let bat = bat_with(&[
+            6 | (5 * MIB),
+            6 | (30 * MIB),
+            6 | (2 * MIB),
+            6 | (5 * MIB),
+            4 | (9 * MIB),
+        ]);
+        let validated = bat.validate(8 * MIB, 20 * MIB, &reserved);
+        let listed: Vec<String> = validated
+            .bad
+            .iter()
+            .map(|b| b.error().to_string())
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                "BAT entry 1: points past end of file (offset 0x1e00000)",
+                "BAT entry 2: overlaps the log (offset 0x200000)",
+                "BAT entry 4: invalid payload state 4",
+                "BAT entry 3: overlaps the block of BAT entry 0 (offset 0x500000)",
+                "BAT entry 0: overlaps the block of BAT entry 3 (offset 0x500000)",
+            ]
+        );
+        assert_eq!(
+            validated.free.ranges().collect::<Vec<_>>(),
+            [3 * MIB..5 * MIB, 6 * MIB..9 * MIB, 10 * MIB..20 * MIB]
+        );
+    }
+
+    #[test]
+    fn a_long_block_overlapping_past_a_short_one_is_caught() {
+        // 4 MiB blocks of a 8 MiB child: block 0 at 4 MiB covers the bitmap block at
+        // 5 MiB and block 1 at 6 MiB.
+        let layout = BatLayout::new(8 * MIB, 4 * MIB as u32, 512, true);
+        let mut bytes = vec![0u8; Bat::loaded_len(&layout, MIB).unwrap() as usize];
+        let chunk_bitmap = layout.sector_bitmap_index(0) as usize;
+        for (index, entry) in [
+            (0, 6 | (4 * MIB)),
+            (1, 6 | (6 * MIB)),
+            (chunk_bitmap, 6 | (5 * MIB)),
+        ] {
+            bytes[index * 8..index * 8 + 8].copy_from_slice(&entry.to_le_bytes());
+        }
+        let bat = from_bytes(layout, &bytes);
+        let mut bad: Vec<u64> = bat
+            .validate(8 * MIB, 16 * MIB, &[])
+            .bad
+            .iter()
+            .map(|b| b.index)
+            .collect();
+        bad.sort_unstable();
+        assert_eq!(bad, [0, 1, chunk_bitmap as u64]);
     }
 
     #[test]

@@ -29,9 +29,7 @@ use super::metadata::{
     FILE_PARAMETERS, LOGICAL_SECTOR_SIZE, METADATA_TABLE_LEN, MetadataItem, MetadataTable,
     PARENT_LOCATOR, PHYSICAL_SECTOR_SIZE, VIRTUAL_DISK_ID, VIRTUAL_DISK_SIZE,
 };
-use super::parent_locator::{
-    ABSOLUTE_WIN32_PATH, PARENT_LINKAGE, ParentLocator, RELATIVE_PATH, VOLUME_PATH,
-};
+use super::parent_locator::{PARENT_LINKAGE, ParentLocator};
 use super::region_table::{
     BAT_REGION, METADATA_REGION, REGION_TABLE_OFFSETS, RegionEntry, RegionTable,
 };
@@ -172,21 +170,13 @@ fn plan(options: &VhdxCreateOptions) -> Result<Plan> {
         plan.logical_sector_size = parent.logical_sector_size;
         plan.physical_sector_size = parent.physical_sector_size;
         plan.disk_id = disk_id;
-        let stored = &parent.paths;
-        let mut entries = vec![
-            (
+        let linkage = ParentLocator {
+            entries: vec![(
                 PARENT_LINKAGE.to_string(),
                 Uuid::from_bytes(parent.identity).braced().to_string(),
-            ),
-            (RELATIVE_PATH.to_string(), stored.relative.clone()),
-        ];
-        if let Some(volume) = &stored.volume {
-            entries.push((VOLUME_PATH.to_string(), volume.clone()));
-        }
-        if let Some(windows) = &stored.windows {
-            entries.push((ABSOLUTE_WIN32_PATH.to_string(), windows.extended()));
-        }
-        plan.locator = Some(ParentLocator { entries });
+            )],
+        };
+        plan.locator = Some(linkage.with_paths(&parent.paths));
     }
     let bs = u64::from(plan.block_size);
     if !plan.block_size.is_power_of_two() || !(MIB..=256 * MIB).contains(&bs) {

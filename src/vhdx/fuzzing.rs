@@ -8,6 +8,7 @@ use super::log::{self, LOG_SECTOR};
 use super::metadata::{DiskParameters, METADATA_TABLE_LEN, MetadataTable};
 use super::parent_locator::ParentLocator;
 use super::region_table::{self, REGION_TABLE_LEN, REGION_TABLE_OFFSETS, RegionTable};
+use crate::finding::Problems;
 use crate::storage::Storage;
 use core::mem::offset_of;
 use uuid::Uuid;
@@ -48,7 +49,7 @@ pub fn parse_structures(bytes: &[u8]) {
             let _ = header.check(u64::MAX);
         }
         if let Some(table) = rest.get(..REGION_TABLE_LEN) {
-            let _ = RegionTable::parse_either([table, table]);
+            let _ = RegionTable::parse_either([table, table], &mut Problems::Refuse);
         }
     }
     let mut table = vec![0u8; METADATA_TABLE_LEN];
@@ -79,7 +80,8 @@ pub fn seal_checksums(storage: &dyn Storage) {
             let _ = storage.write_at(bytes, at);
         }
     }
-    if let Ok((current, _)) = header::select_current([&headers[0], &headers[1]])
+    if let Ok((current, _)) =
+        header::select_current([&headers[0], &headers[1]], &mut Problems::Refuse)
         && current.log_is_dirty()
     {
         seal_log_entries(storage, current.log_offset, current.log_length);

@@ -4,6 +4,7 @@
 use super::fields::{MIB, crc32c_matches, is_mib_aligned, seal_crc32c};
 use super::format::RawHeader;
 use crate::error::{CorruptionKind, Error, Result};
+use crate::finding::{Finding, Fix, Problems};
 use core::mem::offset_of;
 use uuid::Uuid;
 use zerocopy::FromZeros;
@@ -127,9 +128,17 @@ impl Header {
 
 /// Picks the current header from the two slots; returns it and its slot index (0 or 1).
 ///
-/// The higher sequence number wins; one damaged slot is survivable. Two valid headers with
-/// equal sequence numbers are accepted only when byte-identical, as Disk2vhd writes them.
-pub fn select_current(slots: [&[u8; HEADER_LEN]; 2]) -> Result<(Header, usize)> {
+/// The higher sequence number wins; one damaged slot is survivable, and goes to
+/// `problems`. Two valid headers with equal sequence numbers are accepted only when
+/// byte-identical, as Disk2vhd writes them.
+pub fn select_current(
+    slots: [&[u8; HEADER_LEN]; 2],
+    problems: &mut Problems,
+) -> Result<(Header, usize)> {
+    let damaged = |e: &Error, slot: usize| {
+        Finding::from_error(e, Some(HEADER_OFFSETS[slot]), Fix::RewriteCopy)
+            .adding(&format!("; header {} is used", 2 - slot))
+    };
     let parsed = [
         Header::parse(slots[0], "header 1"),
         Header::parse(slots[1], "header 2"),
@@ -151,11 +160,11 @@ pub fn select_current(slots: [&[u8; HEADER_LEN]; 2]) -> Result<(Header, usize)> 
             }
         }
         [Ok(a), Err(e)] => {
-            log::warn!("{e}; using header 1");
+            problems.tolerate(damaged(&e, 1));
             Ok((a, 0))
         }
         [Err(e), Ok(b)] => {
-            log::warn!("{e}; using header 2");
+            problems.tolerate(damaged(&e, 0));
             Ok((b, 1))
         }
         [Err(a), Err(b)] => Err(Error::corrupt(
@@ -207,28 +216,38 @@ mod tests {
         assert_eq!(err.to_string(), "header 1: checksum mismatch");
     }
 
+    fn select(slots: [&[u8; HEADER_LEN]; 2]) -> Result<(Header, usize)> {
+        select_current(slots, &mut Problems::Refuse)
+    }
+
     #[test]
     fn higher_sequence_wins_and_one_bad_slot_is_survivable() {
         let (a, b) = (sample(5).to_bytes(), sample(6).to_bytes());
-        assert_eq!(select_current([&a, &b]).unwrap().1, 1);
-        assert_eq!(select_current([&b, &a]).unwrap().1, 0);
+        assert_eq!(select([&a, &b]).unwrap().1, 1);
+        assert_eq!(select([&b, &a]).unwrap().1, 0);
         let mut bad = b;
         bad[20] ^= 0xff;
-        let (h, slot) = select_current([&a, &bad]).unwrap();
+        let mut found = Vec::new();
+        let (h, slot) = select_current([&a, &bad], &mut Problems::Record(&mut found)).unwrap();
         assert_eq!((h.sequence_number, slot), (5, 0));
+        assert_eq!(
+            found.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["header 2 at 0x20000: checksum mismatch; header 1 is used"]
+        );
+        assert_eq!(found[0].fix, Fix::RewriteCopy);
         let mut bad_a = a;
         bad_a[8] ^= 1;
-        assert!(select_current([&bad_a, &bad]).is_err());
+        assert!(select([&bad_a, &bad]).is_err());
     }
 
     #[test]
     fn equal_sequence_numbers_need_identical_headers() {
         let a = sample(3).to_bytes();
-        assert_eq!(select_current([&a, &a]).unwrap().0.sequence_number, 3);
+        assert_eq!(select([&a, &a]).unwrap().0.sequence_number, 3);
         let mut other = sample(3);
         other.data_write_guid = Uuid::from_u128(99);
         let b = other.to_bytes();
-        let err = select_current([&a, &b]).unwrap_err();
+        let err = select([&a, &b]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "headers: both have sequence number 3 but differ"

@@ -86,10 +86,19 @@ impl VhdxDisk {
         Ok(())
     }
 
-    /// Records `linkages` as the DataWriteGuids the parent may carry, in one log entry:
-    /// the parent locator item (moved inside the metadata region if it outgrew its room;
-    /// what it leaves is cleared) and the table entry that says where it is.
+    /// Records `linkages` as the DataWriteGuids the parent may carry, in one log entry.
     fn set_parent_linkages(&self, d: &Differencing, linkages: &[Uuid]) -> Result<()> {
+        self.replace_parent_locator(d, |locator| locator.relinked(linkages))
+    }
+
+    /// Replaces the parent locator by what `change` makes of it, in one log entry: the
+    /// item (moved inside the metadata region if it outgrew its room; what it leaves is
+    /// cleared) and the table entry that says where it is.
+    pub(super) fn replace_parent_locator(
+        &self,
+        d: &Differencing,
+        change: impl FnOnce(&ParentLocator) -> ParentLocator,
+    ) -> Result<()> {
         self.check_writable()?;
         let mut j = self.journal.lock();
         let region = &d.metadata_region;
@@ -108,7 +117,7 @@ impl VhdxDisk {
                 "a differencing image has no parent locator item",
             )
         })?;
-        let locator = d.locator.read().relinked(linkages);
+        let locator = change(&d.locator.read());
         let item = locator.to_bytes();
         let len = u32::try_from(item.len())
             .map_err(|_| Error::invalid_input("the parent locator is too long"))?;

@@ -30,6 +30,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bat;
+mod check;
 pub mod create;
 mod fields;
 pub mod file_identifier;
@@ -52,6 +53,7 @@ mod write;
 
 use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VirtualDisk, check_range};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
+use crate::finding::{Finding, Fix, Problems};
 use crate::free_space::{FreeSpace, SpaceGate, aligned_place};
 use crate::layer::{
     self, Layer, LayerFacts, MappedRun, Mapping, MetadataBudget, Parent, ParentLink, block_pieces,

@@ -17,6 +17,18 @@ impl VhdxDisk {
         options: &OpenOptions,
         budget: &MetadataBudget,
     ) -> Result<Self> {
+        Self::open_reporting(storage, options, budget, &mut Problems::Refuse)
+    }
+
+    /// Opens the VHDX image held by `storage` as [`VhdxDisk::open_charged`] does, sending
+    /// damage it can work around to `problems`: a check records every bad BAT entry and
+    /// opens the image with those entries taken as ZERO (bitmap entries as absent).
+    pub fn open_reporting(
+        storage: Box<dyn Storage>,
+        options: &OpenOptions,
+        budget: &MetadataBudget,
+        problems: &mut Problems,
+    ) -> Result<Self> {
         let file_len = storage
             .len()
             .context(|| "cannot read file size".to_string())?;
@@ -39,7 +51,7 @@ impl VhdxDisk {
                 .read_at(slot, offset)
                 .context(|| format!("reading header at {offset:#x}"))?;
         }
-        let (header, current_slot) = header::select_current([&slots[0], &slots[1]])?;
+        let (header, current_slot) = header::select_current([&slots[0], &slots[1]], problems)?;
         header.check(file_len)?;
 
         let mut journal = Journal {
@@ -53,6 +65,26 @@ impl VhdxDisk {
         };
         let log_was_dirty = journal.header.log_is_dirty();
         let overlay = replay_log(storage.as_ref(), &journal, file_len)?;
+        if log_was_dirty {
+            let log = |problem: String| {
+                Finding::info(
+                    "log",
+                    Some(journal.header.log_offset),
+                    problem,
+                    Fix::ReplayLog,
+                )
+            };
+            match &overlay {
+                Some(replay) => problems.note(log(format!(
+                    "holds {} updates to replay (readers replay them in memory)",
+                    replay.updates.len()
+                ))),
+                None => problems.tolerate(log(format!(
+                    "LogGuid {} is set but the log holds no valid entry: nothing to replay",
+                    journal.header.log_guid
+                ))),
+            }
+        }
         let file_len = match &overlay {
             Some(o) => o.logical_len,
             None => storage
@@ -71,7 +103,7 @@ impl VhdxDisk {
                 "region table",
             )?;
         }
-        let regions = RegionTable::parse_either([&copies[0], &copies[1]])?;
+        let regions = RegionTable::parse_either([&copies[0], &copies[1]], problems)?;
         let reserved = reserved_ranges(&journal.header, &regions, file_len)?;
 
         let meta_region = regions.find(METADATA_REGION);
@@ -123,7 +155,7 @@ impl VhdxDisk {
         let bat_region = regions.find(BAT_REGION);
         let loaded = Bat::loaded_len(&layout, u64::from(bat_region.length))?;
         budget.charge(loaded, "the VHDX BAT")?;
-        let bat = Bat::load(layout, loaded, |buf, offset| {
+        let mut bat = Bat::load(layout, loaded, |buf, offset| {
             read_structure(
                 storage.as_ref(),
                 overlay.as_ref(),
@@ -132,10 +164,28 @@ impl VhdxDisk {
                 "BAT",
             )
         })?;
-        journal.free = bat.validate(params.virtual_size, file_len, &reserved)?;
+        let validated = bat.validate(params.virtual_size, file_len, &reserved);
+        for bad in &validated.bad {
+            give_up(
+                &mut bat,
+                bad.index,
+                &bad.error(),
+                &params,
+                bat_region.file_offset,
+                problems,
+            )?;
+        }
+        journal.free = validated.free;
         let bitmaps = match &locator {
             Some(_) => {
-                let bitmaps = load_sector_bitmaps(storage.as_ref(), overlay.as_ref(), &bat)?;
+                let bitmaps = load_sector_bitmaps(
+                    storage.as_ref(),
+                    overlay.as_ref(),
+                    &mut bat,
+                    &params,
+                    bat_region.file_offset,
+                    problems,
+                )?;
                 budget.charge(
                     (bitmaps.page_count() * BAT_PAGE_LEN) as u64,
                     "the sector bitmaps of this VHDX differencing disk",
@@ -214,14 +264,48 @@ impl VhdxDisk {
     }
 }
 
+/// Sends the bad BAT entry `index` to `problems` and, if they let the open go on, takes
+/// it as naming nothing: ZERO for a payload block, absent for a sector bitmap block.
+fn give_up(
+    bat: &mut Bat,
+    index: u64,
+    problem: &Error,
+    params: &DiskParameters,
+    bat_offset: u64,
+    problems: &mut Problems,
+) -> Result<()> {
+    let layout = bat.layout;
+    let is_bitmap = layout.is_sector_bitmap_index(index);
+    let blocks = if is_bitmap {
+        let first = layout.block_of_index(index - layout.chunk_ratio);
+        first..first + layout.chunk_ratio
+    } else {
+        let block = layout.block_of_index(index);
+        block..block + 1
+    };
+    let disk_end = |block: u64| (block * layout.block_size).min(params.virtual_size);
+    let fix = Fix::GiveUp {
+        entry: index,
+        disk_start: disk_end(blocks.start),
+        disk_end: disk_end(blocks.end),
+    };
+    let at = bat_offset + index * BAT_ENTRY_LEN;
+    problems.refuse(Finding::from_error(problem, Some(at), fix))?;
+    bat.set(index, layout.naming_nothing(index));
+    Ok(())
+}
+
 /// Loads the sector bitmap block of every chunk whose BAT entry has one, and checks that
 /// each PARTIALLY_PRESENT block has one.
 fn load_sector_bitmaps(
     storage: &dyn Storage,
     overlay: Option<&Overlay>,
-    bat: &Bat,
+    bat: &mut Bat,
+    params: &DiskParameters,
+    bat_offset: u64,
+    problems: &mut Problems,
 ) -> Result<SectorBitmaps> {
-    let layout = &bat.layout;
+    let layout = bat.layout;
     let mut bitmaps = SectorBitmaps::default();
     let mut block = vec![0u8; SECTOR_BITMAP_LEN];
     for chunk in 0..layout.payload_blocks.div_ceil(layout.chunk_ratio) {
@@ -246,14 +330,16 @@ fn load_sector_bitmaps(
             continue;
         }
         let last = (first + layout.chunk_ratio).min(layout.payload_blocks);
-        if let Some(block) = (first..last)
-            .find(|&b| bat.payload(b).payload_state() == Some(PayloadState::PartiallyPresent))
-        {
-            return Err(Error::corrupt(
-                CorruptionKind::InvalidField,
-                format!("BAT entry {}", layout.payload_index(block)),
-                "block is PARTIALLY_PRESENT but its chunk has no sector bitmap",
-            ));
+        for block in first..last {
+            if bat.payload(block).payload_state() == Some(PayloadState::PartiallyPresent) {
+                let index = layout.payload_index(block);
+                let problem = Error::corrupt(
+                    CorruptionKind::InvalidField,
+                    format!("BAT entry {index}"),
+                    "block is PARTIALLY_PRESENT but its chunk has no sector bitmap",
+                );
+                give_up(bat, index, &problem, params, bat_offset, problems)?;
+            }
         }
     }
     Ok(bitmaps)

@@ -3,7 +3,7 @@
 
 use super::fields::{guid_at, put_guid, put_u16, put_u32, u16_at, u32_at};
 use crate::error::{CorruptionKind, Error, Result};
-use crate::layer::ParentPath;
+use crate::layer::{ParentPath, StoredParentPaths};
 use uuid::Uuid;
 
 /// The only locator type defined: a VHDX parent.
@@ -183,6 +183,29 @@ impl ParentLocator {
         ParentLocator { entries }
     }
 
+    /// This locator naming the parent at `paths` instead: the relative path from the
+    /// child's directory (what Hyper-V and this library try first), and the volume and
+    /// absolute Windows paths only where they are known (a host path is no Windows path);
+    /// stale ones go. Every other entry stays.
+    pub fn with_paths(&self, paths: &StoredParentPaths) -> ParentLocator {
+        let mut entries: Vec<(String, String)> = self
+            .entries
+            .iter()
+            .filter(|(key, _)| {
+                ![RELATIVE_PATH, VOLUME_PATH, ABSOLUTE_WIN32_PATH].contains(&key.as_str())
+            })
+            .cloned()
+            .collect();
+        entries.push((RELATIVE_PATH.to_string(), paths.relative.clone()));
+        if let Some(volume) = &paths.volume {
+            entries.push((VOLUME_PATH.to_string(), volume.clone()));
+        }
+        if let Some(windows) = &paths.windows {
+            entries.push((ABSOLUTE_WIN32_PATH.to_string(), windows.extended()));
+        }
+        ParentLocator { entries }
+    }
+
     /// The stored paths in the order the specification tries them.
     pub fn paths(&self) -> Vec<ParentPath> {
         [
@@ -238,6 +261,27 @@ mod tests {
                     "\\\\?\\Volume{26a21bda-a627-11d7-9931-806e6f6e6963}\\p\\base.vhdx".into()
                 ),
                 ParentPath::Absolute("\\\\?\\d:\\p\\base.vhdx".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn new_paths_replace_the_stored_ones_and_stale_windows_paths_go() {
+        let paths = StoredParentPaths {
+            canonical: "/srv/vm/base.vhdx".into(),
+            relative: "..\\vm\\base.vhdx".into(),
+            absolute: "\\srv\\vm\\base.vhdx".into(),
+            windows: None,
+            volume: None,
+        };
+        assert_eq!(
+            locator().with_paths(&paths).entries,
+            [
+                (
+                    PARENT_LINKAGE.to_string(),
+                    "{83ed0ec3-24c8-49a6-a959-5e4bf1288bfb}".to_string()
+                ),
+                (RELATIVE_PATH.to_string(), "..\\vm\\base.vhdx".to_string()),
             ]
         );
     }

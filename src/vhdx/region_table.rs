@@ -4,6 +4,7 @@
 use super::fields::{MIB, crc32c_matches, is_mib_aligned, seal_crc32c};
 use super::format::{REGION_TABLE_MAX_ENTRIES, RawRegionTable, RawRegionTableEntry};
 use crate::error::{CorruptionKind, Error, Result};
+use crate::finding::{Finding, Fix, Problems};
 use core::mem::offset_of;
 use uuid::Uuid;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
@@ -133,10 +134,30 @@ impl RegionTable {
         Ok(RegionTable { entries })
     }
 
-    /// Parses copy 1, falling back to copy 2 when copy 1 is damaged.
-    pub fn parse_either(copies: [&[u8]; 2]) -> Result<Self> {
+    /// Parses copy 1, falling back to copy 2 when copy 1 is damaged (which goes to
+    /// `problems`). A check also hears of a damaged copy 2, or one that differs from a
+    /// sound copy 1 (which readers use).
+    pub fn parse_either(copies: [&[u8]; 2], problems: &mut Problems) -> Result<Self> {
         match Self::parse(copies[0], "region table 1") {
-            Ok(table) => Ok(table),
+            Ok(table) => {
+                let second = match Self::parse(copies[1], "region table 2") {
+                    Err(e) if e.corruption_kind().is_some() => Some(Finding::from_error(
+                        &e,
+                        Some(REGION_TABLE_OFFSETS[1]),
+                        Fix::RewriteCopy,
+                    )),
+                    _ if copies[0] != copies[1] => Some(Finding::corruption(
+                        CorruptionKind::InvalidField,
+                        "region table 2",
+                        Some(REGION_TABLE_OFFSETS[1]),
+                        "differs from region table 1, which readers use",
+                        Fix::RewriteCopy,
+                    )),
+                    _ => None,
+                };
+                second.into_iter().for_each(|f| problems.note(f));
+                Ok(table)
+            }
             Err(first) if first.corruption_kind().is_some() => {
                 let table = Self::parse(copies[1], "region table 2").map_err(|second| {
                     Error::corrupt(
@@ -145,7 +166,10 @@ impl RegionTable {
                         format!("no valid copy ({first}; {second})"),
                     )
                 })?;
-                log::warn!("{first}; using region table 2");
+                problems.tolerate(
+                    Finding::from_error(&first, Some(REGION_TABLE_OFFSETS[0]), Fix::RewriteCopy)
+                        .adding("; region table 2 is used"),
+                );
                 Ok(table)
             }
             Err(unsupported) => Err(unsupported),
@@ -261,10 +285,31 @@ mod tests {
         bad[40] ^= 1;
         let err = RegionTable::parse(&bad, "region table 1").unwrap_err();
         assert_eq!(err.to_string(), "region table 1: checksum mismatch");
-        assert_eq!(RegionTable::parse_either([&bad, &good]).unwrap(), sample());
+        let mut found = Vec::new();
+        let mut record = Problems::Record(&mut found);
+        assert_eq!(
+            RegionTable::parse_either([&bad, &good], &mut record).unwrap(),
+            sample()
+        );
+        assert_eq!(
+            RegionTable::parse_either([&good, &bad], &mut record).unwrap(),
+            sample()
+        );
+        let mut other = sample();
+        other.entries.pop();
+        RegionTable::parse_either([&good, &other.to_bytes()], &mut record).unwrap();
+        RegionTable::parse_either([&good, &good], &mut record).unwrap();
+        assert_eq!(
+            found.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                "region table 1 at 0x30000: checksum mismatch; region table 2 is used",
+                "region table 2 at 0x40000: checksum mismatch",
+                "region table 2 at 0x40000: differs from region table 1, which readers use",
+            ]
+        );
         let mut bad_sig = good.clone();
         bad_sig[0] = b'R';
-        let err = RegionTable::parse_either([&bad, &bad_sig]).unwrap_err();
+        let err = RegionTable::parse_either([&bad, &bad_sig], &mut Problems::Refuse).unwrap_err();
         assert!(err.to_string().starts_with("region tables: no valid copy"));
         let mut many = good.clone();
         RawRegionTable::mut_from_bytes(&mut many)

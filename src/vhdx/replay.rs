@@ -70,7 +70,8 @@ pub(super) fn read_structure(
 }
 
 /// Replays a dirty log: into the file for read/write opens, or into the returned overlay
-/// for read-only ones, which must leave the file untouched.
+/// for read-only ones, which must leave the file untouched. `None` when the log holds no
+/// valid sequence, which the specification says to take as empty.
 pub(super) fn replay_log(
     storage: &dyn Storage,
     journal: &Journal,
@@ -82,10 +83,6 @@ pub(super) fn replay_log(
     }
     let ring = log::read_ring(storage, h.log_offset, h.log_length)?;
     let Some(sequence) = log::find_active_sequence(&ring, h.log_guid)? else {
-        ::log::warn!(
-            "log {} holds no valid sequence; nothing to replay",
-            h.log_guid
-        );
         return Ok(None);
     };
     log::check_sequence_against_file(&sequence, file_len)?;

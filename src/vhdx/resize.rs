@@ -41,7 +41,7 @@ impl VhdxDisk {
                 .read_at(copy, offset)
                 .context(|| format!("reading the region table at {offset:#x}"))?;
         }
-        let regions = RegionTable::parse_either([&copies[0], &copies[1]])?;
+        let regions = RegionTable::parse_either([&copies[0], &copies[1]], &mut Problems::Refuse)?;
         let metadata = regions.find(METADATA_REGION);
         let mut table = vec![0u8; METADATA_TABLE_LEN];
         storage

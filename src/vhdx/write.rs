@@ -66,23 +66,58 @@ impl VhdxDisk {
         if !new_bitmaps.is_empty() {
             self.commit(&mut j, &new_bitmaps, &[])?;
         }
+        let pages = match &self.differencing {
+            Some(d) => self.bitmap_changes(d, &bits),
+            None => Vec::new(),
+        };
+        self.commit(&mut j, &changes, &pages)
+    }
+
+    /// The sector bitmap pages that change when `bits` are assigned, each where it lies in
+    /// its chunk's bitmap block (which must have one).
+    pub(super) fn bitmap_changes(
+        &self,
+        d: &Differencing,
+        bits: &BitAssignments,
+    ) -> Vec<BitmapPageChange> {
+        let bat = self.bat.read();
+        let bitmaps = d.bitmaps.read();
         let mut pages = Vec::new();
-        if let Some(d) = &self.differencing {
-            let bat = self.bat.read();
-            let bitmaps = d.bitmaps.read();
-            for (chunk, assign) in &bits {
-                let at = bat.sector_bitmap(chunk * layout.chunk_ratio).file_offset();
-                for (page, contents) in bitmaps.changed_pages(*chunk, assign) {
-                    pages.push(BitmapPageChange {
-                        chunk: *chunk,
-                        page,
-                        file_offset: at + page * BAT_PAGE_LEN as u64,
-                        contents,
-                    });
-                }
+        for (chunk, assign) in bits {
+            let at = bat
+                .sector_bitmap(chunk * self.layout.chunk_ratio)
+                .file_offset();
+            for (page, contents) in bitmaps.changed_pages(*chunk, assign) {
+                pages.push(BitmapPageChange {
+                    chunk: *chunk,
+                    page,
+                    file_offset: at + page * BAT_PAGE_LEN as u64,
+                    contents,
+                });
             }
         }
-        self.commit(&mut j, &changes, &pages)
+        pages
+    }
+
+    /// The bits of the blocks of `blocks` that have any set, to be cleared.
+    pub(super) fn clearing_bits(
+        &self,
+        d: &Differencing,
+        blocks: impl Iterator<Item = u64>,
+    ) -> BitAssignments {
+        let mut bits = Vec::new();
+        let whole_block = 0..self.layout.block_size;
+        for block in blocks {
+            if self
+                .sector_runs(d, block, &whole_block)
+                .iter()
+                .any(|&(_, set)| set)
+            {
+                let (chunk, sectors, _) = self.sector_bits(block, &whole_block);
+                add_bits(&mut bits, chunk, sectors, false);
+            }
+        }
+        bits
     }
 
     /// Writes `data` where block `block` already keeps it in this file; `false` when the

@@ -37,6 +37,30 @@ pub fn info_json(path: &Path) -> Value {
     serde_json::from_str(&vdisk_ok(&["info", "--json", path.to_str().unwrap()])).unwrap()
 }
 
+/// `vdisk check --json` with `extra` arguments (`--repair`): its exit status and report.
+pub fn check(path: &Path, extra: &[&str]) -> (i32, Value) {
+    let out = Command::new(VDISK)
+        .arg("check")
+        .arg("--json")
+        .args(extra)
+        .arg(path)
+        .output()
+        .unwrap();
+    let code = out.status.code().expect("vdisk check was not killed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        assert_eq!(
+            code,
+            1,
+            "vdisk check {}: no report: {stderr}",
+            path.display()
+        );
+        Value::Null
+    });
+    (code, report)
+}
+
 /// `vdisk ARGS` killed at random instants. Times one whole run (after `prepare`), then
 /// until `kills` runs were killed: `prepare`, start it, kill it after a random part of
 /// that time, and hand `check` the attempt's number and whether the run was killed

@@ -1,6 +1,6 @@
 //! The `vdisk` command on its own: `create` picks the format (children follow their
 //! parent) and refuses what it cannot do with one line, leaving no file behind; `commit`
-//! says what it merged. What qemu
+//! says what it merged; `check` tells what it found by its exit status. What qemu
 //! and libvhdi make of created images, and `info` on the corpus, are in the system tier's
 //! `vdisk_cli` module.
 
@@ -149,4 +149,53 @@ fn commit_says_what_it_merged_and_refuses_an_image_without_a_parent() {
     let mut buf = vec![0u8; 3 << 20];
     disk.read_at(&mut buf, MIB).unwrap();
     assert!(buf.iter().all(|&b| b == 0x3C));
+}
+
+/// `vdisk check`'s exit status is `qemu-img check`'s, whatever the output: 0 clean, 2
+/// corrupt, 1 could not check, with one line naming the file.
+#[test]
+fn check_tells_its_findings_by_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("a.vhdx");
+    let path = image.to_str().unwrap();
+    vdisk_ok(&["create", "--size", "8M", path]);
+    for args in [
+        &["check", path][..],
+        &["check", "--json", path],
+        &["check", "--repair", path],
+    ] {
+        assert_eq!(vdisk(args).status.code(), Some(0), "{args:?}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&vdisk_ok(&["check", "--json", path])).unwrap();
+    assert_eq!(report["format"], "vhdx");
+    assert_eq!(report["findings"], serde_json::json!([]));
+    // Header 1 damaged: corrupt, and a repair makes it clean again.
+    let mut bytes = fs::read(&image).unwrap();
+    bytes[0x10000 + 100] ^= 1;
+    fs::write(&image, bytes).unwrap();
+    let out = vdisk(&["check", path]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("corruption: header 1 at 0x10000: checksum mismatch"),
+        "{text}"
+    );
+    assert_eq!(
+        vdisk(&["check", "--repair=all", path]).status.code(),
+        Some(0)
+    );
+    assert_eq!(vdisk(&["check", path]).status.code(), Some(0));
+    // Not an image at all: could not check.
+    let text_file = dir.path().join("notes.txt");
+    fs::write(&text_file, "not a disk").unwrap();
+    let err = vdisk_fails(&["check", text_file.to_str().unwrap()]);
+    assert!(
+        err.contains("notes.txt: not a VHD or VHDX disk image"),
+        "{err}"
+    );
+    assert_eq!(
+        vdisk(&["check", text_file.to_str().unwrap()]).status.code(),
+        Some(1)
+    );
 }

@@ -14,6 +14,7 @@
 mod common;
 
 mod chain_mount;
+mod check;
 mod cli;
 mod commit;
 mod compact;

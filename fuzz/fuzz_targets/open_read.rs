@@ -1,11 +1,15 @@
 //! Opens an image made of fuzzer bytes (probing its format; VHDX logs are replayed, in
-//! memory for read-only opens), describes it as `vdisk info` does, maps its allocation
-//! and reads across the whole disk.
+//! memory for read-only opens), describes it as `vdisk info` does, checks it as `vdisk
+//! check` does and repairs a copy as `--repair=all` does (which must leave no corruption
+//! it says it repairs), maps its allocation and reads across the whole disk.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
+use std::sync::Arc;
 use vdisk_mount::chain::ImageContext;
+use vdisk_mount::check::{CheckOptions, check_storage};
+use vdisk_mount::finding::{Fix, RepairLevel, Severity};
 use vdisk_mount::{OpenOptions, open_storage};
 use vdisk_mount_fuzz::{Bytes, decode_image};
 
@@ -25,6 +29,30 @@ fuzz_target!(|data: &[u8]| {
         &options,
         &ImageContext::detached(),
     );
+    let fuzz_img = Path::new("fuzz.img");
+    let checked = check_storage(
+        fuzz_img,
+        Arc::new(image.storage.snapshot()),
+        &ImageContext::detached(),
+        &CheckOptions::default(),
+    );
+    if let Ok(report) = checked
+        && report.subtype.is_some()
+    {
+        let repair = CheckOptions {
+            repair: Some(RepairLevel::All),
+        };
+        let storage = Arc::new(image.storage.snapshot());
+        if let Ok(repaired) = check_storage(fuzz_img, storage, &ImageContext::detached(), &repair) {
+            let left = repaired
+                .findings
+                .iter()
+                .filter(|f| f.severity == Severity::Corruption);
+            for finding in left {
+                assert_eq!(finding.fix, Fix::None, "{repaired}");
+            }
+        }
+    }
     let Ok(disk) = open_storage(Box::new(image.storage), &options) else {
         return;
     };

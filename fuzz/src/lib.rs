@@ -152,6 +152,26 @@ impl Storage for SparseStorage {
         }
         Ok(())
     }
+
+    /// The pages it holds, as a filesystem reports what is not a hole: a huge file costs
+    /// no more than the pages it held.
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        let end = offset.saturating_add(len);
+        let state = self.state.lock();
+        let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+        let pages = state
+            .pages
+            .range(offset / PAGE as u64..end.div_ceil(PAGE as u64));
+        for (&page, _) in pages {
+            let at = (page * PAGE as u64).max(offset);
+            let stop = ((page + 1) * PAGE as u64).min(end);
+            match ranges.last_mut() {
+                Some(last) if last.end == at => last.end = stop,
+                _ => ranges.push(at..stop),
+            }
+        }
+        Ok(ranges)
+    }
 }
 
 /// Reads little-endian numbers off the front of fuzzer bytes; past the end, zeros.

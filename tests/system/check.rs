@@ -666,3 +666,28 @@ fn check_repair_killed_at_random_instants_leaves_images_that_read_the_same() {
         );
     }
 }
+
+/// Giving up a parent's blocks would change what its children read: `--repair=all`
+/// refuses a parent that a differencing image beside it names, and changes nothing.
+#[test]
+fn repair_all_refuses_the_parent_of_children_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (parent, _) = patterned(dir.path()).pop().unwrap();
+    let child = dir.path().join("child.vhdx");
+    vdisk_ok(&[
+        "create",
+        "--parent",
+        parent.to_str().unwrap(),
+        child.to_str().unwrap(),
+    ]);
+    point_entry(&parent, 20, 1 << 40);
+    let before = common::sha256_file(&parent);
+    let refused = vdisk_fails(&["check", "--repair=all", parent.to_str().unwrap()]);
+    assert!(
+        refused.contains("child.vhdx") && refused.contains("parent"),
+        "{refused}"
+    );
+    assert_eq!(common::sha256_file(&parent), before);
+    // What keeps the contents is repaired all the same.
+    assert_eq!(check(&parent, &["--repair"]).0, 2);
+}

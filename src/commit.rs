@@ -23,7 +23,7 @@
 use crate::chain::{self, ImageContext};
 use crate::compact::human;
 use crate::disk::{Allocation, OpenOptions};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::layer::{ChainRun, Layer, Parent, Source, chain_map};
 use crate::lock;
 use crate::storage::FileStorage;
@@ -110,14 +110,8 @@ fn commit_file(
     options: &CommitOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<CommitReport> {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .context(|| "cannot open image".to_string())?;
-    // Held by the open file until the image is closed, as a read-write mount holds it;
-    // the chain locks the parent the same way.
-    lock::lock(&file, false).map_err(|problem| Error::new(ErrorKind::InUse(problem)))?;
+    // The chain locks the parent the same way.
+    let file = lock::open_locked(path, false)?;
     let meta = file
         .metadata()
         .context(|| "cannot read file attributes".to_string())?;

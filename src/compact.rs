@@ -6,7 +6,7 @@
 
 use crate::chain;
 use crate::disk::{Format, OpenOptions};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::free_space::{FreeSpace, SpaceGate};
 use crate::layer::{Layer, MetadataBudget};
 use crate::lock;
@@ -130,13 +130,7 @@ fn compact_file(
     options: &CompactOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<CompactReport> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .context(|| "cannot open image".to_string())?;
-    // Held by the open file until the image is closed, as a read-write mount holds it.
-    lock::lock(&file, false).map_err(|problem| Error::new(ErrorKind::InUse(problem)))?;
+    let file = lock::open_locked(path, false)?;
     if !options.force {
         let children = chain::children_beside(path)?;
         if !children.is_empty() {

@@ -95,11 +95,7 @@ pub fn convert(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<ConvertReport> {
     // Shared, as a read-only mount takes it: no writer changes the source meanwhile.
-    let src_file = std::fs::File::open(src)
-        .context(|| "cannot open image".to_string())
-        .map_err(|e| e.with_file(src))?;
-    lock::lock(&src_file, true)
-        .map_err(|problem| Error::new(ErrorKind::InUse(problem)).with_file(src))?;
+    let _locked = lock::open_locked(src, true).map_err(|e| e.with_file(src))?;
     let read_only = OpenOptions {
         read_only: true,
         ..OpenOptions::default()

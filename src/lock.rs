@@ -89,6 +89,19 @@ pub fn lock(file: &File, read_only: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Opens the image at `path` for a command that works on it offline, locked as a mount
+/// locks it: shared when `read_only`, else exclusive; held until the file is closed.
+pub fn open_locked(path: &Path, read_only: bool) -> crate::Result<File> {
+    use crate::error::{Error, ErrorKind, IoContext};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .context(|| "cannot open image".to_string())?;
+    lock(&file, read_only).map_err(|problem| Error::new(ErrorKind::InUse(problem)))?;
+    Ok(file)
+}
+
 /// An image locked for as long as this value lives.
 #[derive(Debug)]
 pub struct ImageLock {

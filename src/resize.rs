@@ -9,7 +9,7 @@
 use crate::chain::{self, ImageContext};
 use crate::compact::human;
 use crate::disk::{Allocation, OpenOptions, VirtualDisk};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::lock;
 use serde::Serialize;
 use std::fmt;
@@ -81,13 +81,7 @@ pub fn resize(path: &Path, size: u64, options: &ResizeOptions) -> Result<ResizeR
 }
 
 fn resize_file(path: &Path, size: u64, options: &ResizeOptions) -> Result<ResizeReport> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .context(|| "cannot open image".to_string())?;
-    // Held by the open file until the image is closed, as a read-write mount holds it.
-    lock::lock(&file, false).map_err(|problem| Error::new(ErrorKind::InUse(problem)))?;
+    let file = lock::open_locked(path, false)?;
     if !options.force {
         let children = chain::children_beside(path)?;
         if let Some(child) = children.first() {

@@ -92,16 +92,9 @@ impl VhdDisk {
             storage
                 .read_at(&mut cookie, last)
                 .context(|| "reading the end of the file".to_string())?;
-            let blocks_end = d
-                .bat
-                .read()
-                .allocated_blocks()
-                .map(|(_, at)| at + d.layout.span())
-                .max()
-                .unwrap_or(0);
             let at = match &cookie == footer::COOKIE {
                 true => last,
-                false => file_len.max(blocks_end).max(d.metadata_end),
+                false => file_len.max(d.structures_end()),
             }
             .next_multiple_of(SECTOR);
             storage

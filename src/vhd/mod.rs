@@ -116,6 +116,20 @@ struct Dynamic {
     differencing: Option<differencing::Differencing>,
 }
 
+impl Dynamic {
+    /// Where the last block or structure ends: the file needs nothing past it.
+    fn structures_end(&self) -> u64 {
+        let blocks_end = self
+            .bat
+            .read()
+            .allocated_blocks()
+            .map(|(_, at)| at + self.layout.span())
+            .max()
+            .unwrap_or(0);
+        blocks_end.max(self.metadata_end)
+    }
+}
+
 struct Allocator {
     /// Where the next block goes when no free space fits it: the trailing footer's
     /// offset, sector-aligned.

@@ -67,14 +67,7 @@ impl Relocation for VhdDisk {
         let d = self.dynamic_part();
         let mut allocator = d.allocator.lock();
         let storage = self.storage.as_ref();
-        let blocks_end = d
-            .bat
-            .read()
-            .allocated_blocks()
-            .map(|(_, at)| at + d.layout.span())
-            .max()
-            .unwrap_or(0);
-        let end = blocks_end.max(d.metadata_end).next_multiple_of(SECTOR);
+        let end = d.structures_end().next_multiple_of(SECTOR);
         let file_len = storage
             .len()
             .context(|| "reading the file size".to_string())?;

@@ -4,6 +4,7 @@
 use super::fields::{guid_at, put_guid, put_u16, put_u32, u16_at, u32_at};
 use crate::error::{CorruptionKind, Error, Result};
 use crate::layer::{ParentPath, StoredParentPaths};
+use crate::windows_path::WindowsPath;
 use uuid::Uuid;
 
 /// The only locator type defined: a VHDX parent.
@@ -185,14 +186,18 @@ impl ParentLocator {
 
     /// This locator naming the parent at `paths` instead: the relative path from the
     /// child's directory (what Hyper-V and this library try first), and the volume and
-    /// absolute Windows paths only where they are known (a host path is no Windows path);
-    /// stale ones go. Every other entry stays.
+    /// absolute Windows paths `paths` knows. Stored Windows paths stay unless replaced
+    /// (this host cannot tell whether they still lead to the parent); an absolute path
+    /// holding a host path, as earlier versions wrote, goes. Every other entry stays.
     pub fn with_paths(&self, paths: &StoredParentPaths) -> ParentLocator {
         let mut entries: Vec<(String, String)> = self
             .entries
             .iter()
-            .filter(|(key, _)| {
-                ![RELATIVE_PATH, VOLUME_PATH, ABSOLUTE_WIN32_PATH].contains(&key.as_str())
+            .filter(|(key, value)| match key.as_str() {
+                RELATIVE_PATH => false,
+                VOLUME_PATH => paths.volume.is_none(),
+                ABSOLUTE_WIN32_PATH => paths.windows.is_none() && WindowsPath::parse(value).is_ok(),
+                _ => true,
             })
             .cloned()
             .collect();
@@ -266,7 +271,7 @@ mod tests {
     }
 
     #[test]
-    fn new_paths_replace_the_stored_ones_and_stale_windows_paths_go() {
+    fn new_paths_replace_the_relative_one_and_host_paths_but_keep_windows_ones() {
         let paths = StoredParentPaths {
             canonical: "/srv/vm/base.vhdx".into(),
             relative: "..\\vm\\base.vhdx".into(),
@@ -274,15 +279,24 @@ mod tests {
             windows: None,
             volume: None,
         };
-        assert_eq!(
-            locator().with_paths(&paths).entries,
-            [
+        let relative = (RELATIVE_PATH.to_string(), "..\\vm\\base.vhdx".to_string());
+        let mut expected = locator().entries;
+        expected.retain(|(key, _)| key != RELATIVE_PATH);
+        expected.push(relative.clone());
+        assert_eq!(locator().with_paths(&paths).entries, expected);
+        // An absolute path holding a host path, as earlier versions wrote, goes.
+        let old = ParentLocator {
+            entries: vec![
+                locator().entries[0].clone(),
                 (
-                    PARENT_LINKAGE.to_string(),
-                    "{83ed0ec3-24c8-49a6-a959-5e4bf1288bfb}".to_string()
+                    ABSOLUTE_WIN32_PATH.into(),
+                    "\\?\\srv\\old\\base.vhdx".into(),
                 ),
-                (RELATIVE_PATH.to_string(), "..\\vm\\base.vhdx".to_string()),
-            ]
+            ],
+        };
+        assert_eq!(
+            old.with_paths(&paths).entries,
+            [locator().entries[0].clone(), relative]
         );
     }
 

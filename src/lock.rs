@@ -91,7 +91,7 @@ pub fn lock(file: &File, read_only: bool) -> Result<(), String> {
 
 /// Opens the image at `path` for a command that works on it offline, locked as a mount
 /// locks it: shared when `read_only`, else exclusive; held until the file is closed.
-pub fn open_locked(path: &Path, read_only: bool) -> crate::Result<File> {
+pub fn open_locked(path: &Path, read_only: bool) -> crate::error::Result<File> {
     use crate::error::{Error, ErrorKind, IoContext};
     let file = std::fs::OpenOptions::new()
         .read(true)

@@ -400,10 +400,11 @@ pub fn open_layered(path: &Path, options: &OpenOptions) -> Result<Box<dyn Layer>
     open_file(path, options).map_err(|e| e.with_file(path))
 }
 
-fn open_file(path: &Path, options: &OpenOptions) -> Result<Box<dyn Layer>> {
+/// Opens the image file at `path`, refusing anything but a regular file.
+pub(crate) fn open_regular(path: &Path, writable: bool) -> Result<(fs::File, Metadata)> {
     let file = fs::OpenOptions::new()
         .read(true)
-        .write(!options.read_only)
+        .write(writable)
         .open(path)
         .context(|| "cannot open image".to_string())?;
     let meta = file
@@ -412,6 +413,11 @@ fn open_file(path: &Path, options: &OpenOptions) -> Result<Box<dyn Layer>> {
     if !meta.is_file() {
         return Err(Error::invalid_input("not a regular file"));
     }
+    Ok((file, meta))
+}
+
+fn open_file(path: &Path, options: &OpenOptions) -> Result<Box<dyn Layer>> {
+    let (file, meta) = open_regular(path, !options.read_only)?;
     let context = ImageContext::top(path, &meta, options.parent.clone())?;
     open_chain(Box::new(FileStorage::new(file)), options, &context)
 }

@@ -108,17 +108,7 @@ pub fn check(path: &Path, options: &CheckOptions) -> Result<CheckReport> {
 }
 
 fn check_file(path: &Path, options: &CheckOptions) -> Result<CheckReport> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(options.repair.is_some())
-        .open(path)
-        .context(|| "cannot open image".to_string())?;
-    let meta = file
-        .metadata()
-        .context(|| "cannot read file attributes".to_string())?;
-    if !meta.is_file() {
-        return Err(Error::invalid_input("not a regular file"));
-    }
+    let (file, meta) = chain::open_regular(path, options.repair.is_some())?;
     // Held by the open file until the check is over: shared with readers for a check, as
     // a read-only mount holds it; exclusive for a repair, as a read-write mount does.
     lock::lock(&file, options.repair.is_none())

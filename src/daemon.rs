@@ -1,14 +1,15 @@
 //! Running as a daemon: the command forks, the child mounts and serves in the background,
 //! and the parent exits only once the child reports the mount live or failed.
 
-use crate::cli::{Cli, report_failure};
 use crate::options::MountConfig;
+use crate::report_failure;
 use crate::service::{mount, serve};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::ExitCode;
+use vdisk_mount::cli::mount::Cli;
 
 /// What the daemon tells the waiting parent: this byte alone means mounted, anything else
 /// is the one-line error to print.

@@ -38,6 +38,7 @@ mod bit_runs;
 mod blocking_pool;
 pub mod chain;
 pub mod check;
+pub mod cli;
 pub mod commit;
 pub mod compact;
 pub mod convert;

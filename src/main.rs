@@ -5,9 +5,9 @@
 //! background until the mountpoint is unmounted, then closes the image cleanly and exits.
 //! It follows the conventions of system services: mount(8) and fstab run it through
 //! `mount.fuse3`, systemd learns readiness through `$NOTIFY_SOCKET`, and the image is
-//! locked the way qemu locks images.
+//! locked the way qemu locks images. Run as `mount.vdisk` (a link), it is the helper
+//! mount(8) runs for `mount -t vdisk` and takes that helper's arguments.
 
-mod cli;
 mod daemon;
 mod kernel_mount;
 mod mountpoint;
@@ -18,13 +18,24 @@ mod syslog;
 mod watch;
 
 use clap::Parser;
-use cli::{Cli, report_failure};
 use options::MountConfig;
 use std::path::Path;
 use std::process::ExitCode;
+use vdisk_mount::cli::mount::{Cli, HelperRun, helper_args, is_helper};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<_> = std::env::args_os().collect();
+    let cli = match args.first() {
+        Some(program) if is_helper(program) => match helper_args(args) {
+            Ok(HelperRun::Mount(args)) => Cli::parse_from(args),
+            Ok(HelperRun::Fake) => return ExitCode::SUCCESS,
+            Err(message) => {
+                report_failure(&message);
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => Cli::parse_from(args),
+    };
     let config = match MountConfig::parse(&cli.options) {
         Ok(config) => config,
         Err(message) => {
@@ -68,4 +79,12 @@ fn init_logging(level: Option<log::LevelFilter>, foreground: bool) {
         }
     }
     builder.init();
+}
+
+/// Prints a failure as the one line scripts and users expect, whatever it contains.
+pub fn report_failure(message: &str) {
+    eprintln!(
+        "vdisk-mount: {}",
+        message.trim_end().replace(['\n', '\r'], " ")
+    );
 }

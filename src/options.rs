@@ -7,6 +7,7 @@
 //! unknown is refused by name, so a typo never goes unnoticed.
 
 use std::path::PathBuf;
+use vdisk_mount::cli::mount::{GENERIC_FLAGS, GENERIC_KEYED, GENERIC_PREFIX, known_options};
 use vdisk_mount::disk::DiscardMode;
 use vdisk_mount::fuse::DISK_FILE_NAME;
 use vdisk_mount::{Format, OpenOptions, VhdSizeRule};
@@ -47,37 +48,11 @@ const DEFAULT_UMASK: u32 = 0o022;
 
 /// Options for mount(8), fstab and systemd that say nothing to the filesystem.
 fn is_generic(key: &str, value: Option<&str>) -> bool {
-    const FLAGS: &[&str] = &[
-        "defaults",
-        "auto",
-        "noauto",
-        "nofail",
-        "user",
-        "nouser",
-        "users",
-        "_netdev",
-        "dev",
-        "suid",
-        "exec",
-        "default_permissions",
-        // Access times: disk.img reports its modification time for all of them.
-        "atime",
-        "noatime",
-        "relatime",
-        "norelatime",
-        "strictatime",
-        "nodiratime",
-    ];
     match value {
-        None => FLAGS.contains(&key) || key.starts_with("x-"),
-        Some(_) => key == "comment" || key.starts_with("x-"),
+        None => GENERIC_FLAGS.contains(&key) || key.starts_with(GENERIC_PREFIX),
+        Some(_) => key == GENERIC_KEYED || key.starts_with(GENERIC_PREFIX),
     }
 }
-
-const KNOWN: &str = "ro, rw, allow_other, allow_root, uid=, gid=, umask=, filename=, \
-                         format=, size_calc=, parent=, discard=, threads=, debug, log_level=, foreground, \
-                         nodev, nosuid, noexec, and the generic defaults, auto, noauto, nofail, \
-                         user, users, _netdev, dev, suid, exec, x-*, comment=";
 
 impl MountConfig {
     /// Parses `-o` lists in order; a later option overrides an earlier one.
@@ -158,7 +133,12 @@ impl MountConfig {
                     .ok_or_else(|| bad("expected a thread count from 1 to 256"))?
             }
             _ if is_generic(key, value) => {}
-            _ => return Err(format!("unknown mount option '{option}' (known: {KNOWN})")),
+            _ => {
+                return Err(format!(
+                    "unknown mount option '{option}' (known: {})",
+                    known_options()
+                ));
+            }
         }
         Ok(())
     }

@@ -1,7 +1,6 @@
 //! The service: mounting the image, serving requests until the mount or a signal ends it,
 //! and closing the image exactly once.
 
-use crate::cli::Cli;
 use crate::kernel_mount;
 use crate::mountpoint::{check_mountpoint, unmount};
 use crate::notify;
@@ -15,6 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::SystemTime;
 use vdisk_mount::VirtualDisk;
+use vdisk_mount::cli::mount::Cli;
 use vdisk_mount::fuse::{DiskFs, RequestGate, View};
 use vdisk_mount::lock::ImageLock;
 

@@ -1,226 +1,34 @@
 //! `vdisk`: create VHD and VHDX images, describe, map and check them. A thin layer over
 //! the library.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use serde::Serialize;
 use std::fmt::Display;
 use std::io::IsTerminal;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use vdisk_mount::check::{CheckOptions, check};
+use vdisk_mount::cli::vdisk::{Cli, Command, ConvertFormatArg, FormatArg, RepairArg, TypeArg};
 use vdisk_mount::commit::{CommitOptions, commit};
 use vdisk_mount::compact::{CompactOptions, Stage, compact, human};
 use vdisk_mount::convert::{ConvertOptions, convert};
-use vdisk_mount::create::{CreateOptions, ImageType, create, parse_size};
+use vdisk_mount::create::{CreateOptions, ImageType, create};
 use vdisk_mount::finding::RepairLevel;
 use vdisk_mount::info::image_info;
 use vdisk_mount::map::image_map;
 use vdisk_mount::resize::{ResizeOptions, resize};
 use vdisk_mount::{Format, OpenOptions, Result};
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "vdisk",
-    version,
-    about = "Create and inspect VHD and VHDX disk images"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Create an image (never overwrites an existing file).
-    Create {
-        /// Image format; default: the parent's, else from IMAGE's extension, else vhdx.
-        #[arg(long, value_enum)]
-        format: Option<FormatArg>,
-        /// Allocation type (default dynamic).
-        #[arg(long = "type", value_enum)]
-        image_type: Option<TypeArg>,
-        /// Disk size in bytes, or with a binary suffix K, M, G, T (default with --parent:
-        /// the parent's size).
-        #[arg(long, value_parser = size_arg)]
-        size: Option<u64>,
-        /// Block size (default: VHD 2M, VHDX 32M).
-        #[arg(long, value_parser = size_arg)]
-        block_size: Option<u64>,
-        /// Logical sector size of a VHDX: 512 (default) or 4096.
-        #[arg(long = "logical-sector")]
-        logical_sector: Option<u32>,
-        /// Make a differencing child of this VHD or VHDX.
-        #[arg(long)]
-        parent: Option<PathBuf>,
-        /// Where Windows will find the parent (D:\vms\base.vhdx or
-        /// \\server\share\base.vhdx), recorded for Windows beside the relative path.
-        #[arg(long, requires = "parent")]
-        parent_win_path: Option<String>,
-        /// The parent's volume GUID path on Windows (\\?\Volume{GUID}\vms\base.vhdx;
-        /// VHDX only).
-        #[arg(long, requires = "parent")]
-        parent_volume_path: Option<String>,
-        /// Leave a fixed image unallocated on the host (holes) instead of allocating it all.
-        #[arg(long)]
-        sparse: bool,
-        /// Round the disk size up to a whole MiB, as Azure requires of fixed VHDs.
-        #[arg(long)]
-        azure: bool,
-        /// Print a JSON summary instead of text.
-        #[arg(long)]
-        json: bool,
-        image: PathBuf,
-    },
-    /// Describe an image and its chain of parents (read-only; never modifies the image).
-    Info {
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-        image: PathBuf,
-    },
-    /// Rewrite a VHD or VHDX in place so no file space is left unused: blocks move down
-    /// into holes and the file is cut after the last one. Safe to interrupt at any point;
-    /// refuses an image in use.
-    Compact {
-        /// Also give back blocks whose data is all zeros (after `sdelete -z`, or a guest
-        /// that wrote zeros instead of trimming).
-        #[arg(long)]
-        zero_blocks: bool,
-        /// Compact even when differencing images beside it name it as their parent.
-        #[arg(long)]
-        force: bool,
-        /// Print a JSON summary instead of text.
-        #[arg(long)]
-        json: bool,
-        image: PathBuf,
-    },
-    /// Merge a differencing image into its parent (what Merge-VHD does), then remove it.
-    /// Safe to interrupt at any point; refuses images in use.
-    Commit {
-        /// Keep the child, emptied: it reads the merged parent.
-        #[arg(long)]
-        keep_child: bool,
-        /// Merge even when other differencing images beside the parent name it, or images
-        /// beside the child name the child.
-        #[arg(long)]
-        force: bool,
-        /// Print a JSON summary instead of text.
-        #[arg(long)]
-        json: bool,
-        child: PathBuf,
-    },
-    /// Copy an image (with its parents, flattened) into a new image of any format,
-    /// skipping what reads as zeros. Never replaces an existing file; the source is
-    /// never changed (a dirty VHDX is read through its log).
-    Convert {
-        /// Output format; default: from DST's extension (.vhd, .vhdx, .img or .raw), else
-        /// vhdx.
-        #[arg(long, value_enum)]
-        format: Option<ConvertFormatArg>,
-        /// Allocation type of a VHD or VHDX output (default dynamic).
-        #[arg(long = "type", value_enum)]
-        image_type: Option<TypeArg>,
-        /// Block size of a VHD or VHDX output (default: VHD 2M, VHDX 32M).
-        #[arg(long, value_parser = size_arg)]
-        block_size: Option<u64>,
-        /// Round the disk size up to a whole MiB, as Azure requires of fixed VHDs.
-        #[arg(long)]
-        azure: bool,
-        /// Leave a fixed output unallocated on the host where no data was written.
-        #[arg(long, conflicts_with = "preallocate")]
-        sparse: bool,
-        /// Allocate the whole output file on the host, whatever its type.
-        #[arg(long)]
-        preallocate: bool,
-        /// Print a JSON summary instead of text.
-        #[arg(long)]
-        json: bool,
-        src: PathBuf,
-        dst: PathBuf,
-    },
-    /// Change the disk's size in place: a larger disk reads zeros in its new range. Safe
-    /// to interrupt at any point; refuses an image in use.
-    Resize {
-        /// Allow a smaller size, when the range cut off holds no data.
-        #[arg(long)]
-        shrink: bool,
-        /// Cut off data past a smaller size, and resize a parent of differencing images
-        /// beside it.
-        #[arg(long)]
-        force: bool,
-        /// Print a JSON summary instead of text.
-        #[arg(long)]
-        json: bool,
-        image: PathBuf,
-        /// The new disk size in bytes, or with a binary suffix K, M, G, T.
-        #[arg(value_parser = size_arg)]
-        size: u64,
-    },
-    /// Check every structure of an image and the link to its parent; exit status 0
-    /// clean, 2 corruption, 3 leaked space only, 1 could not check. Read-only unless
-    /// --repair.
-    Check {
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Repair what can be without guessing user data; `--repair=all` also makes
-        /// unreadable blocks read as zeros, listing what was given up.
-        #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "safe")]
-        repair: Option<RepairArg>,
-        image: PathBuf,
-    },
-    /// List the virtual disk's extents: data (in which image of the chain, at which file
-    /// offset) or zeros (read-only; never modifies the image).
-    Map {
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-        image: PathBuf,
-    },
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum FormatArg {
-    Vhd,
-    Vhdx,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ConvertFormatArg {
-    Vhd,
-    Vhdx,
-    Raw,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum RepairArg {
-    Safe,
-    All,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum TypeArg {
-    Dynamic,
-    Fixed,
-}
-
-fn size_arg(text: &str) -> std::result::Result<u64, String> {
-    parse_size(text).map_err(|e| e.to_string())
-}
-
 fn block_size_arg(bytes: u64) -> Result<u32> {
     u32::try_from(bytes)
         .map_err(|_| vdisk_mount::Error::invalid_input(format!("block size {bytes} is too large")))
 }
 
-impl TypeArg {
-    fn image_type(self) -> ImageType {
-        match self {
-            TypeArg::Dynamic => ImageType::Dynamic,
-            TypeArg::Fixed => ImageType::Fixed,
-        }
+fn to_image_type(arg: TypeArg) -> ImageType {
+    match arg {
+        TypeArg::Dynamic => ImageType::Dynamic,
+        TypeArg::Fixed => ImageType::Fixed,
     }
 }
 
@@ -246,7 +54,7 @@ fn run(command: Command) -> Result<()> {
                     FormatArg::Vhd => Format::Vhd,
                     FormatArg::Vhdx => Format::Vhdx,
                 }),
-                image_type: image_type.map(TypeArg::image_type),
+                image_type: image_type.map(to_image_type),
                 size,
                 block_size,
                 logical_sector_size: logical_sector,
@@ -278,7 +86,7 @@ fn run(command: Command) -> Result<()> {
                     ConvertFormatArg::Vhdx => Format::Vhdx,
                     ConvertFormatArg::Raw => Format::Raw,
                 }),
-                image_type: image_type.map(TypeArg::image_type),
+                image_type: image_type.map(to_image_type),
                 block_size: block_size.map(block_size_arg).transpose()?,
                 azure,
                 sparse,
@@ -351,6 +159,7 @@ fn run(command: Command) -> Result<()> {
             print(&report?, json)
         }
         Command::Map { json, image } => print(&image_map(&image, &OpenOptions::default())?, json),
+        Command::Docs { dir } => write_out(&vdisk_mount::cli::docs::generate(&dir)?.to_string()),
         Command::Check { .. } => unreachable!("main runs vdisk check for its exit status"),
     }
 }
@@ -409,8 +218,7 @@ fn warn(image: &str, warnings: &[String]) {
     }
 }
 
-/// Prints a report as text, or as JSON for tools. A reader that stops early (`| head`)
-/// is not an error.
+/// Prints a report as text, or as JSON for tools.
 fn print(report: &(impl Serialize + Display), json: bool) -> Result<()> {
     let text = if json {
         let mut text = serde_json::to_string_pretty(report)
@@ -420,6 +228,11 @@ fn print(report: &(impl Serialize + Display), json: bool) -> Result<()> {
     } else {
         report.to_string()
     };
+    write_out(&text)
+}
+
+/// A reader that stops early (`| head`) is not an error.
+fn write_out(text: &str) -> Result<()> {
     match std::io::stdout().write_all(text.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
             Err(vdisk_mount::Error::io("writing to standard output", e))

@@ -8,6 +8,7 @@
 mod common;
 
 mod cli;
+mod docs;
 mod vdisk_cli;
 mod vhd_chain;
 mod vhdx_chain;

@@ -13,11 +13,12 @@
 #   diffutils openssl       cmp, and fast digests of multi-GiB disks
 #   systemd                 systemd-analyze verify of the shipped units
 #   fio                     the benchmark script (its quick mode runs in the tests)
+#   dpkg-dev binutils       scripts/build-deb.sh: dpkg-shlibdeps, strip
 set -euo pipefail
 
 packages=(
     fuse3 qemu-utils libvhdi-utils mount util-linux fdisk e2fsprogs btrfs-progs xfsprogs
-    zstd diffutils openssl systemd fio
+    zstd diffutils openssl systemd fio dpkg-dev binutils
 )
 
 missing=()

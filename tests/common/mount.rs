@@ -257,7 +257,7 @@ pub fn become_subreaper() {
 }
 
 /// The daemon serving `mountpoint`: our child (by inheritance) whose command line names it.
-fn find_daemon(mountpoint: &Path) -> libc::pid_t {
+pub fn find_daemon(mountpoint: &Path) -> libc::pid_t {
     let me = std::process::id().to_string();
     let wanted = mountpoint.as_os_str().as_encoded_bytes();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {

@@ -5,6 +5,8 @@
 //!   target then runs with a limit of 10 s per input, which a loaded machine could break.
 //! - `bench_script`: drops the page cache and keeps the disk busy with fio for minutes.
 //! - `storage_kill`: aims kills inside writes timed on the machine as loaded at the moment.
+//! - `package`: installs the Debian package, whose /usr/bin/vdisk-mount the service tests
+//!   in `tests/system/` would take for another installed vdisk-mount (and skip).
 //!
 //! Each takes [`alone`] first, so they run one at a time; cargo runs test binaries one
 //! after another, so nothing else runs beside them. Each of them ran in a binary of its own
@@ -15,6 +17,7 @@ mod common;
 
 mod bench_script;
 mod fuzz_targets;
+mod package;
 mod storage_kill;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};

@@ -52,6 +52,7 @@ pub mod layer;
 pub mod lock;
 pub mod map;
 pub mod open;
+pub mod partition;
 pub mod raw;
 pub mod relocation;
 pub mod resize;

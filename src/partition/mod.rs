@@ -25,17 +25,19 @@
 //! partition are not read (Linux numbers theirs after the logical partitions, so no number
 //! here changes).
 //!
-//! Where this differs from Linux, it is so that writing one partition can never reach
-//! another, or to read a table Linux would read with `gpt` on its command line:
+//! Where this differs from Linux, so that writing one partition can never reach another:
 //! - an entry ending past the end of the disk is refused (Linux cuts it at the end);
 //! - entries that overlap are all refused, each side of the overlap (Linux serves both);
 //! - a chain of EBRs ends at an EBR it has visited (Linux follows a loop for as long as it
-//!   finds logical partitions) and after [`MAX_EBRS`] EBRs in all;
-//! - a damaged primary GPT is replaced by the backup at the last LBA, with a note, as
-//!   fdisk does (Linux without `gpt` then reads no partitions);
-//! - an entry array larger than [`MAX_ENTRY_ARRAY`] makes its header invalid (Linux reads
-//!   up to 4 MiB), and GPT entries may be any multiple of 128 bytes long, as UEFI allows
-//!   (Linux takes exactly 128).
+//!   finds logical partitions) and after [`MAX_EBRS`] EBRs in all.
+//!
+//! And where it reads what Linux would not, as fdisk and the UEFI specification do:
+//! - a damaged primary GPT gives way to the backup at the last LBA, with a note (Linux
+//!   does that only with `gpt` on its command line, and otherwise reads no partitions);
+//! - GPT entries may be any multiple of 128 bytes long (Linux takes exactly 128).
+//!
+//! An entry array larger than [`MAX_ENTRY_ARRAY`] makes its header invalid (Linux's cap
+//! is KMALLOC_MAX_SIZE, 4 MiB on x86-64).
 //!
 //! Every offset and length from the disk is checked against its size before it is read,
 //! and what is read is bounded by the caps above, whatever a header claims. A damaged or
@@ -79,16 +81,6 @@ pub enum Scheme {
     None,
     Mbr,
     Gpt,
-}
-
-impl fmt::Display for Scheme {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Scheme::None => "none",
-            Scheme::Mbr => "MBR",
-            Scheme::Gpt => "GPT",
-        })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

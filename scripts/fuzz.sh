@@ -13,7 +13,7 @@ seconds=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(open_read io_model chain vhdx_log structures)
+    targets=(open_read io_model chain vhdx_log structures partitions)
 fi
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
@@ -61,7 +61,7 @@ rm -rf "$seeds/images"
 failed=()
 for target in "${targets[@]}"; do
     echo "== $target: $seconds s"
-    mkdir -p "corpus/$target"
+    mkdir -p "corpus/$target" "$seeds/seeds/$target"
     if ! cargo +nightly fuzz run -O "$target" "corpus/$target" "$seeds/seeds/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=512 \
         -print_final_stats=1 2>&1 | grep -v -E '^(#[0-9]+\s+(NEW|REDUCE|pulse))|^INFO: |^"|^###### '; then

@@ -26,8 +26,9 @@
 //! ([`open::open_layer`]), then hands each child its parent. [`create::create`] makes
 //! fixed, dynamic and differencing images of both formats, [`info::image_info`]
 //! describes an image and its chain, and [`check::check`] examines every structure of an
-//! image and repairs what it can; the `vdisk` command offers them. ARCHITECTURE.md draws
-//! the layers.
+//! image and repairs what it can; the `vdisk` command offers them.
+//! [`partition::read_partition_table`] reads a disk's MBR or GPT and numbers its
+//! partitions as Linux does. ARCHITECTURE.md draws the layers.
 //!
 //! Drivers keep metadata (BAT, headers, footer, log state) in memory under a lock; data
 //! I/O to allocated blocks runs outside it. Allocating writes put data on disk and flush
@@ -53,6 +54,7 @@ pub mod layer;
 pub mod lock;
 pub mod map;
 pub mod open;
+pub mod partition;
 pub mod raw;
 pub mod relocation;
 pub mod resize;

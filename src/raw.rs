@@ -9,6 +9,7 @@ use crate::storage::{self, Storage};
 pub struct RawDisk {
     storage: Box<dyn Storage>,
     size: u64,
+    logical_sector_size: u32,
     read_only: bool,
     discard: DiscardMode,
 }
@@ -21,10 +22,19 @@ impl RawDisk {
         Ok(RawDisk {
             storage,
             size,
+            logical_sector_size: 512,
             read_only: options.read_only,
             // A raw file is all data, like a fixed image.
             discard: options.discard.unwrap_or(DiscardMode::Zero),
         })
+    }
+
+    /// Serves the file as a disk of 4096-byte sectors (a copy of a 4Kn drive), for tests
+    /// and fuzzing of what depends on the sector size, such as partition tables.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn with_4k_sectors(mut self) -> Self {
+        self.logical_sector_size = 4096;
+        self
     }
 }
 
@@ -38,11 +48,11 @@ impl VirtualDisk for RawDisk {
     }
 
     fn logical_sector_size(&self) -> u32 {
-        512
+        self.logical_sector_size
     }
 
     fn physical_sector_size(&self) -> u32 {
-        512
+        self.logical_sector_size
     }
 
     fn is_read_only(&self) -> bool {

@@ -385,6 +385,14 @@ impl LoopDevice {
         Self::losetup(&["-f", "--show", "-r", "-o", &offset.to_string()], file)
     }
 
+    /// A loop device over `file` with logical sectors of `sector` bytes.
+    pub fn attach_with_sector_size(file: &Path, sector: u32) -> LoopDevice {
+        Self::losetup(
+            &["-f", "--show", "--sector-size", &sector.to_string()],
+            file,
+        )
+    }
+
     fn losetup(args: &[&str], file: &Path) -> LoopDevice {
         let out = run(Command::new("losetup").args(args).arg(file));
         let device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());

@@ -3,10 +3,13 @@
 //! Images of both formats are made here (fixed, dynamic, differencing; 512- and
 //! 4096-byte sectors; with data written through the library), and any IMAGE given (real
 //! images, e.g. the sample corpus decompressed) joins them. Each is cut to its metadata
-//! and first data (see `encode_image`); logs are built entry by entry.
+//! and first data (see `encode_image`); logs are built entry by entry; partition tables
+//! are written by sfdisk, when it is installed.
 
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use uuid::Uuid;
 use vdisk_mount::create::{CreateOptions, ImageType, create};
 use vdisk_mount::vhdx::log::{EntryBuilder, LogUpdate};
@@ -51,6 +54,15 @@ fn main() {
     }
     for ring in log_rings() {
         seeds.add("vhdx_log", &ring);
+    }
+    for disk in partitioned_disks(&work) {
+        let encoded = encode_image(&fs::read(&disk).unwrap(), BUDGET);
+        // Read with 512- and 4096-byte sectors, checksums kept and resealed.
+        for flags in 0..4u8 {
+            let mut seed = vec![flags];
+            seed.extend_from_slice(&encoded);
+            seeds.add("partitions", &seed);
+        }
     }
     fs::remove_dir_all(&work).unwrap();
     println!("{} seeds in {}", seeds.count, out.display());
@@ -148,6 +160,43 @@ fn chains(work: &Path) -> Vec<(PathBuf, PathBuf)> {
         pairs.push((child, parent));
     }
     pairs
+}
+
+/// Raw disks partitioned by sfdisk: an MBR with logical partitions, a GPT with gaps in
+/// its numbering, and one whose primary GPT header is damaged. None without sfdisk.
+fn partitioned_disks(work: &Path) -> Vec<PathBuf> {
+    let scripts = [
+        "label: dos\n2048,2048,83\n6144,10240,5\n8192,2048,83\n12288,2048,82\n4096,1024,7\n",
+        "label: gpt\nstart=2048,size=2048\nstart=6144,size=4096\n",
+        "label: gpt\nfirst-lba: 64\nstart=64,size=64\nstart=1024,size=1024\n",
+    ];
+    let mut disks = Vec::new();
+    for (i, script) in scripts.into_iter().enumerate() {
+        let path = work.join(format!("partitioned-{i}.img"));
+        fs::File::create(&path).unwrap().set_len(8 << 20).unwrap();
+        let written = Command::new("sfdisk")
+            .arg("-q")
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .and_then(|mut sfdisk| {
+                sfdisk.stdin.take().unwrap().write_all(script.as_bytes())?;
+                sfdisk.wait()
+            });
+        if !written.is_ok_and(|status| status.success()) {
+            println!("make_seeds: sfdisk is missing or failed; no partition table seeds");
+            return Vec::new();
+        }
+        disks.push(path);
+    }
+    let damaged = work.join("partitioned-damaged.img");
+    fs::copy(&disks[1], &damaged).unwrap();
+    let file = fs::OpenOptions::new().write(true).open(&damaged).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"NOT PART", 512).unwrap();
+    disks.push(damaged);
+    disks
 }
 
 /// Operations for the I/O target: kind, offset in sectors, length, fill byte.

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use vdisk_mount::cli::mount::{GENERIC_FLAGS, GENERIC_KEYED, GENERIC_PREFIX, known_options};
 use vdisk_mount::disk::DiscardMode;
-use vdisk_mount::fuse::DISK_FILE_NAME;
+use vdisk_mount::fuse::{DISK_FILE_NAME, PartitionFiles};
 use vdisk_mount::{Format, OpenOptions, VhdSizeRule};
 
 /// Who besides the mounting user may use the mount.
@@ -33,6 +33,7 @@ pub struct MountConfig {
     /// Permission bits taken away from 0666 (the file) and 0777 (the directory).
     pub umask: u32,
     pub file_name: String,
+    pub partitions: PartitionFiles,
     pub log_level: Option<log::LevelFilter>,
     pub foreground: bool,
     pub no_dev: bool,
@@ -66,6 +67,7 @@ impl MountConfig {
             gid: None,
             umask: DEFAULT_UMASK,
             file_name: DISK_FILE_NAME.to_string(),
+            partitions: PartitionFiles::Auto,
             log_level: None,
             foreground: false,
             no_dev: false,
@@ -74,6 +76,13 @@ impl MountConfig {
         };
         for option in lists.iter().flat_map(|list| list.split(',')) {
             config.apply(option)?;
+        }
+        if config.partitions != PartitionFiles::Off && is_partition_file_name(&config.file_name) {
+            return Err(format!(
+                "-o filename={}: partition files have names of that form; \
+                 choose another name or add partitions=off",
+                config.file_name
+            ));
         }
         Ok(config)
     }
@@ -114,6 +123,14 @@ impl MountConfig {
                     .ok_or_else(|| bad("expected an octal mask from 0 to 777"))?
             }
             ("filename", Some(v)) => self.file_name = check_file_name(v).map_err(&bad)?.to_string(),
+            ("partitions", Some(v)) => {
+                self.partitions = match v {
+                    "auto" => PartitionFiles::Auto,
+                    "off" => PartitionFiles::Off,
+                    "only" => PartitionFiles::Only,
+                    _ => return Err(bad("expected auto, off or only")),
+                }
+            }
             ("format", Some(v)) => {
                 self.open.format = Some(v.parse::<Format>().map_err(|e| bad(&e.to_string()))?)
             }
@@ -156,6 +173,13 @@ impl MountConfig {
 fn parse_id(v: &str) -> Option<u32> {
     // (uid_t)-1 means "unchanged" to chown and cannot own anything.
     v.parse::<u32>().ok().filter(|&id| id != u32::MAX)
+}
+
+/// `partN.img`, as the mount names partition files.
+fn is_partition_file_name(name: &str) -> bool {
+    name.strip_prefix("part")
+        .and_then(|rest| rest.strip_suffix(".img"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// One path component the kernel accepts as a directory entry.
@@ -281,5 +305,33 @@ mod tests {
         }
         let long = format!("filename={}", "x".repeat(256));
         assert!(parse(&[&long]).unwrap_err().contains("255"));
+    }
+
+    #[test]
+    fn partition_files_are_chosen_and_keep_their_names_to_themselves() {
+        assert_eq!(parse(&[]).unwrap().partitions, PartitionFiles::Auto);
+        for (value, want) in [
+            ("auto", PartitionFiles::Auto),
+            ("off", PartitionFiles::Off),
+            ("only", PartitionFiles::Only),
+        ] {
+            let c = parse(&[&format!("partitions={value}")]).unwrap();
+            assert_eq!(c.partitions, want);
+        }
+        let err = parse(&["partitions=some"]).unwrap_err();
+        assert!(
+            err.contains("partitions=some") && err.contains("auto, off or only"),
+            "{err}"
+        );
+        let err = parse(&["filename=part2.img"]).unwrap_err();
+        assert!(err.contains("partitions=off"), "{err}");
+        let c = parse(&["filename=part2.img,partitions=off"]).unwrap();
+        assert_eq!(c.file_name, "part2.img");
+        for name in ["part.img", "parts.img", "part2.raw", "part2a.img"] {
+            assert_eq!(
+                parse(&[&format!("filename={name}")]).unwrap().file_name,
+                name
+            );
+        }
     }
 }

@@ -12,10 +12,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, channel};
 use std::time::SystemTime;
 use vdisk_mount::VirtualDisk;
 use vdisk_mount::cli::mount::Cli;
-use vdisk_mount::fuse::{DiskFs, RequestGate, View};
+use vdisk_mount::fuse::{DiskFs, Invalidation, ROOT_INO, RequestGate, View};
 use vdisk_mount::lock::ImageLock;
 
 /// A live mount and the disk behind it.
@@ -24,6 +25,8 @@ pub struct Mounted {
     service: Arc<Service>,
     image: Arc<ImageIdentity>,
     mountpoint: PathBuf,
+    /// What the kernel must forget, as the requests changing the disk report it.
+    invalidations: Receiver<Invalidation>,
     /// Holds the image's lock for as long as the daemon runs.
     _lock: ImageLock,
 }
@@ -54,10 +57,16 @@ pub fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
         file_mode: config.file_mode(),
         dir_mode: config.dir_mode(),
         file_name: config.file_name.clone(),
+        partitions: config.partitions,
     };
     let mut fs = DiskFs::new(disk.clone(), view, mtime);
     let checked = image.clone();
     fs.set_image_check(Box::new(move || checked.check()));
+    let (invalidate, invalidations) = channel();
+    fs.set_invalidator(Box::new(move |what| {
+        // Fails only once the session has ended, when nothing is cached any more.
+        let _ = invalidate.send(what);
+    }));
     let service = Arc::new(Service::new(disk, fs.gate()));
 
     let source = fs_name(&image_path);
@@ -113,6 +122,7 @@ pub fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
             service,
             image,
             mountpoint,
+            invalidations,
             _lock: lock,
         }),
         Err(e) => {
@@ -140,9 +150,11 @@ pub fn serve(mounted: Mounted) -> ExitCode {
         service,
         image,
         mountpoint,
+        invalidations,
         _lock,
     } = mounted;
     stop_on_signals(service.clone(), mountpoint.clone());
+    pass_invalidations(invalidations, session.notifier());
     watch::watch(image, service.gate());
     notify::notify(&format!(
         "READY=1\nMAINPID={}\nSTATUS=Serving {}",
@@ -208,6 +220,27 @@ impl Service {
         *closed = Some(ok);
         ok
     }
+}
+
+/// Tells the kernel what to forget on a thread of its own: the kernel may wait for the
+/// very request that reported it (its pages stay locked until that request is answered).
+/// Started after the signal mask is set, like every thread of the daemon.
+fn pass_invalidations(invalidations: Receiver<Invalidation>, notifier: fuser::Notifier) {
+    std::thread::spawn(move || {
+        for what in invalidations {
+            // The kernel answers ENOENT for what it has not cached, which is fine.
+            let _ = match &what {
+                Invalidation::Entry { name } => {
+                    notifier.inval_entry(fuser::INodeNo(ROOT_INO), name.as_ref())
+                }
+                Invalidation::Pages { ino, offset, len } => notifier.inval_inode(
+                    fuser::INodeNo(*ino),
+                    i64::try_from(*offset).unwrap_or(i64::MAX),
+                    i64::try_from(*len).unwrap_or(i64::MAX),
+                ),
+            };
+        }
+    });
 }
 
 /// SIGTERM, SIGINT and SIGHUP end the service cleanly: requests in progress finish, the

@@ -124,7 +124,7 @@ impl Filesystem for DiskFs {
                         NodeKind::Directory => FileType::Directory,
                         NodeKind::File => FileType::RegularFile,
                     };
-                    if reply.add(INodeNo(e.ino), e.next_offset, kind, e.name) {
+                    if reply.add(INodeNo(e.ino), e.next_offset, kind, &e.name) {
                         break;
                     }
                 }
@@ -157,7 +157,7 @@ impl Filesystem for DiskFs {
         // a thread that may wait, so that reads queued behind it reach the disk together.
         match DiskFs::read_if_cached(self, ino.0, offset, size) {
             Ok(Some(data)) => reply.data(&data),
-            Ok(None) => self.read_on_waiting_thread(offset, size, move |read| match read {
+            Ok(None) => self.read_on_waiting_thread(ino.0, offset, size, move |read| match read {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(e)),
             }),
@@ -195,6 +195,20 @@ impl Filesystem for DiskFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        DiskFs::release(self, ino.0);
+        reply.ok();
     }
 
     fn fsync(

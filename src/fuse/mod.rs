@@ -24,14 +24,21 @@
 mod adapter;
 mod fs;
 mod gate;
+mod partitions;
 #[cfg(test)]
 mod tests;
 
-pub use fs::{DirEntry, DiskFs, FsStats, ImageCheck, NodeAttr, NodeKind, View};
+pub use fs::{
+    CacheInvalidator, DirEntry, DiskFs, FsStats, ImageCheck, Invalidation, NodeAttr, NodeKind, View,
+};
 pub use gate::RequestGate;
+pub use partitions::PartitionFiles;
 
 pub const ROOT_INO: u64 = 1;
 pub const DISK_INO: u64 = 2;
+/// Partition N's file is inode `FIRST_PARTITION_INO + N - 1`, so a file keeps its inode
+/// while the table changes around it.
+pub const FIRST_PARTITION_INO: u64 = 3;
 /// The file's name unless the mount names it otherwise.
 pub const DISK_FILE_NAME: &str = "disk.img";
 

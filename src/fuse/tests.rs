@@ -59,7 +59,7 @@ fn root_holds_exactly_one_file_owned_by_the_mounting_user() {
         .readdir(ROOT_INO, 0)
         .unwrap()
         .iter()
-        .map(|e| e.name)
+        .map(|e| e.name.clone())
         .collect();
     assert_eq!(names, [".", "..", DISK_FILE_NAME]);
     // A listing resumed after the second entry continues with the third.
@@ -293,6 +293,7 @@ fn the_view_sets_owner_modes_and_name() {
         file_mode: 0o660,
         dir_mode: 0o750,
         file_name: "sda.raw".to_string(),
+        partitions: PartitionFiles::Auto,
     };
     let fs = DiskFs::new(disk.into(), view, UNIX_EPOCH);
     let file = fs.lookup(ROOT_INO, OsStr::new("sda.raw")).unwrap();
@@ -353,4 +354,216 @@ fn statfs_reports_the_disk_as_a_full_filesystem() {
             block_size: 4096
         }
     );
+}
+
+/// A 1 MiB disk whose MBR holds partition 1 at sectors 64..128 and partition 3 at
+/// 256..512 (slot 2 empty), the rest filled with a pattern.
+fn partitioned_disk() -> Vec<u8> {
+    let mut bytes = pattern(1 << 20);
+    write_mbr(&mut bytes, &[(0, 64, 64), (2, 256, 256)]);
+    bytes
+}
+
+/// An MBR of Linux partitions in the given slots: (slot, first sector, sectors).
+fn write_mbr(disk: &mut [u8], entries: &[(usize, u32, u32)]) {
+    disk[446..512].fill(0);
+    for &(slot, start, sectors) in entries {
+        let entry = &mut disk[446 + 16 * slot..462 + 16 * slot];
+        entry[4] = 0x83;
+        entry[8..12].copy_from_slice(&start.to_le_bytes());
+        entry[12..16].copy_from_slice(&sectors.to_le_bytes());
+    }
+    disk[510..512].copy_from_slice(&[0x55, 0xaa]);
+}
+
+fn fs_with(
+    bytes: Vec<u8>,
+    partitions: PartitionFiles,
+) -> (DiskFs, Arc<parking_lot::Mutex<Vec<Invalidation>>>) {
+    let disk = raw_disk(MemStorage::from_vec(bytes), false);
+    let view = View {
+        partitions,
+        ..View::owned_by(1, 1)
+    };
+    let mut fs = DiskFs::new(disk.into(), view, UNIX_EPOCH);
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    fs.set_invalidator(Box::new(move |what| record.lock().push(what)));
+    (fs, seen)
+}
+
+fn listing(fs: &DiskFs) -> Vec<(String, u64)> {
+    fs.readdir(ROOT_INO, 2)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.ino))
+        .collect()
+}
+
+const PART1_INO: u64 = FIRST_PARTITION_INO;
+const PART3_INO: u64 = FIRST_PARTITION_INO + 2;
+
+#[test]
+fn partition_files_show_their_range_of_the_disk_numbered_by_slot() {
+    let disk = partitioned_disk();
+    let (fs, _) = fs_with(disk.clone(), PartitionFiles::Auto);
+    assert_eq!(
+        listing(&fs),
+        [
+            ("disk.img".to_string(), DISK_INO),
+            ("part1.img".to_string(), PART1_INO),
+            ("part3.img".to_string(), PART3_INO)
+        ]
+    );
+    let part3 = fs.lookup(ROOT_INO, OsStr::new("part3.img")).unwrap();
+    assert_eq!(
+        (part3.ino, part3.size, part3.kind),
+        (PART3_INO, 256 * 512, NodeKind::File)
+    );
+    assert_eq!(
+        fs.lookup(ROOT_INO, OsStr::new("part2.img")).unwrap_err(),
+        libc::ENOENT
+    );
+    assert_eq!(
+        fs.read(PART1_INO, 0, 4096).unwrap(),
+        disk[64 * 512..64 * 512 + 4096]
+    );
+    // Reads stop at the partition's end, not the disk's.
+    assert_eq!(
+        fs.read(PART1_INO, 64 * 512 - 10, 100).unwrap(),
+        disk[128 * 512 - 10..128 * 512]
+    );
+    assert!(fs.read(PART1_INO, 64 * 512, 100).unwrap().is_empty());
+    assert_eq!(
+        fs.read(PART3_INO, 0, 512).unwrap(),
+        disk[256 * 512..257 * 512]
+    );
+    assert_eq!(fs.seek(PART3_INO, 100, libc::SEEK_HOLE).unwrap(), 256 * 512);
+    assert_eq!(fs.seek(PART3_INO, 100, libc::SEEK_DATA).unwrap(), 100);
+    assert_eq!(
+        fs.setattr(PART3_INO, Some(256 * 512), false).unwrap().size,
+        256 * 512
+    );
+    assert_eq!(
+        fs.setattr(PART3_INO, Some(4096), false).unwrap_err(),
+        libc::EPERM
+    );
+}
+
+#[test]
+fn writes_through_a_partition_file_land_inside_it_and_stop_at_its_end() {
+    let (fs, _) = fs_with(partitioned_disk(), PartitionFiles::Auto);
+    let end = 64 * 512;
+    assert_eq!(fs.write(PART1_INO, end - 3, b"abcdef").unwrap(), 3);
+    assert_eq!(fs.write(PART1_INO, end, b"x").unwrap_err(), libc::ENOSPC);
+    assert_eq!(fs.read(DISK_INO, 128 * 512 - 3, 6).unwrap()[..3], *b"abc");
+    assert_ne!(fs.read(DISK_INO, 128 * 512, 3).unwrap(), b"def");
+    fs.fallocate(
+        PART3_INO,
+        512,
+        1 << 30,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    )
+    .unwrap();
+    assert_eq!(
+        fs.read(DISK_INO, 257 * 512, 255 * 512).unwrap(),
+        vec![0; 255 * 512]
+    );
+    assert_ne!(fs.read(DISK_INO, 256 * 512, 512).unwrap(), vec![0; 512]);
+    assert_ne!(fs.read(DISK_INO, 512 * 512, 512).unwrap(), vec![0; 512]);
+    fs.flush(PART3_INO).unwrap();
+}
+
+#[test]
+fn partitions_off_and_only_choose_the_files() {
+    let (fs, _) = fs_with(partitioned_disk(), PartitionFiles::Off);
+    assert_eq!(listing(&fs), [("disk.img".to_string(), DISK_INO)]);
+    assert_eq!(fs.getattr(PART1_INO).unwrap_err(), libc::ENOENT);
+    let (fs, _) = fs_with(partitioned_disk(), PartitionFiles::Only);
+    let names: Vec<_> = listing(&fs).into_iter().map(|(name, _)| name).collect();
+    assert_eq!(names, ["part1.img", "part3.img"]);
+    assert_eq!(
+        fs.lookup(ROOT_INO, OsStr::new("disk.img")).unwrap_err(),
+        libc::ENOENT
+    );
+    assert_eq!(fs.read(DISK_INO, 0, 10).unwrap_err(), libc::ENOENT);
+    // A disk without a table shows only the disk file.
+    let (fs, _) = fs_with(vec![0; 1 << 20], PartitionFiles::Auto);
+    assert_eq!(listing(&fs), [("disk.img".to_string(), DISK_INO)]);
+}
+
+#[test]
+fn a_write_to_the_table_makes_the_files_follow_it() {
+    let (fs, seen) = fs_with(partitioned_disk(), PartitionFiles::Auto);
+    let mut sector0 = fs.read(DISK_INO, 0, 512).unwrap();
+    // Partition 1 grows, partition 3 goes, partition 2 comes.
+    write_mbr(&mut sector0, &[(0, 64, 128), (1, 512, 64)]);
+    fs.write(DISK_INO, 0, &sector0).unwrap();
+    let names: Vec<_> = listing(&fs).into_iter().map(|(name, _)| name).collect();
+    assert_eq!(names, ["disk.img", "part1.img", "part2.img"]);
+    assert_eq!(fs.getattr(PART1_INO).unwrap().size, 128 * 512);
+    assert_eq!(fs.getattr(PART3_INO).unwrap_err(), libc::ENOENT);
+    let seen = seen.lock();
+    for name in ["part1.img", "part2.img", "part3.img"] {
+        assert!(
+            seen.contains(&Invalidation::Entry {
+                name: name.to_string()
+            }),
+            "{seen:?}"
+        );
+    }
+    for ino in [PART1_INO, PART1_INO + 1, PART3_INO] {
+        assert!(
+            seen.contains(&Invalidation::Pages {
+                ino,
+                offset: 0,
+                len: 0
+            }),
+            "{seen:?}"
+        );
+    }
+    drop(seen);
+    // A write elsewhere leaves the table alone.
+    fs.write(DISK_INO, 1000 * 512, b"x").unwrap();
+    assert_eq!(fs.getattr(PART1_INO).unwrap().size, 128 * 512);
+}
+
+#[test]
+fn a_change_through_one_file_invalidates_what_the_open_others_cached() {
+    let (fs, seen) = fs_with(partitioned_disk(), PartitionFiles::Auto);
+    // Nothing open: nothing cached to invalidate.
+    fs.write(DISK_INO, 300 * 512, b"abc").unwrap();
+    assert!(seen.lock().is_empty());
+    fs.open(PART3_INO, false).unwrap();
+    fs.open(PART1_INO, false).unwrap();
+    fs.open(DISK_INO, true).unwrap();
+    fs.write(DISK_INO, 300 * 512, b"abc").unwrap();
+    assert_eq!(
+        *seen.lock(),
+        [Invalidation::Pages {
+            ino: PART3_INO,
+            offset: 44 * 512,
+            len: 3
+        }]
+    );
+    seen.lock().clear();
+    fs.fallocate(
+        PART1_INO,
+        0,
+        512,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    )
+    .unwrap();
+    assert_eq!(
+        *seen.lock(),
+        [Invalidation::Pages {
+            ino: DISK_INO,
+            offset: 64 * 512,
+            len: 512
+        }]
+    );
+    seen.lock().clear();
+    fs.release(DISK_INO);
+    fs.write(PART1_INO, 0, b"x").unwrap();
+    assert!(seen.lock().is_empty());
 }

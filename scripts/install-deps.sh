@@ -14,11 +14,12 @@
 #   systemd                 systemd-analyze verify of the shipped units
 #   fio                     the benchmark script (its quick mode runs in the tests)
 #   dpkg-dev binutils       scripts/build-deb.sh: dpkg-shlibdeps, strip
+#   fuse2fs ntfs-3g         the rescue without root: filesystems in partition files
 set -euo pipefail
 
 packages=(
     fuse3 qemu-utils libvhdi-utils mount util-linux fdisk e2fsprogs btrfs-progs xfsprogs
-    zstd diffutils openssl systemd fio dpkg-dev binutils
+    zstd diffutils openssl systemd fio dpkg-dev binutils fuse2fs ntfs-3g
 )
 
 missing=()

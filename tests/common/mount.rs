@@ -72,7 +72,9 @@ impl Mount {
             daemon: Some(daemon),
         };
         assert!(is_mounted(mount.mountpoint()), "mount is not in the table");
-        assert!(mount.disk().is_file(), "disk.img missing after mount");
+        if !options.iter().any(|o| o.contains("partitions=only")) {
+            assert!(mount.disk().is_file(), "disk.img missing after mount");
+        }
         mount
     }
 
@@ -391,6 +393,11 @@ impl LoopDevice {
             &["-f", "--show", "--sector-size", &sector.to_string()],
             file,
         )
+    }
+
+    /// Attached with losetup's `args` (which must include `--show`).
+    pub fn attach_with(args: &[&str], file: &Path) -> LoopDevice {
+        Self::losetup(args, file)
     }
 
     fn losetup(args: &[&str], file: &Path) -> LoopDevice {

@@ -28,6 +28,7 @@ mod mount_loop;
 mod mount_raw;
 mod mount_vhd;
 mod mount_vhdx;
+mod partition_files;
 mod partition_table;
 mod resize;
 mod service_faults;

@@ -72,11 +72,8 @@ fn dirty_log_images_are_replayed_in_memory_read_only_and_on_disk_read_write() {
     }
 }
 
-/// A partitioned corpus image, mounted read-only (so nothing can touch it), with a
-/// read-only loop device over its one partition.
+/// A corpus image with one partition, mounted read-only (so nothing can touch it).
 struct CorpusDisk {
-    // Dropped in this order: the loop device lets go of disk.img before the unmount.
-    device: LoopDevice,
     vdisk: Mount,
     _dir: tempfile::TempDir,
 }
@@ -86,19 +83,35 @@ impl CorpusDisk {
         let dir = tempfile::tempdir().unwrap();
         let image = common::decompress_corpus_image(corpus, name, dir.path());
         let vdisk = Mount::new(&image, &["ro"]);
+        assert_eq!(
+            names_in(vdisk.mountpoint()),
+            ["disk.img", "part1.img"],
+            "{name}: files of the mount"
+        );
+        let part1 = vdisk.mountpoint().join("part1.img");
+        // sfdisk, reading the table on its own, puts the partition where part1.img is.
         let offsets = mount::partition_offsets(&vdisk.disk());
-        // These disks were all partitioned with the usual 1 MiB alignment (sector 2048).
         assert_eq!(offsets, [1 << 20], "{name}: partitions");
-        let device = LoopDevice::attach_read_only_at(&vdisk.disk(), offsets[0]);
-        CorpusDisk {
-            device,
-            vdisk,
-            _dir: dir,
-        }
+        let head = |path: &Path, offset: u64| {
+            let mut buf = vec![0; 1 << 20];
+            std::fs::File::open(path)
+                .unwrap()
+                .read_exact_at(&mut buf, offset)
+                .unwrap();
+            buf
+        };
+        assert!(
+            head(&part1, 0) == head(&vdisk.disk(), offsets[0]),
+            "{name}: part1.img does not start where sfdisk puts partition 1"
+        );
+        CorpusDisk { vdisk, _dir: dir }
+    }
+
+    fn part1(&self) -> std::path::PathBuf {
+        self.vdisk.mountpoint().join("part1.img")
     }
 
     fn close(self) {
-        drop(self.device);
         self.vdisk.unmount();
     }
 }
@@ -129,7 +142,7 @@ fn assert_contains_all(names: &[String], wanted: &[&str], what: &str) {
 }
 
 #[test]
-fn corpus_btrfs_filesystem_mounts_through_a_loop_device() {
+fn corpus_btrfs_filesystem_mounts_from_its_partition_file() {
     if !mount::loop_available() {
         return;
     }
@@ -137,8 +150,9 @@ fn corpus_btrfs_filesystem_mounts_through_a_loop_device() {
         return;
     };
     let disk = CorpusDisk::open(&corpus, "discutils__btrfs__win10-15063.vhdx");
-    assert_eq!(blkid_type(disk.device.path()), "btrfs");
-    let fs = FsMount::new_read_only(disk.device.path());
+    assert_eq!(blkid_type(&disk.part1()), "btrfs");
+    // Plainly, as a user would: mount(8) sets up its own loop device over the file.
+    let fs = FsMount::with_options(&disk.part1(), "loop,ro");
     assert_contains_all(
         &names_in(fs.path()),
         &["folder", "opt", "subvolume"],
@@ -154,7 +168,7 @@ fn corpus_btrfs_filesystem_mounts_through_a_loop_device() {
 }
 
 #[test]
-fn corpus_xfs5_filesystem_mounts_through_a_loop_device() {
+fn corpus_xfs5_filesystem_mounts_from_its_partition_file() {
     if !mount::loop_available() {
         return;
     }
@@ -162,9 +176,9 @@ fn corpus_xfs5_filesystem_mounts_through_a_loop_device() {
         return;
     };
     let disk = CorpusDisk::open(&corpus, "discutils__xfs5__win10-17134.vhdx");
-    assert_eq!(blkid_type(disk.device.path()), "xfs");
+    assert_eq!(blkid_type(&disk.part1()), "xfs");
     // The journal cannot be replayed on a read-only device.
-    let fs = FsMount::with_options(disk.device.path(), "ro,norecovery");
+    let fs = FsMount::with_options(&disk.part1(), "loop,ro,norecovery");
     assert_contains_all(
         &names_in(fs.path()),
         &["DATALOSS_WARNING_README.txt", "data", "folder", "huge"],
@@ -183,7 +197,7 @@ fn corpus_xfs5_filesystem_mounts_through_a_loop_device() {
 /// This kernel may refuse the deprecated V4 format, so `xfs_db` (which reads the device
 /// itself) lists the root; a mount must either work or fail for exactly that reason.
 #[test]
-fn corpus_xfs4_filesystem_reads_through_a_loop_device() {
+fn corpus_xfs4_filesystem_reads_from_its_partition_file() {
     if !mount::loop_available() {
         return;
     }
@@ -191,7 +205,8 @@ fn corpus_xfs4_filesystem_reads_through_a_loop_device() {
         return;
     };
     let disk = CorpusDisk::open(&corpus, "discutils__xfs__win10-14393.vhdx");
-    let device = disk.device.path();
+    let loop_device = LoopDevice::attach_read_only(&disk.part1());
+    let device = loop_device.path();
     assert_eq!(blkid_type(device), "xfs");
     let out = common::run(
         Command::new("xfs_db")
@@ -239,6 +254,7 @@ fn corpus_xfs4_filesystem_reads_through_a_loop_device() {
             "mounting the V4 xfs failed, and not because the kernel refuses V4: {since_marker}"
         );
     }
+    drop(loop_device);
     disk.close();
 }
 
@@ -263,7 +279,7 @@ fn corpus_swap_and_lvm2_disks_are_identified() {
     vdisk.unmount();
 
     let disk = CorpusDisk::open(&corpus, "discutils__lvm2__win10-14393.vhdx");
-    assert_eq!(blkid_type(disk.device.path()), "LVM2_member");
+    assert_eq!(blkid_type(&disk.part1()), "LVM2_member");
     disk.close();
 }
 

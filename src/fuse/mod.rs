@@ -1,11 +1,12 @@
-//! The mounted view of a disk: a directory holding one regular file, `disk.img`, whose
-//! bytes are the virtual disk's.
+//! The mounted view of a disk: a directory holding `disk.img`, whose bytes are the
+//! virtual disk's, and a file per partition the disk's table describes (`part1.img`, ...),
+//! whose bytes are that partition's range of the disk.
 //!
 //! [`DiskFs`] holds every decision (inodes, attributes, range clamping, errno choices) as
 //! plain methods that tests call without a mount; its [`fuser::Filesystem`] impl only
 //! translates requests and replies.
 //!
-//! `disk.img` behaves like a block device wherever a file and a block device differ:
+//! Each file behaves like a block device wherever a file and a block device differ:
 //! - its size is fixed: a write that starts at or past the end fails with `ENOSPC`, and a
 //!   write straddling the end writes what fits and reports the shorter count (what `pwrite`
 //!   on a block device does);

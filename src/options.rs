@@ -334,4 +334,34 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn every_option_the_help_lists_parses() {
+        for option in vdisk_mount::cli::mount::MOUNT_OPTIONS {
+            let values: Vec<&str> = match option.value {
+                None => vec![],
+                Some("N") => vec!["7"],
+                Some("OCTAL") => vec!["027"],
+                Some("NAME") => vec!["sda.raw"],
+                Some("PATH") => vec!["/images/base.vhdx"],
+                Some("LEVEL") => vec!["info"],
+                Some(choices) => choices.split('|').collect(),
+            };
+            let forms: Vec<String> = if values.is_empty() {
+                vec![option.name.to_string()]
+            } else {
+                values
+                    .iter()
+                    .map(|v| format!("{}={v}", option.name))
+                    .collect()
+            };
+            for form in forms {
+                assert!(
+                    parse(&[&form]).is_ok(),
+                    "{form}: {:?}",
+                    parse(&[&form]).err()
+                );
+            }
+        }
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod chain;
 pub mod mount;
+pub mod partitions;
 pub mod vdisk;
 
 use sha2::{Digest, Sha256};
@@ -154,6 +155,15 @@ pub fn qemu_convert_to_raw(format: &str, image: &Path, dst: &Path) {
         .args(["convert", "-f", format, "-O", "raw"])
         .arg(image)
         .arg(dst));
+}
+
+/// qemu-img compare of `image` (in qemu's `format`) with a raw file: fails the test if
+/// they differ.
+pub fn qemu_compare_with_raw(format: &str, image: &Path, raw: &Path) {
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", format, "-F", "raw"])
+        .arg(image)
+        .arg(raw));
 }
 
 /// qemu's name for the format of `image`, told by its extension: `vhdx`, else `vpc`.

@@ -6,7 +6,7 @@
 
 use crate::alone;
 use crate::common::mount::{self, BIN, Mount, find_daemon};
-use crate::common::{qemu_img, run};
+use crate::common::{qemu_compare_with_raw, run};
 use clap::CommandFactory;
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -210,15 +210,7 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     assert_eq!(daemon_program(&mounted), Path::new(INSTALLED_MOUNT));
     write_both(&mounted.disk(), &expected);
     mounted.unmount();
-    qemu_img(&[
-        "compare",
-        "-f",
-        "vhdx",
-        "-F",
-        "raw",
-        image.to_str().unwrap(),
-        expected.to_str().unwrap(),
-    ]);
+    qemu_compare_with_raw("vhdx", &image, &expected);
 
     // fstab: one line of each type.
     let other = work.path().join("b.vhd");

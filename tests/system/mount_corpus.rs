@@ -4,6 +4,7 @@
 
 use crate::common;
 use crate::common::mount::{self, FsMount, LoopDevice, Mount};
+use crate::common::partitions::{blkid_type, names_in};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -114,25 +115,6 @@ impl CorpusDisk {
     fn close(self) {
         self.vdisk.unmount();
     }
-}
-
-/// The filesystem type `blkid` finds on `device` by probing its content.
-fn blkid_type(device: &Path) -> String {
-    let out = common::run(
-        Command::new("blkid")
-            .args(["-p", "-s", "TYPE", "-o", "value"])
-            .arg(device),
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
 }
 
 fn assert_contains_all(names: &[String], wanted: &[&str], what: &str) {

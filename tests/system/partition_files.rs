@@ -7,50 +7,16 @@
 
 use crate::common;
 use crate::common::mount::{self, LoopDevice, Mount};
+use crate::common::partitions::{blkid_type, names_in, sfdisk};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const MIB: u64 = 1 << 20;
 
 /// A partition as libblkid found it: number, first byte, length in bytes.
 type Found = (u32, u64, u64);
-
-/// Runs `sfdisk ARGS DISK PARTITIONS` with `script` on its standard input. sfdisk takes
-/// a file's sectors for 512 bytes, so a disk of other sectors is written through a loop
-/// device that has them.
-fn sfdisk(disk: &Path, sector_size: u32, args: &[&str], partitions: &[&str], script: &str) {
-    let device = (sector_size != 512).then(|| {
-        let size = sector_size.to_string();
-        LoopDevice::attach_with(&["-f", "--show", "--sector-size", &size], disk)
-    });
-    let target = device.as_ref().map_or(disk, |d| d.path());
-    let mut child = Command::new("sfdisk")
-        .args(["-q", "--no-reread", "--no-tell-kernel"])
-        .args(args)
-        .arg(target)
-        .args(partitions)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "sfdisk {}: {}",
-        disk.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A raw disk of `size` bytes in 512-byte sectors, partitioned by sfdisk.
 fn partitioned_raw(dir: &Path, size: u64, script: &str) -> PathBuf {
@@ -86,6 +52,19 @@ fn partx(path: &Path, sector_size: u32) -> Vec<Found> {
             (v[0] as u32, v[1] * 512, v[2] * 512)
         })
         .collect()
+}
+
+/// A dynamic VHDX beside `raw` holding its bytes, made by qemu-img.
+fn vhdx_copy(raw: &Path) -> PathBuf {
+    let image = raw.with_extension("vhdx");
+    common::qemu_img(&[
+        "convert",
+        "-O",
+        "vhdx",
+        raw.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    image
 }
 
 /// `len` bytes of `path` from `offset`.
@@ -129,16 +108,6 @@ fn mkfs_at(disk: &Path, start: u64, len: u64, mkfs: &[&str]) {
     common::run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(device.path()));
 }
 
-/// The files of a mount, sorted.
-fn files(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
-}
-
 fn names_for(numbers: impl IntoIterator<Item = u32>) -> Vec<String> {
     let mut names: Vec<String> = numbers
         .into_iter()
@@ -147,15 +116,6 @@ fn names_for(numbers: impl IntoIterator<Item = u32>) -> Vec<String> {
     names.push("disk.img".to_string());
     names.sort();
     names
-}
-
-fn blkid_type(path: &Path) -> String {
-    let out = common::run(
-        Command::new("blkid")
-            .args(["-p", "-s", "TYPE", "-o", "value"])
-            .arg(path),
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn write_at(path: &Path, offset: u64, data: &[u8]) {
@@ -184,17 +144,10 @@ fn mbr_primary_and_logical_partitions_are_files_where_linux_finds_them() {
     assert_eq!(numbers, [1, 2, 3, 5, 6], "libblkid's partitions");
     mkfs_at(&raw, found[0].1, found[0].2, &["mkswap"]);
     mkfs_at(&raw, found[3].1, found[3].2, &["mkfs.ext4", "-q"]);
-    let image = dir.path().join("disk.vhdx");
-    common::qemu_img(&[
-        "convert",
-        "-O",
-        "vhdx",
-        raw.to_str().unwrap(),
-        image.to_str().unwrap(),
-    ]);
+    let image = vhdx_copy(&raw);
 
     let vdisk = Mount::new(&image, &[]);
-    assert_eq!(files(vdisk.mountpoint()), names_for([1, 2, 5, 6]));
+    assert_eq!(names_in(vdisk.mountpoint()), names_for([1, 2, 5, 6]));
     assert_partition_files_match(&vdisk, &raw, &found, &[1, 2, 5, 6]);
     let part = |n: u32| vdisk.mountpoint().join(format!("part{n}.img"));
     assert_eq!(blkid_type(&part(1)), "swap");
@@ -214,24 +167,16 @@ fn mbr_primary_and_logical_partitions_are_files_where_linux_finds_them() {
     let (_, start6, len6) = found[4];
     write_at(&raw, start2 + 12_345, &data);
     write_at(&raw, start6 + len6 - 1000, &data[..1000]);
-    common::qemu_img(&[
-        "compare",
-        "-f",
-        "vhdx",
-        "-F",
-        "raw",
-        image.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
+    common::qemu_compare_with_raw("vhdx", &image, &raw);
     common::qemu_check_clean("vhdx", &image);
 
     let only = Mount::new(&image, &["ro", "partitions=only"]);
     let mut expected = names_for([1, 2, 5, 6]);
     expected.retain(|n| n != "disk.img");
-    assert_eq!(files(only.mountpoint()), expected);
+    assert_eq!(names_in(only.mountpoint()), expected);
     only.unmount();
     let off = Mount::new(&image, &["ro", "partitions=off"]);
-    assert_eq!(files(off.mountpoint()), ["disk.img"]);
+    assert_eq!(names_in(off.mountpoint()), ["disk.img"]);
     off.unmount();
 }
 
@@ -256,7 +201,7 @@ fn gpt_on_4k_sectors_written_while_mounted_gives_files_at_once() {
         image.to_str().unwrap(),
     ]);
     let vdisk = Mount::new(&image, &[]);
-    assert_eq!(files(vdisk.mountpoint()), ["disk.img"]);
+    assert_eq!(names_in(vdisk.mountpoint()), ["disk.img"]);
     sfdisk(
         &vdisk.disk(),
         4096,
@@ -264,7 +209,7 @@ fn gpt_on_4k_sectors_written_while_mounted_gives_files_at_once() {
         &[],
         "label: gpt\n,8M,L\n,16M,L\n,,L\n",
     );
-    assert_eq!(files(vdisk.mountpoint()), names_for([1, 2, 3]));
+    assert_eq!(names_in(vdisk.mountpoint()), names_for([1, 2, 3]));
     let part2 = vdisk.mountpoint().join("part2.img");
     assert_eq!(std::fs::metadata(&part2).unwrap().len(), 16 * MIB);
 
@@ -291,7 +236,7 @@ fn gpt_on_4k_sectors_written_while_mounted_gives_files_at_once() {
     drop(reader);
 
     sfdisk(&vdisk.disk(), 4096, &["--delete"], &["3"], "");
-    assert_eq!(files(vdisk.mountpoint()), names_for([1, 2]));
+    assert_eq!(names_in(vdisk.mountpoint()), names_for([1, 2]));
     vdisk.unmount();
     // qemu refuses VHDX of 4096-byte sectors.
     common::vdisk::vdisk_ok(&["check", image.to_str().unwrap()]);
@@ -325,7 +270,7 @@ fn damaged_primary_gpt_is_read_from_the_backup_and_said() {
     let vdisk = Mount::foreground(&image, &["ro", "log_level=warn"], |cmd| {
         cmd.stderr(stderr);
     });
-    assert_eq!(files(vdisk.mountpoint()), names_for([1, 2, 3]));
+    assert_eq!(names_in(vdisk.mountpoint()), names_for([1, 2, 3]));
     assert_partition_files_match(&vdisk, &raw, &found, &[1, 2, 3]);
     vdisk.unmount();
     let log = std::fs::read_to_string(&log).unwrap();
@@ -371,7 +316,7 @@ fn overlapping_and_out_of_range_entries_are_refused_one_by_one() {
     let vdisk = Mount::foreground(&raw, &["format=raw", "log_level=warn"], |cmd| {
         cmd.stderr(stderr);
     });
-    assert_eq!(files(vdisk.mountpoint()), names_for([1]));
+    assert_eq!(names_in(vdisk.mountpoint()), names_for([1]));
     let part1 = vdisk.mountpoint().join("part1.img");
     assert_eq!(std::fs::metadata(&part1).unwrap().len(), 8192 * 512);
     let mut head = [0u8; 15];
@@ -397,7 +342,7 @@ fn overlapping_and_out_of_range_entries_are_refused_one_by_one() {
     File::create(&bare).unwrap().set_len(16 * MIB).unwrap();
     common::run(Command::new("mkfs.ext4").arg("-q").arg(&bare));
     let vdisk = Mount::new(&bare, &["format=raw", "ro"]);
-    assert_eq!(files(vdisk.mountpoint()), ["disk.img"]);
+    assert_eq!(names_in(vdisk.mountpoint()), ["disk.img"]);
     vdisk.unmount();
 }
 
@@ -493,14 +438,7 @@ fn a_user_without_root_rescues_files_through_partition_files() {
         found[2].2,
         &["mkfs.ntfs", "-q", "-Q", "-F"],
     );
-    let image = dir.path().join("disk.vhdx");
-    common::qemu_img(&[
-        "convert",
-        "-O",
-        "vhdx",
-        raw.to_str().unwrap(),
-        image.to_str().unwrap(),
-    ]);
+    let image = vhdx_copy(&raw);
 
     let user = TestUser::new();
     let _fuse = FuseDeviceForUsers::open();

@@ -2,11 +2,11 @@
 //! file and from a VHDX holding the same disk, against what sfdisk reads of them.
 
 use crate::common::mount::{self, LoopDevice};
+use crate::common::partitions::sfdisk;
 use crate::common::{qemu_img, run};
 use std::fs;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use vdisk_mount::create::{CreateOptions, create};
 use vdisk_mount::partition::{Partition, PartitionTable, Scheme, read_partition_table};
 use vdisk_mount::{Format, OpenOptions, open};
@@ -43,30 +43,6 @@ unit: sectors
 start=256, size=1024
 start=2048, size=4096
 ";
-
-/// Writes `script` with sfdisk onto `device` (a file or a loop device).
-fn sfdisk_write(device: &Path, script: &str) {
-    let mut child = Command::new("sfdisk")
-        .arg("-q")
-        .arg(device)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot run sfdisk");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "sfdisk failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The partitions sfdisk reads from `device`, in bytes and by number, extended
 /// partitions left out (they get no file), and the numbers of those left out.
@@ -132,7 +108,7 @@ fn an_mbr_with_logical_partitions_reads_as_sfdisk_reads_it() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("mbr.img");
     sparse_file(&raw);
-    sfdisk_write(&raw, MBR_SCRIPT);
+    sfdisk(&raw, 512, &[], &[], MBR_SCRIPT);
     let (expected, extended) = sfdisk_read(&raw);
     assert_eq!(
         expected.iter().map(|p| p.number).collect::<Vec<_>>(),
@@ -153,7 +129,7 @@ fn a_gpt_reads_as_sfdisk_reads_it() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("gpt.img");
     sparse_file(&raw);
-    sfdisk_write(&raw, &gpt_script(raw.to_str().unwrap()));
+    sfdisk(&raw, 512, &[], &[], &gpt_script(raw.to_str().unwrap()));
     let (expected, _) = sfdisk_read(&raw);
     assert_eq!(
         expected.iter().map(|p| p.number).collect::<Vec<_>>(),
@@ -173,7 +149,7 @@ fn a_gpt_with_a_damaged_primary_header_reads_from_the_backup_as_sfdisk_reads_it(
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("damaged.img");
     sparse_file(&raw);
-    sfdisk_write(&raw, &gpt_script(raw.to_str().unwrap()));
+    sfdisk(&raw, 512, &[], &[], &gpt_script(raw.to_str().unwrap()));
     let (intact, _) = sfdisk_read(&raw);
     let file = fs::OpenOptions::new().write(true).open(&raw).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&file, b"NOT PART", 512).unwrap();
@@ -200,9 +176,9 @@ fn a_gpt_of_4096_byte_sectors_counts_them_in_4_kib() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("4k.img");
     sparse_file(&raw);
-    // sfdisk takes the sector size from the device it writes to.
+    sfdisk(&raw, 4096, &[], &[], GPT_4K_SCRIPT);
+    // sfdisk takes the sector size from the device it reads.
     let device = LoopDevice::attach_with_sector_size(&raw, 4096);
-    sfdisk_write(device.path(), GPT_4K_SCRIPT);
     let (expected, _) = sfdisk_read(device.path());
     drop(device);
     assert_eq!(

@@ -54,7 +54,7 @@ impl PartitionSet {
                 let sectors = u64::from(disk.logical_sector_size()) * 2;
                 return PartitionSet {
                     files: Vec::new(),
-                    table_ranges: vec![0..sectors],
+                    table_ranges: std::iter::once(0..sectors).collect(),
                 };
             }
         };

@@ -128,6 +128,10 @@ pub struct DiskFs {
     unflushed: AtomicBool,
     /// Serves the reads that must wait for the disk (see [`DiskFs::read_if_cached`]).
     waiting_reads: BlockingPool,
+    /// Held by a flush from clearing `unflushed` until the disk's flush has returned: a
+    /// second fsync finding the mark already cleared must wait for the flush that cleared
+    /// it, since the changes it promises durable are in that flush. Writers never take it.
+    flushing: Mutex<()>,
     /// `None` with `partitions=off`.
     partitions: Option<RwLock<PartitionSet>>,
     /// Lets one re-read of the table run at a time, so the last one wins.
@@ -151,6 +155,7 @@ impl DiskFs {
             mtime_ns: AtomicU64::new(nanos_since_epoch(mtime)),
             unflushed: AtomicBool::new(false),
             waiting_reads: BlockingPool::default(),
+            flushing: Mutex::new(()),
             partitions,
             rereading: Mutex::new(()),
             open_files: Mutex::default(),
@@ -389,6 +394,7 @@ impl DiskFs {
             return Ok(());
         }
         let _admitted = self.gate.enter()?;
+        let _one_flush_at_a_time = self.flushing.lock();
         if !self.unflushed.swap(false, Ordering::SeqCst) {
             return Ok(());
         }

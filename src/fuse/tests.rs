@@ -284,6 +284,92 @@ fn a_flush_racing_a_write_in_flight_never_lets_a_later_fsync_skip_it() {
     assert_eq!(&durable[..2], b"ab");
 }
 
+/// A disk whose first flush tells when it has started and then waits to be let go.
+struct HeldFlush {
+    inner: Box<dyn VirtualDisk>,
+    started: std::sync::mpsc::Sender<()>,
+    go: parking_lot::Mutex<std::sync::mpsc::Receiver<()>>,
+    held: AtomicBool,
+}
+
+impl VirtualDisk for HeldFlush {
+    fn format(&self) -> crate::disk::Format {
+        self.inner.format()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.inner.logical_sector_size()
+    }
+    fn physical_sector_size(&self) -> u32 {
+        self.inner.physical_sector_size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> crate::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> crate::Result<()> {
+        if !self.held.swap(true, Ordering::SeqCst) {
+            self.started.send(()).unwrap();
+            self.go.lock().recv().unwrap();
+        }
+        self.inner.flush()
+    }
+    fn allocation(&self, offset: u64, len: u64) -> crate::Result<Vec<crate::Extent>> {
+        self.inner.allocation(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> crate::Result<()> {
+        self.inner.discard(offset, len)
+    }
+}
+
+#[test]
+fn an_fsync_during_another_returns_only_once_the_write_it_covers_is_durable() {
+    let storage = Arc::new(MemStorage::from_vec(vec![0; 4096]));
+    let (started, started_rx) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let disk = Arc::new(HeldFlush {
+        inner: raw_disk(storage.clone(), false),
+        started,
+        go: parking_lot::Mutex::new(go_rx),
+        held: AtomicBool::new(false),
+    });
+    let fs = Arc::new(DiskFs::new(disk, View::owned_by(0, 0), UNIX_EPOCH));
+    fs.write(DISK_INO, 0, b"a").unwrap();
+    let first = {
+        let fs = fs.clone();
+        std::thread::spawn(move || fs.flush(DISK_INO).unwrap())
+    };
+    started_rx.recv().unwrap();
+    let events = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let second = {
+        let (fs, events, storage) = (fs.clone(), events.clone(), storage.clone());
+        std::thread::spawn(move || {
+            fs.flush(DISK_INO).unwrap();
+            // What this fsync promises: "a" survives a power loss now.
+            let durable = storage.power_loss_dropping_unflushed().contents();
+            events.lock().push(("second fsync returned", durable[0]));
+        })
+    };
+    // Time for a second fsync that wrongly skips the flush to return; a right one waits
+    // however long this takes.
+    std::thread::sleep(Duration::from_millis(100));
+    events.lock().push(("first flush let go", 0));
+    go.send(()).unwrap();
+    first.join().unwrap();
+    second.join().unwrap();
+    assert_eq!(
+        *events.lock(),
+        [("first flush let go", 0), ("second fsync returned", b'a')]
+    );
+}
+
 #[test]
 fn the_view_sets_owner_modes_and_name() {
     let disk = raw_disk(MemStorage::from_vec(vec![0; 4096]), false);

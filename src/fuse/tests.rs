@@ -223,14 +223,15 @@ fn driver_errors_reach_the_caller_as_their_errno() {
     assert_eq!(storage.contents()[0], b'x');
 }
 
-/// A disk whose writes let a flush run while their data is still on its way to the
-/// file, as a concurrent fsync can.
-struct FlushMidWrite {
+/// A disk that runs `before_write` before each write and `before_flush` before each
+/// flush reaches the disk beneath, so a test can put another request in between.
+struct Hooked {
     inner: Box<dyn VirtualDisk>,
-    fs: std::sync::OnceLock<std::sync::Weak<DiskFs>>,
+    before_write: Box<dyn Fn() + Send + Sync>,
+    before_flush: Box<dyn Fn() + Send + Sync>,
 }
 
-impl VirtualDisk for FlushMidWrite {
+impl VirtualDisk for Hooked {
     fn format(&self) -> crate::disk::Format {
         self.inner.format()
     }
@@ -250,12 +251,11 @@ impl VirtualDisk for FlushMidWrite {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> crate::Result<()> {
-        if let Some(fs) = self.fs.get().and_then(std::sync::Weak::upgrade) {
-            fs.flush(DISK_INO).unwrap();
-        }
+        (self.before_write)();
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> crate::Result<()> {
+        (self.before_flush)();
         self.inner.flush()
     }
     fn allocation(&self, offset: u64, len: u64) -> crate::Result<Vec<crate::Extent>> {
@@ -269,13 +269,26 @@ impl VirtualDisk for FlushMidWrite {
 #[test]
 fn a_flush_racing_a_write_in_flight_never_lets_a_later_fsync_skip_it() {
     let storage = Arc::new(MemStorage::from_vec(vec![0; 4096]));
-    let disk = Arc::new(FlushMidWrite {
+    // Writes let a flush run while their data is still on its way to the file, as a
+    // concurrent fsync can.
+    let racing: Arc<std::sync::OnceLock<std::sync::Weak<DiskFs>>> = Arc::default();
+    let flusher = racing.clone();
+    let disk = Hooked {
         inner: raw_disk(storage.clone(), false),
-        fs: std::sync::OnceLock::new(),
-    });
-    let fs = Arc::new(DiskFs::new(disk.clone(), View::owned_by(0, 0), UNIX_EPOCH));
+        before_write: Box::new(move || {
+            if let Some(fs) = flusher.get().and_then(std::sync::Weak::upgrade) {
+                fs.flush(DISK_INO).unwrap();
+            }
+        }),
+        before_flush: Box::new(|| {}),
+    };
+    let fs = Arc::new(DiskFs::new(
+        Arc::new(disk),
+        View::owned_by(0, 0),
+        UNIX_EPOCH,
+    ));
     fs.write(DISK_INO, 0, b"a").unwrap();
-    disk.fs.set(Arc::downgrade(&fs)).unwrap();
+    racing.set(Arc::downgrade(&fs)).unwrap();
     // The racing flush syncs "a" but cannot cover "b", which reaches the file after it.
     fs.write(DISK_INO, 1, b"b").unwrap();
     assert_eq!(storage.flush_count(), 1);
@@ -284,63 +297,28 @@ fn a_flush_racing_a_write_in_flight_never_lets_a_later_fsync_skip_it() {
     assert_eq!(&durable[..2], b"ab");
 }
 
-/// A disk whose first flush tells when it has started and then waits to be let go.
-struct HeldFlush {
-    inner: Box<dyn VirtualDisk>,
-    started: std::sync::mpsc::Sender<()>,
-    go: parking_lot::Mutex<std::sync::mpsc::Receiver<()>>,
-    held: AtomicBool,
-}
-
-impl VirtualDisk for HeldFlush {
-    fn format(&self) -> crate::disk::Format {
-        self.inner.format()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn logical_sector_size(&self) -> u32 {
-        self.inner.logical_sector_size()
-    }
-    fn physical_sector_size(&self) -> u32 {
-        self.inner.physical_sector_size()
-    }
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> crate::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> crate::Result<()> {
-        if !self.held.swap(true, Ordering::SeqCst) {
-            self.started.send(()).unwrap();
-            self.go.lock().recv().unwrap();
-        }
-        self.inner.flush()
-    }
-    fn allocation(&self, offset: u64, len: u64) -> crate::Result<Vec<crate::Extent>> {
-        self.inner.allocation(offset, len)
-    }
-    fn discard(&self, offset: u64, len: u64) -> crate::Result<()> {
-        self.inner.discard(offset, len)
-    }
-}
-
 #[test]
 fn an_fsync_during_another_returns_only_once_the_write_it_covers_is_durable() {
     let storage = Arc::new(MemStorage::from_vec(vec![0; 4096]));
     let (started, started_rx) = std::sync::mpsc::channel();
     let (go, go_rx) = std::sync::mpsc::channel();
-    let disk = Arc::new(HeldFlush {
+    // The first flush tells when it has started, then waits to be let go.
+    let (held, go_rx) = (AtomicBool::new(false), parking_lot::Mutex::new(go_rx));
+    let disk = Hooked {
         inner: raw_disk(storage.clone(), false),
-        started,
-        go: parking_lot::Mutex::new(go_rx),
-        held: AtomicBool::new(false),
-    });
-    let fs = Arc::new(DiskFs::new(disk, View::owned_by(0, 0), UNIX_EPOCH));
+        before_write: Box::new(|| {}),
+        before_flush: Box::new(move || {
+            if !held.swap(true, Ordering::SeqCst) {
+                started.send(()).unwrap();
+                go_rx.lock().recv().unwrap();
+            }
+        }),
+    };
+    let fs = Arc::new(DiskFs::new(
+        Arc::new(disk),
+        View::owned_by(0, 0),
+        UNIX_EPOCH,
+    ));
     fs.write(DISK_INO, 0, b"a").unwrap();
     let first = {
         let fs = fs.clone();

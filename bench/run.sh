@@ -154,11 +154,13 @@ drop_caches() {
     echo 3 > /proc/sys/vm/drop_caches
 }
 
-# Waits up to 30 s for `pid` to exit.
+# Waits up to 30 s for `pid` to exit. A zombie has: it holds no file any more, and whoever
+# reaps it (a daemon's parent is gone) may take seconds to get round to it.
 wait_gone() {
     local i
     for i in $(seq 300); do
         kill -0 "$1" 2> /dev/null || return 0
+        [ "$(sed -n 's/.*) \(.\).*/\1/p' "/proc/$1/stat" 2> /dev/null)" != Z ] || return 0
         sleep 0.1
     done
     echo "process $1 did not exit" >&2

@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of vdisk-mount against the raw backing file, a FUSE pass-through
 # of that file (vdisk-mount -o format=raw), qemu-storage-daemon's FUSE export and libvhdi's
-# vhdimount, with fio; then fstrim through the mount against a raw sparse file, and
-# `vdisk compact` and `vdisk convert` against `qemu-img convert`. Writes the results into
-# BENCHMARKS.md (or --output FILE) between the "bench:begin" and "bench:end" markers,
-# keeping any text around them.
+# vhdimount, with fio; allocating writes into empty dynamic images, alone and beside a
+# writer that fsyncs after every 4 KiB; then fstrim through the mount against a raw sparse
+# file, and `vdisk compact` and `vdisk convert` against `qemu-img convert`. Everything is
+# measured three times, by turns with what it is compared with (A B C A B C ...), and
+# reported as median and min–max. Writes the results into BENCHMARKS.md (or --output FILE)
+# between the "bench:begin" and "bench:end" markers, keeping any text around them.
 #
 #   bench/run.sh [--quick] [--output FILE] [--workdir DIR]
 #
-# --quick   small images, half-second jobs, the page cache dropped once per target rather
-#           than before every job: proves the script, numbers are rough.
+# --quick   small images, short jobs, the page cache dropped before each contender's first
+#           run rather than before every job: proves the script, numbers are rough.
 # --output  where the results go (default: BENCHMARKS.md beside this directory).
 # --workdir where images are created (default: a new directory under /var/tmp, removed
 #           afterwards). It must be on a disk filesystem that supports O_DIRECT.
 # VDISK_MOUNT=path selects the binary (its companion `vdisk` must sit beside it); by
 # default `cargo build --release` builds both.
 # VDISK_MOUNT_OPTIONS=opts adds `-o opts` to every vdisk-mount (e.g. threads=16).
+#
+# When `vdisk-mount --help` offers `io_uring=` and the kernel has
+# /sys/module/fuse/parameters/enable_uring, every vdisk-mount that fio measures runs twice,
+# with `-o io_uring=off` and with `-o io_uring=on`; enable_uring is switched on for the run
+# and restored afterwards. Otherwise the io_uring columns say why they are empty.
 #
 # Needs root (mounts, loop devices, dropping the page cache) and these tools, which it
 # never installs: fio; qemu-img, qemu-io and qemu-storage-daemon (Debian: qemu-utils);
@@ -24,7 +31,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
     exit "${1:-0}"
 }
 
@@ -88,24 +95,28 @@ vdisk="$(dirname "$bin")/vdisk"
 # --- sizes and durations -----------------------------------------------------------------
 
 MIB=$((1 << 20))
+reps=3 # runs of every measurement, taken by turns with what it is compared with
 if [ $quick = 1 ]; then
     size=$((256 * MIB)) # each benchmark image
-    alloc_size=$((256 * MIB)) # the allocating write
-    ramp=0s
-    runtime=500ms
+    runtime=100ms # each fio job at most
+    alloc_size=$((128 * MIB)) # the allocating write
+    mixed_region=$((256 * MIB)) # each writer's share of the mixed-workload image
+    mixed_runtime=250ms
     trim_size=$((512 * MIB)) # the image under the filesystem that fstrim trims
     trim_files=$((256 * MIB)) # the files written, deleted, then trimmed
     compact_size=$((512 * MIB)) # the image vdisk compact packs
 else
     size=$((4096 * MIB))
+    runtime=1s
     alloc_size=$((1024 * MIB))
-    ramp=1s
-    runtime=3s
+    mixed_region=$((2048 * MIB))
+    mixed_runtime=2s
     trim_size=$((4096 * MIB))
     trim_files=$((1024 * MIB))
-    compact_size=$((4096 * MIB))
+    # Half the size of the fio images: with every measurement taken three times, the run
+    # would otherwise outgrow its 20 minutes (BENCHMARKS.md, Method).
+    compact_size=$((2048 * MIB))
 fi
-reps=3 # timed runs of each contender for fstrim and compact (median, min-max)
 huge_size=10T # the image whose start-up time is measured
 vhdx_block=32M
 
@@ -117,6 +128,22 @@ else
     workdir=$(cd "$workdir" && pwd)
     remove_workdir=0
 fi
+
+# --- FUSE transports ---------------------------------------------------------------------
+# Every vdisk-mount runs over /dev/fuse; those fio measures run again over io_uring where
+# both vdisk-mount and the kernel offer it. uring_na says why there are no io_uring
+# figures (empty when there are).
+
+uring_param=/sys/module/fuse/parameters/enable_uring
+uring_option=0 # vdisk-mount has -o io_uring=
+uring_na=""
+if "$bin" --help 2>&1 | grep -q 'io_uring='; then
+    uring_option=1
+    [ -e "$uring_param" ] || uring_na="n/a (kernel without FUSE over io_uring)"
+else
+    uring_na="n/a (transport not built)"
+fi
+uring_saved="" # enable_uring as found, put back on exit
 
 # --- cleanup: everything started here is stopped on exit ---------------------------------
 
@@ -136,6 +163,8 @@ cleanup() {
         fi
     done
     [ -z "$qsd_pid" ] || kill "$qsd_pid" 2> /dev/null || true
+    # Only once no io_uring mount is left to need it.
+    [ -z "$uring_saved" ] || echo "$uring_saved" > "$uring_param" 2> /dev/null || true
     if [ "$remove_workdir" = 1 ]; then
         # Only after every mount inside it is gone.
         for m in "${mounts[@]}" ${fs_mnt:+"$fs_mnt"}; do
@@ -147,6 +176,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+if [ -z "$uring_na" ]; then
+    uring_saved=$(cat "$uring_param")
+    echo Y > "$uring_param" || {
+        echo "cannot switch on FUSE over io_uring ($uring_param)" >&2
+        exit 1
+    }
+fi
+
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
 drop_caches() {
@@ -154,11 +191,13 @@ drop_caches() {
     echo 3 > /proc/sys/vm/drop_caches
 }
 
-# Waits up to 30 s for `pid` to exit.
+# Waits up to 30 s for `pid` to exit. A zombie has: it holds no file any more, and whoever
+# reaps it (a daemon's parent is gone) may take seconds to get round to it.
 wait_gone() {
     local i
     for i in $(seq 300); do
         kill -0 "$1" 2> /dev/null || return 0
+        [ "$(sed -n 's/.*) \(.\).*/\1/p' "/proc/$1/stat" 2> /dev/null)" != Z ] || return 0
         sleep 0.1
     done
     echo "process $1 did not exit" >&2
@@ -175,21 +214,44 @@ pid_serving() {
     pgrep -n -f -- "$1"
 }
 
+# qemu's name of a vdisk format, and the options with which qemu-img makes what `vdisk
+# create` makes by default (qemu-img's VHD blocks are 2 MiB, as ours).
+qemu_format_of() { # vdisk-format
+    case $1 in vhd) echo vpc ;; *) echo "$1" ;; esac
+}
+qemu_options_of() { # vdisk-format
+    case $1 in
+        vhd) echo "subformat=dynamic,force_size=on" ;;
+        vhdx) echo "subformat=dynamic,block_size=$vhdx_block" ;;
+        raw) echo "" ;;
+    esac
+}
+
+# A new empty dynamic image, made by qemu-img.
+empty_image() { # vdisk-format path bytes
+    qemu-img create -q -f "$(qemu_format_of "$1")" -o "$(qemu_options_of "$1")" "$2" "$3"
+}
+
 # --- targets -----------------------------------------------------------------------------
-# Every target is started by `start_<kind> image` and leaves its file in $target_file and
-# its daemon in $target_pid (empty for the raw file); `stop_target` ends it.
+# Every target is started by `start_<kind> ...` and leaves its file in $target_file and its
+# daemon in $target_pid (empty for the raw file); `stop_target` ends it.
 
 target_file=""
 target_pid=""
 target_mount=""
 target_kind=""
+target_reads_only=0
+target_format="" # qemu's name of the format of a bare image
+target_scratch="" # an image made for this target alone, removed when it stops
 
-start_vdisk() { # image [mount options]
-    local image=$1 mnt
-    shift
+start_vdisk() { # transport(fuse|io_uring) image [mount options]
+    local transport=$1 image=$2 mnt choice=()
+    shift 2
+    # Named even for /dev/fuse: with enable_uring on, vdisk-mount would otherwise pick io_uring.
+    [ $uring_option = 0 ] || choice=(-o "io_uring=$([ "$transport" = io_uring ] && echo on || echo off)")
     mnt=$(mktemp -d "$workdir/mnt.XXXXXX")
     mounts+=("$mnt")
-    "$bin" "$@" ${VDISK_MOUNT_OPTIONS:+-o "$VDISK_MOUNT_OPTIONS"} "$image" "$mnt"
+    "$bin" "$@" ${VDISK_MOUNT_OPTIONS:+-o "$VDISK_MOUNT_OPTIONS"} "${choice[@]}" "$image" "$mnt"
     target_mount=$mnt
     target_file="$mnt/disk.img"
     target_pid=$(pid_serving "$mnt")
@@ -221,6 +283,7 @@ start_vhdimount() { # image
     target_file="$mnt/vhdi1"
     target_pid=$(pid_serving "$mnt")
     target_kind=fuse
+    target_reads_only=1
 }
 
 start_file() { # path
@@ -230,7 +293,17 @@ start_file() { # path
     target_kind=file
 }
 
+# An image that a tool opens itself (qemu-io), served by nothing.
+start_image() { # path qemu-format
+    start_file "$1"
+    target_format=$2
+}
+
 stop_target() {
+    if [ -n "$loop" ]; then
+        losetup -d "$loop"
+        loop=""
+    fi
     case $target_kind in
         fuse) fusermount3 -u "$target_mount" ;;
         # qemu-storage-daemon keeps running after its export is unmounted; SIGTERM makes
@@ -239,12 +312,119 @@ stop_target() {
     esac
     [ -z "$target_pid" ] || wait_gone "$target_pid"
     [ "$target_kind" != qsd ] || qsd_pid=""
-    target_file="" target_pid="" target_mount="" target_kind=""
+    [ -z "$target_scratch" ] || rm -f "$target_scratch"
+    target_file="" target_pid="" target_mount="" target_kind="" target_reads_only=0
+    target_format="" target_scratch=""
+}
+
+# Starts what a contender's name says: "[loop:]WHO[ io_uring]". `loop:` puts a loop device
+# with direct I/O over the target's file; ` io_uring` has vdisk-mount take its requests
+# over io_uring. WHO names a target over one of the images made below, or "vdisk-mount F",
+# "qsd F" or "qemu-io F" (F: VHDX or VHD) for a new empty dynamic image of `bytes`, made
+# for this start alone.
+start_contender() { # name [bytes]
+    local who=${1#loop:} transport=fuse format
+    if [[ $who == *" io_uring" ]]; then
+        transport=io_uring who=${who% io_uring}
+    fi
+    case $who in
+        "raw file") start_file "$raw" ;;
+        "FUSE raw") start_vdisk $transport "$raw" -o format=raw ;;
+        "VHDX dynamic") start_vdisk $transport "$vhdx_dyn" ;;
+        "VHDX fixed") start_vdisk $transport "$vhdx_fixed" ;;
+        "VHD dynamic") start_vdisk $transport "$vhd_dyn" ;;
+        "qsd VHDX dynamic") start_qsd "$vhdx_dyn" vhdx ;;
+        "qsd VHDX fixed") start_qsd "$vhdx_fixed" vhdx ;;
+        "qsd VHD dynamic") start_qsd "$vhd_dyn" vpc ;;
+        "vhdimount VHDX dynamic") start_vhdimount "$vhdx_dyn" ;;
+        "vdisk-mount VHDX" | "vdisk-mount VHD" | "qsd VHDX" | "qsd VHD" | "qemu-io VHDX" | "qemu-io VHD")
+            format=${who##* } format=${format,,}
+            empty_image "$format" "$workdir/empty.$format" "$2"
+            case $who in
+                vdisk-mount*) start_vdisk $transport "$workdir/empty.$format" ;;
+                qsd*) start_qsd "$workdir/empty.$format" "$(qemu_format_of "$format")" ;;
+                qemu-io*) start_image "$workdir/empty.$format" "$(qemu_format_of "$format")" ;;
+            esac
+            target_scratch="$workdir/empty.$format"
+            ;;
+        *)
+            echo "bench/run.sh: no target named $1" >&2
+            exit 1
+            ;;
+    esac
+    if [[ $1 == loop:* ]]; then
+        loop=$(losetup -f --show --direct-io=on "$target_file")
+        target_file=$loop
+    fi
+}
+
+# --- repeated measurements ---------------------------------------------------------------
+
+declare -A runs # what was measured -> its figure from every run, space-separated
+recorded=()     # what the current by_turns recorded, in order
+
+record() { # what figure
+    [ -n "${runs[$1]+set}" ] || recorded+=("$1")
+    runs[$1]+=" $2"
+}
+
+# The median, least and greatest of a list of figures, each printed with `format`.
+spread() { # format figures
+    printf '%s\n' $2 | sort -g | awk -v f="$1" '
+        NF { v[++n] = $1 }
+        END {
+            if (n == 0) { print "- - -"; exit }
+            m = n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+            printf f " " f " " f "\n", m, v[1], v[n]
+        }'
+}
+
+# Repeated figures as one table cell: "median (least–greatest)", or "-" when there are none.
+figures_cell() { # format figures
+    local med lo hi
+    read -r med lo hi <<< "$(spread "$1" "$2")"
+    if [ "$med" = - ]; then echo -; else echo "$med ($lo–$hi)"; fi
+}
+
+# Runs every step $reps times, by turns: each step once, then each again (A B C A B C ...),
+# so that whatever else the machine does meanwhile weighs on all of them alike. A step
+# "runner|argument" calls run_<runner> with the argument and the run's number; what the
+# runners record is then logged as median and min–max.
+by_turns() { # step...
+    local rep step what
+    recorded=()
+    for rep in $(seq $reps); do
+        for step in "$@"; do
+            "run_${step%%|*}" "${step#*|}" "$rep"
+        done
+    done
+    for what in "${recorded[@]}"; do
+        log "$what: $(figures_cell %.10g "${runs[$what]}") over $reps runs"
+    done
+}
+
+# Before every timed run, what earlier steps left dirty is written out, so no contender
+# pays for it (a copy's dirty pages would go out with compact's first flush). A full run
+# also drops the page cache before every timed run, a quick one only before each
+# contender's first.
+drop_before_run() { # rep
+    sync
+    [ $quick = 1 ] && [ "$1" -gt 1 ] || drop_caches
+}
+
+# Seconds spent in each part of the run, for the report.
+declare -A spent
+parts=()
+part_started=$SECONDS
+part_done() { # part
+    spent[$1]=$((SECONDS - part_started))
+    parts+=("$1")
+    part_started=$SECONDS
 }
 
 # --- fio ---------------------------------------------------------------------------------
 
-# name rw bs iodepth: the measured jobs. Sequential jobs report MiB/s, random ones IOPS.
+# name rw bs iodepth: the measured jobs.
 jobs=(
     "seq-read-1M-qd1 read 1M 1"
     "seq-read-1M-qd16 read 1M 16"
@@ -256,69 +436,98 @@ jobs=(
     "rand-write-4K-qd16 randwrite 4k 16"
 )
 
-declare -A result # "target|job" -> number
-declare -A rss    # target -> peak RSS in KiB
+# Random jobs and the fsync writer report IOPS, sequential and allocating writers MiB/s.
+unit() { # job
+    case $1 in rand-* | fsync-*) echo IOPS ;; *) echo MiB/s ;; esac
+}
+figure_format() { # job
+    if [ "$(unit "$1")" = IOPS ]; then echo %.0f; else echo %.1f; fi
+}
 
 fio_common=(--ioengine=libaio --direct=1 --norandommap --randrepeat=0
     --output-format=terse --terse-version=3)
 
-# Reads fio's terse (v3) output and prints "job value" per job: MiB/s for sequential jobs,
-# IOPS for random ones (fields 7/8: read KiB/s and IOPS, 48/49: the same for writes).
-# Other lines (fio's notes about exec_prerun) are skipped.
+# Reads fio's terse (v3) output and prints "job MiB/s IOPS" per job, or per reporting group
+# with group_reporting, for the direction the job went (fields 6-8: read KiB, KiB/s and
+# IOPS; 47-49: the same for writes). Other lines (fio's notes about exec_prerun) are
+# skipped.
 fio_results() {
     awk -F';' '
         $1 != 3 { next }
         $5 != 0 { print "fio job " $3 " failed with error " $5 > "/dev/stderr"; exit 1 }
-        { w = $3 ~ /write/; kib = w ? $48 : $7; iops = w ? $49 : $8 }
-        $3 ~ /rand/ { printf "%s %.0f\n", $3, iops; next }
-        { printf "%s %.1f\n", $3, kib / 1024 }'
+        { w = $47 > $6; printf "%s %.1f %.0f\n", $3, (w ? $48 : $7) / 1024, w ? $49 : $8 }'
 }
 
-# Runs the job list (reads only with `reads`) on the current target, one after the other
-# in one fio run. A full run drops the page cache before every job, a quick one only
-# before the first.
-run_jobs() { # label [reads]
-    local label=$1 only=${2:-} spec name rw bs qd value args
-    args=("${fio_common[@]}" --filename="$target_file" --ramp_time="$ramp"
-        --runtime="$runtime" --time_based)
+# Runs fio with `args` on the current target and records each job's figure (unit() says
+# which) as "contender|job".
+fio_on_target() { # contender fio-args...
+    local who=$1 out name mib iops figure
+    shift
+    # exec_prerun leaves its output in the current directory.
+    out=$(cd "$workdir" && fio "${fio_common[@]}" "$@" | fio_results)
+    while read -r name mib iops; do
+        figure=$mib
+        [ "$(unit "$name")" != IOPS ] || figure=$iops
+        record "$who|$name" "$figure"
+        log "$who $name: $figure $(unit "$name")"
+    done <<< "$out"
+}
+
+declare -A rss # daemon -> its greatest peak RSS (VmHWM) over its runs, in KiB
+note_rss() { # daemon
+    local kib
+    kib=$(peak_rss_kib "$target_pid")
+    [ "${rss[$1]:-0}" -ge "$kib" ] || rss[$1]=$kib
+}
+
+fio_job_runs=0
+# The jobs, one after the other, on a contender (reads only on a read-only one), the page
+# cache dropped before each in a full run. Each stops after its runtime or one pass over
+# the disk, whichever comes first, so a read does not find what an earlier pass left in
+# the image's page cache: sequential jobs never come back to a block, random ones rarely
+# (a second of 4 KiB reads touches a few per cent of the disk). Each write job ends with
+# an fsync that counts in its time, so the figure is for data that reached the image
+# file's disk, not the page cache in front of it.
+run_fio() { # contender rep
+    local who=$1 spec name rw bs qd args
+    start_contender "$who"
+    args=(--filename="$target_file" --runtime="$runtime")
     [ -b "$target_file" ] || args+=(--size="$size")
     [ $quick = 1 ] || args+=(--exec_prerun="sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches'")
     for spec in "${jobs[@]}"; do
         read -r name rw bs qd <<< "$spec"
-        [ "$only" = reads ] && [[ $rw == *write* ]] && continue
+        if [[ $rw == *write* ]]; then
+            [ "$target_reads_only" = 0 ] || continue
+        fi
         args+=(--name="$name" --stonewall --rw="$rw" --bs="$bs" --iodepth="$qd")
+        [[ $rw != *write* ]] || args+=(--end_fsync=1)
+        fio_job_runs=$((fio_job_runs + 1))
     done
-    drop_caches
-    while read -r name value; do
-        result["$label|$name"]=$value
-        log "$label $name: $value"
-    # exec_prerun leaves its output in the current directory.
-    done < <(cd "$workdir" && fio "${args[@]}" | fio_results)
+    drop_before_run "$2"
+    fio_on_target "$who" "${args[@]}"
+    [ -z "$target_pid" ] || note_rss "${who#loop:}"
+    stop_target
 }
 
-# Runs the jobs on the current target directly and through a direct-I/O loop device.
-run_target() { # label [reads]
-    local label=$1 file=$target_file
-    run_jobs "$label" "${2:-}"
-    if [ "${2:-}" != reads ]; then
-        loop=$(losetup -f --show --direct-io=on "$file")
-        target_file=$loop
-        run_jobs "loop:$label"
-        target_file=$file
-        losetup -d "$loop"
-        loop=""
-    fi
-    [ -z "$target_pid" ] || rss[$label]=$(peak_rss_kib "$target_pid")
+# The names given, each followed by its io_uring twin when that transport is measured.
+with_uring() { # name...
+    local name
+    for name; do
+        echo "$name"
+        [ -n "$uring_na" ] || echo "$name io_uring"
+    done
 }
 
 # --- images ------------------------------------------------------------------------------
 
+started=$(date +%s)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 log "work directory $workdir; images of $((size / MIB)) MiB"
 raw="$workdir/raw.img"
 # Random contents: every block of every image is allocated and holds real data.
 head -c "$size" /dev/urandom > "$raw"
 vhdx_dyn="$workdir/dynamic.vhdx"
-qemu-img convert -f raw -O vhdx -o "subformat=dynamic,block_size=$vhdx_block" "$raw" "$vhdx_dyn"
+qemu-img convert -f raw -O vhdx -o "$(qemu_options_of vhdx)" "$raw" "$vhdx_dyn"
 # block_state_zero=off: qemu-img otherwise marks a new fixed image's blocks ZERO, and the
 # first write to each then allocates it anew at the end of the file.
 vhdx_fixed="$workdir/fixed.vhdx"
@@ -330,117 +539,99 @@ qemu-img convert -n -f raw -O vhdx "$raw" "$vhdx_fixed"
 # Findings). vdisk-mount and qemu-storage-daemon are both measured on this same file.
 vhd_dyn="$workdir/dynamic.vhd"
 "$vdisk" create --format vhd --size "$size" "$vhd_dyn" > /dev/null
-start_vdisk "$vhd_dyn"
+start_vdisk fuse "$vhd_dyn"
 dd if="$raw" of="$target_file" bs=1M oflag=direct conv=notrunc,fsync status=none
 stop_target
+part_done images
 
-# --- the measured targets ------------------------------------------------------------------
+# --- the fio jobs on every target ----------------------------------------------------------
+# All targets by turns, on the disk file and through a loop device, each vdisk-mount next
+# to qemu-storage-daemon's export of the same image.
 
-started=$(date +%s)
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-
-start_file "$raw"
-run_target "raw file"
-stop_target
-
-start_vdisk "$raw" -o format=raw
-run_target "FUSE raw"
-stop_target
-
-start_vdisk "$vhdx_dyn"
-run_target "VHDX dynamic"
-stop_target
-
-start_vdisk "$vhdx_fixed"
-run_target "VHDX fixed"
-stop_target
-
-start_vdisk "$vhd_dyn"
-run_target "VHD dynamic"
-stop_target
-
-start_qsd "$vhdx_dyn" vhdx
-run_target "qsd VHDX dynamic"
-stop_target
-
-start_qsd "$vhdx_fixed" vhdx
-run_target "qsd VHDX fixed"
-stop_target
-
-start_qsd "$vhd_dyn" vpc
-run_target "qsd VHD dynamic"
-stop_target
-
-start_vhdimount "$vhdx_dyn"
-run_target "vhdimount VHDX dynamic" reads
-stop_target
-
-# --- allocating sequential writes into empty dynamic images ---------------------------------
-
-declare -A alloc # "who|format" -> MiB/s
-
-empty_image() { # format path
-    case $1 in
-        vhdx) qemu-img create -q -f vhdx -o "block_size=$vhdx_block" "$2" "$alloc_size" ;;
-        vpc) qemu-img create -q -f vpc -o subformat=dynamic,force_size=on "$2" "$alloc_size" ;;
-    esac
-}
-
-# fio writes the whole disk once, sequentially, and syncs at the end (as qemu-io does).
-alloc_fio() { # label
-    drop_caches
-    result["$1|alloc"]=$(fio "${fio_common[@]}" --name=seq-write-alloc --filename="$target_file" \
-        --rw=write --bs=1M --iodepth=16 --size="$alloc_size" --end_fsync=1 |
-        fio_results | cut -d' ' -f2)
-    log "$1 allocating write: ${result["$1|alloc"]} MiB/s"
-}
-
-for format in vhdx vpc; do
-    name=$([ $format = vhdx ] && echo VHDX || echo VHD)
-    image="$workdir/empty.$format"
-
-    empty_image $format "$image"
-    start_vdisk "$image"
-    alloc_fio "vdisk-mount $name"
-    stop_target
-    rm -f "$image"
-
-    empty_image $format "$image"
-    start_qsd "$image" $format
-    alloc_fio "qsd $name"
-    stop_target
-    rm -f "$image"
-
-    empty_image $format "$image"
-    drop_caches
-    t0=$EPOCHREALTIME
-    qemu-io -f $format -c "write 0 $alloc_size" "$image" > /dev/null
-    t1=$EPOCHREALTIME
-    result["qemu-io $name|alloc"]=$(awk -v b="$alloc_size" -v t0="$t0" -v t1="$t1" \
-        'BEGIN { printf "%.1f\n", b / 1048576 / (t1 - t0) }')
-    log "qemu-io $name allocating write: ${result["qemu-io $name|alloc"]} MiB/s"
-    rm -f "$image"
+ours=("VHDX dynamic" "VHDX fixed" "VHD dynamic")
+steps=()
+for prefix in "" loop:; do
+    mapfile -t names < <(
+        echo "raw file"
+        with_uring "FUSE raw"
+        for image in "${ours[@]}"; do
+            with_uring "$image"
+            echo "qsd $image"
+        done
+        # Read-only: no loop device (its writes would fail).
+        [ -n "$prefix" ] || echo "vhdimount VHDX dynamic"
+    )
+    for who in "${names[@]}"; do steps+=("fio|$prefix$who"); done
 done
+by_turns "${steps[@]}"
+part_done "fio jobs"
 
-# --- repeated timings ----------------------------------------------------------------------
-# fstrim and compact time every contender $reps times, by turns with what it is compared
-# with; runs[] keeps one figure per run, reported as median and min–max.
+# --- allocating writes into empty dynamic images ---------------------------------------------
 
-declare -A runs  # "what|who" -> figures, space-separated
+# The whole disk of a new empty image written once from the start: through a mount by fio
+# (1 MiB at qd16, a final fsync counted), or by qemu-io on the image itself (one request
+# through qemu's driver, writeback cache, flushed on exit).
+run_alloc() { # contender rep
+    local who=$1 t0 t1
+    start_contender "$who" "$alloc_size"
+    drop_before_run "$2"
+    if [ -n "$target_format" ]; then
+        t0=$EPOCHREALTIME
+        qemu-io -f "$target_format" -c "write 0 $alloc_size" "$target_file" > /dev/null
+        t1=$EPOCHREALTIME
+        record "$who|seq-write-alloc" "$(awk -v b="$alloc_size" -v t0="$t0" -v t1="$t1" \
+            'BEGIN { printf "%.1f\n", b / 1048576 / (t1 - t0) }')"
+    else
+        fio_on_target "$who" --filename="$target_file" --name=seq-write-alloc --rw=write \
+            --bs=1M --iodepth=16 --size="$alloc_size" --end_fsync=1
+    fi
+    stop_target
+}
+
+# The mixed workload on a new empty image: four writers allocate with 64 KiB writes, each
+# from the start of a region of its own, alone or beside a fifth that writes 4 KiB at a
+# time, each write followed by an fsync, in a region behind theirs. The regions hold more
+# than the writers fill in $mixed_runtime, so the four allocate throughout and all five
+# stop together.
+mixed() { # beside(0|1) contender rep
+    local args
+    start_contender "$2" $((5 * mixed_region))
+    args=(--filename="$target_file" --runtime="$mixed_runtime" --group_reporting
+        --name="alloc-64K-$([ "$1" = 1 ] && echo beside || echo alone)" --rw=write --bs=64k
+        --iodepth=1 --numjobs=4 --size="$mixed_region" --offset_increment="$mixed_region"
+        --end_fsync=1)
+    [ "$1" = 0 ] || args+=(--name=fsync-4K --new_group --rw=write --bs=4k --iodepth=1
+        --fsync=1 --offset=$((4 * mixed_region)) --size="$mixed_region")
+    drop_before_run "$3"
+    fio_on_target "$2" "${args[@]}"
+    stop_target
+}
+run_alone() { mixed 0 "$@"; }
+run_beside() { mixed 1 "$@"; }
+
+steps=()
+for name in VHDX VHD; do
+    mapfile -t names < <(with_uring "vdisk-mount $name"; echo "qsd $name"; echo "qemu-io $name")
+    for who in "${names[@]}"; do steps+=("alloc|$who"); done
+done
+by_turns "${steps[@]}"
+part_done "allocating writes"
+
+steps=()
+for name in VHDX VHD; do
+    mapfile -t names < <(with_uring "vdisk-mount $name"; echo "qsd $name")
+    for who in "${names[@]}"; do steps+=("alone|$who" "beside|$who"); done
+done
+by_turns "${steps[@]}"
+part_done "mixed workload"
+
+# --- timed commands ------------------------------------------------------------------------
+
 declare -A after # "who|format" -> file length after compacting, in bytes
 
 # Seconds between two $EPOCHREALTIME readings.
 seconds() { # t0 t1
     awk -v t0="$1" -v t1="$2" 'BEGIN { printf "%.3f\n", t1 - t0 }'
-}
-
-# Before every timed run, what earlier steps left dirty is written out, so no contender
-# pays for it (a copy's dirty pages would go out with compact's first flush). A full run
-# also drops the page cache before every timed run, a quick one only before each
-# contender's first (as for the fio jobs).
-drop_before_run() { # rep
-    sync
-    [ $quick = 1 ] && [ "$1" -gt 1 ] || drop_caches
 }
 
 # Bytes the host filesystem holds for a file.
@@ -481,28 +672,30 @@ trim_run() { # who file host rep
     fs_mnt=""
     losetup -d "$loop"
     loop=""
-    runs["trim|$who"]+=" $(seconds "$t0" "$t1")"
-    runs["trim freed|$who"]+=" $freed"
+    record "trim|$who" "$(seconds "$t0" "$t1")"
+    record "trim freed|$who" "$freed"
     log "fstrim on $who: $(seconds "$t0" "$t1") s, $((freed / MIB)) MiB given back"
 }
 
 trim_image="$workdir/trim"
-for rep in $(seq $reps); do
-    for who in VHDX raw VHD; do
-        if [ $who = raw ]; then
-            truncate -s "$trim_size" "$trim_image.raw"
-            trim_run "raw file" "$trim_image.raw" "$trim_image.raw" "$rep"
-            rm "$trim_image.raw"
-        else
-            image="$trim_image.${who,,}"
-            "$vdisk" create --format "${who,,}" --size "$trim_size" "$image" > /dev/null
-            start_vdisk "$image"
-            trim_run "$who" "$target_file" "$image" "$rep"
-            stop_target
-            rm "$image"
-        fi
-    done
-done
+# fstrim through vdisk-mount over a new dynamic image (VHDX or VHD), or on a raw sparse file.
+run_trim() { # VHDX|VHD|raw rep
+    local image
+    if [ "$1" = raw ]; then
+        truncate -s "$trim_size" "$trim_image.raw"
+        trim_run "raw file" "$trim_image.raw" "$trim_image.raw" "$2"
+        rm "$trim_image.raw"
+    else
+        image="$trim_image.${1,,}"
+        "$vdisk" create --format "${1,,}" --size "$trim_size" "$image" > /dev/null
+        start_vdisk fuse "$image"
+        trim_run "$1" "$target_file" "$image" "$2"
+        stop_target
+        rm "$image"
+    fi
+}
+by_turns "trim|VHDX" "trim|raw" "trim|VHD"
+part_done fstrim
 
 # --- vdisk compact against qemu-img convert ------------------------------------------------
 
@@ -511,7 +704,7 @@ done
 holey_image() { # format path block
     local format=$1 image=$2 block=$3 off
     "$vdisk" create --format "$format" --size "$compact_size" --block-size "$block" "$image" > /dev/null
-    start_vdisk "$image"
+    start_vdisk fuse "$image"
     dd if=/dev/zero bs=1M count=$((compact_size / MIB)) status=none | tr '\0' '\132' |
         dd of="$target_file" bs=1M iflag=fullblock oflag=direct conv=notrunc,fsync status=none
     for ((off = block; off < compact_size; off += 2 * block)); do
@@ -529,156 +722,180 @@ same_contents() { # original-format original copy-format copy tool
     }
 }
 
-for format in vhdx vhd; do
-    name=${format^^}
-    if [ $format = vhdx ]; then
-        qfmt=vhdx block=$((32 * MIB)) convert_opts="subformat=dynamic,block_size=32M"
-    else
-        qfmt=vpc block=$((2 * MIB)) convert_opts="subformat=dynamic,force_size=on"
-    fi
-    source="$workdir/holey.$format"
-    work="$workdir/work.$format"
-    new="$workdir/converted.$format"
-    holey_image $format "$source" $block
-    for rep in $(seq $reps); do
-        # Both start from a sparse copy of the same image, made before the clock starts.
-        cp --sparse=always "$source" "$work"
-        drop_before_run "$rep"
-        t0=$EPOCHREALTIME
-        summary=$("$vdisk" compact --json "$work")
-        t1=$EPOCHREALTIME
-        same_contents $qfmt "$source" $qfmt "$work" "vdisk compact"
-        moved=$(sed -n 's/^ *"bytes_moved": *\([0-9]*\).*/\1/p' <<< "$summary")
-        [ -n "$moved" ] || { echo "no bytes_moved in vdisk compact --json: $summary" >&2; exit 1; }
-        runs["compact|$name"]+=" $(seconds "$t0" "$t1")"
-        runs["compact MiB/s|$name"]+=" $(awk -v b="$moved" -v t0="$t0" -v t1="$t1" \
-            'BEGIN { printf "%.1f\n", b / 1048576 / (t1 - t0) }')"
-        runs["compact moved|$name"]+=" $moved"
-        after["compact|$name"]=$(stat -c %s "$work")
-        log "vdisk compact $name: $(seconds "$t0" "$t1") s, $((moved / MIB)) MiB moved"
-        rm "$work"
+holey_image vhdx "$workdir/holey.vhdx" $((32 * MIB))
+holey_image vhd "$workdir/holey.vhd" $((2 * MIB))
 
-        cp --sparse=always "$source" "$work"
-        drop_before_run "$rep"
-        t0=$EPOCHREALTIME
-        # -t writeback: its output flushed at the end, as a copy that replaces the image
-        # must be (convert's default, -t unsafe, skips that flush); compact flushes too.
-        qemu-img convert -t writeback -f $qfmt -O $qfmt -o "$convert_opts" "$work" "$new"
-        t1=$EPOCHREALTIME
-        same_contents $qfmt "$source" $qfmt "$new" "qemu-img convert"
-        runs["convert|$name"]+=" $(seconds "$t0" "$t1")"
-        after["convert|$name"]=$(stat -c %s "$new")
-        log "qemu-img convert $name: $(seconds "$t0" "$t1") s"
-        rm "$work" "$new"
-    done
-done
+# Both contenders start from a sparse copy of the same image, made before the clock starts.
+work_copy() { # format rep
+    cp --sparse=always "$workdir/holey.$1" "$workdir/work.$1"
+    drop_before_run "$2"
+}
+
+# vdisk compact packs the copy in place.
+run_compact() { # VHDX|VHD rep
+    local name=$1 format=${1,,} qfmt summary moved t0 t1
+    qfmt=$(qemu_format_of "$format")
+    work_copy "$format" "$2"
+    t0=$EPOCHREALTIME
+    summary=$("$vdisk" compact --json "$workdir/work.$format")
+    t1=$EPOCHREALTIME
+    same_contents "$qfmt" "$workdir/holey.$format" "$qfmt" "$workdir/work.$format" "vdisk compact"
+    moved=$(sed -n 's/^ *"bytes_moved": *\([0-9]*\).*/\1/p' <<< "$summary")
+    [ -n "$moved" ] || { echo "no bytes_moved in vdisk compact --json: $summary" >&2; exit 1; }
+    record "compact|$name" "$(seconds "$t0" "$t1")"
+    record "compact MiB/s|$name" "$(awk -v b="$moved" -v t0="$t0" -v t1="$t1" \
+        'BEGIN { printf "%.1f\n", b / 1048576 / (t1 - t0) }')"
+    record "compact moved|$name" "$moved"
+    after["compact|$name"]=$(stat -c %s "$workdir/work.$format")
+    log "vdisk compact $name: $(seconds "$t0" "$t1") s, $((moved / MIB)) MiB moved"
+    rm "$workdir/work.$format"
+}
+
+# qemu-img convert, the way to a packed image without vdisk, writes a second one.
+run_repack() { # VHDX|VHD rep
+    local name=$1 format=${1,,} qfmt new t0 t1
+    qfmt=$(qemu_format_of "$format") new="$workdir/converted.$format"
+    work_copy "$format" "$2"
+    t0=$EPOCHREALTIME
+    # -t writeback: its output flushed at the end, as a copy that replaces the image
+    # must be (convert's default, -t unsafe, skips that flush); compact flushes too.
+    qemu-img convert -t writeback -f "$qfmt" -O "$qfmt" -o "$(qemu_options_of "$format")" \
+        "$workdir/work.$format" "$new"
+    t1=$EPOCHREALTIME
+    same_contents "$qfmt" "$workdir/holey.$format" "$qfmt" "$new" "qemu-img convert"
+    record "convert|$name" "$(seconds "$t0" "$t1")"
+    after["convert|$name"]=$(stat -c %s "$new")
+    log "qemu-img convert $name: $(seconds "$t0" "$t1") s"
+    rm "$workdir/work.$format" "$new"
+}
+by_turns "compact|VHDX" "repack|VHDX" "compact|VHD" "repack|VHD"
+part_done compact
 
 # --- vdisk convert against qemu-img convert ------------------------------------------------
 
 # The half-full images above, each converted into the other format and into raw by both
-# tools, by turns; outputs made durable by both (vdisk convert flushes before it renames
-# its output into place; qemu-img with -t writeback) and checked equal to the source.
-qemu_format_of() { # vdisk-format
-    case $1 in vhd) echo vpc ;; *) echo "$1" ;; esac
-}
-# What `vdisk create` makes by default (qemu-img's VHD blocks are 2 MiB, as ours).
-qemu_options_of() { # vdisk-format
-    case $1 in
-        vhd) echo "subformat=dynamic,force_size=on" ;;
-        vhdx) echo "subformat=dynamic,block_size=32M" ;;
-        raw) echo "" ;;
-    esac
-}
+# tools; outputs made durable by both (vdisk convert flushes before it renames its output
+# into place; qemu-img with -t writeback) and checked equal to the source.
 convert_pairs=("vhdx vhd" "vhd vhdx" "vhdx raw")
-for rep in $(seq $reps); do
-    for pair in "${convert_pairs[@]}"; do
-        read -r from to <<< "$pair"
-        source="$workdir/holey.$from" qfrom=$(qemu_format_of $from) qto=$(qemu_format_of $to)
-        name="${from^^} → ${to^^}" new="$workdir/converted.$to"
 
-        drop_before_run "$rep"
-        t0=$EPOCHREALTIME
-        "$vdisk" convert --format $to "$source" "$new" > /dev/null
-        t1=$EPOCHREALTIME
-        same_contents $qfrom "$source" $qto "$new" "vdisk convert"
-        runs["vdisk convert|$name"]+=" $(seconds "$t0" "$t1")"
-        log "vdisk convert $name: $(seconds "$t0" "$t1") s"
-        rm "$new"
+# One tool converts one pair, timed.
+convert_with() { # tool(vdisk|qemu-img) "from to" rep
+    local tool=$1 from to qfrom qto source new name options t0 t1
+    read -r from to <<< "$2"
+    source="$workdir/holey.$from" qfrom=$(qemu_format_of "$from") qto=$(qemu_format_of "$to")
+    new="$workdir/converted.$to" name="${from^^} → ${to^^}" options=$(qemu_options_of "$to")
+    drop_before_run "$3"
+    t0=$EPOCHREALTIME
+    if [ "$tool" = vdisk ]; then
+        "$vdisk" convert --format "$to" "$source" "$new" > /dev/null
+    else
+        qemu-img convert -t writeback -f "$qfrom" -O "$qto" ${options:+-o "$options"} "$source" "$new"
+    fi
+    t1=$EPOCHREALTIME
+    same_contents "$qfrom" "$source" "$qto" "$new" "$tool convert"
+    record "$tool convert|$name" "$(seconds "$t0" "$t1")"
+    log "$tool convert $name: $(seconds "$t0" "$t1") s"
+    rm "$new"
+}
+run_vdisk_convert() { convert_with vdisk "$@"; }
+run_qemu_convert() { convert_with qemu-img "$@"; }
 
-        drop_before_run "$rep"
-        t0=$EPOCHREALTIME
-        options=$(qemu_options_of $to)
-        qemu-img convert -t writeback -f $qfrom -O $qto ${options:+-o "$options"} "$source" "$new"
-        t1=$EPOCHREALTIME
-        same_contents $qfrom "$source" $qto "$new" "qemu-img convert"
-        runs["qemu-img convert|$name"]+=" $(seconds "$t0" "$t1")"
-        log "qemu-img convert $name: $(seconds "$t0" "$t1") s"
-        rm "$new"
-    done
-done
+steps=()
+for pair in "${convert_pairs[@]}"; do steps+=("vdisk_convert|$pair" "qemu_convert|$pair"); done
+by_turns "${steps[@]}"
 rm "$workdir"/holey.*
+part_done convert
 
 # --- start-up time and memory for a huge empty image -------------------------------------
 
 huge="$workdir/huge.vhdx"
-qemu-img create -q -f vhdx -o "block_size=$vhdx_block" "$huge" "$huge_size"
+empty_image vhdx "$huge" "$huge_size"
 
-declare -A startup
 # Seconds from starting the daemon until the first 4 KiB of its disk file read back.
-measure_startup() { # who start-command...
-    local who=$1 t0 t1
-    shift
-    drop_caches
+run_startup() { # vdisk-mount|qsd rep
+    local t0 t1
+    drop_before_run "$2"
     t0=$EPOCHREALTIME
-    "$@"
+    if [ "$1" = vdisk-mount ]; then start_vdisk fuse "$huge"; else start_qsd "$huge" vhdx; fi
     until dd if="$target_file" of=/dev/null bs=4k count=1 iflag=direct status=none 2> /dev/null; do
         sleep 0.01
     done
     t1=$EPOCHREALTIME
-    startup[$who]=$(awk -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.3f\n", t1 - t0 }')
+    record "startup|$1" "$(seconds "$t0" "$t1")"
+    note_rss "$([ "$1" = vdisk-mount ] && echo "10 TiB VHDX" || echo "qsd 10 TiB VHDX")"
+    stop_target
 }
-
-measure_startup vdisk-mount start_vdisk "$huge"
-rss["10 TiB VHDX"]=$(peak_rss_kib "$target_pid")
-stop_target
-measure_startup qsd start_qsd "$huge" vhdx
-rss["qsd 10 TiB VHDX"]=$(peak_rss_kib "$target_pid")
-stop_target
-log "10 TiB VHDX usable after ${startup[vdisk-mount]} s (qemu-storage-daemon: ${startup[qsd]} s)"
+by_turns "startup|vdisk-mount" "startup|qsd"
+part_done start-up
 
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 elapsed=$(($(date +%s) - started))
 
 # --- report ------------------------------------------------------------------------------
 
-ratio() { # a b
-    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "n/a"; else printf "%.2f\n", a / b }'
-}
-
-# Marks a ratio that misses its goal.
-judge() { # ratio goal
-    awk -v r="$1" -v g="$2" 'BEGIN {
-        if (r == "n/a") print "n/a"; else if (r + 0 >= g) print r; else printf "**%s** (goal %s)\n", r, g }'
-}
-
-# Marks a ratio of times that misses its goal (lower is better).
-judge_at_most() { # ratio goal
-    awk -v r="$1" -v g="$2" 'BEGIN {
-        if (r == "n/a") print "n/a"; else if (r + 0 <= g) print r; else printf "**%s** (goal %s)\n", r, g }'
-}
-
-# The median, least and greatest of a contender's figures, each printed with `format`.
-spread() { # format figures
-    printf '%s\n' $2 | sort -g | awk -v f="$1" '
-        NF { v[++n] = $1 }
-        END {
-            if (n == 0) { print "- - -"; exit }
-            m = n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-            printf f " " f " " f "\n", m, v[1], v[n]
+# a ÷ b for repeated figures: the ratio of the medians and, in brackets, the range the runs
+# allow (least a ÷ greatest b to greatest a ÷ least b). Against a goal ("≥ 0.90" where more
+# is better, "≤ 1.00" for times) the cell is marked as a miss only when that whole range
+# misses it, that is when the two spreads do not overlap once scaled by the goal; a
+# difference inside the range is within what the runs vary by.
+ratio_cell() { # goal a-figures b-figures
+    local am alo ahi bm blo bhi
+    read -r am alo ahi <<< "$(spread %.9g "$2")"
+    read -r bm blo bhi <<< "$(spread %.9g "$3")"
+    awk -v goal="$1" -v am="$am" -v alo="$alo" -v ahi="$ahi" -v bm="$bm" -v blo="$blo" -v bhi="$bhi" '
+        function r2(x) { return sprintf("%.2f", x) + 0 }
+        BEGIN {
+            if (am == "-" || bm == "-" || blo + 0 <= 0) { print "n/a"; exit }
+            m = am / bm; lo = alo / bhi; hi = ahi / blo
+            split(goal, g, " ")
+            if ((g[1] == "≥" && r2(hi) < g[2] + 0) || (g[1] == "≤" && r2(lo) > g[2] + 0))
+                printf "**%.2f** (%.2f–%.2f; goal %s)\n", m, lo, hi, goal
+            else
+                printf "%.2f (%.2f–%.2f)\n", m, lo, hi
         }'
 }
 
-unit() { [[ $1 == seq* ]] && echo MiB/s || echo IOPS; }
+# The goal of a ratio column of the fio tables for a job, if it has one: vdisk-mount over
+# /dev/fuse ÷ the FUSE pass-through (fuse-raw) and ÷ qsd (qsd); vdisk-mount over io_uring
+# ÷ over /dev/fuse (uring-fuse), ÷ qsd (uring-qsd) and ÷ the raw file (uring-raw).
+goal() { # column job
+    case $1/$2 in
+        fuse-raw/*) echo "≥ 0.90" ;;
+        qsd/rand-*-4K-qd16) echo "≥ 1.50" ;;
+        qsd/*) echo "≥ 1.00" ;;
+        uring-fuse/rand-read-4K-qd1) echo "≥ 1.50" ;;
+        uring-qsd/rand-read-4K-qd16) echo "≥ 2.00" ;;
+        uring-qsd/*) goal qsd "$2" ;;
+        uring-raw/rand-read-4K-qd16) echo "≥ 0.60" ;;
+    esac
+}
+
+# The cell of a contender's figures for a job, or why there are none over io_uring.
+fig() { # contender job
+    if [[ $1 == *" io_uring" && -n $uring_na ]]; then
+        echo "$uring_na"
+    else
+        figures_cell "$(figure_format "$2")" "${runs["$1|$2"]:-}"
+    fi
+}
+
+# ratio_cell for vdisk-mount over io_uring, or why there is none.
+uring_ratio_cell() { # goal a-figures b-figures
+    if [ -n "$uring_na" ]; then echo "$uring_na"; else ratio_cell "$@"; fi
+}
+
+misses=()
+# Notes a cell marked as a miss in the list of goals missed.
+miss() { # cell what
+    [[ $1 != "**"* ]] || misses+=("$2: $1")
+}
+
+# Prints a table row from its cells.
+row() { # cell...
+    local out="|" cell
+    for cell; do out+=" $cell |"; done
+    echo "$out"
+}
 
 # KiB of the BAT of a `bytes`-byte image (8-byte VHDX entries per 32 MiB block, 4-byte
 # VHD entries per 2 MiB block), for the memory goal.
@@ -688,82 +905,147 @@ bat_kib() { # bytes format
     awk -v n="$1" -v e=$entry -v b=$block 'BEGIN { printf "%.1f\n", n / b * e / 1024 }'
 }
 
-ours=("VHDX dynamic" "VHDX fixed" "VHD dynamic")
-declare -A qsd_of=(["VHDX dynamic"]="qsd VHDX dynamic" ["VHDX fixed"]="qsd VHDX fixed"
-    ["VHD dynamic"]="qsd VHD dynamic")
-misses=()
-
 report() {
-    local path prefix name t row r2 r4 r1 g4 goal unit_ cols target
+    local path prefix spec job image who a u q f r i cells name part line label med lo hi
+    local freed moved_mib mib_c mib_q pair from to
+    local -a headers
     echo "Machine: $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM," \
         "Linux $(uname -r); $(fio --version); $(qemu-img --version | head -1);" \
         "vhdimount $(vhdimount -V 2> /dev/null | awk 'NR == 1 { print $2 }')."
     echo
     echo "Run: $(date -u +'%Y-%m-%d %H:%M UTC'), $([ $quick = 1 ] && echo '`--quick`' || echo full)," \
-        "images of $((size / MIB)) MiB, fio libaio direct=1, ramp ${ramp} + ${runtime} measured per job," \
-        "page cache dropped before $([ $quick = 1 ] && echo "each target's first job" || echo 'each job');" \
-        "vdisk-mount options: ${VDISK_MOUNT_OPTIONS:-defaults}; ${elapsed} s in all." \
+        "images of $((size / MIB)) MiB; every figure is the median of $reps runs taken by turns with what it is" \
+        "compared with, min–max beside it. fio libaio direct=1, each job $runtime at most and one pass over the" \
+        "disk at most, writes ending with an fsync that counts; page cache dropped before" \
+        "$([ $quick = 1 ] && echo "each contender's first run" || echo 'each job'); $fio_job_runs fio job runs." \
+        "vdisk-mount options: ${VDISK_MOUNT_OPTIONS:-defaults}; FUSE transports: /dev/fuse$([ -z "$uring_na" ] &&
+            echo " and io_uring" || echo ", io_uring $uring_na")." \
         "Load average (1/5/15 min) before: $load_before, after: $load_after."
     echo
-    echo "Targets: **raw file** = fio on the backing file itself; **FUSE raw** = \`vdisk-mount -o format=raw\`" \
-        "over it; **VHDX dynamic/fixed**, **VHD dynamic** = vdisk-mount over fully allocated images" \
-        "holding the same data (VHDX blocks of $vhdx_block); **qsd** = \`qemu-storage-daemon --export type=fuse\`" \
-        "over the same images; **vhdimount** = libvhdi's FUSE mount (reads only)." \
-        "Sequential jobs in MiB/s, random jobs in IOPS; higher is better."
+    line="Time spent:"
+    for part in "${parts[@]}"; do line+=" $part ${spent[$part]} s,"; done
+    echo "$line $elapsed s in all."
+    echo
+    echo "Targets: **raw file** = fio on the backing file itself; the **raw** image = the same file through" \
+        "\`vdisk-mount -o format=raw\` (the FUSE pass-through, \"FUSE raw\"); **VHDX dynamic/fixed**, **VHD dynamic** =" \
+        "fully allocated images holding the same data (VHDX blocks of $vhdx_block); **vdisk-mount** = over /dev/fuse," \
+        "**vdisk-mount io_uring** = over FUSE's io_uring transport (\`-o io_uring=on\`); **qsd** =" \
+        "\`qemu-storage-daemon --export type=fuse\` over the same image; **vhdimount** = libvhdi's FUSE mount (reads" \
+        "only). Sequential jobs in MiB/s, random jobs in IOPS, higher is better; each cell median (min–max)."
     for path in direct loop; do
         prefix=""
-        [ $path = loop ] && prefix="loop:"
+        [ $path = direct ] || prefix="loop:"
         echo
         if [ $path = direct ]; then
             echo "### fio on the disk file"
-            cols=("raw file" "FUSE raw" "${ours[@]}" "qsd VHDX dynamic" "qsd VHDX fixed" "qsd VHD dynamic" "vhdimount VHDX dynamic")
         else
             echo "### fio on a loop device (\`losetup --direct-io=on\`) over the disk file"
-            cols=("raw file" "FUSE raw" "${ours[@]}" "qsd VHDX dynamic" "qsd VHDX fixed" "qsd VHD dynamic")
         fi
         echo
-        row="| job | unit |"
-        for target in "${cols[@]}"; do row+=" $target |"; done
-        echo "$row"
-        echo "$row" | sed 's/[^|]\+/---/g'
+        row job unit image "raw file" vdisk-mount "vdisk-mount io_uring" qsd vhdimount
+        row --- --- --- --- --- --- --- ---
         for spec in "${jobs[@]}"; do
-            read -r name _ <<< "$spec"
-            row="| $name | $(unit "$name") |"
-            for target in "${cols[@]}"; do row+=" ${result["$prefix$target|$name"]:--} |"; done
-            echo "$row"
+            read -r job _ <<< "$spec"
+            row "$job" "$(unit "$job")" raw "$(fig "${prefix}raw file" "$job")" \
+                "$(fig "${prefix}FUSE raw" "$job")" "$(fig "${prefix}FUSE raw io_uring" "$job")" - -
+            for image in "${ours[@]}"; do
+                row "$job" "$(unit "$job")" "$image" - "$(fig "$prefix$image" "$job")" \
+                    "$(fig "$prefix$image io_uring" "$job")" "$(fig "${prefix}qsd $image" "$job")" \
+                    "$(fig "${prefix}vhdimount $image" "$job")"
+            done
         done
         echo
-        echo "Ratios: ours ÷ FUSE raw (goal ≥ 0.90), ours ÷ qsd on the same image (goal ≥ 1.00, ≥ 1.50 for rand-4K-qd16), ours ÷ raw file."
+        echo "Ratios: of the medians, in brackets the range the runs allow; a ratio is marked as a miss only" \
+            "when that whole range misses the goal. vdisk-mount over /dev/fuse ÷ FUSE raw (goal ≥ 0.90), ÷ qsd" \
+            "on the same image (goal ≥ 1.00, ≥ 1.50 for rand-4K-qd16), ÷ raw file; vdisk-mount over io_uring" \
+            "÷ over /dev/fuse (goal ≥ 1.50 for rand-read-4K-qd1), ÷ qsd (goal ≥ 2.00 for rand-read-4K-qd16," \
+            "as ÷ qsd otherwise), ÷ raw file (goal ≥ 0.60 for rand-read-4K-qd16)."
         echo
-        echo "| job | image | ÷ FUSE raw | ÷ qsd | ÷ raw file |"
-        echo "|---|---|---|---|---|"
+        headers=("÷ FUSE raw" "÷ qsd" "÷ raw file" "io_uring ÷ /dev/fuse" "io_uring ÷ qsd" "io_uring ÷ raw file")
+        row job image "${headers[@]}"
+        row --- --- --- --- --- --- --- ---
         for spec in "${jobs[@]}"; do
-            read -r name _ <<< "$spec"
-            g4=1.00
-            [[ $name == rand-*-4K-qd16 ]] && g4=1.50
-            for target in "${ours[@]}"; do
-                r2=$(ratio "${result["$prefix$target|$name"]:-}" "${result["${prefix}FUSE raw|$name"]:-}")
-                r4=$(ratio "${result["$prefix$target|$name"]:-}" "${result["$prefix${qsd_of[$target]}|$name"]:-}")
-                r1=$(ratio "${result["$prefix$target|$name"]:-}" "${result["${prefix}raw file|$name"]:-}")
-                echo "| $name | $target | $(judge "$r2" 0.90) | $(judge "$r4" "$g4") | $r1 |"
-                [[ $(judge "$r2" 0.90) == "**"* ]] && misses+=("$path $name $target: $r2× FUSE raw (goal 0.90)")
-                [[ $(judge "$r4" "$g4") == "**"* ]] && misses+=("$path $name $target: $r4× qsd (goal $g4)")
+            read -r job _ <<< "$spec"
+            f=${runs["${prefix}FUSE raw|$job"]:-} r=${runs["${prefix}raw file|$job"]:-}
+            for image in raw "${ours[@]}"; do
+                who=$image
+                [ "$image" != raw ] || who="FUSE raw"
+                a=${runs["$prefix$who|$job"]:-} u=${runs["$prefix$who io_uring|$job"]:-}
+                q=${runs["${prefix}qsd $image|$job"]:-}
+                if [ "$image" = raw ]; then
+                    cells=(- - "$(ratio_cell "" "$a" "$r")" "$(uring_ratio_cell "$(goal uring-fuse "$job")" "$u" "$a")" -
+                        "$(uring_ratio_cell "$(goal uring-raw "$job")" "$u" "$r")")
+                else
+                    cells=("$(ratio_cell "$(goal fuse-raw "$job")" "$a" "$f")"
+                        "$(ratio_cell "$(goal qsd "$job")" "$a" "$q")"
+                        "$(ratio_cell "" "$a" "$r")"
+                        "$(uring_ratio_cell "$(goal uring-fuse "$job")" "$u" "$a")"
+                        "$(uring_ratio_cell "$(goal uring-qsd "$job")" "$u" "$q")"
+                        "$(uring_ratio_cell "$(goal uring-raw "$job")" "$u" "$r")")
+                fi
+                row "$job" "$image" "${cells[@]}"
+                for i in "${!cells[@]}"; do miss "${cells[$i]}" "$path $job $image, ${headers[$i]}"; done
             done
         done
     done
     echo
     echo "### Allocating sequential write into an empty dynamic image"
     echo
-    echo "$((alloc_size / MIB)) MiB written once from the start: fio 1 MiB qd16 with a final fsync through" \
-        "each mount; \`qemu-io -c \"write 0 $((alloc_size / MIB))M\"\` (one request, writeback cache, flushed on exit)" \
-        "on the same kind of image. Goal: vdisk-mount ≥ qemu-io."
+    echo "$((alloc_size / MIB)) MiB written once from the start of a new image: fio 1 MiB qd16 with a final" \
+        "fsync (counted) through each mount; \`qemu-io -c \"write 0 $((alloc_size / MIB))M\"\` (one request," \
+        "writeback cache, flushed on exit) on the same kind of image. MiB/s, median (min–max) of $reps runs." \
+        "Goal: vdisk-mount ≥ qemu-io (ratios as above)."
     echo
-    echo "| image | vdisk-mount MiB/s | qsd MiB/s | qemu-io MiB/s | vdisk-mount ÷ qemu-io |"
-    echo "|---|---|---|---|---|"
+    row image vdisk-mount "vdisk-mount io_uring" qsd qemu-io "÷ qemu-io" "io_uring ÷ qemu-io"
+    row --- --- --- --- --- --- ---
     for name in VHDX VHD; do
-        r=$(ratio "${result["vdisk-mount $name|alloc"]}" "${result["qemu-io $name|alloc"]}")
-        echo "| $name | ${result["vdisk-mount $name|alloc"]} | ${result["qsd $name|alloc"]} | ${result["qemu-io $name|alloc"]} | $(judge "$r" 1.00) |"
-        [[ $(judge "$r" 1.00) == "**"* ]] && misses+=("allocating write $name: $r× qemu-io (goal 1.00)")
+        job=seq-write-alloc
+        cells=("$(ratio_cell "≥ 1.00" "${runs["vdisk-mount $name|$job"]:-}" "${runs["qemu-io $name|$job"]:-}")"
+            "$(uring_ratio_cell "≥ 1.00" "${runs["vdisk-mount $name io_uring|$job"]:-}" "${runs["qemu-io $name|$job"]:-}")")
+        row "$name" "$(fig "vdisk-mount $name" $job)" "$(fig "vdisk-mount $name io_uring" $job)" \
+            "$(fig "qsd $name" $job)" "$(fig "qemu-io $name" $job)" "${cells[@]}"
+        miss "${cells[0]}" "allocating write $name, ÷ qemu-io"
+        miss "${cells[1]}" "allocating write $name, io_uring ÷ qemu-io"
+    done
+    echo
+    echo "### Mixed workload: allocating writers beside an fsync writer"
+    echo
+    echo "A new empty dynamic image of $((5 * mixed_region / MIB)) MiB for every run (made by qemu-img: VHDX with" \
+        "$vhdx_block blocks, VHD with 2 MiB blocks). Four fio jobs write 64 KiB at a time (libaio, direct, qd1" \
+        "each, a final fsync counted), each sequentially from the start of a $((mixed_region / MIB)) MiB region of" \
+        "its own, so that their writes keep allocating blocks; for $mixed_runtime, alone, and beside a fifth job that" \
+        "writes 4 KiB at a time sequentially in a region behind theirs, each write followed by fsync. Writers:" \
+        "the four together, MiB/s; fsync writer: its writes (each with its fsync) per second. Median (min–max)" \
+        "of $reps runs; ratios as above. Goals: beside the fsync writer the four keep ≥ 0.85 of their" \
+        "throughput alone and reach ≥ 2.00× qsd's; the fsync writer reaches ≥ 2.00× qsd's IOPS."
+    echo
+    row figure image vdisk-mount "vdisk-mount io_uring" qsd "÷ qsd" "io_uring ÷ qsd"
+    row --- --- --- --- --- --- ---
+    for name in VHDX VHD; do
+        for spec in "alloc-64K-alone|4 writers alone, MiB/s|" \
+            "alloc-64K-beside|4 writers beside the fsync writer, MiB/s|≥ 2.00" "fsync-4K|fsync writer, IOPS|≥ 2.00"; do
+            IFS='|' read -r job label g <<< "$spec"
+            cells=("$(ratio_cell "$g" "${runs["vdisk-mount $name|$job"]:-}" "${runs["qsd $name|$job"]:-}")"
+                "$(uring_ratio_cell "$g" "${runs["vdisk-mount $name io_uring|$job"]:-}" "${runs["qsd $name|$job"]:-}")")
+            row "$label" "$name" "$(fig "vdisk-mount $name" "$job")" "$(fig "vdisk-mount $name io_uring" "$job")" \
+                "$(fig "qsd $name" "$job")" "${cells[@]}"
+            miss "${cells[0]}" "mixed workload $name, $label, ÷ qsd"
+            miss "${cells[1]}" "mixed workload $name, $label, io_uring ÷ qsd"
+        done
+        cells=()
+        for who in "vdisk-mount $name" "vdisk-mount $name io_uring" "qsd $name"; do
+            g="≥ 0.85"
+            [[ $who != qsd* ]] || g=""
+            a=${runs["$who|alloc-64K-beside"]:-} r=${runs["$who|alloc-64K-alone"]:-}
+            if [[ $who == *io_uring ]]; then
+                cells+=("$(uring_ratio_cell "$g" "$a" "$r")")
+            else
+                cells+=("$(ratio_cell "$g" "$a" "$r")")
+            fi
+        done
+        row "4 writers beside ÷ alone" "$name" "${cells[@]}" - -
+        miss "${cells[0]}" "mixed workload $name, 4 writers beside ÷ alone"
+        miss "${cells[1]}" "mixed workload $name, io_uring, 4 writers beside ÷ alone"
     done
     local dropped="every timed run"
     [ $quick = 0 ] || dropped="each contender's first timed run"
@@ -776,21 +1058,19 @@ report() {
         "$((trim_files / MIB)) MiB of files written and synced, deleted and synced, then \`fstrim\` on the" \
         "filesystem timed (its first trim after mounting: all free space). Median of $reps runs taken by" \
         "turns (VHDX, raw, VHD), min–max beside it, page cache dropped before $dropped;" \
-        "lower is better. Host MiB freed: the median of what the" \
+        "lower is better; ratios as above. Host MiB freed: the median of what the" \
         "image file held on the host before fstrim minus after, a check that the space went back" \
         "(goal ≥ 90 % of the files)."
     echo
-    echo "| fstrim on | seconds | min–max | ÷ raw file | host MiB freed |"
-    echo "|---|---|---|---|---|"
-    local med lo hi raw_med freed label
-    read -r raw_med _ <<< "$(spread %.3f "${runs["trim|raw file"]:-}")"
+    row "fstrim on" seconds min–max "÷ raw file" "host MiB freed"
+    row --- --- --- --- ---
     for who in VHDX VHD "raw file"; do
         read -r med lo hi <<< "$(spread %.3f "${runs["trim|$who"]:-}")"
         read -r freed _ <<< "$(spread %.0f "${runs["trim freed|$who"]:-}")"
         freed=$(awk -v b="$freed" 'BEGIN { if (b == "-") print "-"; else printf "%.1f\n", b / 1048576 }')
-        label="vdisk-mount $who" r=$(ratio "$med" "$raw_med")
+        label="vdisk-mount $who" r=$(ratio_cell "" "${runs["trim|$who"]:-}" "${runs["trim|raw file"]:-}")
         [ "$who" != "raw file" ] || label="raw sparse file" r="-"
-        echo "| $label | $med | $lo–$hi | $r | $freed |"
+        row "$label" "$med" "$lo–$hi" "$r" "$freed"
         awk -v f="$freed" -v want="$((trim_files / MIB))" 'BEGIN { exit !(f == "-" || f < 0.9 * want) }' \
             && misses+=("fstrim on $label: $freed MiB given back on the host of $((trim_files / MIB)) MiB freed (goal ≥ 90 %)")
     done
@@ -806,12 +1086,12 @@ report() {
         "\`-t unsafe\` leaves it in the page cache). Both results are checked equal to the original with" \
         "\`qemu-img compare\`. Median of $reps" \
         "runs taken by turns (compact, convert, ...), min–max beside it, page cache dropped before" \
-        "$dropped. MiB/s moved: \`bytes_moved\` of" \
+        "$dropped; ratios as above. MiB/s moved: \`bytes_moved\` of" \
         "\`vdisk compact --json\` ÷ seconds. Goal: compact takes no longer than convert (÷ ≤ 1.00)."
     echo
     echo "| image | compact s | min–max | convert s | min–max | compact ÷ convert | compact MiB/s moved | min–max | MiB moved | file MiB after compact | after convert |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|"
-    local c_med c_lo c_hi q_med q_lo q_hi m_med m_lo m_hi moved_mib mib_c mib_q
+    local c_med c_lo c_hi q_med q_lo q_hi m_med m_lo m_hi
     for name in VHDX VHD; do
         read -r c_med c_lo c_hi <<< "$(spread %.3f "${runs["compact|$name"]:-}")"
         read -r q_med q_lo q_hi <<< "$(spread %.3f "${runs["convert|$name"]:-}")"
@@ -821,9 +1101,9 @@ report() {
         mib_c=$(awk -v b="${after["compact|$name"]:-}" 'BEGIN { if (b == "") print "-"; else printf "%.1f\n", b / 1048576 }')
         mib_q=$(awk -v b="${after["convert|$name"]:-}" 'BEGIN { if (b == "") print "-"; else printf "%.1f\n", b / 1048576 }')
         label="$name $([ $name = VHDX ] && echo 32 || echo 2) MiB blocks"
-        r=$(ratio "$c_med" "$q_med")
-        echo "| $label | $c_med | $c_lo–$c_hi | $q_med | $q_lo–$q_hi | $(judge_at_most "$r" 1.00) | $m_med | $m_lo–$m_hi | $moved_mib | $mib_c | $mib_q |"
-        [[ $(judge_at_most "$r" 1.00) == "**"* ]] && misses+=("vdisk compact $label: $r× the time of qemu-img convert (goal ≤ 1.00)")
+        r=$(ratio_cell "≤ 1.00" "${runs["compact|$name"]:-}" "${runs["convert|$name"]:-}")
+        row "$label" "$c_med" "$c_lo–$c_hi" "$q_med" "$q_lo–$q_hi" "$r" "$m_med" "$m_lo–$m_hi" "$moved_mib" "$mib_c" "$mib_q"
+        miss "$r" "vdisk compact $label, time ÷ qemu-img convert's"
     done
     echo
     echo "### vdisk convert against qemu-img convert"
@@ -833,46 +1113,53 @@ report() {
         "dynamic image of the other format (the block size each tool makes by default, 32 MiB for VHDX," \
         "2 MiB for VHD) and into a raw file; both outputs durable on return and checked equal to the source" \
         "with \`qemu-img compare\`. Median of $reps runs taken by turns, min–max beside it, page cache" \
-        "dropped before $dropped. Goal: vdisk convert takes no longer than qemu-img convert (÷ ≤ 1.00)."
+        "dropped before $dropped; ratios as above. Goal: vdisk convert takes no longer than qemu-img" \
+        "convert (÷ ≤ 1.00)."
     echo
-    echo "| source → output | vdisk convert s | min–max | qemu-img convert s | min–max | vdisk ÷ qemu-img |"
-    echo "|---|---|---|---|---|---|"
-    local v_med v_lo v_hi pair from to
+    row "source → output" "vdisk convert s" min–max "qemu-img convert s" min–max "vdisk ÷ qemu-img"
+    row --- --- --- --- --- ---
     for pair in "${convert_pairs[@]}"; do
         read -r from to <<< "$pair"
         name="${from^^} → ${to^^}"
-        read -r v_med v_lo v_hi <<< "$(spread %.3f "${runs["vdisk convert|$name"]:-}")"
+        read -r c_med c_lo c_hi <<< "$(spread %.3f "${runs["vdisk convert|$name"]:-}")"
         read -r q_med q_lo q_hi <<< "$(spread %.3f "${runs["qemu-img convert|$name"]:-}")"
-        r=$(ratio "$v_med" "$q_med")
-        echo "| $name | $v_med | $v_lo–$v_hi | $q_med | $q_lo–$q_hi | $(judge_at_most "$r" 1.00) |"
-        [[ $(judge_at_most "$r" 1.00) == "**"* ]] && misses+=("vdisk convert $name: $r× the time of qemu-img convert (goal ≤ 1.00)")
+        r=$(ratio_cell "≤ 1.00" "${runs["vdisk convert|$name"]:-}" "${runs["qemu-img convert|$name"]:-}")
+        row "$name" "$c_med" "$c_lo–$c_hi" "$q_med" "$q_lo–$q_hi" "$r"
+        miss "$r" "vdisk convert $name, time ÷ qemu-img convert's"
     done
     echo
     echo "### Start-up and memory"
     echo
-    echo "Time from starting the daemon to the first 4 KiB read of its disk file, for an empty $huge_size dynamic VHDX" \
-        "(goal < 1 s): vdisk-mount ${startup[vdisk-mount]} s, qemu-storage-daemon ${startup[qsd]} s."
-    awk -v t="${startup[vdisk-mount]}" 'BEGIN { exit !(t >= 1) }' \
-        && misses+=("start-up of a $huge_size VHDX: ${startup[vdisk-mount]} s (goal < 1 s)")
+    echo "Time from starting the daemon to the first 4 KiB read of its disk file, for an empty $huge_size dynamic VHDX," \
+        "median (min–max) of $reps starts (goal < 1 s): vdisk-mount $(figures_cell %.3f "${runs["startup|vdisk-mount"]:-}") s," \
+        "qemu-storage-daemon $(figures_cell %.3f "${runs["startup|qsd"]:-}") s."
+    read -r _ lo _ <<< "$(spread %.3f "${runs["startup|vdisk-mount"]:-}")"
+    awk -v t="$lo" 'BEGIN { exit !(t == "-" || t >= 1) }' \
+        && misses+=("start-up of a $huge_size VHDX: fastest of $reps starts $lo s (goal < 1 s)")
     echo
-    echo "Peak resident memory (VmHWM) of each daemon after its jobs; goal for vdisk-mount: ≤ 64 MiB + BAT size."
+    echo "Peak resident memory (VmHWM) of each daemon, the greatest over its runs; goal for vdisk-mount: ≤ 64 MiB + BAT size."
     echo
-    echo "| daemon | peak RSS MiB | BAT KiB | within goal |"
-    echo "|---|---|---|---|"
-    local bat fmt ok
-    for target in "FUSE raw" "${ours[@]}" "10 TiB VHDX" "qsd VHDX dynamic" "qsd VHDX fixed" "qsd VHD dynamic" "qsd 10 TiB VHDX" "vhdimount VHDX dynamic"; do
+    row daemon "peak RSS MiB" "BAT KiB" "within goal"
+    row --- --- --- ---
+    local bat ok target daemons=()
+    for target in "FUSE raw" "${ours[@]}"; do daemons+=("$target" "$target io_uring"); done
+    for target in "${daemons[@]}" "10 TiB VHDX" "qsd VHDX dynamic" "qsd VHDX fixed" "qsd VHD dynamic" "qsd 10 TiB VHDX" "vhdimount VHDX dynamic"; do
         bat=0
         case $target in
             "10 TiB VHDX" | "qsd 10 TiB VHDX") bat=$(bat_kib "$(numfmt --from=iec "$huge_size")" vhdx) ;;
             *VHDX*) bat=$(bat_kib "$size" vhdx) ;;
             *VHD*) bat=$(bat_kib "$size" vhd) ;;
         esac
+        if [[ $target == *" io_uring" && -n $uring_na ]]; then
+            row "$target" "$uring_na" "$bat" -
+            continue
+        fi
         ok="-"
         if [[ $target != qsd* && $target != vhdimount* ]]; then
             ok=$(awk -v r="${rss[$target]}" -v b="$bat" 'BEGIN { print (r <= 65536 + b) ? "yes" : "**no**" }')
             [ "$ok" = yes ] || misses+=("peak RSS of $target: $((rss[$target] / 1024)) MiB (goal 64 MiB + $bat KiB)")
         fi
-        echo "| $target | $(awk -v r="${rss[$target]}" 'BEGIN { printf "%.1f", r / 1024 }') | $bat | $ok |"
+        row "$target" "$(awk -v r="${rss[$target]}" 'BEGIN { printf "%.1f", r / 1024 }')" "$bat" "$ok"
     done
     echo
     echo "### Goals missed in this run"

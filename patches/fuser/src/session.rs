@@ -47,6 +47,7 @@ use crate::read_buf::FuseReadBuf;
 use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
+use crate::reply::ReplyTarget;
 use crate::request::RequestWithSender;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
@@ -124,8 +125,9 @@ impl Drop for UmountOnDrop {
 /// The session data structure
 #[derive(Debug)]
 pub struct Session<FS: Filesystem> {
-    /// Filesystem operation implementations. None after `destroy` called.
-    pub(crate) filesystem: FilesystemHolder<FS>,
+    /// Filesystem operation implementations. None after `destroy` called. Shared with
+    /// the [`Dispatcher`]s handed out.
+    pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     /// Communication channel to the kernel driver
     pub(crate) ch: Channel,
     /// Handle to the mount.  Dropping this unmounts.
@@ -175,9 +177,9 @@ impl<FS: Filesystem> Session<FS> {
         let ch = Channel::new(file);
 
         let mut session = Session {
-            filesystem: FilesystemHolder {
+            filesystem: Arc::new(FilesystemHolder {
                 fs: Some(filesystem),
-            },
+            }),
             ch,
             mount: UmountOnDrop {
                 mount: Arc::new(Mutex::new(Some(mount))),
@@ -203,9 +205,9 @@ impl<FS: Filesystem> Session<FS> {
     ) -> io::Result<Self> {
         let ch = Channel::new(Arc::new(DevFuse(File::from(fd))));
         let mut session = Session {
-            filesystem: FilesystemHolder {
+            filesystem: Arc::new(FilesystemHolder {
                 fs: Some(filesystem),
-            },
+            }),
             ch,
             mount: UmountOnDrop {
                 mount: Arc::new(Mutex::new(None)),
@@ -267,7 +269,7 @@ impl<FS: Filesystem> Session<FS> {
             return Err(io::Error::other("n_threads"));
         };
 
-        let mut filesystem = Arc::new(filesystem);
+        let mut filesystem = filesystem;
 
         let mut channels = Vec::with_capacity(n_threads);
 
@@ -321,13 +323,10 @@ impl<FS: Filesystem> Session<FS> {
             }
         }
 
-        let Some(filesystem) = Arc::get_mut(&mut filesystem) else {
-            return Err(io::Error::other(
-                "BUG: must have one refcount for filesystem",
-            ));
-        };
-
-        filesystem.destroy();
+        // With dispatchers still alive, the last of them to go destroys the filesystem.
+        if let Some(filesystem) = Arc::get_mut(&mut filesystem) {
+            filesystem.destroy();
+        }
 
         reply
     }
@@ -414,8 +413,11 @@ impl<FS: Filesystem> Session<FS> {
 
             let mut config = KernelConfig::new(init.capabilities(), init.max_readahead(), v);
 
-            // Call filesystem init method and give it a chance to return an error
-            let Some(filesystem) = &mut self.filesystem.fs else {
+            // Call filesystem init method and give it a chance to return an error. No
+            // dispatcher exists before the handshake, so the filesystem is not shared yet.
+            let Some(filesystem) =
+                Arc::get_mut(&mut self.filesystem).and_then(|holder| holder.fs.as_mut())
+            else {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "Bug: filesystem must be initialized during handshake",
@@ -493,6 +495,58 @@ impl<FS: Filesystem> Session<FS> {
     pub fn notifier(&self) -> Notifier {
         Notifier::new(self.ch.sender())
     }
+
+    /// Returns an object that dispatches requests taken from elsewhere than this
+    /// session's `/dev/fuse` descriptor (such as FUSE-over-io_uring queues) to this
+    /// session's filesystem, alongside the session loop.
+    pub fn dispatcher(&self) -> Dispatcher<FS> {
+        Dispatcher {
+            event_loop: SessionEventLoop {
+                thread_name: "dispatcher".to_string(),
+                ch: self.ch.clone(),
+                filesystem: self.filesystem.clone(),
+                allowed: self.allowed,
+                session_owner: self.session_owner,
+            },
+        }
+    }
+}
+
+/// Serves requests that reach the daemon by other means than the session's `/dev/fuse`
+/// descriptor with the session's filesystem, under the session's access rules. Replies go
+/// to the [`ReplyTarget`] given with each request. The filesystem is destroyed when both
+/// the session loop has ended and every dispatcher is gone.
+#[derive(Debug)]
+pub struct Dispatcher<FS: Filesystem> {
+    event_loop: SessionEventLoop<FS>,
+}
+
+impl<FS: Filesystem> Dispatcher<FS> {
+    /// Parses `request`, laid out as a read of `/dev/fuse` returns it (a `fuse_in_header`
+    /// and the operation's arguments) and aligned for `fuse_in_header`, and calls the
+    /// filesystem's method for it. The reply, if the operation has one, goes to `target`,
+    /// from this thread or from whichever thread the filesystem replies on.
+    ///
+    /// # Errors
+    /// Returns an error, and sends nothing to `target`, if `request` cannot be parsed as
+    /// a request or is not aligned.
+    pub fn dispatch(&self, request: &[u8], target: Arc<dyn ReplyTarget>) -> io::Result<()> {
+        if (request.as_ptr() as usize) % std::mem::align_of::<abi::fuse_in_header>() != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "request buffer is not aligned for fuse_in_header",
+            ));
+        }
+        let sender = ReplySender::Target(target, self.event_loop.ch.sender());
+        let Some(request) = RequestWithSender::new(sender, request) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "invalid FUSE request",
+            ));
+        };
+        request.dispatch(&self.event_loop);
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -511,6 +565,7 @@ impl SessionUnmounter {
     }
 }
 
+#[derive(Debug)]
 pub(crate) struct SessionEventLoop<FS: Filesystem> {
     /// Cache thread name for faster `debug!`.
     pub(crate) thread_name: String,
@@ -530,7 +585,10 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
+                Ok(size) => match RequestWithSender::new(
+                    ReplySender::Channel(self.ch.sender()),
+                    &buf[..size],
+                ) {
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {

@@ -194,7 +194,7 @@ fn start_queues(
     // The queue threads must leave the stop signals to the thread that waits for them.
     block_stop_signals();
     queues
-        .start(session.as_fd(), || session.dispatcher())
+        .start(session.as_fd(), session.dispatcher())
         .map_err(|e| format!("cannot serve FUSE over io_uring: {e}"))?;
     log::info!("serving requests through FUSE over io_uring, {count} queues");
     Ok(())

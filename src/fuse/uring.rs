@@ -38,6 +38,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::mpsc::{Sender, channel};
+use zerocopy::IntoBytes;
 
 /// Entries per queue: as many requests as can wait for the disk at once, so a queue of
 /// reads from one CPU reaches the disk together.
@@ -106,19 +107,23 @@ impl Queues {
     }
 
     /// Starts a thread per queue serving requests of the FUSE connection `device` with a
-    /// dispatcher `dispatcher` makes, and returns once every entry is registered with the
+    /// `dispatcher`, and returns once every entry is registered with the
     /// kernel. Fails if any queue could not be set up or registered; the kernel then
     /// holds requests back until the mount goes away, so the caller must unmount.
-    pub fn start(
-        self,
-        device: BorrowedFd<'_>,
-        mut dispatcher: impl FnMut() -> Dispatcher<DiskFs>,
-    ) -> io::Result<()> {
+    pub fn start(self, device: BorrowedFd<'_>, dispatcher: Dispatcher<DiskFs>) -> io::Result<()> {
         let device = Arc::new(device.try_clone_to_owned()?);
+        let dispatcher = Arc::new(dispatcher);
+        let waiting = Arc::new(BlockingPool::default());
         let (report, reports) = channel();
         let count = self.rings.len();
         for (qid, ring) in self.rings.into_iter().enumerate() {
-            let server = QueueServer::new(qid, ring, device.clone(), dispatcher())?;
+            let server = QueueServer::new(
+                qid,
+                ring,
+                device.clone(),
+                dispatcher.clone(),
+                waiting.clone(),
+            )?;
             let report = report.clone();
             std::thread::Builder::new()
                 .name(format!("fuse-uring-{qid}"))
@@ -334,9 +339,7 @@ impl ReplyTarget for EntryReply {
             }
             // fuser never replies like that; answer with an error rather than never.
             header => {
-                let unique = header
-                    .and_then(|h| h.get(8..16))
-                    .map_or(0, |u| u64::from_ne_bytes(u.try_into().unwrap_or_default()));
+                let unique = header.map_or(0, |h| read_u64(h, 8));
                 headers[..OUT_HEADER_LEN].copy_from_slice(&out_header(unique, libc::EIO));
                 Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -358,7 +361,9 @@ struct QueueServer {
     ring: IoUring<squeue::Entry128>,
     device: Arc<OwnedFd>,
     queue: Arc<Queue>,
-    dispatcher: Dispatcher<DiskFs>,
+    dispatcher: Arc<Dispatcher<DiskFs>>,
+    /// Where requests that may wait for the disk run (see [`MAY_WAIT`]).
+    waiting: Arc<BlockingPool>,
     replies: Vec<Arc<EntryReply>>,
     /// The kernel's id of the request each entry holds, for its commit.
     commit_ids: [u64; ENTRIES],
@@ -386,7 +391,8 @@ impl QueueServer {
         qid: usize,
         ring: IoUring<squeue::Entry128>,
         device: Arc<OwnedFd>,
-        dispatcher: Dispatcher<DiskFs>,
+        dispatcher: Arc<Dispatcher<DiskFs>>,
+        waiting: Arc<BlockingPool>,
     ) -> io::Result<QueueServer> {
         let qid = u16::try_from(qid)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many queues"))?;
@@ -417,6 +423,7 @@ impl QueueServer {
             device,
             queue,
             dispatcher,
+            waiting,
             replies,
             commit_ids: [0; ENTRIES],
             buffers,
@@ -554,21 +561,19 @@ impl QueueServer {
         }
     }
 
-    /// Dispatches the request the kernel put in `entry`.
+    /// Dispatches the request the kernel put in `entry`: here, or on a pool thread if it
+    /// may wait for the disk.
     fn serve(&mut self, entry: usize) {
         let reply = self.replies[entry].clone();
-        let request = zerocopy::IntoBytes::as_mut_bytes(&mut self.request[..]);
         let memory = &self.queue.memory;
         // SAFETY: the completion handed the entry over; it is replied to (and so written
-        // again) only once the request has been dispatched, after these slices are gone.
+        // again) only once the request has been copied out, after these slices are gone.
         let (headers, payload) = unsafe { (memory.headers_mut(entry), memory.payload_mut(entry)) };
-        let field = |at: usize, len: usize| &headers[at..at + len];
-        let request_len = u32::from_ne_bytes(field(0, 4).try_into().unwrap_or_default());
-        let unique = u64::from_ne_bytes(field(8, 8).try_into().unwrap_or_default());
-        self.commit_ids[entry] =
-            u64::from_ne_bytes(field(COMMIT_ID_OFFSET, 8).try_into().unwrap_or_default());
-        let payload_len =
-            u32::from_ne_bytes(field(PAYLOAD_SIZE_OFFSET, 4).try_into().unwrap_or_default());
+        let request_len = read_u32(headers, 0);
+        let opcode = read_u32(headers, 4);
+        let unique = read_u64(headers, 8);
+        self.commit_ids[entry] = read_u64(headers, COMMIT_ID_OFFSET);
+        let payload_len = read_u32(headers, PAYLOAD_SIZE_OFFSET);
         let Some(op_len) = op_header_len(request_len, payload_len) else {
             log::error!(
                 "FUSE over io_uring queue {}: request {unique} of {request_len} bytes with \
@@ -577,19 +582,72 @@ impl QueueServer {
             );
             return reply.error(unique, libc::EIO);
         };
-        let payload_len = payload_len as usize;
-        let op_end = IN_HEADER_LEN + op_len;
-        request[..IN_HEADER_LEN].copy_from_slice(&headers[..IN_HEADER_LEN]);
-        request[IN_HEADER_LEN..op_end]
-            .copy_from_slice(&headers[OP_HEADER_OFFSET..OP_HEADER_OFFSET + op_len]);
-        request[op_end..op_end + payload_len].copy_from_slice(&payload[..payload_len]);
-        if let Err(e) = self
-            .dispatcher
-            .dispatch(&request[..op_end + payload_len], reply.clone())
-        {
-            log::error!("FUSE over io_uring queue {}: {e}", self.qid);
-            reply.error(unique, libc::EIO);
+        let parts = [
+            &headers[..IN_HEADER_LEN],
+            &headers[OP_HEADER_OFFSET..OP_HEADER_OFFSET + op_len],
+            &payload[..payload_len as usize],
+        ];
+        if MAY_WAIT.contains(&opcode) {
+            let mut request = vec![0u64; (request_len as usize).div_ceil(8)];
+            copy_parts(&parts, request.as_mut_bytes());
+            let dispatcher = self.dispatcher.clone();
+            let qid = self.qid;
+            self.waiting.submit(move || {
+                dispatch(
+                    &dispatcher,
+                    &request.as_bytes()[..request_len as usize],
+                    reply,
+                    qid,
+                )
+            });
+        } else {
+            let request = &mut self.request.as_mut_bytes()[..request_len as usize];
+            copy_parts(&parts, request);
+            dispatch(&self.dispatcher, request, reply, self.qid);
         }
+    }
+}
+
+/// Requests that may wait for the disk (writes, syncs, discards, allocation maps): they
+/// run on a pool thread, so that one of them held up never holds up the other requests
+/// of its CPU's queue. Reads see to it themselves (the adapter hands the ones the page
+/// cache cannot answer to threads that wait); the rest never wait for the image.
+const MAY_WAIT: [u32; 5] = [
+    16, // FUSE_WRITE
+    20, // FUSE_FSYNC
+    25, // FUSE_FLUSH
+    43, // FUSE_FALLOCATE
+    46, // FUSE_LSEEK
+];
+
+/// The native-endian integer at `at` in a kernel structure (0 past the end).
+fn read_u32(bytes: &[u8], at: usize) -> u32 {
+    bytes
+        .get(at..at + 4)
+        .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap_or_default()))
+}
+
+fn read_u64(bytes: &[u8], at: usize) -> u64 {
+    bytes
+        .get(at..at + 8)
+        .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
+}
+
+/// Lays `parts` end to end at the start of `into`.
+fn copy_parts(parts: &[&[u8]], into: &mut [u8]) {
+    let mut at = 0;
+    for part in parts {
+        into[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+}
+
+/// Hands `request` to fuser; a request it cannot parse still gets an answer.
+fn dispatch(dispatcher: &Dispatcher<DiskFs>, request: &[u8], reply: Arc<EntryReply>, qid: u16) {
+    if let Err(e) = dispatcher.dispatch(request, reply.clone()) {
+        log::error!("FUSE over io_uring queue {qid}: {e}");
+        let unique = read_u64(request, 8);
+        reply.error(unique, libc::EIO);
     }
 }
 

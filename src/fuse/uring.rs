@@ -18,9 +18,10 @@
 //! from another thread (reads that wait for the disk do): that thread writes the reply
 //! into the entry and passes the entry back to the queue thread, waking it through an
 //! eventfd the ring reads, and the queue thread submits every command itself. That keeps
-//! the ring to one thread, and keeps each command owned by a thread that lives as long as
-//! the mount (the kernel cancels a thread's commands when the thread exits, and runs the
-//! work of handing it the next request in that thread's context).
+//! the ring to one thread (`IORING_SETUP_SINGLE_ISSUER`, `DEFER_TASKRUN`), and keeps each
+//! command owned by a thread that lives as long as the mount (the kernel cancels a
+//! thread's commands when the thread exits, and runs the work of handing it the next
+//! request in that thread's context).
 //!
 //! Forgets, interrupts and notifications still use `/dev/fuse`, so fuser's session loop
 //! keeps running beside the queues. When the mount goes away the kernel ends every entry
@@ -92,8 +93,17 @@ impl Queues {
         })?;
         let rings = (0..count)
             // Room for every entry's command and the wake-up read; completions have room
-            // for twice that, so they never overflow.
-            .map(|_| IoUring::builder().build(ENTRIES as u32 + 1))
+            // for twice that, so they never overflow. Only the queue thread submits and
+            // waits: the kernel then runs the work of handing it a request when it waits
+            // rather than interrupting it. The thread enabling a disabled ring becomes its
+            // one submitter.
+            .map(|_| {
+                IoUring::builder()
+                    .setup_r_disabled()
+                    .setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .build(ENTRIES as u32 + 1)
+            })
             .collect::<io::Result<_>>()?;
         Ok(Queues { rings })
     }
@@ -470,30 +480,12 @@ impl QueueServer {
     }
 
     fn run(mut self, report: Sender<io::Result<()>>) {
-        for entry in 0..ENTRIES {
-            let sqe = self.register(entry);
-            self.push(&sqe);
-        }
-        let sqe = self.wake_read();
-        self.push(&sqe);
         let mut completions = Vec::with_capacity(ENTRIES + 1);
-        let registered = self.ring.submit().map(|_| {
-            completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        });
-        // A registration the kernel refuses completes at once, with the error.
-        let refused = completions
-            .iter()
-            .find(|&&(user_data, result)| user_data != WAKE && result < 0);
-        let registered = match (registered, refused) {
-            (Err(e), _) => Err(e),
-            (Ok(()), Some(&(_, result))) => Err(io::Error::from_raw_os_error(-result)),
-            (Ok(()), None) => Ok(()),
-        };
+        let registered = self
+            .register_all(&mut completions)
+            .map_err(|e| io::Error::new(e.kind(), format!("registering queue {}: {e}", self.qid)));
         let failed = registered.is_err();
-        let _ =
-            report.send(registered.map_err(|e| {
-                io::Error::new(e.kind(), format!("registering queue {}: {e}", self.qid))
-            }));
+        let _ = report.send(registered);
         if failed {
             return;
         }
@@ -506,6 +498,28 @@ impl QueueServer {
                 log::error!("FUSE over io_uring queue {}: {e}", self.qid);
                 return;
             }
+        }
+    }
+
+    /// Makes this thread the ring's one submitter, registers every entry and arms the
+    /// wake-up read. Requests may already have arrived in `completions`.
+    fn register_all(&mut self, completions: &mut Vec<(u64, i32)>) -> io::Result<()> {
+        self.ring.submitter().register_enable_rings()?;
+        for entry in 0..ENTRIES {
+            let sqe = self.register(entry);
+            self.push(&sqe);
+        }
+        let sqe = self.wake_read();
+        self.push(&sqe);
+        self.ring.submit()?;
+        completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        // A registration the kernel refuses completes at once, with the error.
+        match completions
+            .iter()
+            .find(|&&(user_data, result)| user_data != WAKE && result < 0)
+        {
+            Some(&(_, result)) => Err(io::Error::from_raw_os_error(-result)),
+            None => Ok(()),
         }
     }
 

@@ -7,7 +7,8 @@
 #
 #   scripts/test-io-uring.sh [FILTER...]
 #
-# FILTERs go to the test binary (default: the mount tests, discard and partition files).
+# FILTERs go to the test binary (default: the mount tests, discard, partition files, and
+# the daemon's signals and faults).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,6 @@ trap 'echo "$previous" > "$switch"' EXIT
 echo Y > "$switch"
 
 if [ $# -eq 0 ]; then
-    set -- mount_ discard:: partition_files::
+    set -- mount_ discard:: partition_files:: service_signals:: service_faults::
 fi
 VDISK_TEST_TRANSPORT=io_uring cargo test --release --features system-tests --test system -- "$@"

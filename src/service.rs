@@ -190,10 +190,9 @@ fn start_queues(
         );
         return Ok(());
     }
-    let count = queues.len();
     // The queue threads must leave the stop signals to the thread that waits for them.
     block_stop_signals();
-    queues
+    let count = queues
         .start(session.as_fd(), session.dispatcher())
         .map_err(|e| format!("cannot serve FUSE over io_uring: {e}"))?;
     log::info!("serving requests through FUSE over io_uring, {count} queues");

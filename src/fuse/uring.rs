@@ -12,12 +12,13 @@
 //! Until every queue holds a registered entry the kernel holds all requests back, so
 //! starting fails unless all queues registered.
 //!
-//! The request is copied out of the ring entry into a buffer of the queue thread, laid
-//! out as a read of `/dev/fuse` returns it, and handed to fuser's [`Dispatcher`]; so the
-//! filesystem answers it exactly as it answers `/dev/fuse` requests. Its reply may come
-//! from another thread (reads that wait for the disk do): that thread writes the reply
-//! into the entry and passes the entry back to the queue thread, waking it through an
-//! eventfd the ring reads, and the queue thread submits every command itself. That keeps
+//! The request is copied out of the ring entry, laid out as a read of `/dev/fuse` returns
+//! it, and handed to fuser's [`Dispatcher`], so the filesystem answers it exactly as it
+//! answers `/dev/fuse` requests: on the queue thread, or on a pool thread for requests
+//! that may wait for the disk (`MAY_WAIT`), so that one held up never holds up its queue.
+//! Another thread that replies (those, and reads that wait) writes the reply into the
+//! entry and passes the entry back to the queue thread, waking it through an eventfd the
+//! ring reads: the queue thread submits every command itself. That keeps
 //! the ring to one thread (`IORING_SETUP_SINGLE_ISSUER`, `DEFER_TASKRUN`), and keeps each
 //! command owned by a thread that lives as long as the mount (the kernel cancels a
 //! thread's commands when the thread exits, and runs the work of handing it the next
@@ -108,19 +109,15 @@ impl Queues {
         Ok(Queues { rings })
     }
 
-    pub fn len(&self) -> usize {
-        self.rings.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rings.is_empty()
-    }
-
-    /// Starts a thread per queue serving requests of the FUSE connection `device` with a
-    /// `dispatcher`, and returns once every entry is registered with the
-    /// kernel. Fails if any queue could not be set up or registered; the kernel then
+    /// Starts a thread per queue serving requests of the FUSE connection `device` with
+    /// `dispatcher`, and returns the number of queues once every entry is registered with
+    /// the kernel. Fails if any queue could not be set up or registered; the kernel then
     /// holds requests back until the mount goes away, so the caller must unmount.
-    pub fn start(self, device: BorrowedFd<'_>, dispatcher: Dispatcher<DiskFs>) -> io::Result<()> {
+    pub fn start(
+        self,
+        device: BorrowedFd<'_>,
+        dispatcher: Dispatcher<DiskFs>,
+    ) -> io::Result<usize> {
         let device = Arc::new(device.try_clone_to_owned()?);
         let dispatcher = Arc::new(dispatcher);
         let waiting = Arc::new(BlockingPool::default());
@@ -144,7 +141,7 @@ impl Queues {
                 .recv()
                 .map_err(|_| io::Error::other("a queue thread ended before registering"))??;
         }
-        Ok(())
+        Ok(count)
     }
 }
 

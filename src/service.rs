@@ -146,6 +146,9 @@ pub fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
     }
 }
 
+/// Where root switches FUSE over io_uring on.
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
 /// The FUSE-over-io_uring rings, unless `-o io_uring=off`. Set up before INIT, which asks
 /// for io_uring only if they are: once the kernel agreed, it holds every request back
 /// until the queues serve them.
@@ -178,15 +181,14 @@ fn start_queues(
     };
     if !agreed.load(Ordering::Relaxed) {
         if mode == IoUring::On {
-            return Err(
-                "the kernel does not offer FUSE over io_uring (io_uring=on); root \
-                        switches it on with: echo Y > /sys/module/fuse/parameters/enable_uring"
-                    .to_string(),
-            );
+            return Err(format!(
+                "the kernel does not offer FUSE over io_uring (io_uring=on); root switches \
+                 it on with: echo Y > {ENABLE_URING}"
+            ));
         }
         log::info!(
             "serving requests through /dev/fuse: the kernel does not offer FUSE over io_uring \
-             (/sys/module/fuse/parameters/enable_uring)"
+             ({ENABLE_URING})"
         );
         return Ok(());
     }

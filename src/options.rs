@@ -22,10 +22,21 @@ pub enum Access {
     Everyone,
 }
 
+/// How requests reach the daemon: FUSE over io_uring, or `/dev/fuse`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoUring {
+    /// Where the kernel offers it.
+    Auto,
+    /// The mount fails where the kernel does not offer it.
+    On,
+    Off,
+}
+
 #[derive(Debug)]
 pub struct MountConfig {
     pub open: OpenOptions,
     pub threads: usize,
+    pub io_uring: IoUring,
     pub access: Access,
     /// Owner of the mounted file and directory; `None`: the mounting user's.
     pub uid: Option<u32>,
@@ -62,6 +73,7 @@ impl MountConfig {
             open: OpenOptions::default(),
             threads: std::thread::available_parallelism()
                 .map_or(1, |n| n.get().min(DEFAULT_MAX_THREADS)),
+            io_uring: IoUring::Auto,
             access: Access::Owner,
             uid: None,
             gid: None,
@@ -149,6 +161,14 @@ impl MountConfig {
                     .filter(|n| (1..=256).contains(n))
                     .ok_or_else(|| bad("expected a thread count from 1 to 256"))?
             }
+            ("io_uring", Some(v)) => {
+                self.io_uring = match v {
+                    "auto" => IoUring::Auto,
+                    "on" => IoUring::On,
+                    "off" => IoUring::Off,
+                    _ => return Err(bad("expected auto, on or off")),
+                }
+            }
             _ if is_generic(key, value) => {}
             _ => {
                 return Err(format!(
@@ -221,6 +241,11 @@ mod tests {
         assert_eq!((c.file_mode(), c.dir_mode()), (0o644, 0o755));
         assert_eq!(c.file_name, "disk.img");
         assert!(!c.foreground && c.log_level.is_none() && c.open.parent.is_none());
+        assert_eq!(c.io_uring, IoUring::Auto);
+        for (value, want) in [("on", IoUring::On), ("off", IoUring::Off)] {
+            let c = parse(&[&format!("io_uring={value}")]).unwrap();
+            assert_eq!(c.io_uring, want);
+        }
     }
 
     #[test]
@@ -297,6 +322,7 @@ mod tests {
             (&["filename="], "filename="),
             (&["parent="], "'parent='"),
             (&["log_level=loud"], "log_level=loud"),
+            (&["io_uring=yes"], "io_uring=yes"),
             (&["sync"], "'sync'"),
         ] {
             let err = parse(lists).unwrap_err();

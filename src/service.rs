@@ -4,18 +4,21 @@
 use crate::kernel_mount;
 use crate::mountpoint::{check_mountpoint, unmount};
 use crate::notify;
-use crate::options::{Access, MountConfig};
+use crate::options::{Access, IoUring, MountConfig};
 use crate::watch::{self, ImageIdentity};
 use fuser::{Config, MountOption, Session, SessionACL};
 use parking_lot::Mutex;
 use std::fs;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::SystemTime;
 use vdisk_mount::VirtualDisk;
 use vdisk_mount::cli::mount::Cli;
+use vdisk_mount::fuse::uring::Queues;
 use vdisk_mount::fuse::{DiskFs, Invalidation, ROOT_INO, RequestGate, View};
 use vdisk_mount::lock::ImageLock;
 
@@ -34,6 +37,8 @@ pub struct Mounted {
 pub fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
     // Checked before the image is opened: opening read-write may already touch the image.
     let mountpoint = check_mountpoint(&cli.mountpoint)?;
+    let queues = prepare_queues(config.io_uring)
+        .map_err(|e| format!("{}: cannot mount: {e}", cli.mountpoint.display()))?;
     let image_path = cli
         .image
         .canonicalize()
@@ -60,6 +65,7 @@ pub fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
         partitions: config.partitions,
     };
     let mut fs = DiskFs::new(disk.clone(), view, mtime);
+    let queues = queues.map(|queues| (queues, fs.ask_for_io_uring()));
     let checked = image.clone();
     fs.set_image_check(Box::new(move || checked.check()));
     let (invalidate, invalidations) = channel();
@@ -116,7 +122,15 @@ pub fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
         Ok(None) => Session::new(fs, &mountpoint, &fuse_config),
         Err(e) => Err(e),
     };
-    match session {
+    let served = session.map_err(|e| e.to_string()).and_then(|session| {
+        start_queues(&session, queues, config.io_uring).inspect_err(|_| {
+            // Requests wait for queues that will not serve them, or io_uring=on is
+            // refused: the mount must go.
+            let _ = unmount(&mountpoint);
+        })?;
+        Ok(session)
+    });
+    match served {
         Ok(session) => Ok(Mounted {
             session,
             service,
@@ -130,6 +144,61 @@ pub fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
             Err(format!("{}: cannot mount: {e}", cli.mountpoint.display()))
         }
     }
+}
+
+/// Where root switches FUSE over io_uring on.
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// The FUSE-over-io_uring rings, unless `-o io_uring=off`. Set up before INIT, which asks
+/// for io_uring only if they are: once the kernel agreed, it holds every request back
+/// until the queues serve them.
+fn prepare_queues(mode: IoUring) -> Result<Option<Queues>, String> {
+    if mode == IoUring::Off {
+        return Ok(None);
+    }
+    match Queues::prepare() {
+        Ok(queues) => Ok(Some(queues)),
+        Err(e) if mode == IoUring::On => Err(format!(
+            "cannot set up FUSE over io_uring (io_uring=on): {e}"
+        )),
+        Err(e) => {
+            log::info!("cannot set up FUSE over io_uring: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// Serves requests through the io_uring queues if INIT agreed on them, and logs which way
+/// requests come.
+fn start_queues(
+    session: &Session<DiskFs>,
+    queues: Option<(Queues, Arc<AtomicBool>)>,
+    mode: IoUring,
+) -> Result<(), String> {
+    let Some((queues, agreed)) = queues else {
+        log::info!("serving requests through /dev/fuse");
+        return Ok(());
+    };
+    if !agreed.load(Ordering::Relaxed) {
+        if mode == IoUring::On {
+            return Err(format!(
+                "the kernel does not offer FUSE over io_uring (io_uring=on); root switches \
+                 it on with: echo Y > {ENABLE_URING}"
+            ));
+        }
+        log::info!(
+            "serving requests through /dev/fuse: the kernel does not offer FUSE over io_uring \
+             ({ENABLE_URING})"
+        );
+        return Ok(());
+    }
+    // The queue threads must leave the stop signals to the thread that waits for them.
+    block_stop_signals();
+    let count = queues
+        .start(session.as_fd(), session.dispatcher())
+        .map_err(|e| format!("cannot serve FUSE over io_uring: {e}"))?;
+    log::info!("serving requests through FUSE over io_uring, {count} queues");
+    Ok(())
 }
 
 /// The source column of the mount table. The mount helper splits options at commas, so
@@ -243,14 +312,12 @@ fn pass_invalidations(invalidations: Receiver<Invalidation>, notifier: fuser::No
     });
 }
 
-/// SIGTERM, SIGINT and SIGHUP end the service cleanly: requests in progress finish, the
-/// image is closed, the mount goes away, and the daemon exits 0. Files still open on the
-/// mount then fail with `ENOTCONN`, as on any FUSE mount whose daemon has gone.
-fn stop_on_signals(service: Arc<Service>, mountpoint: PathBuf) {
-    // SAFETY: the set is initialised by sigemptyset before use, and blocking signals in
-    // this thread (inherited by the worker threads started later) only defers them to the
-    // sigwait below.
-    let set = unsafe {
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and in the threads it starts from now
+/// on, which only defers them to the sigwait of [`stop_on_signals`]. Returns their set.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: the set is initialised by sigemptyset before use, and blocking signals only
+    // defers them.
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -258,7 +325,14 @@ fn stop_on_signals(service: Arc<Service>, mountpoint: PathBuf) {
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    };
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP end the service cleanly: requests in progress finish, the
+/// image is closed, the mount goes away, and the daemon exits 0. Files still open on the
+/// mount then fail with `ENOTCONN`, as on any FUSE mount whose daemon has gone.
+fn stop_on_signals(service: Arc<Service>, mountpoint: PathBuf) {
+    let set = block_stop_signals();
     std::thread::spawn(move || {
         let mut signal = 0;
         // SAFETY: `set` is a valid, initialised signal set; `signal` is a valid out pointer.

@@ -86,6 +86,14 @@ pub const MOUNT_OPTIONS: &[MountOption] = &[
                   of CPUs, at most 16)",
     },
     MountOption {
+        name: "io_uring",
+        value: Some("auto|on|off"),
+        meaning: "take requests through FUSE-over-io_uring queues, one per CPU, instead of \
+                  /dev/fuse: auto (default) where the kernel offers it \
+                  (/sys/module/fuse/parameters/enable_uring), on fails the mount if it does \
+                  not, off never",
+    },
+    MountOption {
         name: "allow_other",
         value: None,
         meaning: "let other users open the mount (needs user_allow_other in /etc/fuse.conf \

@@ -11,6 +11,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 /// Attributes never change behind the kernel's back (only this daemon writes the image),
@@ -67,6 +68,12 @@ impl Filesystem for DiskFs {
         }
         // fuser derives the congestion threshold from it (three quarters).
         let _ = config.set_max_background(MAX_BACKGROUND);
+        if let Some(agreed) = self.io_uring_request() {
+            let offered = config
+                .add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+            agreed.store(offered, Ordering::Relaxed);
+        }
         Ok(())
     }
 

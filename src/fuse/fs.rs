@@ -140,6 +140,8 @@ pub struct DiskFs {
     /// file's change makes stale (every open starts from an empty page cache).
     open_files: Mutex<HashMap<u64, u32>>,
     invalidator: Option<CacheInvalidator>,
+    /// Set when INIT is to ask for FUSE over io_uring; true once the kernel agreed.
+    io_uring: Option<Arc<AtomicBool>>,
 }
 
 impl DiskFs {
@@ -160,7 +162,18 @@ impl DiskFs {
             rereading: Mutex::new(()),
             open_files: Mutex::default(),
             invalidator: None,
+            io_uring: None,
         }
+    }
+
+    /// Makes INIT ask for FUSE over io_uring where the kernel offers it; the flag returned
+    /// tells whether the kernel agreed, once the session is set up.
+    pub fn ask_for_io_uring(&mut self) -> Arc<AtomicBool> {
+        self.io_uring.get_or_insert_default().clone()
+    }
+
+    pub(super) fn io_uring_request(&self) -> Option<&AtomicBool> {
+        self.io_uring.as_deref()
     }
 
     pub fn set_invalidator(&mut self, invalidator: CacheInvalidator) {

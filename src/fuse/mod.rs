@@ -4,7 +4,9 @@
 //!
 //! [`DiskFs`] holds every decision (inodes, attributes, range clamping, errno choices) as
 //! plain methods that tests call without a mount; its [`fuser::Filesystem`] impl only
-//! translates requests and replies.
+//! translates requests and replies. Requests come through `/dev/fuse` (fuser's session
+//! loop) or, where the kernel offers it, through FUSE-over-io_uring queues ([`uring`]),
+//! which hand them to the same impl.
 //!
 //! Each file behaves like a block device wherever a file and a block device differ:
 //! - its size is fixed: a write that starts at or past the end fails with `ENOSPC`, and a
@@ -28,6 +30,7 @@ mod gate;
 mod partitions;
 #[cfg(test)]
 mod tests;
+pub mod uring;
 
 pub use fs::{
     CacheInvalidator, DirEntry, DiskFs, FsStats, ImageCheck, Invalidation, NodeAttr, NodeKind, View,

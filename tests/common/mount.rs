@@ -38,6 +38,19 @@ fn device_available(device: &str) -> bool {
     false
 }
 
+/// What the harness adds in front of every mount's options, per `VDISK_TEST_TRANSPORT`:
+/// `io_uring` serves every mount through FUSE over io_uring (`io_uring=on`, so a kernel
+/// that does not offer it fails the tests rather than letting them pass over `/dev/fuse`),
+/// `dev_fuse` through `/dev/fuse`; unset, the daemon's default (`auto`) decides.
+pub fn transport_options() -> &'static [&'static str] {
+    match std::env::var("VDISK_TEST_TRANSPORT").as_deref() {
+        Err(_) => &[],
+        Ok("io_uring") => &["io_uring=on"],
+        Ok("dev_fuse") => &["io_uring=off"],
+        Ok(other) => panic!("VDISK_TEST_TRANSPORT={other}: expected io_uring or dev_fuse"),
+    }
+}
+
 /// Whether anything is mounted at `path`, per this process's mount table.
 pub fn is_mounted(path: &Path) -> bool {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
@@ -106,7 +119,7 @@ impl Mount {
         let mountpoint = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(BIN);
         cmd.arg("-f");
-        for o in options {
+        for o in transport_options().iter().chain(options) {
             cmd.args(["-o", o]);
         }
         cmd.arg(image).arg(mountpoint.path());
@@ -139,7 +152,7 @@ impl Mount {
     pub fn start(image: &Path, options: &[&str], mountpoint: &Path) -> Output {
         become_subreaper();
         let mut cmd = Command::new(BIN);
-        for o in options {
+        for o in transport_options().iter().chain(options) {
             cmd.args(["-o", o]);
         }
         cmd.arg(image).arg(mountpoint);

@@ -24,6 +24,7 @@ mod discard;
 mod mount_concurrency;
 mod mount_corpus;
 mod mount_crash;
+mod mount_io_uring;
 mod mount_loop;
 mod mount_raw;
 mod mount_vhd;

@@ -362,10 +362,12 @@ impl<'a> Victim<'a> {
                     *failed_at >= killed_at,
                     "{context}: a request failed before the kill: {e}"
                 );
+                // Over FUSE over io_uring the kernel cancels (ECANCELED) what was on
+                // its way to the dead daemon's rings.
                 assert!(
                     matches!(
                         e.raw_os_error(),
-                        Some(libc::ENOTCONN | libc::ECONNABORTED | libc::EIO)
+                        Some(libc::ENOTCONN | libc::ECONNABORTED | libc::EIO | libc::ECANCELED)
                     ),
                     "{context}: the writer failed with {e}, not with a dead mount's error"
                 );

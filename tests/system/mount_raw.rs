@@ -146,6 +146,7 @@ fn foreground_mode_serves_until_unmounted() {
     std::fs::create_dir(&mountpoint).unwrap();
     let mut daemon = Command::new(mount::BIN)
         .args(["-f", "-o", "format=raw"])
+        .args(mount::transport_options().iter().flat_map(|o| ["-o", o]))
         .arg(&image)
         .arg(&mountpoint)
         .spawn()

@@ -22,6 +22,7 @@ pub struct Batcher<T> {
 struct State<T> {
     queued: T,
     /// Requests in `queued`.
+    #[cfg(test)]
     count: usize,
     outcome: Arc<Outcome>,
     running: bool,
@@ -32,6 +33,7 @@ impl<T: Default> Default for Batcher<T> {
         Batcher {
             state: Mutex::new(State {
                 queued: T::default(),
+                #[cfg(test)]
                 count: 0,
                 outcome: Arc::default(),
                 running: false,
@@ -52,7 +54,10 @@ impl<T: Default> Batcher<T> {
     ) -> Result<()> {
         let mut state = self.state.lock();
         add(&mut state.queued);
-        state.count += 1;
+        #[cfg(test)]
+        {
+            state.count += 1;
+        }
         let outcome = state.outcome.clone();
         loop {
             if let Some(result) = outcome.get() {
@@ -61,7 +66,10 @@ impl<T: Default> Batcher<T> {
             if !state.running {
                 // Without a result and with nothing running, ours is still the queued batch.
                 let batch = std::mem::take(&mut state.queued);
-                state.count = 0;
+                #[cfg(test)]
+                {
+                    state.count = 0;
+                }
                 state.outcome = Arc::default();
                 state.running = true;
                 drop(state);

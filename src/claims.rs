@@ -14,6 +14,9 @@ use std::ops::Range;
 pub struct Claims {
     held: Mutex<Vec<Range<u64>>>,
     released: Condvar,
+    /// Claimers waiting for a release.
+    #[cfg(test)]
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// Held while its ranges are being changed; dropping it lets waiting claimers look again.
@@ -31,7 +34,13 @@ impl Claims {
         let mut held = self.held.lock();
         let taken = |r: &Range<u64>| held.iter().any(|h| h.start < r.end && r.start < h.end);
         if ranges.iter().any(taken) {
+            #[cfg(test)]
+            self.waiting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.released.wait(&mut held);
+            #[cfg(test)]
+            self.waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             return None;
         }
         held.extend(ranges.iter().cloned());
@@ -39,6 +48,13 @@ impl Claims {
             claims: self,
             ranges,
         })
+    }
+}
+
+#[cfg(test)]
+impl Claims {
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -63,7 +79,6 @@ impl Drop for Claim<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc::channel;
 
     #[test]
     fn overlapping_claims_wait_and_disjoint_ones_do_not() {
@@ -73,9 +88,7 @@ mod tests {
         let other = claims.claim(vec![20..30, 0..10]).unwrap();
         let claims = &claims;
         std::thread::scope(|s| {
-            let (tried_tx, tried) = channel();
             let waiter = s.spawn(move || {
-                tried_tx.send(()).unwrap();
                 // Overlaps `first`: waits for a release, then looks again.
                 loop {
                     if let Some(claim) = claims.claim(vec![15..16]) {
@@ -83,7 +96,9 @@ mod tests {
                     }
                 }
             });
-            tried.recv().unwrap();
+            while claims.waiting() == 0 {
+                std::thread::yield_now();
+            }
             drop(first);
             assert!(waiter.join().unwrap());
         });

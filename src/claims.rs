@@ -30,7 +30,8 @@ impl Claims {
     /// waits until some claim is released and returns `None`: what the caller saw before
     /// claiming may have changed, so it looks again. Never waits while holding a claim,
     /// so claimers cannot wait for each other in a circle.
-    pub fn claim(&self, ranges: Vec<Range<u64>>) -> Option<Claim<'_>> {
+    pub fn claim(&self, ranges: impl IntoIterator<Item = Range<u64>>) -> Option<Claim<'_>> {
+        let ranges: Vec<Range<u64>> = ranges.into_iter().collect();
         let mut held = self.held.lock();
         let taken = |r: &Range<u64>| held.iter().any(|h| h.start < r.end && r.start < h.end);
         if ranges.iter().any(taken) {
@@ -83,15 +84,15 @@ mod tests {
     #[test]
     fn overlapping_claims_wait_and_disjoint_ones_do_not() {
         let claims = Claims::default();
-        let first = claims.claim(vec![10..20]).unwrap();
+        let first = claims.claim(std::iter::once(10..20)).unwrap();
         assert!(first.covers(10) && first.covers(19) && !first.covers(20));
-        let other = claims.claim(vec![20..30, 0..10]).unwrap();
+        let other = claims.claim([20..30, 0..10]).unwrap();
         let claims = &claims;
         std::thread::scope(|s| {
             let waiter = s.spawn(move || {
                 // Overlaps `first`: waits for a release, then looks again.
                 loop {
-                    if let Some(claim) = claims.claim(vec![15..16]) {
+                    if let Some(claim) = claims.claim(std::iter::once(15..16)) {
                         return claim.covers(15);
                     }
                 }

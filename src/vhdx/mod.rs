@@ -409,7 +409,7 @@ impl Layer for VhdxDisk {
         let (first, last) = (offset / block_size, (offset + len - 1) / block_size);
         let claimed = self.layout.payload_index(first)..self.layout.payload_index(last) + 1;
         let _claim = loop {
-            if let Some(claim) = self.claims.claim(vec![claimed.clone()]) {
+            if let Some(claim) = self.claims.claim([claimed.clone()]) {
                 break claim;
             }
         };

@@ -34,7 +34,7 @@ impl VhdxDisk {
         let cleared = storage::zero_range(self.storage.as_ref(), at, len, true)
             .context(|| format!("clearing reused space at {at:#x} for {what}"));
         if let Err(e) = cleared {
-            self.unreserve(vec![at..at + len]);
+            self.unreserve(std::iter::once(at..at + len));
             return Err(e);
         }
         Ok(at)
@@ -56,7 +56,7 @@ impl VhdxDisk {
 
     /// Space reserved by `allocate_space` that no metadata ever named, and no I/O but the
     /// reserver's reached: free again at once.
-    pub(super) fn unreserve(&self, ranges: Vec<Range<u64>>) {
+    pub(super) fn unreserve(&self, ranges: impl IntoIterator<Item = Range<u64>>) {
         let mut space = self.allocator.lock();
         for range in ranges {
             space.free.insert(range);

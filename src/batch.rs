@@ -1,11 +1,12 @@
 //! Requests that one piece of work can serve together: many writers' metadata changes in
-//! one log entry, many callers' flushes in one flush of the file.
+//! one log entry (group commit).
 //!
 //! While a batch runs, new requests queue up; when it ends, the first of their submitters
 //! to notice runs everything queued as the next batch, on its own thread, and every
 //! submitter gets the result of the batch that held its request. Nobody waits behind more
 //! than the batch that is running and its own, and a request always rides on work that
-//! starts after it was made (a flush made durable only what was written before it began).
+//! starts after it was made (so a flush the batch begins with covers what each submitter
+//! wrote before submitting).
 
 use crate::error::{Error, Result};
 use parking_lot::{Condvar, Mutex};

@@ -22,12 +22,11 @@
 //! hands its change to the commit queue (`commits`). The first queued writer to find no
 //! group being written writes one for everything queued: one flush makes all their data
 //! durable, then one log entry carries all their BAT and bitmap changes, and each writer
-//! gets the group's result. Flushes (fsync's and the log's) go through a queue of their
-//! own (`flushes`), so one flush serves everyone who asked while the previous one ran. A
-//! writer that fails before its change is queued drops its claim and gives its space
-//! back, so no other writer trusts a block that was never committed; space reserved by a
-//! writer that crashed is a gap the next open finds free. New blocks take free space
-//! (gaps found at open, released blocks) before the file grows.
+//! gets the group's result. An fsync takes no lock: it flushes the file beside whatever
+//! else runs. A writer that fails before its change is queued drops its claim and gives
+//! its space back, so no other writer trusts a block that was never committed; space
+//! reserved by a writer that crashed is a gap the next open finds free. New blocks take
+//! free space (gaps found at open, released blocks) before the file grows.
 //!
 //! Lock order: a thread holding one of these never waits for one listed before it.
 //! 1. claims: held from looking at a BAT entry until its change is committed, across
@@ -36,8 +35,7 @@
 //! 3. the journal mutex: header updates and log entries, held across their I/O by one
 //!    group or one other metadata change at a time;
 //! 4. the BAT lock, then the sector bitmap lock: never held across I/O or another wait;
-//! 5. the flush queue: its members wait for the flush that serves them;
-//! 6. the allocator mutex: file length and free ranges, held across `set_len` and
+//! 5. the allocator mutex: file length and free ranges, held across `set_len` and
 //!    while draining the space gate.
 //!
 //! Payload I/O pins the space gate across the BAT lookup (it may take 4) and the I/O, and
@@ -164,8 +162,6 @@ pub struct VhdxDisk {
     claims: Claims,
     /// Writers' metadata changes waiting to be written together.
     commits: Batcher<Change>,
-    /// Flushes of the file waiting to be done as one.
-    flushes: Batcher<()>,
     /// Pinned by data I/O to mapped space, so released space is reused only once no I/O
     /// can still reach it.
     space: SpaceGate,

@@ -257,7 +257,6 @@ impl VhdxDisk {
             }),
             claims: Claims::default(),
             commits: Batcher::default(),
-            flushes: Batcher::default(),
             space: SpaceGate::default(),
             data_write_started: AtomicBool::new(false),
             keep_identity: options.keep_identity,

@@ -348,7 +348,7 @@ fn concurrent_writers_into_one_unallocated_block_allocate_it_once() {
 }
 
 /// An in-memory file that shows the test every write and flush, and whose flushes, once
-/// held, wait until the test allows them: a writer can be stopped in a flush while the
+/// held, wait until the test lets them go: a writer can be stopped in a flush while the
 /// test watches what other writers do meanwhile.
 struct Watched {
     mem: Arc<MemStorage>,
@@ -360,10 +360,13 @@ struct Watched {
 struct Seen {
     /// Where each write went, and what it wrote.
     writes: Vec<(u64, Vec<u8>)>,
-    /// Flushes waiting to be allowed.
-    held: usize,
-    /// How many more flushes may go while flushes are held; `None` while they are not.
-    allowed: Option<usize>,
+    holding: bool,
+    /// Flushes waiting, by number (in the order they came).
+    held: Vec<u64>,
+    /// Flushes that came so far.
+    came: u64,
+    /// Flushes let go while the rest are held.
+    let_go: Vec<u64>,
 }
 
 impl Watched {
@@ -376,18 +379,16 @@ impl Watched {
     }
 
     fn hold(&self) {
-        self.seen.lock().allowed = Some(0);
+        self.seen.lock().holding = true;
     }
 
-    fn allow(&self, flushes: usize) {
-        if let Some(allowed) = &mut self.seen.lock().allowed {
-            *allowed += flushes;
-        }
+    fn let_go(&self, flush: u64) {
+        self.seen.lock().let_go.push(flush);
         self.changed.notify_all();
     }
 
     fn release(&self) {
-        self.seen.lock().allowed = None;
+        self.seen.lock().holding = false;
         self.changed.notify_all();
     }
 
@@ -426,15 +427,14 @@ impl Storage for Watched {
     fn flush(&self) -> std::io::Result<()> {
         {
             let mut seen = self.seen.lock();
-            seen.held += 1;
+            let flush = seen.came;
+            seen.came += 1;
+            seen.held.push(flush);
             self.changed.notify_all();
-            while seen.allowed == Some(0) {
+            while seen.holding && !seen.let_go.contains(&flush) {
                 self.changed.wait(&mut seen);
             }
-            if let Some(allowed) = &mut seen.allowed {
-                *allowed -= 1;
-            }
-            seen.held -= 1;
+            seen.held.retain(|&f| f != flush);
         }
         self.mem.flush()
     }
@@ -471,7 +471,9 @@ fn a_writer_in_its_data_flush_stops_no_writer_but_those_of_its_own_block() {
     std::thread::scope(|s| {
         let disk = &disk;
         let a = s.spawn(move || disk.write_at(&vec![0xAA; len], MIB));
-        watched.wait_until("writer A flushes its new block", |seen| seen.held == 1);
+        watched.wait_until("writer A flushes its new block", |seen| {
+            seen.held.len() == 1
+        });
         let b = s.spawn(move || disk.write_at(&vec![0xBB; len], 2 * MIB));
         watched.wait_until("writer B writes its new block's data", |seen| {
             seen.writes
@@ -505,7 +507,9 @@ fn allocating_writers_queued_behind_a_commit_share_one_log_entry() {
         let disk = &disk;
         let write = |block: u64| s.spawn(move || disk.write_at(&[block as u8; 4096], block * MIB));
         let mut writers = vec![write(1)];
-        watched.wait_until("the first writer flushes its data", |seen| seen.held == 1);
+        watched.wait_until("the first writer flushes its data", |seen| {
+            seen.held.len() == 1
+        });
         writers.extend((2..2 + queued).map(write));
         while disk.commits.queued() < queued as usize {
             std::thread::yield_now();
@@ -529,24 +533,24 @@ fn allocating_writers_queued_behind_a_commit_share_one_log_entry() {
 }
 
 #[test]
-fn an_fsync_waits_for_one_flush_not_for_a_writer_s_whole_commit() {
+fn an_fsync_waits_for_no_writer_s_commit_only_for_its_own_flush() {
     let (watched, disk) = watched_disk(8 * MIB);
-    // In place, into the block allocated already: durable after the next flush.
+    // In place, into the block allocated already: durable once a flush after it ends.
     disk.write_at(&[2; 4096], 4096).unwrap();
     watched.hold();
     std::thread::scope(|s| {
         let disk = &disk;
         let writer = s.spawn(move || disk.write_at(&[3; 4096], MIB));
-        watched.wait_until("the writer flushes its data", |seen| seen.held == 1);
+        watched.wait_until("the writer flushes its data", |seen| seen.held.len() == 1);
         let fsync = s.spawn(move || disk.flush());
-        while disk.flushes.queued() == 0 {
-            std::thread::yield_now();
-        }
-        // The writer's data flush, then one more, which the fsync asked for before it
-        // started. The writer's commit needs two after its data flush.
-        watched.allow(2);
+        watched.wait_until("the fsync flushes", |seen| seen.held.len() == 2);
+        let fsync_flush = watched.seen.lock().held[1];
+        watched.let_go(fsync_flush);
         fsync.join().unwrap().unwrap();
-        assert!(!writer.is_finished(), "the commit cannot be done yet");
+        assert!(
+            !writer.is_finished(),
+            "the writer's data flush is still held"
+        );
         let durable = open_mem(watched.mem.power_loss_dropping_unflushed().contents(), true);
         assert!(
             holds(&durable.unwrap(), 4096, 4096, 2),
@@ -684,7 +688,9 @@ fn concurrent_writers_into_a_child_s_new_chunk_allocate_one_sector_bitmap() {
             s.spawn(move || disk.write_at(&data, at))
         };
         let mut writers = vec![write(&writes[0])];
-        watched.wait_until("the first writer flushes its data", |seen| seen.held == 1);
+        watched.wait_until("the first writer flushes its data", |seen| {
+            seen.held.len() == 1
+        });
         writers.extend(writes[1..].iter().map(write));
         // Each needs the chunk's sector bitmap, which the first one is adding.
         while disk.claims.waiting() < writes.len() - 1 {

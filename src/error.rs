@@ -98,6 +98,41 @@ impl Error {
         self
     }
 
+    /// The same error again, for each of several callers that one failure reached (a
+    /// group of writers whose changes went into one failed log entry).
+    pub fn duplicate(&self) -> Error {
+        let kind = match &self.kind {
+            ErrorKind::Io { what, source } => ErrorKind::Io {
+                what: what.clone(),
+                source: match source.raw_os_error() {
+                    Some(errno) => io::Error::from_raw_os_error(errno),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            ErrorKind::Corrupt {
+                kind,
+                structure,
+                problem,
+            } => ErrorKind::Corrupt {
+                kind: *kind,
+                structure: structure.clone(),
+                problem: problem.clone(),
+            },
+            ErrorKind::Unsupported(what) => ErrorKind::Unsupported(what.clone()),
+            ErrorKind::NotADiskImage => ErrorKind::NotADiskImage,
+            ErrorKind::ReadOnly => ErrorKind::ReadOnly,
+            &ErrorKind::OutOfRange { offset, len, size } => {
+                ErrorKind::OutOfRange { offset, len, size }
+            }
+            ErrorKind::InvalidInput(what) => ErrorKind::InvalidInput(what.clone()),
+            ErrorKind::InUse(what) => ErrorKind::InUse(what.clone()),
+        };
+        Error {
+            file: self.file.clone(),
+            kind,
+        }
+    }
+
     pub fn kind(&self) -> &ErrorKind {
         &self.kind
     }
@@ -195,6 +230,22 @@ mod tests {
             .with_file(Path::new("parent.vhd"))
             .with_file(Path::new("child.vhd"));
         assert_eq!(e.file(), Some(Path::new("parent.vhd")));
+    }
+
+    #[test]
+    fn a_duplicate_says_the_same_and_keeps_the_errno() {
+        let errors = [
+            Error::io("flushing", io::Error::from_raw_os_error(libc::ENOSPC)),
+            Error::io("reading", io::Error::other("short read")),
+            Error::corrupt(CorruptionKind::Truncated, "log entry 3", "file is short"),
+        ];
+        for e in errors {
+            let e = e.with_file(Path::new("image.vhdx"));
+            let copy = e.duplicate();
+            assert_eq!(copy.to_string(), e.to_string());
+            assert_eq!(copy.errno(), e.errno());
+            assert_eq!(copy.corruption_kind(), e.corruption_kind());
+        }
     }
 
     #[test]

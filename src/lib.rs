@@ -35,10 +35,12 @@
 //! it before any metadata points at it, so a crash at any instant leaves an image that
 //! opens and holds every write that a flush acknowledged.
 
+mod batch;
 mod bit_runs;
 mod blocking_pool;
 pub mod chain;
 pub mod check;
+mod claims;
 pub mod cli;
 pub mod commit;
 pub mod compact;

@@ -1,13 +1,17 @@
-//! A storage for crash tests of offline rewrites: before every request that changes the
-//! file, it captures each state a power loss could leave there and hands it to a check.
-//! Only test builds have it.
+//! A storage for crash tests: before every request that changes the file, it captures
+//! each state a power loss could leave there and hands it to a check. Requests from many
+//! threads go one at a time, so nothing changes the file while a check runs, and every
+//! flush that a thread saw complete is in each state the check sees. Only test builds
+//! have it.
 
 use super::{MemStorage, Storage};
+use parking_lot::Mutex;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct Crashing<F> {
     inner: MemStorage,
+    one_at_a_time: Mutex<()>,
     /// Called with each crashed file and a description of the crash.
     check: F,
     checked: AtomicUsize,
@@ -17,6 +21,7 @@ impl<F: Fn(MemStorage, &str) + Send + Sync> Crashing<F> {
     pub fn new(inner: MemStorage, check: F) -> Self {
         Crashing {
             inner,
+            one_at_a_time: Mutex::new(()),
             check,
             checked: AtomicUsize::new(0),
         }
@@ -41,10 +46,12 @@ impl<F: Fn(MemStorage, &str) + Send + Sync> Storage for Crashing<F> {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let _alone = self.one_at_a_time.lock();
         self.check_crashes();
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
+        let _alone = self.one_at_a_time.lock();
         self.check_crashes();
         self.inner.flush()
     }
@@ -52,6 +59,7 @@ impl<F: Fn(MemStorage, &str) + Send + Sync> Storage for Crashing<F> {
         self.inner.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
+        let _alone = self.one_at_a_time.lock();
         self.check_crashes();
         self.inner.set_len(len)
     }

@@ -1,5 +1,5 @@
-//! Metadata changes on disk, serialized by the journal mutex: header updates, file
-//! extension, and BAT and sector bitmap pages written through the log.
+//! Metadata changes on disk, serialized by the journal mutex: header updates, and BAT and
+//! sector bitmap pages written through the log.
 
 use super::*;
 
@@ -11,11 +11,6 @@ pub(super) struct Journal {
     pub(super) data_write_guid_changed: bool,
     /// Set once this session has installed its own LogGuid.
     pub(super) writer: Option<LogWriter>,
-    /// File length; 1 MiB aligned once this session has changed metadata.
-    pub(super) file_end: u64,
-    /// File space before `file_end` that nothing uses: gaps found at open and blocks
-    /// released since.
-    pub(super) free: FreeSpace,
 }
 
 impl VhdxDisk {
@@ -100,16 +95,21 @@ impl VhdxDisk {
         atomic: bool,
     ) -> Result<()> {
         if j.writer.is_none() {
-            let aligned = j.file_end.next_multiple_of(MIB);
-            if aligned != j.file_end {
-                // FlushedFileOffset must be a durable, 1 MiB aligned file size.
-                self.storage
-                    .set_len(aligned)
-                    .context(|| "extending file to a 1 MiB boundary".to_string())?;
-                self.storage
-                    .flush()
-                    .context(|| "flushing file extension".to_string())?;
-                j.file_end = aligned;
+            let unaligned = {
+                let mut space = self.allocator.lock();
+                let aligned = space.file_end.next_multiple_of(MIB);
+                let unaligned = aligned != space.file_end;
+                if unaligned {
+                    // FlushedFileOffset must be a durable, 1 MiB aligned file size.
+                    self.storage
+                        .set_len(aligned)
+                        .context(|| "extending file to a 1 MiB boundary".to_string())?;
+                    space.file_end = aligned;
+                }
+                unaligned
+            };
+            if unaligned {
+                self.flush_storage()?;
             }
             let log_guid = Uuid::new_v4();
             update_header(self.storage.as_ref(), j, |h| h.log_guid = log_guid)?;
@@ -119,7 +119,6 @@ impl VhdxDisk {
                 log_guid,
             ));
         }
-        let file_end = j.file_end;
         let writer = j.writer.as_mut().unwrap();
         let groups = writer.split(updates);
         if atomic && groups.len() > 1 {
@@ -129,10 +128,17 @@ impl VhdxDisk {
             )));
         }
         for group in groups {
-            writer.write_entry(self.storage.as_ref(), group, file_end, file_end)?;
-            self.storage
-                .flush()
-                .context(|| "flushing log entry".to_string())?;
+            // Other writers may be extending the file meanwhile: the entry names the
+            // length a flush made durable, and the length that holds every block reserved.
+            let (flushed, last) = {
+                let space = self.allocator.lock();
+                (
+                    space.flushed_end - space.flushed_end % MIB,
+                    space.file_end.next_multiple_of(MIB),
+                )
+            };
+            writer.write_entry(self.storage.as_ref(), group, flushed, last)?;
+            self.flush_storage()?;
             let applied = group.iter().try_for_each(|u| match u {
                 LogUpdate::Page { file_offset, data } => self
                     .storage
@@ -140,11 +146,7 @@ impl VhdxDisk {
                     .context(|| format!("writing metadata page at {file_offset:#x}")),
                 LogUpdate::Zero { .. } => unreachable!("metadata changes are whole pages"),
             });
-            if let Err(e) = applied.and_then(|_| {
-                self.storage
-                    .flush()
-                    .context(|| "flushing metadata pages".to_string())
-            }) {
+            if let Err(e) = applied.and_then(|_| self.flush_storage()) {
                 self.poisoned.store(true, Ordering::Release);
                 return Err(e);
             }
@@ -178,37 +180,6 @@ impl VhdxDisk {
             changes.push((self.layout.payload_index(block), BatEntry::new(state, 0)));
         }
         self.give_back(j, &changes, spaces)
-    }
-
-    /// Reserves `len` bytes reading as zeros at a 1 MiB boundary, in free space if some
-    /// fits (cleared first), else past the end of the file; returns where they start.
-    pub(super) fn allocate_space(&self, j: &mut Journal, len: u64, what: &str) -> Result<u64> {
-        let Some(at) = j.free.take(len, &self.space, |free| {
-            aligned_place(free, len, 0, MIB, MIB)
-        }) else {
-            return self.extend_file(j, len, what);
-        };
-        let cleared = storage::zero_range(self.storage.as_ref(), at, len, true)
-            .context(|| format!("clearing reused space at {at:#x} for {what}"));
-        if let Err(e) = cleared {
-            j.free.insert(at..at + len);
-            return Err(e);
-        }
-        Ok(at)
-    }
-
-    /// Reserves `len` bytes at the next 1 MiB boundary past the end of the file (reading
-    /// as zeros) and returns where they start.
-    fn extend_file(&self, j: &mut Journal, len: u64, what: &str) -> Result<u64> {
-        let start = j.file_end.next_multiple_of(MIB);
-        let end = start
-            .checked_add(len)
-            .ok_or_else(|| Error::invalid_input("image file would exceed the largest offset"))?;
-        self.storage
-            .set_len(end)
-            .context(|| format!("extending file for {what}"))?;
-        j.file_end = end;
-        Ok(start)
     }
 }
 

@@ -13,17 +13,38 @@
 //! Discarding a whole block makes it ZERO, part of one writes zeros: NOT_PRESENT would
 //! bring the parent's data back.
 //!
-//! Locking: the BAT lives in memory under a read/write lock that the data path holds only
-//! long enough to copy one entry; payload I/O runs outside it. Everything that changes
-//! metadata on disk (header updates, block allocation, log entries, BAT and bitmap pages)
-//! is serialized by the journal mutex, taken before the BAT and bitmap locks. Payload I/O
-//! pins the space gate across the BAT lookup and the I/O, never while waiting for the
-//! journal; allocations that reuse released space retire it through the gate (see
-//! `free_space`). New blocks take free space (gaps found at open, released blocks) before
-//! the file grows.
+//! Writers do not wait on each other's I/O. The BAT and the sector bitmaps live in memory
+//! under read/write locks held only to copy or change entries; data I/O to blocks the BAT
+//! maps runs outside every lock. A write that needs metadata (a new block, new sector
+//! bits) claims the BAT entries it will change (`claims`; a second writer to the same
+//! block waits for the claim to go, then looks again), reserves file space under the
+//! allocator mutex, writes its data (copying up from the parent) holding no lock, and
+//! hands its change to the commit queue (`commits`). The first queued writer to find no
+//! group being written writes one for everything queued: one flush makes all their data
+//! durable, then one log entry carries all their BAT and bitmap changes, and each writer
+//! gets the group's result. An fsync takes no lock: it flushes the file beside whatever
+//! else runs. A writer that fails before its change is queued drops its claim and gives
+//! its space back, so no other writer trusts a block that was never committed; space
+//! reserved by a writer that crashed is a gap the next open finds free. New blocks take
+//! free space (gaps found at open, released blocks) before the file grows.
+//!
+//! Lock order: a thread holding one of these never waits for one listed before it.
+//! 1. claims: held from looking at a BAT entry until its change is committed, across
+//!    data I/O (discards claim the entries they release);
+//! 2. the commit queue: its members wait for their group, one of them writing it;
+//! 3. the journal mutex: header updates and log entries, held across their I/O by one
+//!    group or one other metadata change at a time;
+//! 4. the BAT lock, then the sector bitmap lock: never held across I/O or another wait;
+//! 5. the allocator mutex: file length and free ranges, held across `set_len` and
+//!    while draining the space gate.
+//!
+//! Payload I/O pins the space gate across the BAT lookup (it may take 4) and the I/O, and
+//! waits for nothing else meanwhile; allocations that reuse released space retire it
+//! through the gate (see `free_space`).
 //!
 //! Log policy: the first metadata change of a session installs a fresh LogGuid. Each
-//! change is written as a log entry and flushed, then applied in place and flushed, so every entry is fully applied before the next is written (each entry's Tail
+//! group of changes is written as a log entry and flushed, then applied in place and
+//! flushed, so every entry is fully applied before the next is written (each entry's Tail
 //! is itself). A crash therefore leaves at most one entry to replay, and replaying an
 //! applied entry again is harmless. A clean close sets LogGuid back to zero.
 
@@ -49,8 +70,11 @@ mod relocate;
 mod replay;
 mod resize;
 pub mod sector_bitmap;
+mod space;
 mod write;
 
+use crate::batch::Batcher;
+use crate::claims::Claims;
 use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VirtualDisk, check_range};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
 use crate::finding::{Finding, Fix, Problems};
@@ -75,11 +99,12 @@ use region_table::{
 };
 use replay::Overlay;
 use sector_bitmap::{BitmapPage, MAX_LOADED_PAGES, SECTOR_BITMAP_LEN, SectorBitmaps};
+use space::Allocator;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use uuid::Uuid;
-use write::BitmapPageChange;
+use write::{BitmapPageChange, Change};
 
 /// What a differencing image has besides a dynamic one.
 struct Differencing {
@@ -92,8 +117,9 @@ struct Differencing {
     /// Opened read-only (other children may share it, unless a merge writes into it)
     /// and attached by the chain module.
     parent: Option<Parent>,
-    /// Sector bitmaps of the chunks that have one; changed only under the journal lock,
-    /// and always before the BAT entries that make them count.
+    /// Sector bitmaps of the chunks that have one; changed only under the journal lock
+    /// (bits of a block by the holder of its claim), and always before the BAT entries
+    /// that make them count.
     bitmaps: RwLock<SectorBitmaps>,
 }
 
@@ -131,6 +157,11 @@ pub struct VhdxDisk {
     /// Where the log and the regions end: the file can never be shorter.
     metadata_end: u64,
     journal: Mutex<Journal>,
+    allocator: Mutex<Allocator>,
+    /// BAT entries a write or discard is changing.
+    claims: Claims,
+    /// Writers' metadata changes waiting to be written together.
+    commits: Batcher<Change>,
     /// Pinned by data I/O to mapped space, so released space is reused only once no I/O
     /// can still reach it.
     space: SpaceGate,
@@ -203,7 +234,7 @@ impl VhdxDisk {
             self.storage
                 .punch_hole(space.start, space.end - space.start)
                 .context(|| format!("releasing the space at {:#x}", space.start))?;
-            j.free.release(space);
+            self.allocator.lock().free.release(space);
         }
         Ok(())
     }
@@ -273,9 +304,7 @@ impl VirtualDisk for VhdxDisk {
             return Ok(());
         }
         self.check_writable()?;
-        self.storage
-            .flush()
-            .context(|| "flushing image".to_string())
+        self.flush_storage()
     }
 
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -369,8 +398,17 @@ impl Layer for VhdxDisk {
     fn release_blocks(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
         let block_size = self.layout.block_size;
         let child = self.differencing.is_some();
-        // Entries are looked at under the journal lock, so no other release or allocation
-        // changes them before the commit.
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        // Entries are looked at under a claim, so no writer changes them before the commit.
+        let (first, last) = (offset / block_size, (offset + len - 1) / block_size);
+        let claimed = self.layout.payload_index(first)..self.layout.payload_index(last) + 1;
+        let _claim = loop {
+            if let Some(claim) = self.claims.claim([claimed.clone()]) {
+                break claim;
+            }
+        };
         let mut j = self.journal.lock();
         let mut whole_blocks = Vec::new();
         let mut rest: Vec<(u64, u64)> = Vec::new();

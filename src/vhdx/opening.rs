@@ -60,8 +60,6 @@ impl VhdxDisk {
             file_write_guid_changed: false,
             data_write_guid_changed: false,
             writer: None,
-            file_end: file_len,
-            free: FreeSpace::default(),
         };
         let log_was_dirty = journal.header.log_is_dirty();
         let overlay = replay_log(storage.as_ref(), &journal, file_len)?;
@@ -91,7 +89,6 @@ impl VhdxDisk {
                 .len()
                 .context(|| "cannot read file size".to_string())?,
         };
-        journal.file_end = file_len;
 
         let mut copies = [vec![0u8; REGION_TABLE_LEN], vec![0u8; REGION_TABLE_LEN]];
         for (copy, offset) in copies.iter_mut().zip(REGION_TABLE_OFFSETS) {
@@ -175,7 +172,6 @@ impl VhdxDisk {
                 problems,
             )?;
         }
-        journal.free = validated.free;
         let bitmaps = match &locator {
             Some(_) => {
                 let bitmaps = load_sector_bitmaps(
@@ -253,6 +249,14 @@ impl VhdxDisk {
             bat: RwLock::new(bat),
             metadata_end: reserved.iter().map(|r| r.end).fold(MIB, u64::max),
             journal: Mutex::new(journal),
+            // The length found is durable, or was made so by the replay above.
+            allocator: Mutex::new(Allocator {
+                file_end: file_len,
+                flushed_end: file_len,
+                free: validated.free,
+            }),
+            claims: Claims::default(),
+            commits: Batcher::default(),
             space: SpaceGate::default(),
             data_write_started: AtomicBool::new(false),
             keep_identity: options.keep_identity,

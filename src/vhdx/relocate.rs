@@ -31,7 +31,7 @@ impl VhdxDisk {
 
 impl Relocation for VhdxDisk {
     fn units(&self) -> Vec<Unit> {
-        let file_end = self.journal.lock().file_end;
+        let file_end = self.allocator.lock().file_end;
         let bat = self.bat.read();
         let releasable_image = !self.params.leave_blocks_allocated;
         (0..self.layout.total_entries)
@@ -63,7 +63,7 @@ impl Relocation for VhdxDisk {
     }
 
     fn free_space(&self) -> FreeSpace {
-        self.journal.lock().free.settled()
+        self.allocator.lock().free.settled()
     }
 
     fn place(&self, range: Range<u64>, len: u64) -> Option<u64> {
@@ -84,7 +84,7 @@ impl Relocation for VhdxDisk {
         }
         copy_units(storage, moves)?;
         self.commit(&mut j, &changes, &[])?;
-        account_moves(&mut j.free, moves);
+        account_moves(&mut self.allocator.lock().free, moves);
         Ok(())
     }
 
@@ -93,49 +93,51 @@ impl Relocation for VhdxDisk {
         // A log entry names the file size it was written at; replaying it over a shorter
         // file would be refused. Close the log first.
         self.close()?;
-        let mut j = self.journal.lock();
+        let _j = self.journal.lock();
+        let file_end = self.allocator.lock().file_end;
         let end = {
             let bat = self.bat.read();
             (0..self.layout.total_entries)
-                .filter_map(|index| self.entry_extent(&bat, index, j.file_end))
+                .filter_map(|index| self.entry_extent(&bat, index, file_end))
                 .map(|extent| extent.end)
                 .fold(self.metadata_end, u64::max)
                 .next_multiple_of(MIB)
         };
-        if end >= j.file_end {
-            return Ok(j.file_end);
+        if end >= file_end {
+            return Ok(file_end);
         }
+        let mut space = self.allocator.lock();
         self.storage
             .set_len(end)
             .context(|| format!("cutting the file at {end:#x}"))?;
         self.storage
             .flush()
             .context(|| "flushing the shorter file".to_string())?;
-        j.file_end = end;
-        j.free.remove(end..u64::MAX);
+        space.file_end = end;
+        space.flushed_end = end;
+        space.free.remove(end..u64::MAX);
         Ok(end)
     }
 
     fn reserve(&self, len: u64) -> Result<u64> {
         self.check_writable()?;
-        let mut j = self.journal.lock();
         // Whole MiB, so the file's end stays where a log entry may name it.
-        self.allocate_space(&mut j, len.next_multiple_of(MIB), "moved data")
+        self.allocate_space(len.next_multiple_of(MIB), "moved data")
     }
 
     fn claim(&self, range: Range<u64>) -> Result<()> {
         self.check_writable()?;
-        let mut j = self.journal.lock();
-        if range.end > j.file_end {
+        let mut space = self.allocator.lock();
+        if range.end > space.file_end {
             let end = range.end.next_multiple_of(MIB);
             self.storage
                 .set_len(end)
                 .context(|| format!("extending the file to {end:#x}"))?;
-            let old_end = j.file_end;
-            j.free.insert(old_end..end);
-            j.file_end = end;
+            let old_end = space.file_end;
+            space.free.insert(old_end..end);
+            space.file_end = end;
         }
-        j.free.remove(range);
+        space.free.remove(range);
         Ok(())
     }
 }

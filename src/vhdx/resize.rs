@@ -111,8 +111,8 @@ impl VhdxDisk {
         let at = entry.file_offset();
         let tail = at + used..at + block_size.min(size - block * block_size);
         let unused = {
-            let j = self.journal.lock();
-            j.free.covers(tail.start..tail.end.min(j.file_end))
+            let space = self.allocator.lock();
+            space.free.covers(tail.start..tail.end.min(space.file_end))
         };
         if unused {
             self.claim(tail.clone())?;

@@ -347,6 +347,375 @@ fn concurrent_writers_into_one_unallocated_block_allocate_it_once() {
     }
 }
 
+/// An in-memory file that shows the test every write and flush, and whose flushes, once
+/// held, wait until the test lets them go: a writer can be stopped in a flush while the
+/// test watches what other writers do meanwhile.
+struct Watched {
+    mem: Arc<MemStorage>,
+    seen: Mutex<Seen>,
+    changed: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Where each write went, and what it wrote.
+    writes: Vec<(u64, Vec<u8>)>,
+    holding: bool,
+    /// Flushes waiting, by number (in the order they came).
+    held: Vec<u64>,
+    /// Flushes that came so far.
+    came: u64,
+    /// Flushes let go while the rest are held.
+    let_go: Vec<u64>,
+}
+
+impl Watched {
+    fn new(image: Vec<u8>) -> Arc<Self> {
+        Arc::new(Watched {
+            mem: Arc::new(MemStorage::from_vec(image)),
+            seen: Mutex::new(Seen::default()),
+            changed: parking_lot::Condvar::new(),
+        })
+    }
+
+    fn hold(&self) {
+        self.seen.lock().holding = true;
+    }
+
+    fn let_go(&self, flush: u64) {
+        self.seen.lock().let_go.push(flush);
+        self.changed.notify_all();
+    }
+
+    fn release(&self) {
+        self.seen.lock().holding = false;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `ready` says so of what was seen. Nothing here measures time: a minute
+    /// only turns a writer that never gets there into a failure instead of a hang.
+    fn wait_until(&self, what: &str, ready: impl Fn(&Seen) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut seen = self.seen.lock();
+        while !ready(&seen) {
+            let waited = self.changed.wait_until(&mut seen, deadline);
+            assert!(!waited.timed_out(), "never happened: {what}");
+        }
+    }
+
+    /// Log entries written so far.
+    fn log_entries(&self) -> usize {
+        let log = LOG_AT..LOG_AT + MIB;
+        let seen = self.seen.lock();
+        let entries = seen.writes.iter();
+        entries
+            .filter(|(at, data)| log.contains(at) && data.starts_with(b"loge"))
+            .count()
+    }
+}
+
+impl Storage for Watched {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.mem.write_at(buf, offset)?;
+        self.seen.lock().writes.push((offset, buf.to_vec()));
+        self.changed.notify_all();
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        {
+            let mut seen = self.seen.lock();
+            let flush = seen.came;
+            seen.came += 1;
+            seen.held.push(flush);
+            self.changed.notify_all();
+            while seen.holding && !seen.let_go.contains(&flush) {
+                self.changed.wait(&mut seen);
+            }
+            seen.held.retain(|&f| f != flush);
+        }
+        self.mem.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.mem.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.mem.set_len(len)
+    }
+}
+
+/// A dynamic image on a `Watched` file whose session has begun and whose log is in use,
+/// so the next allocating write's first flush is the one that makes its data durable.
+fn watched_disk(size: u64) -> (Arc<Watched>, VhdxDisk) {
+    let watched = Watched::new(build_image(size, MIB as u32, false));
+    let disk = VhdxDisk::open(Box::new(watched.clone()), &OpenOptions::default()).unwrap();
+    disk.write_at(&[1; 4096], 0).unwrap();
+    disk.flush().unwrap();
+    (watched, disk)
+}
+
+fn holds(disk: &VhdxDisk, at: u64, len: usize, fill: u8) -> bool {
+    let mut buf = vec![0u8; len];
+    disk.read_at(&mut buf, at).unwrap();
+    buf.iter().all(|&b| b == fill)
+}
+
+#[test]
+fn a_writer_in_its_data_flush_stops_no_writer_but_those_of_its_own_block() {
+    let (watched, disk) = watched_disk(8 * MIB);
+    let file_len = watched.len().unwrap();
+    let len = 64 * 1024;
+    watched.hold();
+    std::thread::scope(|s| {
+        let disk = &disk;
+        let a = s.spawn(move || disk.write_at(&vec![0xAA; len], MIB));
+        watched.wait_until("writer A flushes its new block", |seen| {
+            seen.held.len() == 1
+        });
+        let b = s.spawn(move || disk.write_at(&vec![0xBB; len], 2 * MIB));
+        watched.wait_until("writer B writes its new block's data", |seen| {
+            seen.writes
+                .iter()
+                .any(|(_, data)| data.len() == len && data.iter().all(|&b| b == 0xBB))
+        });
+        // A's block: waits for A's claim, then finds the block allocated.
+        let c = s.spawn(move || disk.write_at(&vec![0xCC; len], MIB + len as u64));
+        while disk.claims.waiting() == 0 {
+            std::thread::yield_now();
+        }
+        watched.release();
+        for writer in [a, b, c] {
+            writer.join().unwrap().unwrap();
+        }
+    });
+    assert!(holds(&disk, MIB, len, 0xAA));
+    assert!(holds(&disk, MIB + len as u64, len, 0xCC));
+    assert!(holds(&disk, 2 * MIB, len, 0xBB));
+    assert_eq!(disk.info().allocated_blocks, 3);
+    assert_eq!(watched.len().unwrap(), file_len + 2 * MIB, "one block each");
+}
+
+#[test]
+fn allocating_writers_queued_behind_a_commit_share_one_log_entry() {
+    let (watched, disk) = watched_disk(16 * MIB);
+    let before = watched.log_entries();
+    let queued = 7;
+    watched.hold();
+    std::thread::scope(|s| {
+        let disk = &disk;
+        let write = |block: u64| s.spawn(move || disk.write_at(&[block as u8; 4096], block * MIB));
+        let mut writers = vec![write(1)];
+        watched.wait_until("the first writer flushes its data", |seen| {
+            seen.held.len() == 1
+        });
+        writers.extend((2..2 + queued).map(write));
+        while disk.commits.queued() < queued as usize {
+            std::thread::yield_now();
+        }
+        watched.release();
+        for writer in writers {
+            writer.join().unwrap().unwrap();
+        }
+    });
+    for block in 1..2 + queued {
+        assert!(
+            holds(&disk, block * MIB, 4096, block as u8),
+            "block {block}"
+        );
+    }
+    assert_eq!(
+        watched.log_entries() - before,
+        2,
+        "the first writer's entry, then one for the {queued} queued behind it"
+    );
+}
+
+#[test]
+fn an_fsync_waits_for_no_writer_s_commit_only_for_its_own_flush() {
+    let (watched, disk) = watched_disk(8 * MIB);
+    // In place, into the block allocated already: durable once a flush after it ends.
+    disk.write_at(&[2; 4096], 4096).unwrap();
+    watched.hold();
+    std::thread::scope(|s| {
+        let disk = &disk;
+        let writer = s.spawn(move || disk.write_at(&[3; 4096], MIB));
+        watched.wait_until("the writer flushes its data", |seen| seen.held.len() == 1);
+        let fsync = s.spawn(move || disk.flush());
+        watched.wait_until("the fsync flushes", |seen| seen.held.len() == 2);
+        let fsync_flush = watched.seen.lock().held[1];
+        watched.let_go(fsync_flush);
+        fsync.join().unwrap().unwrap();
+        assert!(
+            !writer.is_finished(),
+            "the writer's data flush is still held"
+        );
+        let durable = open_mem(watched.mem.power_loss_dropping_unflushed().contents(), true);
+        assert!(
+            holds(&durable.unwrap(), 4096, 4096, 2),
+            "fsync returned early"
+        );
+        watched.release();
+        writer.join().unwrap().unwrap();
+    });
+    assert!(holds(&disk, MIB, 4096, 3));
+}
+
+#[test]
+fn a_write_failing_before_its_commit_leaves_no_block_and_its_space_is_reused() {
+    let storage = Arc::new(MemStorage::from_vec(build_image(
+        8 * MIB,
+        MIB as u32,
+        false,
+    )));
+    let disk = open_storage(storage.clone(), false).unwrap();
+    disk.write_at(&[1; 4096], 0).unwrap();
+    disk.flush().unwrap();
+    let len = storage.len().unwrap();
+    let fail_next_write = |disk: &VhdxDisk, at: u64| {
+        storage.fail_writes_after(0, libc::EIO);
+        let err = disk.write_at(&[9; 4096], at).unwrap_err();
+        storage.clear_faults();
+        assert_eq!(err.errno(), libc::EIO);
+    };
+    // The data write fails after the file grew for the block.
+    fail_next_write(&disk, MIB);
+    assert_eq!(storage.len().unwrap(), len + MIB);
+    assert_eq!(disk.info().allocated_blocks, 1);
+    disk.write_at(&[4; 4096], 2 * MIB).unwrap();
+    assert_eq!(
+        storage.len().unwrap(),
+        len + MIB,
+        "the failed write's space is reused"
+    );
+    // A writer that never got to its commit, then a crash: the next open finds its space.
+    fail_next_write(&disk, 3 * MIB);
+    drop(disk);
+    let disk = open_storage(storage.clone(), false).unwrap();
+    disk.write_at(&[5; 4096], 4 * MIB).unwrap();
+    assert_eq!(storage.len().unwrap(), len + 2 * MIB);
+    let mut expected = vec![0u8; 8 * MIB as usize];
+    expected[..4096].fill(1);
+    expected[2 * MIB as usize..][..4096].fill(4);
+    expected[4 * MIB as usize..][..4096].fill(5);
+    assert!(read_all(&disk) == expected);
+    assert_eq!(disk.info().allocated_blocks, 3);
+}
+
+#[test]
+fn a_crash_at_any_write_or_flush_of_concurrent_writers_keeps_every_acknowledged_one() {
+    use crate::storage::Crashing;
+    use std::sync::atomic::AtomicU8;
+    let w = Arc::new(Workload::new());
+    let progress: Arc<Vec<AtomicU8>> = Arc::new(w.steps.iter().map(|_| AtomicU8::new(0)).collect());
+    let check = {
+        let (w, progress) = (w.clone(), progress.clone());
+        move |crashed: MemStorage, what: &str| {
+            let now: Vec<Progress> = progress
+                .iter()
+                .map(|p| match p.load(Ordering::SeqCst) {
+                    0 => Progress::NotIssued,
+                    1 => Progress::Issued,
+                    _ => Progress::Acknowledged,
+                })
+                .collect();
+            check_crashed(crashed.contents(), &w, &now, what);
+        }
+    };
+    let base = MemStorage::from_vec(build_image(w.size, MIB as u32, false));
+    let storage = Arc::new(Crashing::new(base, check));
+    let disk = VhdxDisk::open(Box::new(storage.clone()), &OpenOptions::default()).unwrap();
+    // Writes into the same block and into blocks of their own, each thread flushing after
+    // each of its writes.
+    let threads = 4;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (disk, w, progress) = (&disk, &w, &progress);
+            s.spawn(move || {
+                for (i, (offset, data, _)) in w.steps.iter().enumerate().skip(t).step_by(threads) {
+                    progress[i].store(1, Ordering::SeqCst);
+                    disk.write_at(data, *offset).unwrap();
+                    disk.flush().unwrap();
+                    progress[i].store(2, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    disk.close().unwrap();
+    assert!(
+        storage.checked() > 100,
+        "{} crashes checked",
+        storage.checked()
+    );
+}
+
+#[test]
+fn concurrent_writers_into_a_child_s_new_chunk_allocate_one_sector_bitmap() {
+    let (parent, mut child, mut model) = parent_and_child(4 * MIB, 4 * MIB, 512);
+    // Without the empty bitmap block this creator gives every chunk (others do not).
+    let at = {
+        let storage = Arc::new(MemStorage::from_vec(child.clone()));
+        let disk = open_child(storage, &parent, true, unlimited()).unwrap();
+        disk.bat_offset + disk.layout.sector_bitmap_index(0) * BAT_ENTRY_LEN
+    };
+    put(&mut child, at, &[0; 8]);
+    let watched = Watched::new(child);
+    let mut disk = VhdxDisk::open(Box::new(watched.clone()), &OpenOptions::default()).unwrap();
+    disk.attach_parent(Parent {
+        path: "base.vhdx".into(),
+        layer: Box::new(open_storage(parent.clone(), true).unwrap()),
+    });
+    disk.begin_user_write().unwrap();
+    let used = || watched.len().unwrap() - disk.allocator.lock().free.bytes();
+    let used_before = used();
+    let mut rng = Rng(14);
+    // Partial sectors copied up from the parent; the last write spans two blocks.
+    let writes: Vec<(u64, Vec<u8>)> = [
+        (700, 3000),
+        (MIB + 100, 5000),
+        (2 * MIB + 4000, 20),
+        (3 * MIB - 10, 20),
+    ]
+    .into_iter()
+    .map(|(at, len)| (at, rng.bytes(len)))
+    .collect();
+    watched.hold();
+    std::thread::scope(|s| {
+        let disk = &disk;
+        let write = |(at, data): &(u64, Vec<u8>)| {
+            let (at, data) = (*at, data.clone());
+            s.spawn(move || disk.write_at(&data, at))
+        };
+        let mut writers = vec![write(&writes[0])];
+        watched.wait_until("the first writer flushes its data", |seen| {
+            seen.held.len() == 1
+        });
+        writers.extend(writes[1..].iter().map(write));
+        // Each needs the chunk's sector bitmap, which the first one is adding.
+        while disk.claims.waiting() < writes.len() - 1 {
+            std::thread::yield_now();
+        }
+        watched.release();
+        for writer in writers {
+            writer.join().unwrap().unwrap();
+        }
+    });
+    for (at, data) in &writes {
+        model[*at as usize..][..data.len()].copy_from_slice(data);
+    }
+    assert!(read_all(&disk) == model);
+    assert_eq!(
+        used() - used_before,
+        5 * MIB,
+        "four blocks and one sector bitmap block"
+    );
+    disk.close().unwrap();
+    drop(disk);
+    let again = open_child(watched.mem.clone(), &parent, true, unlimited()).unwrap();
+    assert!(read_all(&again) == model);
+}
+
 /// An allocating workload whose writes never overlap, so after a crash each byte may only
 /// be 0 or its written value, and must be the written value if a flush acknowledged it.
 struct Workload {
@@ -395,7 +764,7 @@ impl Workload {
         (acknowledged, self.steps.len())
     }
 
-    fn check(&self, contents: &[u8], acknowledged: usize, attempted: usize, what: &str) {
+    fn check(&self, contents: &[u8], progress: &[Progress], what: &str) {
         assert_eq!(contents.len() as u64, self.size, "{what}");
         let zeros = vec![0u8; self.size as usize];
         let mut spans: Vec<(usize, usize, usize)> = self
@@ -413,13 +782,17 @@ impl Workload {
             );
             covered_to = end;
             let (got, data) = (&contents[start..end], &self.steps[i].1[..]);
-            if i < acknowledged {
-                assert!(got == data, "{what}: acknowledged write {i} lost");
-            } else if i < attempted {
-                let bad = (0..data.len()).find(|&b| got[b] != 0 && got[b] != data[b]);
-                assert!(bad.is_none(), "{what}: write {i} holds foreign bytes");
-            } else {
-                assert!(got == &zeros[..got.len()], "{what}: write {i} never issued");
+            match progress[i] {
+                Progress::Acknowledged => {
+                    assert!(got == data, "{what}: acknowledged write {i} lost")
+                }
+                Progress::Issued => {
+                    let bad = (0..data.len()).find(|&b| got[b] != 0 && got[b] != data[b]);
+                    assert!(bad.is_none(), "{what}: write {i} holds foreign bytes");
+                }
+                Progress::NotIssued => {
+                    assert!(got == &zeros[..got.len()], "{what}: write {i} never issued")
+                }
             }
         }
         assert!(
@@ -429,15 +802,33 @@ impl Workload {
     }
 }
 
+/// How far a workload's write got before a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    NotIssued,
+    /// Issued, but no flush after it completed: old or new bytes, nothing else.
+    Issued,
+    /// A flush after it completed: the new bytes.
+    Acknowledged,
+}
+
+impl Progress {
+    /// Writes run in order: the first `acknowledged` acknowledged, up to `attempted`
+    /// issued, of `steps`.
+    fn in_order(acknowledged: usize, attempted: usize, steps: usize) -> Vec<Progress> {
+        (0..steps)
+            .map(|i| match i {
+                i if i < acknowledged => Progress::Acknowledged,
+                i if i < attempted => Progress::Issued,
+                _ => Progress::NotIssued,
+            })
+            .collect()
+    }
+}
+
 /// Reopens a crashed image read-only (must not change it) and read/write (replays), and
 /// checks both serve the same data that the workload allows.
-fn check_crashed(
-    crashed: Vec<u8>,
-    w: &Workload,
-    acknowledged: usize,
-    attempted: usize,
-    what: &str,
-) {
+fn check_crashed(crashed: Vec<u8>, w: &Workload, progress: &[Progress], what: &str) {
     let storage = Arc::new(MemStorage::from_vec(crashed.clone()));
     let ro = open_storage(storage.clone(), true)
         .unwrap_or_else(|e| panic!("{what}: read-only reopen: {e}"));
@@ -447,7 +838,7 @@ fn check_crashed(
         storage.contents() == crashed,
         "{what}: read-only open changed the file"
     );
-    w.check(&ro_view, acknowledged, attempted, what);
+    w.check(&ro_view, progress, what);
 
     let rw = open_storage(storage.clone(), false)
         .unwrap_or_else(|e| panic!("{what}: read/write reopen: {e}"));
@@ -478,6 +869,7 @@ fn crash_at_every_instant_keeps_acknowledged_data() {
         let ops_left = Arc::new(AtomicU64::new(fail_after));
         let disk = open_counting(storage.clone(), false, ops_left).unwrap();
         let (acknowledged, attempted) = w.run(&disk);
+        let progress = Progress::in_order(acknowledged, attempted, w.steps.len());
         drop(disk);
         let pending = storage.pending();
         for cut in 0..=pending.len() {
@@ -491,7 +883,7 @@ fn crash_at_every_instant_keeps_acknowledged_data() {
                 std::cmp::Ordering::Greater => Survives::Nothing,
             });
             let what = format!("writes failing after {fail_after}, crash at pending op {cut}");
-            check_crashed(crashed.contents(), &w, acknowledged, attempted, &what);
+            check_crashed(crashed.contents(), &w, &progress, &what);
         }
         for lost in 0..pending.len() {
             // Writes reach the medium out of order: everything but one.
@@ -503,7 +895,7 @@ fn crash_at_every_instant_keeps_acknowledged_data() {
                 }
             });
             let what = format!("writes failing after {fail_after}, pending op {lost} lost");
-            check_crashed(crashed.contents(), &w, acknowledged, attempted, &what);
+            check_crashed(crashed.contents(), &w, &progress, &what);
         }
         for round in 0..3 {
             let crashed = storage.power_loss(|_, op| match rng.below(3) {
@@ -517,7 +909,7 @@ fn crash_at_every_instant_keeps_acknowledged_data() {
                 },
             });
             let what = format!("writes failing after {fail_after}, random subset {round}");
-            check_crashed(crashed.contents(), &w, acknowledged, attempted, &what);
+            check_crashed(crashed.contents(), &w, &progress, &what);
         }
     }
 }

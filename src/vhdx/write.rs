@@ -1,20 +1,121 @@
 //! Writes: in place where the block already holds the sectors in this file, otherwise
-//! allocating blocks and sector bitmap bits, data first and flushed, then journaled.
+//! allocating blocks and sector bitmap bits under a claim, data first and flushed, then
+//! journaled in a group with the changes of other writers.
 
 use super::*;
 
+/// The metadata changes of one write, or of a group of writes committed together.
+#[derive(Default)]
+pub(super) struct Change {
+    /// Sector bitmap blocks new to their chunk, committed before the entries: a
+    /// PARTIALLY_PRESENT entry must never be durable before its chunk's bitmap entry.
+    new_bitmaps: Vec<(u64, BatEntry)>,
+    /// Payload entries.
+    entries: Vec<(u64, BatEntry)>,
+    bits: BitAssignments,
+}
+
+impl Change {
+    /// Adds another write's change; writes change disjoint entries and bits (each holds
+    /// a claim on its blocks).
+    fn absorb(&mut self, other: Change) {
+        self.new_bitmaps.extend(other.new_bitmaps);
+        self.entries.extend(other.entries);
+        for (chunk, assign) in other.bits {
+            for (sectors, value) in assign {
+                add_bits(&mut self.bits, chunk, sectors, value);
+            }
+        }
+    }
+}
+
 impl VhdxDisk {
-    /// Writes pieces that need metadata changes: blocks without data are allocated at the
-    /// end of the file, data is written and flushed, then new sector bitmap blocks, and
-    /// after them the payload entries and bitmap bits, are journaled.
+    /// Writes pieces that need metadata changes, once it holds a claim on every entry they
+    /// change; while another writer holds one, waits for it and looks again.
     pub(super) fn write_allocating(&self, pieces: &[(u64, u64, &[u8])]) -> Result<()> {
-        let mut j = self.journal.lock();
+        let mut pieces = pieces.to_vec();
+        loop {
+            // Another writer may have allocated a block, or set its bits, meanwhile.
+            let mut left = Vec::with_capacity(pieces.len());
+            for (block, in_block, data) in pieces {
+                if !self.write_in_place(data, block, in_block)? {
+                    left.push((block, in_block, data));
+                }
+            }
+            pieces = left;
+            if pieces.is_empty() {
+                return Ok(());
+            }
+            let Some(claim) = self.claims.claim(self.entries_changed(&pieces)) else {
+                continue;
+            };
+            // The claimed entries cannot change any more, but what the pieces need was
+            // seen before: go on only if the claim still covers it.
+            if self
+                .entries_changed(&pieces)
+                .iter()
+                .all(|entry| claim.covers(entry.start))
+            {
+                return self.write_claimed(&pieces);
+            }
+        }
+    }
+
+    /// The BAT entries that writing `pieces` would change: each block's, and the sector
+    /// bitmap entry of a child's chunk that a new block needs and that has none.
+    fn entries_changed(&self, pieces: &[(u64, u64, &[u8])]) -> Vec<Range<u64>> {
+        let bat = self.bat.read();
+        let mut entries = Vec::with_capacity(pieces.len());
+        for &(block, _, _) in pieces {
+            let index = self.layout.payload_index(block);
+            entries.push(index..index + 1);
+            let needs_bitmap = self.differencing.is_some()
+                && bat.payload(block).payload_state() == Some(PayloadState::NotPresent)
+                && bat.sector_bitmap(block).payload_state() != Some(PayloadState::FullyPresent);
+            if needs_bitmap {
+                let index = self.layout.sector_bitmap_index(block);
+                entries.push(index..index + 1);
+            }
+        }
+        entries
+    }
+
+    /// Allocates blocks (and sector bitmap blocks) for `pieces`, whose entries the caller
+    /// has claimed, writes their data, and commits the change with whatever other writers
+    /// queued meanwhile. Space of a write that fails before its change is queued is free
+    /// again at once: nothing names it.
+    fn write_claimed(&self, pieces: &[(u64, u64, &[u8])]) -> Result<()> {
+        let mut change = Change::default();
+        let mut reserved = Vec::new();
+        if let Err(e) = self.write_reserving(pieces, &mut change, &mut reserved) {
+            self.unreserve(reserved);
+            return Err(e);
+        }
+        if change.entries.is_empty() && change.bits.is_empty() {
+            return Ok(());
+        }
+        self.commits.submit(
+            |queued| queued.absorb(change),
+            |group| self.commit_group(group),
+        )
+    }
+
+    /// Writes each piece, into space reserved for it (listed in `reserved`) if its block
+    /// has none, and records the metadata change it needs. The claim keeps a block that
+    /// has space where it is: a discard would have to claim it first.
+    fn write_reserving(
+        &self,
+        pieces: &[(u64, u64, &[u8])],
+        change: &mut Change,
+        reserved: &mut Vec<Range<u64>>,
+    ) -> Result<()> {
         let layout = self.layout;
-        let mut changes = Vec::new();
-        let mut new_bitmaps: Vec<(u64, BatEntry)> = Vec::new();
-        let mut bits: BitAssignments = Vec::new();
+        let mut reserve = |len: u64, what: &str| -> Result<u64> {
+            let at = self.allocate_space(len, what)?;
+            reserved.push(at..at + len);
+            Ok(at)
+        };
         for &(block, in_block, data) in pieces {
-            // Another writer may have allocated the block, or set its bits, meanwhile.
             if self.write_in_place(data, block, in_block)? {
                 continue;
             }
@@ -27,50 +128,59 @@ impl VhdxDisk {
                 (Some(PayloadState::PartiallyPresent), Some(d)) => {
                     self.write_sectors(d, block, entry.file_offset(), in_block, data, false)?;
                     let (chunk, sectors, _) = self.sector_bits(block, &written);
-                    add_bits(&mut bits, chunk, sectors, true);
+                    add_bits(&mut change.bits, chunk, sectors, true);
                 }
                 (Some(PayloadState::NotPresent), Some(d)) => {
-                    let start = self.allocate_space(&mut j, layout.block_size, "a block")?;
+                    let start = reserve(layout.block_size, "a block")?;
                     self.write_sectors(d, block, start, in_block, data, true)?;
                     let (chunk, sectors, base) = self.sector_bits(block, &written);
                     // Bits of a block that had no data mean nothing: start from clear.
                     let per_block = layout.block_size / u64::from(self.params.logical_sector_size);
-                    add_bits(&mut bits, chunk, base..base + per_block, false);
-                    add_bits(&mut bits, chunk, sectors, true);
+                    add_bits(&mut change.bits, chunk, base..base + per_block, false);
+                    add_bits(&mut change.bits, chunk, sectors, true);
                     let has_bitmap = self.bat.read().sector_bitmap(block).payload_state()
                         == Some(PayloadState::FullyPresent);
                     let bitmap_index = layout.sector_bitmap_index(block);
-                    if !has_bitmap && !new_bitmaps.iter().any(|(i, _)| *i == bitmap_index) {
-                        let at = self.allocate_space(&mut j, MIB, "a sector bitmap")?;
-                        new_bitmaps
+                    if !has_bitmap && !change.new_bitmaps.iter().any(|(i, _)| *i == bitmap_index) {
+                        let at = reserve(MIB, "a sector bitmap")?;
+                        change
+                            .new_bitmaps
                             .push((bitmap_index, BatEntry::new(PayloadState::FullyPresent, at)));
                     }
-                    changes.push((index, BatEntry::new(PayloadState::PartiallyPresent, start)));
+                    change
+                        .entries
+                        .push((index, BatEntry::new(PayloadState::PartiallyPresent, start)));
                 }
-                // Blocks that read as zeros: the file's extension reads as zeros, so the
-                // block holds exactly what it must once the data is in.
+                // Blocks that read as zeros: reserved space reads as zeros, so the block
+                // holds exactly what it must once the data is in.
                 _ => {
-                    let start = self.allocate_space(&mut j, layout.block_size, "a block")?;
+                    let start = reserve(layout.block_size, "a block")?;
                     self.write_payload(data, start + in_block)?;
-                    changes.push((index, BatEntry::new(PayloadState::FullyPresent, start)));
+                    change
+                        .entries
+                        .push((index, BatEntry::new(PayloadState::FullyPresent, start)));
                 }
             }
         }
-        if changes.is_empty() && bits.is_empty() {
-            return Ok(());
+        Ok(())
+    }
+
+    /// Commits a group of writes' changes: one flush makes all their data durable, then
+    /// new sector bitmap blocks are journaled, and after them the payload entries and
+    /// bitmap bits, each set in one log entry as far as it fits.
+    fn commit_group(&self, group: Change) -> Result<()> {
+        self.flush_storage()?;
+        let mut j = self.journal.lock();
+        if !group.new_bitmaps.is_empty() {
+            self.commit(&mut j, &group.new_bitmaps, &[])?;
         }
-        self.storage
-            .flush()
-            .context(|| "flushing new blocks".to_string())?;
-        // A PARTIALLY_PRESENT entry must never be durable before its chunk's bitmap entry.
-        if !new_bitmaps.is_empty() {
-            self.commit(&mut j, &new_bitmaps, &[])?;
-        }
+        // Pages from the bitmaps as they are now, under the journal lock, so the bits of
+        // every write in the group (and of earlier groups) land in them.
         let pages = match &self.differencing {
-            Some(d) => self.bitmap_changes(d, &bits),
+            Some(d) => self.bitmap_changes(d, &group.bits),
             None => Vec::new(),
         };
-        self.commit(&mut j, &changes, &pages)
+        self.commit(&mut j, &group.entries, &pages)
     }
 
     /// The sector bitmap pages that change when `bits` are assigned, each where it lies in

@@ -127,6 +127,43 @@ impl Error {
     }
 }
 
+/// A copy for each of several callers that one failed operation served (a group commit).
+/// An `io::Error` keeps its errno, or else its kind and message.
+impl Clone for Error {
+    fn clone(&self) -> Self {
+        let kind = match &self.kind {
+            ErrorKind::Io { what, source } => ErrorKind::Io {
+                what: what.clone(),
+                source: match source.raw_os_error() {
+                    Some(errno) => io::Error::from_raw_os_error(errno),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            ErrorKind::Corrupt {
+                kind,
+                structure,
+                problem,
+            } => ErrorKind::Corrupt {
+                kind: *kind,
+                structure: structure.clone(),
+                problem: problem.clone(),
+            },
+            ErrorKind::Unsupported(what) => ErrorKind::Unsupported(what.clone()),
+            ErrorKind::NotADiskImage => ErrorKind::NotADiskImage,
+            ErrorKind::ReadOnly => ErrorKind::ReadOnly,
+            &ErrorKind::OutOfRange { offset, len, size } => {
+                ErrorKind::OutOfRange { offset, len, size }
+            }
+            ErrorKind::InvalidInput(what) => ErrorKind::InvalidInput(what.clone()),
+            ErrorKind::InUse(what) => ErrorKind::InUse(what.clone()),
+        };
+        Error {
+            file: self.file.clone(),
+            kind,
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(file) = &self.file {
@@ -205,5 +242,20 @@ mod tests {
         );
         assert_eq!(e.errno(), libc::ENOSPC);
         assert_eq!(Error::new(ErrorKind::ReadOnly).errno(), libc::EROFS);
+    }
+
+    #[test]
+    fn copies_keep_the_message_and_the_errno() {
+        let e = Error::io(
+            "writing block 3",
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        )
+        .with_file(Path::new("image.vhd"));
+        let copy = e.clone();
+        assert_eq!(copy.to_string(), e.to_string());
+        assert_eq!(copy.errno(), libc::ENOSPC);
+        let other = Error::io("reading", io::Error::other("gone"));
+        assert_eq!(other.clone().to_string(), "reading: gone");
+        assert_eq!(other.clone().errno(), libc::EIO);
     }
 }

@@ -36,11 +36,13 @@
 //! opens and holds every write that a flush acknowledged.
 
 mod bit_runs;
+mod block_claims;
 mod blocking_pool;
 pub mod chain;
 pub mod check;
 pub mod cli;
 pub mod commit;
+mod commit_queue;
 pub mod compact;
 pub mod convert;
 pub mod create;

@@ -959,13 +959,18 @@ impl VirtualDisk for VhdDisk {
         }
     }
 
-    /// Flushes, and cuts off the room at the end of the file that no block took.
+    /// Flushes, and cuts off the room at the end of the file that no block took. The
+    /// room is only a hole of zeros before the footer, so an image that keeps it (the
+    /// footer write failed, on a full filesystem say) is closed cleanly all the same.
     fn close(&self) -> Result<()> {
         self.flush()?;
-        match &self.dynamic {
-            Some(d) if !self.read_only => self.give_back_room(d),
-            _ => Ok(()),
+        if let Some(d) = &self.dynamic
+            && !self.read_only
+            && let Err(e) = self.give_back_room(d)
+        {
+            ::log::warn!("VHD: the room no block took stays at the end of the file: {e}");
         }
+        Ok(())
     }
 
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

@@ -1437,3 +1437,20 @@ fn room_a_crash_left_is_reused_and_a_clean_close_cuts_off_the_rest() {
     assert_eq!(&image[image.len() - 512..], &image[..512]);
     assert_same(&read_all(&open_vec(image).unwrap()), &expected);
 }
+
+#[test]
+fn a_close_that_cannot_cut_off_the_room_still_succeeds() {
+    let storage = Arc::new(MemStorage::from_vec(dynamic_image(16 * u64::from(BLOCK))));
+    let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
+    disk.write_at(&[1; 512], 0).unwrap();
+    disk.flush().unwrap();
+    let len = storage.len().unwrap();
+    // A full filesystem: the footer at the new end cannot be written.
+    storage.fail_writes_after(0, libc::ENOSPC);
+    disk.close().unwrap();
+    storage.clear_faults();
+    assert_eq!(storage.len().unwrap(), len);
+    let mut expected = vec![0u8; disk.size() as usize];
+    expected[..512].fill(1);
+    assert_same(&read_all(&open_vec(storage.contents()).unwrap()), &expected);
+}

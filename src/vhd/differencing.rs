@@ -437,8 +437,8 @@ mod tests {
     use crate::storage::MemStorage;
     use crate::vhd::DiskType;
     use crate::vhd::tests::{
-        BLOCK, Model, Shared, assemble, assert_same, crash_images, dynamic_image, footer_for,
-        header_for, new_block_data_at, read_all,
+        BLOCK, FlushGate, Model, Shared, assemble, assert_same, crash_images, dynamic_image,
+        footer_for, header_for, new_block_data_at, read_all,
     };
     use parking_lot::Mutex;
     use rand::rngs::StdRng;
@@ -835,5 +835,43 @@ mod tests {
         }
         assert!(checks.load(std::sync::atomic::Ordering::Relaxed) > 40);
         check(&storage, &model.lock(), &mut rng);
+    }
+
+    #[test]
+    fn copy_ups_and_new_blocks_go_ahead_while_an_allocation_waits_for_its_flush() {
+        let size = 4 * u64::from(CHILD_BLOCK);
+        let (parent, parent_data) = parent_image(size, 13);
+        let gate = FlushGate::new(child_image(size, CHILD_BLOCK));
+        let (disk, _) = open_child(Box::new(gate.clone()), &parent);
+        let mut expected = parent_data.clone();
+        // Block 0 allocated, and room made for the others.
+        disk.write_at(&[1; 512], 0).unwrap();
+        disk.flush().unwrap();
+        expected[..512].fill(1);
+        let block = |i: u64| i * u64::from(CHILD_BLOCK);
+        gate.hold(true);
+        std::thread::scope(|scope| {
+            let a = scope.spawn(|| disk.write_at(&[0xA1; 700], block(1) + 100));
+            gate.wait_until("writer A's data flush", |s| s.held == 1);
+            // Sectors of the allocated block move in from the parent, and the write is
+            // done, while A waits.
+            disk.write_at(&[0xB2; 700], block(0) + 5000).unwrap();
+            // A whole bitmap byte's sectors, so the data written starts with C's bytes.
+            let c = scope.spawn(|| disk.write_at(&[0xC3; 4096], block(2) + 8192));
+            gate.wait_until("writer C's data write", |s| s.writes.contains(&0xC3));
+            gate.hold(false);
+            a.join().unwrap().unwrap();
+            c.join().unwrap().unwrap();
+        });
+        expected[block(1) as usize + 100..][..700].fill(0xA1);
+        expected[5000..5700].fill(0xB2);
+        expected[block(2) as usize + 8192..][..4096].fill(0xC3);
+        assert_same(&read_all(&disk), &expected);
+        disk.flush().unwrap();
+        let (reopened, _) = open_child(
+            Box::new(gate.inner.power_loss_dropping_unflushed()),
+            &parent,
+        );
+        assert_same(&read_all(&reopened), &expected);
     }
 }

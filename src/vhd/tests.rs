@@ -1158,23 +1158,23 @@ fn discard_modes_follow_the_image_type_and_the_option() {
 
 /// An in-memory file whose flushes wait while the test holds them, and which tells the
 /// test of each flush waiting and of each write it sees.
-struct FlushGate {
-    inner: MemStorage,
+pub(crate) struct FlushGate {
+    pub(crate) inner: MemStorage,
     state: parking_lot::Mutex<GateState>,
     changed: parking_lot::Condvar,
 }
 
 #[derive(Default)]
-struct GateState {
+pub(crate) struct GateState {
     holding: bool,
     /// Flushes waiting to be let go.
-    held: usize,
+    pub(crate) held: usize,
     /// The first byte of every write.
-    writes: Vec<u8>,
+    pub(crate) writes: Vec<u8>,
 }
 
 impl FlushGate {
-    fn new(image: Vec<u8>) -> Arc<FlushGate> {
+    pub(crate) fn new(image: Vec<u8>) -> Arc<FlushGate> {
         Arc::new(FlushGate {
             inner: MemStorage::from_vec(image),
             state: parking_lot::Mutex::default(),
@@ -1182,14 +1182,14 @@ impl FlushGate {
         })
     }
 
-    fn hold(&self, holding: bool) {
+    pub(crate) fn hold(&self, holding: bool) {
         self.state.lock().holding = holding;
         self.changed.notify_all();
     }
 
     /// Waits until `done` holds of the state. The limit only turns a deadlock into a
     /// failure: what the test waits for takes no time at all.
-    fn wait_until(&self, what: &str, done: impl Fn(&GateState) -> bool) {
+    pub(crate) fn wait_until(&self, what: &str, done: impl Fn(&GateState) -> bool) {
         let mut state = self.state.lock();
         while !done(&state) {
             let waited = self

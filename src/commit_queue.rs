@@ -73,6 +73,12 @@ impl<T> CommitQueue<T> {
         let _ = leading.outcome.set(result.clone());
         result
     }
+
+    /// How many changes wait for the next commit.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.state.lock().queued.len()
+    }
 }
 
 /// Ends a commit when its leader is done with it, or gave up by panicking: the followers
@@ -122,7 +128,7 @@ mod tests {
             let others: Vec<_> = (2..5)
                 .map(|change| scope.spawn(move || queue.commit(Some(change), work)))
                 .collect();
-            while queue.state.lock().queued.len() < 3 {
+            while queue.queued() < 3 {
                 std::thread::yield_now();
             }
             release_tx.send(()).unwrap();
@@ -156,7 +162,7 @@ mod tests {
             entered.recv().unwrap();
             let second = scope.spawn(|| queue.commit(Some(2), fail));
             let third = scope.spawn(|| queue.commit(Some(3), fail));
-            while queue.state.lock().queued.len() < 2 {
+            while queue.queued() < 2 {
                 std::thread::yield_now();
             }
             release_tx.send(()).unwrap();
@@ -203,7 +209,7 @@ mod tests {
             });
             entered.recv().unwrap();
             let follower = scope.spawn(|| queue.commit(Some(2), |_| Ok(())));
-            while queue.state.lock().queued.is_empty() {
+            while queue.queued() == 0 {
                 std::thread::yield_now();
             }
             release_tx.send(()).unwrap();

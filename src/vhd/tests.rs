@@ -1274,6 +1274,49 @@ fn an_allocation_waiting_for_its_flush_holds_up_no_other() {
 }
 
 #[test]
+fn allocations_queued_behind_a_commit_share_the_next_flush() {
+    let (gate, disk) = gated_disk(8);
+    let disk = &disk;
+    let commits = &disk.dynamic.as_ref().unwrap().commits;
+    let flushes = gate.inner.flush_count();
+    gate.hold(true);
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| disk.write_at(&[0xA1; 512], u64::from(BLOCK)));
+        gate.wait_until("writer A's data flush", |s| s.held == 1);
+        let others: Vec<_> = (2..5u64)
+            .map(|block| scope.spawn(move || disk.write_at(&[0xB0; 512], block * u64::from(BLOCK))))
+            .collect();
+        let since = std::time::Instant::now();
+        while commits.queued() < 3 {
+            // Only turns a deadlock into a failure: the writers get there at once.
+            assert!(since.elapsed().as_secs() < 300, "the writers never queued");
+            std::thread::yield_now();
+        }
+        gate.hold(false);
+        a.join().unwrap().unwrap();
+        for other in others {
+            other.join().unwrap().unwrap();
+        }
+    });
+    // Four new blocks, two flushes: A's, and one for the three queued behind it.
+    assert_eq!(gate.inner.flush_count(), flushes + 2);
+    assert_eq!(disk.allocated_blocks(), Some(5));
+    let mut expected = vec![0u8; disk.size() as usize];
+    expected[..512].fill(1);
+    expected[BLOCK as usize..][..512].fill(0xA1);
+    for block in 2..5 {
+        expected[block * BLOCK as usize..][..512].fill(0xB0);
+    }
+    disk.flush().unwrap();
+    let reopened = VhdDisk::open(
+        Box::new(gate.inner.power_loss_dropping_unflushed()),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    assert_same(&read_all(&reopened), &expected);
+}
+
+#[test]
 fn a_second_writer_to_a_block_being_allocated_waits_and_writes_into_it() {
     let (gate, disk) = gated_disk(8);
     let free_bytes = |disk: &VhdDisk| -> u64 {

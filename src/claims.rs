@@ -52,6 +52,18 @@ impl Claims {
     }
 }
 
+impl Claims {
+    /// Claims `ranges`, waiting for as long as another claim holds any part of them, for
+    /// a caller that looks at what it claimed only once it holds the claim.
+    pub fn claim_when_free(&self, ranges: &[Range<u64>]) -> Claim<'_> {
+        loop {
+            if let Some(claim) = self.claim(ranges.iter().cloned()) {
+                return claim;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 impl Claims {
     pub fn waiting(&self) -> usize {

@@ -98,9 +98,39 @@ impl Error {
         self
     }
 
-    /// The same error again, for each of several callers that one failure reached (a
-    /// group of writers whose changes went into one failed log entry).
-    pub fn duplicate(&self) -> Error {
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    pub fn corruption_kind(&self) -> Option<CorruptionKind> {
+        match self.kind {
+            ErrorKind::Corrupt { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+
+    /// The errno a filesystem request that hit this error should fail with.
+    pub fn errno(&self) -> i32 {
+        match &self.kind {
+            ErrorKind::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            ErrorKind::ReadOnly => libc::EROFS,
+            ErrorKind::OutOfRange { .. } => libc::EFBIG,
+            ErrorKind::InvalidInput(_) => libc::EINVAL,
+            ErrorKind::InUse(_) => libc::EBUSY,
+            ErrorKind::Unsupported(_) => libc::EOPNOTSUPP,
+            ErrorKind::Corrupt { .. } | ErrorKind::NotADiskImage => libc::EIO,
+        }
+    }
+}
+
+/// A copy for each of several callers that one failed operation served (a group commit).
+/// An `io::Error` keeps its errno, or else its kind and message.
+impl Clone for Error {
+    fn clone(&self) -> Self {
         let kind = match &self.kind {
             ErrorKind::Io { what, source } => ErrorKind::Io {
                 what: what.clone(),
@@ -130,34 +160,6 @@ impl Error {
         Error {
             file: self.file.clone(),
             kind,
-        }
-    }
-
-    pub fn kind(&self) -> &ErrorKind {
-        &self.kind
-    }
-
-    pub fn file(&self) -> Option<&Path> {
-        self.file.as_deref()
-    }
-
-    pub fn corruption_kind(&self) -> Option<CorruptionKind> {
-        match self.kind {
-            ErrorKind::Corrupt { kind, .. } => Some(kind),
-            _ => None,
-        }
-    }
-
-    /// The errno a filesystem request that hit this error should fail with.
-    pub fn errno(&self) -> i32 {
-        match &self.kind {
-            ErrorKind::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            ErrorKind::ReadOnly => libc::EROFS,
-            ErrorKind::OutOfRange { .. } => libc::EFBIG,
-            ErrorKind::InvalidInput(_) => libc::EINVAL,
-            ErrorKind::InUse(_) => libc::EBUSY,
-            ErrorKind::Unsupported(_) => libc::EOPNOTSUPP,
-            ErrorKind::Corrupt { .. } | ErrorKind::NotADiskImage => libc::EIO,
         }
     }
 }
@@ -233,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn a_duplicate_says_the_same_and_keeps_the_errno() {
+    fn a_copy_says_the_same_and_keeps_the_errno() {
         let errors = [
             Error::io("flushing", io::Error::from_raw_os_error(libc::ENOSPC)),
             Error::io("reading", io::Error::other("short read")),
@@ -241,7 +243,7 @@ mod tests {
         ];
         for e in errors {
             let e = e.with_file(Path::new("image.vhdx"));
-            let copy = e.duplicate();
+            let copy = e.clone();
             assert_eq!(copy.to_string(), e.to_string());
             assert_eq!(copy.errno(), e.errno());
             assert_eq!(copy.corruption_kind(), e.corruption_kind());

@@ -35,7 +35,6 @@
 //! it before any metadata points at it, so a crash at any instant leaves an image that
 //! opens and holds every write that a flush acknowledged.
 
-mod batch;
 mod bit_runs;
 mod blocking_pool;
 pub mod chain;
@@ -43,6 +42,7 @@ pub mod check;
 mod claims;
 pub mod cli;
 pub mod commit;
+mod commit_queue;
 pub mod compact;
 pub mod convert;
 pub mod create;

@@ -5,7 +5,8 @@
 //!
 //! The bitmaps are read once at open and kept in memory beside the BAT, so reads never
 //! go to metadata on disk. Writes that only touch sectors already in this file go
-//! straight to the data. Anything else runs with the allocator held:
+//! straight to the data. Anything else runs with the block claimed (see the module above;
+//! writers of other blocks carry on):
 //!
 //! * a new block is placed like any dynamic block (see the module above), but its bitmap
 //!   goes down clear and its data in whole groups of 8 sectors (one bitmap byte, 4 KiB),
@@ -15,10 +16,11 @@
 //! * the groups' bits are then set in memory only, so reads see the new data at once,
 //!   and the block is noted as having bits the file lacks.
 //!
-//! A flush makes the data durable first, then writes those blocks' bitmaps and flushes
-//! again. A crash before that leaves the sectors reading from the parent, as if never
-//! written (they were not acknowledged); a set bit on disk never covers data that may not
-//! be on the medium. Deferring the bits to the flush costs no extra flush per write.
+//! A flush takes those blocks' bitmaps as they are, makes the data durable, then writes
+//! the bitmaps and flushes again; one such saving runs at a time. A crash before that
+//! leaves the sectors reading from the parent, as if never written (they were not
+//! acknowledged); a set bit on disk never covers data that may not be on the medium.
+//! Deferring the bits to the flush costs no extra flush per write.
 //!
 //! Moving whole bitmap bytes rather than single sectors costs a little copying but keeps
 //! every byte of bitmaps written here 0x00 or 0xFF. libvhdi (vhdimount 20210425) reads a
@@ -31,6 +33,7 @@ use super::bitmap::SectorBitmap;
 use super::dynamic_header::DynamicHeader;
 use super::parent_locator::ParentLocator;
 use super::{Dynamic, SECTOR, VhdDisk};
+use crate::commit_queue::CommitQueue;
 use crate::disk::Format;
 use crate::error::{Error, IoContext, Result};
 use crate::layer::{
@@ -123,9 +126,11 @@ pub(super) struct Differencing {
     pub parent: Option<Parent>,
     /// Every allocated block with its bitmap as reads must see it.
     blocks: RwLock<HashMap<u64, DiffBlock>>,
-    /// Blocks whose bitmap in memory has bits the file does not have yet. Changed only
-    /// with the allocator held.
+    /// Blocks whose bitmap in memory has bits the file does not have yet: a writer adds
+    /// its block once the bits are set, a saving takes every block before its flush.
     unsaved_bitmaps: Mutex<BTreeSet<u64>>,
+    /// Savings of those bitmaps, one at a time.
+    saving: CommitQueue<()>,
 }
 
 /// Sectors of a block touched by `len` bytes at `in_block`.
@@ -187,6 +192,7 @@ impl Differencing {
             parent: None,
             blocks: RwLock::new(blocks),
             unsaved_bitmaps: Mutex::new(BTreeSet::new()),
+            saving: CommitQueue::default(),
         })
     }
 
@@ -219,8 +225,8 @@ impl Differencing {
     /// Drops `blocks`, whose BAT entries are unallocated now: they read from the parent,
     /// and have no bitmap left to write. Called with the allocator held.
     pub(super) fn forget(&self, blocks: impl Iterator<Item = u64>) {
-        let mut unsaved = self.unsaved_bitmaps.lock();
         let mut map = self.blocks.write();
+        let mut unsaved = self.unsaved_bitmaps.lock();
         for block in blocks {
             map.remove(&block);
             unsaved.remove(&block);
@@ -277,32 +283,32 @@ impl VhdDisk {
         data: &[u8],
     ) -> Result<()> {
         let sectors = sector_span(in_block, data.len());
-        {
-            let _pin = d.space.pin();
-            let in_this_file = diff
-                .blocks
-                .read()
-                .get(&block)
-                .filter(|b| b.bitmap.all_set(sectors.clone()))
-                .map(|b| b.at);
-            if let Some(block_at) = in_this_file {
-                return self.write_data(d, block, block_at, in_block, data);
-            }
+        if self.write_in_child(d, diff, block, &sectors, in_block, data)? {
+            return Ok(());
         }
-
-        let mut allocator = d.allocator.lock();
-        // Another writer may have changed the block while this one waited.
-        let existing = diff.blocks.read().get(&block).cloned();
+        let _claim = d.claims.claim_when_free(&[block..block + 1]);
+        // Another writer may have moved the sectors into this file while this one waited.
+        if self.write_in_child(d, diff, block, &sectors, in_block, data)? {
+            return Ok(());
+        }
         let storage = self.storage.as_ref();
         let block_start = block * d.layout.block_size;
         let data_at = |block_at: u64, in_block: u64| block_at + d.layout.bitmap_bytes + in_block;
         let group = whole_groups(&sectors, d.layout.block_size / SECTOR);
-        let DiffBlock { at, mut bitmap } = match existing {
+        // The claim keeps other writers from changing the block's bitmap meanwhile.
+        let pin = d.space.pin();
+        let existing = diff
+            .blocks
+            .read()
+            .get(&block)
+            .map(|b| (b.at, b.bitmap.runs(group.clone())));
+        match existing {
             None => {
+                drop(pin);
                 let span = group.start * SECTOR..group.end * SECTOR;
                 let merged = diff.widen_with_parent(block_start, span.clone(), in_block, data)?;
                 let clear = vec![0u8; d.layout.bitmap_bytes as usize];
-                let at = self.place_block(d, &mut allocator, block, |block_at, context| {
+                let at = self.allocate(d, block, |block_at, context| {
                     storage
                         .write_at(&clear, block_at)
                         .context(|| context("writing the sector bitmap"))?;
@@ -310,15 +316,12 @@ impl VhdDisk {
                         .write_at(&merged, data_at(block_at, span.start))
                         .context(|| context("writing data"))
                 })?;
-                let placed = DiffBlock {
-                    at,
-                    bitmap: SectorBitmap::clear(d.layout.block_size / SECTOR),
-                };
-                diff.blocks.write().insert(block, placed.clone());
-                placed
+                let mut bitmap = SectorBitmap::clear(d.layout.block_size / SECTOR);
+                bitmap.set(group);
+                diff.blocks.write().insert(block, DiffBlock { at, bitmap });
             }
-            Some(existing) => {
-                for (run, present) in existing.bitmap.runs(group.clone()) {
+            Some((at, runs)) => {
+                for (run, present) in runs {
                     let overlap = clip(&run, in_block, data.len());
                     let part = if overlap.start < overlap.end {
                         &data
@@ -330,52 +333,98 @@ impl VhdDisk {
                         if part.is_empty() {
                             continue;
                         }
-                        storage.write_at(part, data_at(existing.at, overlap.start))
+                        storage.write_at(part, data_at(at, overlap.start))
                     } else {
                         let span = run.start * SECTOR..run.end * SECTOR;
                         let from = overlap.start.clamp(span.start, span.end);
                         let merged =
                             diff.widen_with_parent(block_start, span.clone(), from, part)?;
-                        storage.write_at(&merged, data_at(existing.at, span.start))
+                        storage.write_at(&merged, data_at(at, span.start))
                     };
                     written.context(|| format!("writing {} bytes to block {block}", part.len()))?;
                 }
-                existing
+                if let Some(b) = diff.blocks.write().get_mut(&block) {
+                    b.bitmap.set(group);
+                }
+                drop(pin);
             }
-        };
-        bitmap.set(group);
+        }
+        // Only after the bits: a saving that takes the block from the set reads them.
         diff.unsaved_bitmaps.lock().insert(block);
-        diff.blocks.write().insert(block, DiffBlock { at, bitmap });
         Ok(())
     }
 
+    /// Writes `data` at `in_block` into `block` if every sector it touches is in this file
+    /// already; false if not.
+    fn write_in_child(
+        &self,
+        d: &Dynamic,
+        diff: &Differencing,
+        block: u64,
+        sectors: &Range<u64>,
+        in_block: u64,
+        data: &[u8],
+    ) -> Result<bool> {
+        let _pin = d.space.pin();
+        let in_this_file = diff
+            .blocks
+            .read()
+            .get(&block)
+            .filter(|b| b.bitmap.all_set(sectors.clone()))
+            .map(|b| b.at);
+        match in_this_file {
+            Some(block_at) => self
+                .write_data(d, block, block_at, in_block, data)
+                .map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// Makes every completed write durable: data first, then the bitmaps that mark it.
+    /// One saving runs at a time (others join it, as commits do), so no bitmap written
+    /// lands after a newer one of the same block.
     pub(super) fn flush_differencing(&self, d: &Dynamic, diff: &Differencing) -> Result<()> {
-        // No bit may change between the two flushes.
-        let _allocator = d.allocator.lock();
-        let storage = self.storage.as_ref();
-        storage
-            .flush()
-            .context(|| "flushing the image".to_string())?;
-        let mut unsaved = diff.unsaved_bitmaps.lock();
-        if unsaved.is_empty() {
+        diff.saving.commit(None, |_| {
+            let unsaved: Vec<u64> = std::mem::take(&mut *diff.unsaved_bitmaps.lock())
+                .into_iter()
+                .collect();
+            let saved = self.save_bitmaps(d, diff, &unsaved);
+            if saved.is_err() {
+                diff.unsaved_bitmaps.lock().extend(unsaved);
+            }
+            saved
+        })
+    }
+
+    /// Writes the bitmaps of `blocks` as they are now, once the data they mark is durable.
+    fn save_bitmaps(&self, d: &Dynamic, diff: &Differencing, blocks: &[u64]) -> Result<()> {
+        let sectors = d.layout.block_size / SECTOR;
+        // Taken before the flush, so every bit they hold covers data it makes durable.
+        let stored: Vec<(u64, u64, Vec<u8>)> = {
+            let map = diff.blocks.read();
+            blocks
+                .iter()
+                .filter_map(|block| {
+                    let b = map.get(block)?;
+                    Some((*block, b.at, b.bitmap.stored_sectors(0..sectors).1))
+                })
+                .collect()
+        };
+        self.commit(d, None)?;
+        if stored.is_empty() {
             return Ok(());
         }
-        let sectors = d.layout.block_size / SECTOR;
-        while let Some(&block) = unsaved.first() {
-            let (at, stored) = {
-                let blocks = diff.blocks.read();
-                let b = &blocks[&block];
-                (b.at, b.bitmap.stored_sectors(0..sectors).1)
-            };
-            storage
-                .write_at(&stored, at)
-                .context(|| format!("writing the sector bitmap of block {block}"))?;
-            unsaved.remove(&block);
+        for (block, at, bytes) in &stored {
+            let _pin = d.space.pin();
+            // A block given back meanwhile keeps its old bits out of space that may be
+            // handed out again.
+            if diff.blocks.read().get(block).is_some_and(|b| b.at == *at) {
+                self.storage
+                    .write_at(bytes, *at)
+                    .context(|| format!("writing the sector bitmap of block {block}"))?;
+            }
         }
-        storage
-            .flush()
-            .context(|| "flushing the sector bitmaps".to_string())
+        self.commit(d, None)
     }
 }
 
@@ -388,8 +437,8 @@ mod tests {
     use crate::storage::MemStorage;
     use crate::vhd::DiskType;
     use crate::vhd::tests::{
-        BLOCK, Model, Shared, assemble, assert_same, crash_images, dynamic_image, footer_for,
-        header_for, new_block_data_at, read_all,
+        BLOCK, FlushGate, Model, Shared, assemble, assert_same, crash_images, dynamic_image,
+        footer_for, header_for, new_block_data_at, read_all,
     };
     use parking_lot::Mutex;
     use rand::rngs::StdRng;
@@ -764,13 +813,7 @@ mod tests {
                 checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         };
-        let (disk, _) = open_child(
-            Box::new(Shared {
-                inner: storage.clone(),
-                before_op: Some(Box::new(hook)),
-            }),
-            &parent,
-        );
+        let (disk, _) = open_child(Shared::with_hook(storage.clone(), hook), &parent);
         let mut rng = StdRng::seed_from_u64(9);
         for _epoch in 0..5 {
             for _ in 0..3 {
@@ -792,5 +835,43 @@ mod tests {
         }
         assert!(checks.load(std::sync::atomic::Ordering::Relaxed) > 40);
         check(&storage, &model.lock(), &mut rng);
+    }
+
+    #[test]
+    fn copy_ups_and_new_blocks_go_ahead_while_an_allocation_waits_for_its_flush() {
+        let size = 4 * u64::from(CHILD_BLOCK);
+        let (parent, parent_data) = parent_image(size, 13);
+        let gate = FlushGate::new(child_image(size, CHILD_BLOCK));
+        let (disk, _) = open_child(Box::new(gate.clone()), &parent);
+        let mut expected = parent_data.clone();
+        // Block 0 allocated, and room made for the others.
+        disk.write_at(&[1; 512], 0).unwrap();
+        disk.flush().unwrap();
+        expected[..512].fill(1);
+        let block = |i: u64| i * u64::from(CHILD_BLOCK);
+        gate.hold(true);
+        std::thread::scope(|scope| {
+            let a = scope.spawn(|| disk.write_at(&[0xA1; 700], block(1) + 100));
+            gate.wait_until("writer A's data flush", |s| s.held == 1);
+            // Sectors of the allocated block move in from the parent, and the write is
+            // done, while A waits.
+            disk.write_at(&[0xB2; 700], block(0) + 5000).unwrap();
+            // A whole bitmap byte's sectors, so the data written starts with C's bytes.
+            let c = scope.spawn(|| disk.write_at(&[0xC3; 4096], block(2) + 8192));
+            gate.wait_until("writer C's data write", |s| s.writes.contains(&0xC3));
+            gate.hold(false);
+            a.join().unwrap().unwrap();
+            c.join().unwrap().unwrap();
+        });
+        expected[block(1) as usize + 100..][..700].fill(0xA1);
+        expected[5000..5700].fill(0xB2);
+        expected[block(2) as usize + 8192..][..4096].fill(0xC3);
+        assert_same(&read_all(&disk), &expected);
+        disk.flush().unwrap();
+        let (reopened, _) = open_child(
+            Box::new(gate.inner.power_loss_dropping_unflushed()),
+            &parent,
+        );
+        assert_same(&read_all(&reopened), &expected);
     }
 }

@@ -5,25 +5,46 @@
 //! under a lock that is held only to look entries up or change them. Data I/O to allocated
 //! blocks runs outside every lock, one positional request per block touched.
 //!
-//! A new block goes where the trailing footer was, moved forward by less than 4 KiB so its
-//! data starts on a page boundary of the file: a 4 KiB write then covers whole pages, where
-//! unaligned data makes the page cache read two pages for every page written. Allocation
+//! A new block takes file space that no block or structure uses, placed so that its data
+//! starts on a page boundary of the file: a 4 KiB write then covers whole pages, where
+//! unaligned data makes the page cache read two pages for every page written. When no
+//! such space fits a block, the trailing footer moves forward past room for several
+//! blocks, so that one footer write and flush serve several allocations. That room is free
+//! space like the gaps found at open and the blocks discards give back; room a crash
+//! leaves unused is a gap the next open finds, and a clean close cuts it off. Allocation
 //! keeps the file openable at every instant and never lets the BAT point at data that may
 //! not be on the medium:
 //!
-//! 1. write the footer past the end of the new block, flush: the file always ends in a
-//!    valid footer, the old one becoming dead space before or inside the new block;
-//! 2. zero the old footer, write the block's bitmap (all ones) and the caller's data into
-//!    the block, flush: the rest of the block reads as zeros because the file grew past
-//!    it in step 1;
+//! 1. to make room: write the footer at its new place and flush, so the file always ends
+//!    in a valid footer; then zero the old one, which a tool scanning for footers would
+//!    take for the end of an image;
+//! 2. clear the block's space, write its bitmap (all ones) and the caller's data, flush;
 //! 3. write the BAT entry. This is the commit point; a crash before it only leaks the
 //!    space, and the entry becomes durable with the next flush like any other write.
 //!
-//! Space that no block uses (gaps found at open, blocks released by discards) is taken
-//! before the file grows: it is cleared to zeros, the bitmap and data are written and
-//! flushed, then the BAT entry; the footer stays where it is. Data I/O to allocated
-//! blocks pins the space gate (see `free_space`), so released space is reused only once
-//! no read or write that found the old block can still reach it.
+//! Only step 1 holds a lock (the allocator) across I/O. Meanwhile the block is claimed in
+//! memory (`claims`): a second writer to it waits, then writes into the allocated
+//! block; a writer whose step 2 fails gives its space back and its claim up, leaving
+//! nothing that later writers could trust. Steps 2 and 3 end in a group commit
+//! (`commit_queue`): a writer whose data is written queues its entry, and one flush followed
+//! by the entries of every writer queued serves them all; a flush of the disk joins the
+//! same queue. Data I/O to allocated blocks pins the space gate (see `free_space`), so
+//! released space is reused only once no read or write that found the old block can
+//! still reach it.
+//!
+//! Locks, in the order they are taken (a thread holding one takes only later ones):
+//!
+//! 1. a block's claim, held by its writer across allocating the block or copying sectors
+//!    into it, and waited for holding no lock and no space pin;
+//! 2. the allocator (free space, where the trailing footer is): held to take or give back
+//!    space, and across moving the footer;
+//! 3. the BAT, then a differencing disk's bitmaps, then its set of unsaved bitmaps: held
+//!    only to look entries up or change them in memory.
+//!
+//! A commit queue is joined holding neither 2 nor 3, and its leader takes 3. A
+//! differencing disk's bitmap saving (its own queue) leads commits of the disk's queue,
+//! never the reverse. A space pin is held only across a lookup (taking 3) and the data I/O
+//! it leads to.
 //!
 //! Differencing disks (`differencing.rs`) describe their parent and are handed it, opened
 //! read-only, by the chain module; per-sector bitmaps kept in memory send a sector to
@@ -53,6 +74,8 @@ use dynamic_header::MAX_DISK_SIZE;
 pub use footer::DiskType;
 pub use geometry::Geometry;
 
+use crate::claims::Claims;
+use crate::commit_queue::CommitQueue;
 use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VhdSizeRule, VirtualDisk};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
 use crate::finding::{Finding, Fix, Problems};
@@ -78,6 +101,11 @@ const MAX_BAT_ENTRIES: u64 = 1 << 22;
 /// New blocks place their data at a multiple of this in the file (or of the block size,
 /// if smaller).
 const DATA_ALIGNMENT: u64 = 4096;
+/// Blocks that one move of the trailing footer makes room for, so one footer write and
+/// flush serve the allocations of several writers (or of one writing sequentially)...
+const ROOM_BLOCKS: u64 = 8;
+/// ...within this many bytes, or one block where that is larger.
+const ROOM_BYTES: u64 = 64 << 20;
 
 /// An open VHD image.
 pub struct VhdDisk {
@@ -99,9 +127,15 @@ struct Dynamic {
     table_offset: u64,
     layout: BlockLayout,
     bat: RwLock<Bat>,
-    /// Held for the whole of an allocation or release, so two writers never allocate the
-    /// same block or the same space.
+    /// Held to hand out space or take it back, and across moving the trailing footer:
+    /// never across a block's data I/O.
     allocator: Mutex<Allocator>,
+    /// Blocks being allocated, or (in a differencing disk) having sectors copied into them
+    /// from the parent, by one writer each.
+    claims: Claims,
+    /// New blocks' BAT entries (block, sector), each waiting for the flush that makes its
+    /// block's data durable.
+    commits: CommitQueue<(u64, u32)>,
     /// Pinned by data I/O to allocated blocks, so released space is reused only once no
     /// I/O can still reach it.
     space: SpaceGate,
@@ -134,9 +168,12 @@ struct Allocator {
     /// Where the next block goes when no free space fits it: the trailing footer's
     /// offset, sector-aligned.
     next_block: u64,
-    /// Space before `next_block` that no structure or block uses: gaps found at open and
-    /// blocks released since.
+    /// Space before `next_block` that no structure or block uses: gaps found at open,
+    /// blocks released since, and room made at the end that no block took yet.
     free: FreeSpace,
+    /// Where the trailing footer was before this session first made room: a clean close
+    /// cuts off the room no block took, down to here at most.
+    grown_from: Option<u64>,
 }
 
 /// The footer chosen at open and where the data area it closes ends.
@@ -263,14 +300,36 @@ impl VhdDisk {
 
     /// Writes into a block that may not be allocated yet.
     fn write_block(&self, d: &Dynamic, block: u64, in_block: u64, data: &[u8]) -> Result<()> {
-        {
-            let _pin = d.space.pin();
-            let allocated = d.bat.read().block_offset(block);
-            if let Some(block_at) = allocated {
-                return self.write_data(d, block, block_at, in_block, data);
-            }
+        if self.write_allocated(d, block, in_block, data)? {
+            return Ok(());
         }
-        self.allocate_block(d, block, in_block, data)
+        let _claim = d.claims.claim_when_free(&[block..block + 1]);
+        // Another writer may have allocated the block while this one waited.
+        if self.write_allocated(d, block, in_block, data)? {
+            return Ok(());
+        }
+        let storage = self.storage.as_ref();
+        self.allocate(d, block, |block_at, context| {
+            storage
+                .write_at(&d.full_bitmap, block_at)
+                .context(|| context("writing the sector bitmap"))?;
+            storage
+                .write_at(data, block_at + d.layout.bitmap_bytes + in_block)
+                .context(|| context("writing data"))
+        })?;
+        Ok(())
+    }
+
+    /// Writes `data` at `in_block` into `block` if it is allocated; false if it is not.
+    fn write_allocated(&self, d: &Dynamic, block: u64, in_block: u64, data: &[u8]) -> Result<bool> {
+        let _pin = d.space.pin();
+        let allocated = d.bat.read().block_offset(block);
+        match allocated {
+            Some(block_at) => self
+                .write_data(d, block, block_at, in_block, data)
+                .map(|()| true),
+            None => Ok(false),
+        }
     }
 
     fn write_data(
@@ -286,68 +345,74 @@ impl VhdDisk {
             .context(|| format!("writing {} bytes to block {block}", data.len()))
     }
 
-    /// Gives `block` space at the end of the file holding `data` at `in_block`, in the
-    /// crash-safe order described at the top of this module.
-    fn allocate_block(&self, d: &Dynamic, block: u64, in_block: u64, data: &[u8]) -> Result<()> {
-        let mut allocator = d.allocator.lock();
-        // Another writer may have allocated the block while this one waited.
-        let allocated = d.bat.read().block_offset(block);
-        if let Some(block_at) = allocated {
-            drop(allocator);
-            return self.write_data(d, block, block_at, in_block, data);
-        }
-        let storage = self.storage.as_ref();
-        self.place_block(d, &mut allocator, block, |block_at, context| {
-            storage
-                .write_at(&d.full_bitmap, block_at)
-                .context(|| context("writing the sector bitmap"))?;
-            storage
-                .write_at(data, block_at + d.layout.bitmap_bytes + in_block)
-                .context(|| context("writing data"))
-        })?;
-        Ok(())
-    }
-
-    /// Places `block` with the allocator held, in free space if some fits it (cleared to
-    /// zeros first), else at the end of the file (new footer past it, flushed); then
-    /// `fill(block offset, message context)` writes the bitmap and data, flushed; then the
+    /// Gives `block`, claimed by the caller, file space in the crash-safe order described
+    /// at the top of this module: the space cleared, then `fill(block offset, message
+    /// context)` writes the bitmap and data, then the commit flushes them and writes the
     /// BAT entry. Returns where the block went.
-    fn place_block(
+    fn allocate(
         &self,
         d: &Dynamic,
-        allocator: &mut Allocator,
         block: u64,
         fill: impl FnOnce(u64, &dyn Fn(&str) -> String) -> Result<()>,
     ) -> Result<u64> {
-        let (span, head) = (d.layout.span(), d.layout.bitmap_bytes);
-        let data_alignment = d.layout.block_size.min(DATA_ALIGNMENT);
         let storage = self.storage.as_ref();
         let context = |step: &str| format!("allocating block {block}: {step}");
-        let reused = allocator.free.take(span, &d.space, |free| {
-            aligned_place(free, span, head, data_alignment, SECTOR)
+        let block_at = self.take_space(d, &context)?;
+        let span = block_at..block_at + d.layout.span();
+        let filled = block_sector(block, block_at).and_then(|sector| {
+            storage::zero_range(storage, span.start, span.end - span.start, true)
+                .context(|| context("clearing its space"))?;
+            fill(block_at, &context)?;
+            Ok(sector)
         });
-        if let Some(block_at) = reused {
-            let sector = block_sector(block, block_at)?;
-            let placed = storage::zero_range(storage, block_at, span, true)
-                .context(|| context("clearing reused space"))
-                .and_then(|_| fill(block_at, &context))
-                .and_then(|_| storage.flush().context(|| context("flushing block data")));
-            if let Err(e) = placed {
-                allocator.free.insert(block_at..block_at + span);
+        let sector = match filled {
+            Ok(sector) => sector,
+            Err(e) => {
+                // Nothing points at the space: it is free again, and cleared before use.
+                d.allocator.lock().free.insert(span);
                 return Err(e);
             }
-            return self.commit_block(d, block, sector, block_at);
+        };
+        // A failed commit may still have put the entry in the file: the space is never
+        // handed out again (the next open finds it free if the entry did not stay).
+        self.commit(d, Some((block, sector)))?;
+        Ok(block_at)
+    }
+
+    /// Takes space for a new block: free space where some fits it, else room made past
+    /// the end of the file for it and the next few.
+    fn take_space(&self, d: &Dynamic, context: &dyn Fn(&str) -> String) -> Result<u64> {
+        let (span, head) = (d.layout.span(), d.layout.bitmap_bytes);
+        let alignment = d.layout.block_size.min(DATA_ALIGNMENT);
+        let place = |range: Range<u64>| aligned_place(range, span, head, alignment, SECTOR);
+        let mut allocator = d.allocator.lock();
+        if let Some(at) = allocator.free.take(span, &d.space, place) {
+            return Ok(at);
         }
-        let block_at = (allocator.next_block + head).next_multiple_of(data_alignment) - head;
-        let sector = block_sector(block, block_at)?;
-        let footer_at = block_at + span;
-        self.move_footer(allocator, footer_at, &context)?;
-        fill(block_at, &context)?;
-        storage.flush().context(|| context("flushing block data"))?;
-        // Even a failed entry write may have reached the file: never hand this space out
-        // again.
-        allocator.next_block = footer_at;
-        self.commit_block(d, block, sector, block_at)
+        let unallocated = self
+            .size
+            .div_ceil(d.layout.block_size)
+            .saturating_sub(d.bat.read().allocated());
+        let blocks = ROOM_BLOCKS.min(ROOM_BYTES / span).min(unallocated).max(1);
+        let too_far = || {
+            Error::new(ErrorKind::Io {
+                what: context("making room"),
+                source: std::io::Error::from_raw_os_error(libc::EFBIG),
+            })
+        };
+        // A place found in a range ending at u64::MAX leaves room for the span after it.
+        let start = allocator.next_block;
+        let at = place(start..u64::MAX).ok_or_else(too_far)?;
+        let mut end = at + span;
+        for _ in 1..blocks {
+            end = place(end..u64::MAX).ok_or_else(too_far)? + span;
+        }
+        self.move_footer(&allocator, end, context)?;
+        allocator.grown_from.get_or_insert(start);
+        allocator.next_block = end;
+        allocator.free.insert(start..at);
+        allocator.free.insert(at + span..end);
+        Ok(at)
     }
 
     /// Moves the trailing footer from `allocator.next_block` forward to `footer_at`,
@@ -429,17 +494,79 @@ impl VhdDisk {
         Ok(())
     }
 
-    /// Points `block`'s BAT entry at `sector`, its data being durable at `block_at`.
-    fn commit_block(&self, d: &Dynamic, block: u64, sector: u32, block_at: u64) -> Result<u64> {
-        self.storage
-            .write_at(
-                &Bat::entry_bytes(sector),
-                d.table_offset + block * bat::ENTRY_SIZE,
-            )
-            .context(|| format!("allocating block {block}: writing the BAT entry"))?;
-        d.bat.write().set(block, sector);
-        Ok(block_at)
+    /// Makes every write completed so far durable, then writes `entry` (block, sector) with
+    /// the entries other writers queued meanwhile: one flush for all of them (see
+    /// `commit_queue`). The entries become durable with the next flush.
+    fn commit(&self, d: &Dynamic, entry: Option<(u64, u32)>) -> Result<()> {
+        d.commits.commit(entry, |entries| {
+            let storage = self.storage.as_ref();
+            storage.flush().context(|| match entries.as_slice() {
+                [] => "flushing the image".to_string(),
+                [(block, _)] => format!("allocating block {block}: flushing its data"),
+                more => {
+                    let blocks: Vec<String> = more.iter().map(|(b, _)| b.to_string()).collect();
+                    format!(
+                        "allocating blocks {}: flushing their data",
+                        blocks.join(", ")
+                    )
+                }
+            })?;
+            for &(block, sector) in &entries {
+                storage
+                    .write_at(
+                        &Bat::entry_bytes(sector),
+                        d.table_offset + block * bat::ENTRY_SIZE,
+                    )
+                    .context(|| format!("allocating block {block}: writing the BAT entry"))?;
+                d.bat.write().set(block, sector);
+            }
+            Ok(())
+        })
     }
+
+    /// Cuts off the room made at the end of the file that no block took, the footer
+    /// written at the new end first.
+    fn give_back_room(&self, d: &Dynamic) -> Result<()> {
+        let mut allocator = d.allocator.lock();
+        let Some(grown_from) = allocator.grown_from else {
+            return Ok(());
+        };
+        let Some(last) = allocator.free.ranges().last() else {
+            return Ok(());
+        };
+        let end = last.start.max(grown_from).next_multiple_of(SECTOR);
+        if last.end != allocator.next_block || end >= last.end {
+            return Ok(());
+        }
+        end_with_footer(self.storage.as_ref(), &self.footer_bytes.lock(), end)?;
+        allocator.next_block = end;
+        allocator.free.remove(end..u64::MAX);
+        Ok(())
+    }
+}
+
+/// Writes `footer` at `at`, flushed, then cuts the file after it if it went on, flushed:
+/// the file ends in a valid footer at every instant.
+fn end_with_footer(storage: &dyn Storage, footer: &[u8; FOOTER_SIZE], at: u64) -> Result<()> {
+    storage
+        .write_at(footer, at)
+        .context(|| format!("writing the footer at {at:#x}"))?;
+    storage
+        .flush()
+        .context(|| "flushing the footer".to_string())?;
+    let end = at + FOOTER_SIZE as u64;
+    let file_len = storage
+        .len()
+        .context(|| "reading the file size".to_string())?;
+    if file_len > end {
+        storage
+            .set_len(end)
+            .context(|| "cutting the file after the footer".to_string())?;
+        storage
+            .flush()
+            .context(|| "flushing the shorter file".to_string())?;
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for VhdDisk {
@@ -752,7 +879,13 @@ fn open_dynamic(
             .map(|r| r.start..r.start + r.len)
             .chain(locators.spaces.iter().cloned())
             .collect(),
-        allocator: Mutex::new(Allocator { next_block, free }),
+        allocator: Mutex::new(Allocator {
+            next_block,
+            free,
+            grown_from: None,
+        }),
+        claims: Claims::default(),
+        commits: CommitQueue::default(),
         space: SpaceGate::default(),
         full_bitmap: vec![0xFF; layout.bitmap_bytes as usize],
         differencing,
@@ -814,14 +947,30 @@ impl VirtualDisk for VhdDisk {
         if self.read_only {
             return Ok(());
         }
-        if let Some(d) = &self.dynamic
-            && let Some(diff) = &d.differencing
-        {
-            return self.flush_differencing(d, diff);
+        match &self.dynamic {
+            Some(d) => match &d.differencing {
+                Some(diff) => self.flush_differencing(d, diff),
+                None => self.commit(d, None),
+            },
+            None => self
+                .storage
+                .flush()
+                .context(|| "flushing the image".to_string()),
         }
-        self.storage
-            .flush()
-            .context(|| "flushing the image".to_string())
+    }
+
+    /// Flushes, and cuts off the room at the end of the file that no block took. The
+    /// room is only a hole of zeros before the footer, so an image that keeps it (the
+    /// footer write failed, on a full filesystem say) is closed cleanly all the same.
+    fn close(&self) -> Result<()> {
+        self.flush()?;
+        if let Some(d) = &self.dynamic
+            && !self.read_only
+            && let Err(e) = self.give_back_room(d)
+        {
+            ::log::warn!("VHD: the room no block took stays at the end of the file: {e}");
+        }
+        Ok(())
     }
 
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

@@ -68,30 +68,15 @@ impl Relocation for VhdDisk {
         let mut allocator = d.allocator.lock();
         let storage = self.storage.as_ref();
         let end = d.structures_end().next_multiple_of(SECTOR);
-        let file_len = storage
-            .len()
-            .context(|| "reading the file size".to_string())?;
         if end >= allocator.next_block {
-            return Ok(file_len);
+            return storage
+                .len()
+                .context(|| "reading the file size".to_string());
         }
-        // The old footer stays at the end until the new one is durable: a crash in
-        // between leaves an image that still ends in a valid footer.
-        storage
-            .write_at(&*self.footer_bytes.lock(), end)
-            .context(|| format!("writing the footer at {end:#x}"))?;
-        storage
-            .flush()
-            .context(|| "flushing the new footer".to_string())?;
-        let new_len = end + FOOTER_SIZE as u64;
-        storage
-            .set_len(new_len)
-            .context(|| "cutting the file after the footer".to_string())?;
-        storage
-            .flush()
-            .context(|| "flushing the shorter file".to_string())?;
+        end_with_footer(storage, &self.footer_bytes.lock(), end)?;
         allocator.next_block = end;
         allocator.free.remove(end..u64::MAX);
-        Ok(new_len)
+        Ok(end + FOOTER_SIZE as u64)
     }
 
     fn reserve(&self, len: u64) -> Result<u64> {

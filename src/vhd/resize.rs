@@ -203,30 +203,6 @@ impl VhdDisk {
     }
 }
 
-/// Writes `footer` at `at`, flushed, then cuts the file after it if it went on, flushed:
-/// the file ends in a valid footer at every instant.
-fn end_with_footer(storage: &dyn Storage, footer: &[u8; FOOTER_SIZE], at: u64) -> Result<()> {
-    storage
-        .write_at(footer, at)
-        .context(|| format!("writing the footer at {at:#x}"))?;
-    storage
-        .flush()
-        .context(|| "flushing the footer".to_string())?;
-    let end = at + FOOTER_SIZE as u64;
-    let file_len = storage
-        .len()
-        .context(|| "reading the file size".to_string())?;
-    if file_len > end {
-        storage
-            .set_len(end)
-            .context(|| "cutting the file after the footer".to_string())?;
-        storage
-            .flush()
-            .context(|| "flushing the shorter file".to_string())?;
-    }
-    Ok(())
-}
-
 impl Resize for VhdDisk {
     fn fit_size(&self, size: u64) -> Result<u64> {
         if self.footer.saved_state != 0 {

@@ -83,11 +83,14 @@ fn fixed_image(data: &[u8]) -> Vec<u8> {
 
 pub(crate) type BeforeOp = dyn Fn(&MemStorage) + Send + Sync;
 
-/// A storage the test keeps a handle on, optionally calling `before_op` ahead of every
-/// request that changes the file.
+/// A storage the test keeps a handle on, optionally calling a hook ahead of every
+/// request that changes the file. With a hook, those requests run one at a time, each
+/// right after its hook: the file stands still while a hook looks at it, however many
+/// writers run.
 pub(crate) struct Shared {
     pub(crate) inner: Arc<MemStorage>,
-    pub(crate) before_op: Option<Box<BeforeOp>>,
+    before_op: Option<Box<BeforeOp>>,
+    one_at_a_time: parking_lot::Mutex<()>,
 }
 
 impl Shared {
@@ -95,13 +98,27 @@ impl Shared {
         Box::new(Shared {
             inner,
             before_op: None,
+            one_at_a_time: parking_lot::Mutex::new(()),
         })
     }
 
-    fn hook(&self) {
-        if let Some(f) = &self.before_op {
-            f(&self.inner);
-        }
+    pub(crate) fn with_hook(
+        inner: Arc<MemStorage>,
+        hook: impl Fn(&MemStorage) + Send + Sync + 'static,
+    ) -> Box<Shared> {
+        Box::new(Shared {
+            inner,
+            before_op: Some(Box::new(hook)),
+            one_at_a_time: parking_lot::Mutex::new(()),
+        })
+    }
+
+    /// Runs the hook; the request goes ahead while the returned guard lives.
+    fn hook(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
+        let hook = self.before_op.as_ref()?;
+        let turn = self.one_at_a_time.lock();
+        hook(&self.inner);
+        Some(turn)
     }
 }
 
@@ -110,18 +127,18 @@ impl Storage for Shared {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.hook();
+        let _turn = self.hook();
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> std::io::Result<()> {
-        self.hook();
+        let _turn = self.hook();
         self.inner.flush()
     }
     fn len(&self) -> std::io::Result<u64> {
         self.inner.len()
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.hook();
+        let _turn = self.hook();
         self.inner.set_len(len)
     }
 }
@@ -257,6 +274,7 @@ fn new_blocks_put_their_data_on_page_boundaries() {
     let old_len = image.len();
     let disk = open_vec(image).unwrap();
     disk.write_at(&[1; 3 * 512], 512).unwrap();
+    disk.close().unwrap();
     assert_eq!(disk.storage.len().unwrap() as usize, old_len + 3 * 1024);
 }
 
@@ -292,7 +310,9 @@ fn unwritten_blocks_read_as_zeros_and_stay_unallocated() {
         ]
     );
     // The block sits where the footer was, moved up so its data starts on a page
-    // boundary; the old footer is cleared, the bitmap all ones, and the footer moved.
+    // boundary; the old footer is cleared, the bitmap all ones, and the footer moved (past
+    // the block once closed, which cuts off the room made for more).
+    disk.close().unwrap();
     let image = storage.contents();
     let old_end = dynamic_image(size).len() - 512;
     let data_at = new_block_data_at(old_end as u64, 0) as usize;
@@ -530,6 +550,7 @@ fn leftovers_after_the_last_block_never_show_in_a_new_block() {
     let mut expected = vec![0u8; size as usize];
     expected[BLOCK as usize + 7] = 1;
     assert_same(&read_all(&disk), &expected);
+    disk.close().unwrap();
     let image = storage.contents();
     assert_eq!(image.len() as u64, new_block_data_at(2048, 0) + 4096 + 512);
     assert_eq!(&image[image.len() - 512..], &image[..512]);
@@ -545,7 +566,7 @@ fn legacy_short_footers_are_read_and_replaced() {
     let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
     assert_eq!(disk.size(), size);
     disk.write_at(&[8; 100], 3 * u64::from(BLOCK)).unwrap();
-    disk.flush().unwrap();
+    disk.close().unwrap();
     let image = storage.contents();
     assert_eq!(image.len() as u64, new_block_data_at(2048, 0) + 4096 + 512);
     assert_eq!(read_all(&open_vec(image).unwrap())[3 * BLOCK as usize], 8);
@@ -751,6 +772,12 @@ impl Model {
         self.in_flight.fill(false);
     }
 
+    /// A flush acknowledged the writes to `range`, all its writer's.
+    pub(crate) fn acknowledge(&mut self, range: std::ops::Range<usize>) {
+        self.acked[range.clone()].copy_from_slice(&self.current[range.clone()]);
+        self.in_flight[range].fill(false);
+    }
+
     pub(crate) fn check(&self, found: &[u8], what: &str) {
         for (i, &b) in found.iter().enumerate() {
             let ok = b == self.acked[i] || (self.in_flight[i] && b == self.current[i]);
@@ -847,10 +874,7 @@ fn a_crash_at_any_request_keeps_acknowledged_writes() {
         }
     };
     let disk = VhdDisk::open(
-        Box::new(Shared {
-            inner: storage.clone(),
-            before_op: Some(Box::new(hook)),
-        }),
+        Shared::with_hook(storage.clone(), hook),
         &OpenOptions::default(),
     )
     .unwrap();
@@ -894,84 +918,84 @@ fn a_crash_at_any_request_keeps_acknowledged_writes() {
 #[test]
 fn failed_requests_report_the_errno_and_leave_a_consistent_image() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    // Allocation writes the footer, flushes, clears the old footer, writes bitmap and
-    // data, flushes, writes the BAT entry: fail each of these seven requests in turn.
+    // Allocation makes room (writes the footer further on, flushes, clears the old one),
+    // clears the block's space (two requests for these small blocks), writes bitmap and
+    // data, flushes, writes the BAT entry; in room made before, it starts at the
+    // clearing. Fail each of these requests in turn.
     let size = 6 * u64::from(BLOCK);
-    for fail_at in 0..7 {
-        let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
-        // Counts requests once armed and injects the fault just before request
-        // `fail_at`, whichever kind it is.
-        let seen = Arc::new(AtomicUsize::new(usize::MAX));
-        let hook = {
-            let seen = seen.clone();
-            move |storage: &MemStorage| {
-                if seen.load(Ordering::SeqCst) == usize::MAX {
-                    return;
+    for (room_made, requests, flushes) in [(false, 9, [1, 7].as_slice()), (true, 6, &[4])] {
+        for fail_at in 0..requests {
+            let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
+            // Counts requests once armed and injects the fault just before request
+            // `fail_at`, whichever kind it is.
+            let seen = Arc::new(AtomicUsize::new(usize::MAX));
+            let hook = {
+                let seen = seen.clone();
+                move |storage: &MemStorage| {
+                    if seen.load(Ordering::SeqCst) == usize::MAX {
+                        return;
+                    }
+                    if seen.fetch_add(1, Ordering::SeqCst) == fail_at {
+                        storage.fail_writes_after(0, libc::ENOSPC);
+                        storage.fail_flushes(libc::EIO);
+                    }
                 }
-                if seen.fetch_add(1, Ordering::SeqCst) == fail_at {
-                    storage.fail_writes_after(0, libc::ENOSPC);
-                    storage.fail_flushes(libc::EIO);
-                }
-            }
-        };
-        let disk = VhdDisk::open(
-            Box::new(Shared {
-                inner: storage.clone(),
-                before_op: Some(Box::new(hook)),
-            }),
-            &OpenOptions::default(),
-        )
-        .unwrap();
-        let mut model = Model::new(size as usize);
-        model.write(0, &[1; 700]);
-        disk.write_at(&[1; 700], 0).unwrap();
-        disk.flush().unwrap();
-        model.flushed();
-
-        seen.store(0, Ordering::SeqCst);
-        let result = disk.write_at(&[2; 900], 2 * u64::from(BLOCK) + 3);
-        seen.store(usize::MAX, Ordering::SeqCst);
-        let errno = if fail_at == 1 || fail_at == 5 {
-            libc::EIO
-        } else {
-            libc::ENOSPC
-        };
-        model.write(2 * BLOCK as usize + 3, &[2; 900]);
-        let err = result.expect_err("the injected failure must surface");
-        assert!(err.to_string().starts_with("allocating block 2: "), "{err}");
-        assert_eq!(err.errno(), errno, "failing request {fail_at}: {err}");
-        storage.clear_faults();
-
-        // The file as it stands opens and holds what was flushed.
-        let reopened = open_vec(storage.contents()).unwrap();
-        model.check(
-            &read_all(&reopened),
-            &format!("after failing request {fail_at}"),
-        );
-        let reopened = VhdDisk::open(
-            Box::new(storage.power_loss_dropping_unflushed()),
-            &OpenOptions::default(),
-        )
-        .unwrap();
-        model.check(
-            &read_all(&reopened),
-            &format!("crash after failing {fail_at}"),
-        );
-
-        // The same disk carries on once the fault is gone.
-        disk.write_at(&[2; 900], 2 * u64::from(BLOCK) + 3).unwrap();
-        disk.write_at(&[3; 600], 4 * u64::from(BLOCK) - 100)
+            };
+            let disk = VhdDisk::open(
+                Shared::with_hook(storage.clone(), hook),
+                &OpenOptions::default(),
+            )
             .unwrap();
-        model.write(4 * BLOCK as usize - 100, &[3; 600]);
-        disk.flush().unwrap();
-        model.flushed();
-        assert_same(&read_all(&disk), &model.acked);
-        let reopened = VhdDisk::open(
-            Box::new(storage.power_loss_dropping_unflushed()),
-            &OpenOptions::default(),
-        )
-        .unwrap();
-        assert_same(&read_all(&reopened), &model.acked);
+            let mut model = Model::new(size as usize);
+            if room_made {
+                model.write(0, &[1; 700]);
+                disk.write_at(&[1; 700], 0).unwrap();
+                disk.flush().unwrap();
+                model.flushed();
+            }
+
+            seen.store(0, Ordering::SeqCst);
+            let result = disk.write_at(&[2; 900], 2 * u64::from(BLOCK) + 3);
+            seen.store(usize::MAX, Ordering::SeqCst);
+            let what = format!("room made {room_made}, failing request {fail_at}");
+            let errno = match flushes.contains(&fail_at) {
+                true => libc::EIO,
+                false => libc::ENOSPC,
+            };
+            model.write(2 * BLOCK as usize + 3, &[2; 900]);
+            let err = result.expect_err(&what);
+            assert!(
+                err.to_string().starts_with("allocating block 2: "),
+                "{what}: {err}"
+            );
+            assert_eq!(err.errno(), errno, "{what}: {err}");
+            storage.clear_faults();
+
+            // The file as it stands opens and holds what was flushed.
+            let reopened = open_vec(storage.contents()).unwrap();
+            model.check(&read_all(&reopened), &what);
+            let reopened = VhdDisk::open(
+                Box::new(storage.power_loss_dropping_unflushed()),
+                &OpenOptions::default(),
+            )
+            .unwrap();
+            model.check(&read_all(&reopened), &format!("{what}, then a crash"));
+
+            // The same disk carries on once the fault is gone.
+            disk.write_at(&[2; 900], 2 * u64::from(BLOCK) + 3).unwrap();
+            disk.write_at(&[3; 600], 4 * u64::from(BLOCK) - 100)
+                .unwrap();
+            model.write(4 * BLOCK as usize - 100, &[3; 600]);
+            disk.flush().unwrap();
+            model.flushed();
+            assert_same(&read_all(&disk), &model.acked);
+            let reopened = VhdDisk::open(
+                Box::new(storage.power_loss_dropping_unflushed()),
+                &OpenOptions::default(),
+            )
+            .unwrap();
+            assert_same(&read_all(&reopened), &model.acked);
+        }
     }
 }
 
@@ -1130,4 +1154,346 @@ fn discard_modes_follow_the_image_type_and_the_option() {
     let mut data = [0u8; 4096];
     fixed.read_at(&mut data, 0).unwrap();
     assert!(data[100..1100].iter().all(|&b| b == 0) && data[1100..].iter().all(|&b| b == 5));
+}
+
+/// An in-memory file whose flushes wait while the test holds them, and which tells the
+/// test of each flush waiting and of each write it sees.
+pub(crate) struct FlushGate {
+    pub(crate) inner: MemStorage,
+    state: parking_lot::Mutex<GateState>,
+    changed: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+pub(crate) struct GateState {
+    holding: bool,
+    /// Flushes waiting to be let go.
+    pub(crate) held: usize,
+    /// The first byte of every write.
+    pub(crate) writes: Vec<u8>,
+}
+
+impl FlushGate {
+    pub(crate) fn new(image: Vec<u8>) -> Arc<FlushGate> {
+        Arc::new(FlushGate {
+            inner: MemStorage::from_vec(image),
+            state: parking_lot::Mutex::default(),
+            changed: parking_lot::Condvar::new(),
+        })
+    }
+
+    pub(crate) fn hold(&self, holding: bool) {
+        self.state.lock().holding = holding;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `done` holds of the state. The limit only turns a deadlock into a
+    /// failure: what the test waits for takes no time at all.
+    pub(crate) fn wait_until(&self, what: &str, done: impl Fn(&GateState) -> bool) {
+        let mut state = self.state.lock();
+        while !done(&state) {
+            let waited = self
+                .changed
+                .wait_for(&mut state, std::time::Duration::from_secs(300));
+            assert!(!waited.timed_out(), "{what} never happened");
+        }
+    }
+}
+
+impl Storage for FlushGate {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.state
+            .lock()
+            .writes
+            .push(buf.first().copied().unwrap_or(0));
+        self.changed.notify_all();
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let mut state = self.state.lock();
+        if state.holding {
+            state.held += 1;
+            self.changed.notify_all();
+            while state.holding {
+                self.changed.wait(&mut state);
+            }
+            state.held -= 1;
+        }
+        drop(state);
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// A disk on a `FlushGate` whose first block is written and flushed: the room that
+/// allocation made takes every later block, so those only take space.
+fn gated_disk(blocks: u64) -> (Arc<FlushGate>, VhdDisk) {
+    let gate = FlushGate::new(dynamic_image(blocks * u64::from(BLOCK)));
+    let disk = VhdDisk::open(Box::new(gate.clone()), &OpenOptions::default()).unwrap();
+    disk.write_at(&[1; 512], 0).unwrap();
+    disk.flush().unwrap();
+    (gate, disk)
+}
+
+#[test]
+fn an_allocation_waiting_for_its_flush_holds_up_no_other() {
+    let (gate, disk) = gated_disk(8);
+    let len = gate.inner.len().unwrap();
+    gate.hold(true);
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| disk.write_at(&[0xA1; 1024], u64::from(BLOCK)));
+        gate.wait_until("writer A's data flush", |s| s.held == 1);
+        let b = scope.spawn(|| disk.write_at(&[0xB2; 1024], 2 * u64::from(BLOCK)));
+        gate.wait_until("writer B's data write", |s| s.writes.contains(&0xB2));
+        gate.hold(false);
+        a.join().unwrap().unwrap();
+        b.join().unwrap().unwrap();
+    });
+    assert_eq!(disk.allocated_blocks(), Some(3));
+    assert_eq!(gate.inner.len().unwrap(), len);
+    let mut expected = vec![0u8; disk.size() as usize];
+    expected[..512].fill(1);
+    expected[BLOCK as usize..][..1024].fill(0xA1);
+    expected[2 * BLOCK as usize..][..1024].fill(0xB2);
+    assert_same(&read_all(&disk), &expected);
+    disk.flush().unwrap();
+    let reopened = VhdDisk::open(
+        Box::new(gate.inner.power_loss_dropping_unflushed()),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    assert_same(&read_all(&reopened), &expected);
+}
+
+#[test]
+fn allocations_queued_behind_a_commit_share_the_next_flush() {
+    let (gate, disk) = gated_disk(8);
+    let disk = &disk;
+    let commits = &disk.dynamic.as_ref().unwrap().commits;
+    let flushes = gate.inner.flush_count();
+    gate.hold(true);
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| disk.write_at(&[0xA1; 512], u64::from(BLOCK)));
+        gate.wait_until("writer A's data flush", |s| s.held == 1);
+        let others: Vec<_> = (2..5u64)
+            .map(|block| scope.spawn(move || disk.write_at(&[0xB0; 512], block * u64::from(BLOCK))))
+            .collect();
+        let since = std::time::Instant::now();
+        while commits.queued() < 3 {
+            // Only turns a deadlock into a failure: the writers get there at once.
+            assert!(since.elapsed().as_secs() < 300, "the writers never queued");
+            std::thread::yield_now();
+        }
+        gate.hold(false);
+        a.join().unwrap().unwrap();
+        for other in others {
+            other.join().unwrap().unwrap();
+        }
+    });
+    // Four new blocks, two flushes: A's, and one for the three queued behind it.
+    assert_eq!(gate.inner.flush_count(), flushes + 2);
+    assert_eq!(disk.allocated_blocks(), Some(5));
+    let mut expected = vec![0u8; disk.size() as usize];
+    expected[..512].fill(1);
+    expected[BLOCK as usize..][..512].fill(0xA1);
+    for block in 2..5 {
+        expected[block * BLOCK as usize..][..512].fill(0xB0);
+    }
+    disk.flush().unwrap();
+    let reopened = VhdDisk::open(
+        Box::new(gate.inner.power_loss_dropping_unflushed()),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    assert_same(&read_all(&reopened), &expected);
+}
+
+#[test]
+fn a_second_writer_to_a_block_being_allocated_waits_and_writes_into_it() {
+    let (gate, disk) = gated_disk(8);
+    let free_bytes = |disk: &VhdDisk| -> u64 {
+        let free = disk.allocator_free_ranges();
+        free.iter().map(|r| r.end - r.start).sum()
+    };
+    let free_before = free_bytes(&disk);
+    let claims = &disk.dynamic.as_ref().unwrap().claims;
+    gate.hold(true);
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| disk.write_at(&[0xA1; 512], u64::from(BLOCK)));
+        gate.wait_until("writer A's data flush", |s| s.held == 1);
+        let b = scope.spawn(|| disk.write_at(&[0xB2; 512], u64::from(BLOCK) + 1024));
+        let since = std::time::Instant::now();
+        while claims.waiting() == 0 {
+            // Only turns a deadlock into a failure: writer B gets there at once.
+            assert!(since.elapsed().as_secs() < 300, "writer B never waited");
+            std::thread::yield_now();
+        }
+        gate.hold(false);
+        a.join().unwrap().unwrap();
+        b.join().unwrap().unwrap();
+    });
+    // One block's space taken, and both writes in it.
+    assert_eq!(disk.allocated_blocks(), Some(2));
+    assert_eq!(free_before - free_bytes(&disk), SPAN);
+    let mut expected = vec![0u8; disk.size() as usize];
+    expected[..512].fill(1);
+    expected[BLOCK as usize..][..512].fill(0xA1);
+    expected[BLOCK as usize + 1024..][..512].fill(0xB2);
+    assert_same(&read_all(&disk), &expected);
+    disk.flush().unwrap();
+    let reopened = VhdDisk::open(
+        Box::new(gate.inner.power_loss_dropping_unflushed()),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    assert_same(&read_all(&reopened), &expected);
+}
+
+#[test]
+fn a_failed_data_write_leaves_the_block_to_the_next_writer() {
+    let storage = Arc::new(MemStorage::from_vec(dynamic_image(8 * u64::from(BLOCK))));
+    let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
+    disk.write_at(&[1; 512], 0).unwrap();
+    // Clearing the space (two requests) goes through, the bitmap write fails.
+    storage.fail_writes_after(2, libc::ENOSPC);
+    let err = disk.write_at(&[2; 512], u64::from(BLOCK)).unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+    storage.clear_faults();
+    assert_eq!(disk.allocated_blocks(), Some(1));
+    let len = storage.len().unwrap();
+    disk.write_at(&[3; 512], u64::from(BLOCK) + 512).unwrap();
+    disk.flush().unwrap();
+    // The space the failed writer had is the one the block gets, cleared.
+    let at = disk.dynamic.as_ref().unwrap().bat.read().block_offset(1);
+    assert_eq!(at, Some(new_block_data_at(2048, 1) - 512));
+    assert_eq!(storage.len().unwrap(), len);
+    let mut expected = vec![0u8; disk.size() as usize];
+    expected[..512].fill(1);
+    expected[BLOCK as usize + 512..][..512].fill(3);
+    let reopened = VhdDisk::open(
+        Box::new(storage.power_loss_dropping_unflushed()),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    assert_same(&read_all(&reopened), &expected);
+}
+
+#[test]
+fn a_crash_during_concurrent_allocations_keeps_what_each_flush_acknowledged() {
+    const THREADS: u64 = 3;
+    const BLOCKS_EACH: u64 = 3;
+    let size = THREADS * BLOCKS_EACH * u64::from(BLOCK);
+    let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
+    let model = Arc::new(parking_lot::Mutex::new(Model::new(size as usize)));
+    let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hook = {
+        let (model, checks) = (model.clone(), checks.clone());
+        let rng = parking_lot::Mutex::new(StdRng::seed_from_u64(31));
+        move |storage: &MemStorage| {
+            let model = model.lock().clone();
+            check_crash_images(storage, &model, &mut rng.lock());
+            checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    let disk = VhdDisk::open(
+        Shared::with_hook(storage.clone(), hook),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let (disk, model) = (&disk, &model);
+            scope.spawn(move || {
+                // Each thread owns every THREADS-th block: blocks are allocated side by
+                // side, and each byte has one writer.
+                let mut rng = StdRng::seed_from_u64(40 + thread);
+                let mut unflushed = Vec::new();
+                for round in 0..6 {
+                    let (offset, len) = loop {
+                        let block = thread + THREADS * rng.random_range(0..BLOCKS_EACH);
+                        let len = rng.random_range(1..BLOCK as usize);
+                        let offset = block as usize * BLOCK as usize
+                            + rng.random_range(0..BLOCK as usize - len + 1);
+                        if !model.lock().in_flight[offset..offset + len].contains(&true) {
+                            break (offset, len);
+                        }
+                    };
+                    let data: Vec<u8> = (0..len).map(|_| rng.random::<u8>() | 1).collect();
+                    model.lock().write(offset, &data);
+                    disk.write_at(&data, offset as u64).unwrap();
+                    unflushed.push(offset..offset + len);
+                    if round % 2 == 1 {
+                        disk.flush().unwrap();
+                        let mut model = model.lock();
+                        for range in unflushed.drain(..) {
+                            model.acknowledge(range);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    assert!(disk.allocated_blocks().unwrap() >= THREADS);
+    assert!(checks.load(std::sync::atomic::Ordering::Relaxed) > 50);
+    check_crash_images(&storage, &model.lock(), &mut StdRng::seed_from_u64(32));
+}
+
+#[test]
+fn room_a_crash_left_is_reused_and_a_clean_close_cuts_off_the_rest() {
+    let size = 16 * u64::from(BLOCK);
+    let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
+    let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
+    disk.write_at(&[1; 512], 0).unwrap();
+    disk.flush().unwrap();
+    // Room for ROOM_BLOCKS blocks, the first of them taken.
+    let block_end = |i: u64| new_block_data_at(2048, i) + u64::from(BLOCK);
+    let grown = block_end(ROOM_BLOCKS - 1) + 512;
+    assert_eq!(storage.len().unwrap(), grown);
+    drop(disk);
+
+    let crashed = Arc::new(storage.power_loss_dropping_unflushed());
+    let disk = VhdDisk::open(Shared::new(crashed.clone()), &OpenOptions::default()).unwrap();
+    let mut expected = vec![0u8; size as usize];
+    expected[..512].fill(1);
+    for block in 1..ROOM_BLOCKS {
+        disk.write_at(&[block as u8 + 1; 512], block * u64::from(BLOCK))
+            .unwrap();
+        expected[(block * u64::from(BLOCK)) as usize..][..512].fill(block as u8 + 1);
+    }
+    // Every block so far went into the room the last session made.
+    assert_eq!(crashed.len().unwrap(), grown);
+    disk.write_at(&[0xEE; 512], ROOM_BLOCKS * u64::from(BLOCK))
+        .unwrap();
+    expected[(ROOM_BLOCKS * u64::from(BLOCK)) as usize..][..512].fill(0xEE);
+    assert!(crashed.len().unwrap() > grown);
+    disk.close().unwrap();
+    assert_eq!(crashed.len().unwrap(), block_end(ROOM_BLOCKS) + 512);
+    let image = crashed.contents();
+    assert_eq!(&image[image.len() - 512..], &image[..512]);
+    assert_same(&read_all(&open_vec(image).unwrap()), &expected);
+}
+
+#[test]
+fn a_close_that_cannot_cut_off_the_room_still_succeeds() {
+    let storage = Arc::new(MemStorage::from_vec(dynamic_image(16 * u64::from(BLOCK))));
+    let disk = VhdDisk::open(Shared::new(storage.clone()), &OpenOptions::default()).unwrap();
+    disk.write_at(&[1; 512], 0).unwrap();
+    disk.flush().unwrap();
+    let len = storage.len().unwrap();
+    // A full filesystem: the footer at the new end cannot be written.
+    storage.fail_writes_after(0, libc::ENOSPC);
+    disk.close().unwrap();
+    storage.clear_faults();
+    assert_eq!(storage.len().unwrap(), len);
+    let mut expected = vec![0u8; disk.size() as usize];
+    expected[..512].fill(1);
+    assert_same(&read_all(&open_vec(storage.contents()).unwrap()), &expected);
 }

@@ -73,8 +73,8 @@ pub mod sector_bitmap;
 mod space;
 mod write;
 
-use crate::batch::Batcher;
 use crate::claims::Claims;
+use crate::commit_queue::CommitQueue;
 use crate::disk::{DiscardMode, Extent, Format, OpenOptions, VirtualDisk, check_range};
 use crate::error::{CorruptionKind, Error, ErrorKind, IoContext, Result};
 use crate::finding::{Finding, Fix, Problems};
@@ -161,7 +161,7 @@ pub struct VhdxDisk {
     /// BAT entries a write or discard is changing.
     claims: Claims,
     /// Writers' metadata changes waiting to be written together.
-    commits: Batcher<Change>,
+    commits: CommitQueue<Change>,
     /// Pinned by data I/O to mapped space, so released space is reused only once no I/O
     /// can still reach it.
     space: SpaceGate,

@@ -256,7 +256,7 @@ impl VhdxDisk {
                 free: validated.free,
             }),
             claims: Claims::default(),
-            commits: Batcher::default(),
+            commits: CommitQueue::default(),
             space: SpaceGate::default(),
             data_write_started: AtomicBool::new(false),
             keep_identity: options.keep_identity,

@@ -94,10 +94,15 @@ impl VhdxDisk {
         if change.entries.is_empty() && change.bits.is_empty() {
             return Ok(());
         }
-        self.commits.submit(
-            |queued| queued.absorb(change),
-            |group| self.commit_group(group),
-        )
+        self.commits.commit(Some(change), |changes| {
+            let group = changes
+                .into_iter()
+                .fold(Change::default(), |mut group, change| {
+                    group.absorb(change);
+                    group
+                });
+            self.commit_group(group)
+        })
     }
 
     /// Writes each piece, into space reserved for it (listed in `reserved`) if its block

@@ -481,18 +481,19 @@ fn allocated_io_passes_a_stuck_allocation(qemu_format: &str, options: &str, bloc
     model[..PAGE].copy_from_slice(&first);
 
     // New blocks take free space inside the file first (qemu leaves some before its first
-    // block): use it up, so the next new block goes at the end, where the gate holds it.
+    // block): use it up, so the next new block goes past the last one, where the file
+    // grew (by room for more than one block, in a VHD) and where the gate holds it.
     let file_len = || std::fs::metadata(&image).unwrap().len();
-    let filled = (3..8).any(|b| {
+    let grown_from = (3..8).find_map(|b| {
         let before = file_len();
         let data = mount::pattern(10 + b, PAGE);
         write_direct(&file, b * block, &data);
         model[(b * block) as usize..(b * block) as usize + PAGE].copy_from_slice(&data);
-        file_len() > before
+        (file_len() > before).then_some(before)
     });
-    assert!(filled, "five new blocks never made the file grow");
-    let end = file_len();
-    gate.gate.update(|s| s.hold_writes = Some(end..end + block));
+    let grown_from = grown_from.expect("five new blocks never made the file grow");
+    gate.gate
+        .update(|s| s.hold_writes = Some(grown_from..u64::MAX));
     let new_at = 8 * block + 2 * PAGE as u64;
     let new_data = mount::pattern(3, 64 * 1024);
     let allocating = {

@@ -53,11 +53,11 @@ impl Claims {
 }
 
 impl Claims {
-    /// Claims `ranges`, waiting for as long as another claim holds any part of them, for
-    /// a caller that looks at what it claimed only once it holds the claim.
-    pub fn claim_when_free(&self, ranges: &[Range<u64>]) -> Claim<'_> {
+    /// Claims `range`, waiting for as long as another claim holds any part of it, for a
+    /// caller that looks at what it claimed only once it holds the claim.
+    pub fn claim_when_free(&self, range: Range<u64>) -> Claim<'_> {
         loop {
-            if let Some(claim) = self.claim(ranges.iter().cloned()) {
+            if let Some(claim) = self.claim([range.clone()]) {
                 return claim;
             }
         }

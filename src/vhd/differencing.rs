@@ -286,7 +286,7 @@ impl VhdDisk {
         if self.write_in_child(d, diff, block, &sectors, in_block, data)? {
             return Ok(());
         }
-        let _claim = d.claims.claim_when_free(&[block..block + 1]);
+        let _claim = d.claims.claim_when_free(block..block + 1);
         // Another writer may have moved the sectors into this file while this one waited.
         if self.write_in_child(d, diff, block, &sectors, in_block, data)? {
             return Ok(());

@@ -303,7 +303,7 @@ impl VhdDisk {
         if self.write_allocated(d, block, in_block, data)? {
             return Ok(());
         }
-        let _claim = d.claims.claim_when_free(&[block..block + 1]);
+        let _claim = d.claims.claim_when_free(block..block + 1);
         // Another writer may have allocated the block while this one waited.
         if self.write_allocated(d, block, in_block, data)? {
             return Ok(());

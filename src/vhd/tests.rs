@@ -974,11 +974,7 @@ fn failed_requests_report_the_errno_and_leave_a_consistent_image() {
             // The file as it stands opens and holds what was flushed.
             let reopened = open_vec(storage.contents()).unwrap();
             model.check(&read_all(&reopened), &what);
-            let reopened = VhdDisk::open(
-                Box::new(storage.power_loss_dropping_unflushed()),
-                &OpenOptions::default(),
-            )
-            .unwrap();
+            let reopened = reopen_after_power_loss(&storage);
             model.check(&read_all(&reopened), &format!("{what}, then a crash"));
 
             // The same disk carries on once the fault is gone.
@@ -989,11 +985,7 @@ fn failed_requests_report_the_errno_and_leave_a_consistent_image() {
             disk.flush().unwrap();
             model.flushed();
             assert_same(&read_all(&disk), &model.acked);
-            let reopened = VhdDisk::open(
-                Box::new(storage.power_loss_dropping_unflushed()),
-                &OpenOptions::default(),
-            )
-            .unwrap();
+            let reopened = reopen_after_power_loss(&storage);
             assert_same(&read_all(&reopened), &model.acked);
         }
     }
@@ -1155,6 +1147,24 @@ fn discard_modes_follow_the_image_type_and_the_option() {
     fixed.read_at(&mut data, 0).unwrap();
     assert!(data[100..1100].iter().all(|&b| b == 0) && data[1100..].iter().all(|&b| b == 5));
 }
+/// Spins until `ready` holds. The limit only turns a deadlock into a failure: what the
+/// test waits for happens at once.
+fn wait_for(what: &str, ready: impl Fn() -> bool) {
+    let since = std::time::Instant::now();
+    while !ready() {
+        assert!(since.elapsed().as_secs() < 300, "{what} never happened");
+        std::thread::yield_now();
+    }
+}
+
+/// The image as a power loss would leave it now (what was not flushed dropped), opened.
+fn reopen_after_power_loss(storage: &MemStorage) -> VhdDisk {
+    VhdDisk::open(
+        Box::new(storage.power_loss_dropping_unflushed()),
+        &OpenOptions::default(),
+    )
+    .unwrap()
+}
 
 /// An in-memory file whose flushes wait while the test holds them, and which tells the
 /// test of each flush waiting and of each write it sees.
@@ -1265,11 +1275,7 @@ fn an_allocation_waiting_for_its_flush_holds_up_no_other() {
     expected[2 * BLOCK as usize..][..1024].fill(0xB2);
     assert_same(&read_all(&disk), &expected);
     disk.flush().unwrap();
-    let reopened = VhdDisk::open(
-        Box::new(gate.inner.power_loss_dropping_unflushed()),
-        &OpenOptions::default(),
-    )
-    .unwrap();
+    let reopened = reopen_after_power_loss(&gate.inner);
     assert_same(&read_all(&reopened), &expected);
 }
 
@@ -1286,12 +1292,7 @@ fn allocations_queued_behind_a_commit_share_the_next_flush() {
         let others: Vec<_> = (2..5u64)
             .map(|block| scope.spawn(move || disk.write_at(&[0xB0; 512], block * u64::from(BLOCK))))
             .collect();
-        let since = std::time::Instant::now();
-        while commits.queued() < 3 {
-            // Only turns a deadlock into a failure: the writers get there at once.
-            assert!(since.elapsed().as_secs() < 300, "the writers never queued");
-            std::thread::yield_now();
-        }
+        wait_for("the writers queueing", || commits.queued() >= 3);
         gate.hold(false);
         a.join().unwrap().unwrap();
         for other in others {
@@ -1308,11 +1309,7 @@ fn allocations_queued_behind_a_commit_share_the_next_flush() {
         expected[block * BLOCK as usize..][..512].fill(0xB0);
     }
     disk.flush().unwrap();
-    let reopened = VhdDisk::open(
-        Box::new(gate.inner.power_loss_dropping_unflushed()),
-        &OpenOptions::default(),
-    )
-    .unwrap();
+    let reopened = reopen_after_power_loss(&gate.inner);
     assert_same(&read_all(&reopened), &expected);
 }
 
@@ -1330,12 +1327,7 @@ fn a_second_writer_to_a_block_being_allocated_waits_and_writes_into_it() {
         let a = scope.spawn(|| disk.write_at(&[0xA1; 512], u64::from(BLOCK)));
         gate.wait_until("writer A's data flush", |s| s.held == 1);
         let b = scope.spawn(|| disk.write_at(&[0xB2; 512], u64::from(BLOCK) + 1024));
-        let since = std::time::Instant::now();
-        while claims.waiting() == 0 {
-            // Only turns a deadlock into a failure: writer B gets there at once.
-            assert!(since.elapsed().as_secs() < 300, "writer B never waited");
-            std::thread::yield_now();
-        }
+        wait_for("writer B waiting", || claims.waiting() > 0);
         gate.hold(false);
         a.join().unwrap().unwrap();
         b.join().unwrap().unwrap();
@@ -1349,11 +1341,7 @@ fn a_second_writer_to_a_block_being_allocated_waits_and_writes_into_it() {
     expected[BLOCK as usize + 1024..][..512].fill(0xB2);
     assert_same(&read_all(&disk), &expected);
     disk.flush().unwrap();
-    let reopened = VhdDisk::open(
-        Box::new(gate.inner.power_loss_dropping_unflushed()),
-        &OpenOptions::default(),
-    )
-    .unwrap();
+    let reopened = reopen_after_power_loss(&gate.inner);
     assert_same(&read_all(&reopened), &expected);
 }
 
@@ -1378,11 +1366,7 @@ fn a_failed_data_write_leaves_the_block_to_the_next_writer() {
     let mut expected = vec![0u8; disk.size() as usize];
     expected[..512].fill(1);
     expected[BLOCK as usize + 512..][..512].fill(3);
-    let reopened = VhdDisk::open(
-        Box::new(storage.power_loss_dropping_unflushed()),
-        &OpenOptions::default(),
-    )
-    .unwrap();
+    let reopened = reopen_after_power_loss(&storage);
     assert_same(&read_all(&reopened), &expected);
 }
 

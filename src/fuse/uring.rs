@@ -4,7 +4,7 @@
 //!
 //! Once the INIT exchange has agreed on it, the kernel expects one queue per possible CPU
 //! and routes each request to the queue of the CPU its caller runs on. Each queue here
-//! is an io_uring instance served by a thread of its own, holding [`ENTRIES`] entries:
+//! is an io_uring instance served by a thread of its own, holding [`depth`] entries:
 //! a header buffer and a payload buffer the kernel fills with one request at a time. The
 //! thread registers every entry (`FUSE_IO_URING_CMD_REGISTER`); a completion says a
 //! request has landed in an entry; the reply goes into the same buffers and the entry goes
@@ -42,9 +42,19 @@ use std::sync::Arc;
 use std::sync::mpsc::{Sender, channel};
 use zerocopy::IntoBytes;
 
-/// Entries per queue: as many requests as can wait for the disk at once, so a queue of
-/// reads from one CPU reaches the disk together.
-pub const ENTRIES: usize = BlockingPool::THREADS;
+/// Entries in all queues together: as many requests as can wait for the disk at once, so
+/// a queue of reads reaches the disk together. Each entry holds a payload buffer of
+/// [`MAX_IO`] that the kernel fills, so this bounds the memory the queues take rather than
+/// letting it grow with the number of CPUs.
+const ALL_ENTRIES: usize = BlockingPool::THREADS;
+/// Entries of a queue at the least, so that a CPU's second request need not wait for its
+/// first to be answered.
+const MIN_DEPTH: usize = 2;
+
+/// Entries per queue when there are `queues` of them.
+pub fn depth(queues: usize) -> usize {
+    (ALL_ENTRIES / queues.max(1)).max(MIN_DEPTH)
+}
 
 /// Where the kernel lists the CPUs it makes queues for (`num_possible_cpus`).
 const POSSIBLE_CPUS: &str = "/sys/devices/system/cpu/possible";
@@ -92,6 +102,7 @@ impl Queues {
                 format!("{POSSIBLE_CPUS}: unexpected contents {:?}", list.trim()),
             )
         })?;
+        let entries = depth(count);
         let rings = (0..count)
             // Room for every entry's command and the wake-up read; completions have room
             // for twice that, so they never overflow. Only the queue thread submits and
@@ -103,7 +114,7 @@ impl Queues {
                     .setup_r_disabled()
                     .setup_single_issuer()
                     .setup_defer_taskrun()
-                    .build(ENTRIES as u32 + 1)
+                    .build(entries as u32 + 1)
             })
             .collect::<io::Result<_>>()?;
         Ok(Queues { rings })
@@ -123,6 +134,7 @@ impl Queues {
         let waiting = Arc::new(BlockingPool::default());
         let (report, reports) = channel();
         let count = self.rings.len();
+        let entries = depth(count);
         for (qid, ring) in self.rings.into_iter().enumerate() {
             let server = QueueServer::new(
                 qid,
@@ -130,6 +142,7 @@ impl Queues {
                 device.clone(),
                 dispatcher.clone(),
                 waiting.clone(),
+                entries,
             )?;
             let report = report.clone();
             std::thread::Builder::new()
@@ -183,6 +196,7 @@ fn command(qid: u16, commit_id: u64) -> [u8; 80] {
 struct EntryMemory {
     base: NonNull<u8>,
     layout: Layout,
+    entries: usize,
 }
 
 // SAFETY: the memory is plain bytes; who may touch which entry is the hand-over above,
@@ -192,18 +206,22 @@ unsafe impl Send for EntryMemory {}
 unsafe impl Sync for EntryMemory {}
 
 impl EntryMemory {
-    fn new() -> io::Result<EntryMemory> {
-        let layout = Layout::from_size_align(ENTRIES * ENTRY_LEN, HEADERS_ROOM)
+    fn new(entries: usize) -> io::Result<EntryMemory> {
+        let layout = Layout::from_size_align(entries * ENTRY_LEN, HEADERS_ROOM)
             .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
         // SAFETY: the layout's size is not zero. Zeroed pages of an allocation this large
         // come straight from the kernel and take memory only once touched.
         let base = NonNull::new(unsafe { alloc_zeroed(layout) })
             .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        Ok(EntryMemory { base, layout })
+        Ok(EntryMemory {
+            base,
+            layout,
+            entries,
+        })
     }
 
     fn headers(&self, entry: usize) -> *mut u8 {
-        assert!(entry < ENTRIES);
+        assert!(entry < self.entries);
         // SAFETY: in bounds of the allocation, by the assertion.
         unsafe { self.base.as_ptr().add(entry * ENTRY_LEN) }
     }
@@ -269,7 +287,7 @@ impl std::fmt::Debug for Queue {
 }
 
 impl Queue {
-    fn new() -> io::Result<Queue> {
+    fn new(entries: usize) -> io::Result<Queue> {
         // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -278,9 +296,9 @@ impl Queue {
         // SAFETY: `fd` was just created and is owned by nothing else.
         let wake = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         Ok(Queue {
-            memory: EntryMemory::new()?,
+            memory: EntryMemory::new(entries)?,
             replied: Mutex::new(Replied {
-                entries: Vec::with_capacity(ENTRIES),
+                entries: Vec::with_capacity(entries),
                 waiting: false,
             }),
             wake,
@@ -373,7 +391,7 @@ struct QueueServer {
     waiting: Arc<BlockingPool>,
     replies: Vec<Arc<EntryReply>>,
     /// The kernel's id of the request each entry holds, for its commit.
-    commit_ids: [u64; ENTRIES],
+    commit_ids: Vec<u64>,
     buffers: Registrations,
     /// The entries being committed, taken from the queue's list.
     committing: Vec<usize>,
@@ -387,7 +405,7 @@ struct QueueServer {
 }
 
 /// The buffers each entry's registration names; the kernel reads them at submission.
-struct Registrations(Box<[[libc::iovec; 2]; ENTRIES]>);
+struct Registrations(Vec<[libc::iovec; 2]>);
 
 // SAFETY: the iovecs point into the queue's entry memory, which the server holds (through
 // its Arc); they are only handed to the kernel, never dereferenced here.
@@ -400,11 +418,12 @@ impl QueueServer {
         device: Arc<OwnedFd>,
         dispatcher: Arc<Dispatcher<DiskFs>>,
         waiting: Arc<BlockingPool>,
+        entries: usize,
     ) -> io::Result<QueueServer> {
         let qid = u16::try_from(qid)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many queues"))?;
-        let queue = Arc::new(Queue::new()?);
-        let replies = (0..ENTRIES)
+        let queue = Arc::new(Queue::new(entries)?);
+        let replies = (0..entries)
             .map(|entry| {
                 Arc::new(EntryReply {
                     queue: queue.clone(),
@@ -412,18 +431,22 @@ impl QueueServer {
                 })
             })
             .collect();
-        let buffers = Registrations(Box::new(std::array::from_fn(|entry| {
-            [
-                libc::iovec {
-                    iov_base: queue.memory.headers(entry).cast(),
-                    iov_len: HEADERS_ROOM,
-                },
-                libc::iovec {
-                    iov_base: queue.memory.payload(entry).cast(),
-                    iov_len: PAYLOAD_LEN,
-                },
-            ]
-        })));
+        let buffers = Registrations(
+            (0..entries)
+                .map(|entry| {
+                    [
+                        libc::iovec {
+                            iov_base: queue.memory.headers(entry).cast(),
+                            iov_len: HEADERS_ROOM,
+                        },
+                        libc::iovec {
+                            iov_base: queue.memory.payload(entry).cast(),
+                            iov_len: PAYLOAD_LEN,
+                        },
+                    ]
+                })
+                .collect(),
+        );
         Ok(QueueServer {
             qid,
             ring,
@@ -432,12 +455,12 @@ impl QueueServer {
             dispatcher,
             waiting,
             replies,
-            commit_ids: [0; ENTRIES],
+            commit_ids: vec![0; entries],
             buffers,
-            committing: Vec::with_capacity(ENTRIES),
+            committing: Vec::with_capacity(entries),
             request: vec![0; REQUEST_MAX.div_ceil(8)],
             wake_count: Box::new(0),
-            live: ENTRIES,
+            live: entries,
         })
     }
 
@@ -477,7 +500,7 @@ impl QueueServer {
     }
 
     fn run(mut self, report: Sender<io::Result<()>>) {
-        let mut completions = Vec::with_capacity(ENTRIES + 1);
+        let mut completions = Vec::with_capacity(self.replies.len() + 1);
         let registered = self
             .register_all(&mut completions)
             .map_err(|e| io::Error::new(e.kind(), format!("registering queue {}: {e}", self.qid)));
@@ -502,7 +525,7 @@ impl QueueServer {
     /// wake-up read. Requests may already have arrived in `completions`.
     fn register_all(&mut self, completions: &mut Vec<(u64, i32)>) -> io::Result<()> {
         self.ring.submitter().register_enable_rings()?;
-        for entry in 0..ENTRIES {
+        for entry in 0..self.replies.len() {
             let sqe = self.register(entry);
             self.push(&sqe);
         }
@@ -695,6 +718,13 @@ mod tests {
     }
 
     #[test]
+    fn the_queues_share_one_budget_of_entries() {
+        assert_eq!(depth(1), ALL_ENTRIES);
+        assert_eq!(depth(2) * 2, ALL_ENTRIES);
+        assert_eq!(depth(1024), MIN_DEPTH);
+    }
+
+    #[test]
     fn requests_split_into_header_operation_and_payload() {
         // A read: the header and fuse_read_in, no payload.
         assert_eq!(op_header_len(80, 0), Some(40));
@@ -725,7 +755,7 @@ mod tests {
 
     #[test]
     fn replies_fill_the_entry_and_queue_its_commit() {
-        let queue = Arc::new(Queue::new().unwrap());
+        let queue = Arc::new(Queue::new(depth(1)).unwrap());
         queue.replied.lock().waiting = true;
         let reply = EntryReply {
             queue: queue.clone(),
@@ -757,7 +787,7 @@ mod tests {
 
     #[test]
     fn replies_too_large_for_an_entry_fail_the_request() {
-        let queue = Arc::new(Queue::new().unwrap());
+        let queue = Arc::new(Queue::new(depth(1)).unwrap());
         let reply = EntryReply {
             queue: queue.clone(),
             entry: 0,

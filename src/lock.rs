@@ -123,6 +123,24 @@ impl ImageLock {
     }
 }
 
+/// Unlocks before the file closes. The locks belong to the open file description, and a
+/// child forked meanwhile by another thread holds that description until it execs: only
+/// closing would leave the image locked until then, while unlocking frees it at once.
+impl Drop for ImageLock {
+    fn drop(&mut self) {
+        let fd = self.file.as_raw_fd();
+        // The whole file, as `l_len` 0 means.
+        let request = lock_request(libc::F_UNLCK as libc::c_short, 0);
+        let request = libc::flock { l_len: 0, ..request };
+        // SAFETY: a valid descriptor and a valid flock structure; failures leave the locks
+        // to go with the description, as they would without this.
+        unsafe {
+            libc::fcntl(fd, libc::F_OFD_SETLK, &request);
+            libc::flock(fd, libc::LOCK_UN);
+        }
+    }
+}
+
 fn lock_request(kind: libc::c_short, byte: u64) -> libc::flock {
     // SAFETY: flock is plain data; all-zero is a valid value (pid 0 as OFD locks require).
     let mut request: libc::flock = unsafe { std::mem::zeroed() };

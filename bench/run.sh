@@ -8,16 +8,20 @@
 # reported as median and min–max. Writes the results into BENCHMARKS.md (or --output FILE)
 # between the "bench:begin" and "bench:end" markers, keeping any text around them.
 #
-#   bench/run.sh [--quick] [--output FILE] [--workdir DIR]
+#   bench/run.sh [--quick] [--only nbd] [--output FILE] [--workdir DIR]
 #
 # --quick   small images, short jobs, the page cache dropped before each contender's first
 #           run rather than before every job: proves the script, numbers are rough.
+# --only nbd  measure only the NBD section (the nbdkit plugin against qemu-nbd); its
+#           results are printed, and written only where --output says.
 # --output  where the results go (default: BENCHMARKS.md beside this directory).
 # --workdir where images are created (default: a new directory under /var/tmp, removed
 #           afterwards). It must be on a disk filesystem that supports O_DIRECT.
 # VDISK_MOUNT=path selects the binary (its companion `vdisk` must sit beside it); by
 # default `cargo build --release` builds both.
 # VDISK_MOUNT_OPTIONS=opts adds `-o opts` to every vdisk-mount (e.g. threads=16).
+# VDISK_NBDKIT_PLUGIN=path selects the nbdkit plugin (default: libnbdkit_vdisk.so beside
+# the binary; `cargo build` builds it with the binaries).
 #
 # When `vdisk-mount --help` offers `io_uring=` and the kernel has
 # /sys/module/fuse/parameters/enable_uring, every vdisk-mount that fio measures runs twice,
@@ -27,7 +31,8 @@
 # Needs root (mounts, loop devices, dropping the page cache) and these tools, which it
 # never installs: fio; qemu-img, qemu-io and qemu-storage-daemon (Debian: qemu-utils);
 # vhdimount (libvhdi-utils); fusermount3 (fuse3); losetup (mount); fstrim and fallocate
-# (util-linux); mkfs.ext4 (e2fsprogs).
+# (util-linux); mkfs.ext4 (e2fsprogs); nbdkit (nbdkit) and qemu-nbd, with fio's nbd
+# engine (Debian's fio has it).
 set -euo pipefail
 
 usage() {
@@ -38,12 +43,19 @@ usage() {
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 quick=0
+only=""
 output="$repo/BENCHMARKS.md"
+output_given=0
 workdir=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
-        --output) output=${2:?--output needs a file}; shift ;;
+        --only)
+            only=${2:?--only needs a section}
+            [ "$only" = nbd ] || { echo "--only: no section $only (only nbd runs alone)" >&2; exit 2; }
+            shift
+            ;;
+        --output) output=${2:?--output needs a file}; output_given=1; shift ;;
         --workdir) workdir=${2:?--workdir needs a directory}; shift ;;
         -h | --help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 >&2 ;;
@@ -67,6 +79,9 @@ need losetup mount
 need fstrim util-linux
 need fallocate util-linux
 need mkfs.ext4 e2fsprogs
+need nbdkit nbdkit
+need qemu-nbd qemu-utils
+fio --enghelp=nbd > /dev/null 2>&1 || missing+=("fio's nbd engine (a fio built with libnbd)")
 if [ ${#missing[@]} -gt 0 ]; then
     echo "bench/run.sh needs these tools, which it does not install:" >&2
     printf '  %s\n' "${missing[@]}" >&2
@@ -84,13 +99,15 @@ fi
 if [ -n "${VDISK_MOUNT:-}" ]; then
     bin=$VDISK_MOUNT
 else
-    echo "building vdisk-mount (cargo build --release)"
-    cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
+    echo "building vdisk-mount and the nbdkit plugin (cargo build --release)"
+    cargo build --release --quiet --manifest-path "$repo/Cargo.toml" -p vdisk-mount -p nbdkit-vdisk
     bin="$repo/target/release/vdisk-mount"
 fi
 [ -x "$bin" ] || { echo "no vdisk-mount binary at $bin" >&2; exit 1; }
 vdisk="$(dirname "$bin")/vdisk"
 [ -x "$vdisk" ] || { echo "no vdisk binary beside $bin" >&2; exit 1; }
+plugin=${VDISK_NBDKIT_PLUGIN:-$(dirname "$bin")/libnbdkit_vdisk.so}
+[ -f "$plugin" ] || { echo "no nbdkit plugin at $plugin (set VDISK_NBDKIT_PLUGIN)" >&2; exit 1; }
 
 # --- sizes and durations -----------------------------------------------------------------
 
@@ -151,6 +168,7 @@ mounts=()    # FUSE mountpoints (directories or qemu export files)
 loop=""      # the attached loop device, if any
 fs_mnt=""    # the mounted filesystem on that loop device, if any
 qsd_pid=""   # the running qemu-storage-daemon, if any
+nbd_pid=""   # the running NBD server (nbdkit or qemu-nbd), if any
 cleanup() {
     local m
     if [ -n "$fs_mnt" ] && mountpoint -q "$fs_mnt" 2> /dev/null; then
@@ -163,6 +181,7 @@ cleanup() {
         fi
     done
     [ -z "$qsd_pid" ] || kill "$qsd_pid" 2> /dev/null || true
+    [ -z "$nbd_pid" ] || kill "$nbd_pid" 2> /dev/null || true
     # Only once no io_uring mount is left to need it.
     [ -z "$uring_saved" ] || echo "$uring_saved" > "$uring_param" 2> /dev/null || true
     if [ "$remove_workdir" = 1 ]; then
@@ -243,6 +262,7 @@ target_kind=""
 target_reads_only=0
 target_format="" # qemu's name of the format of a bare image
 target_scratch="" # an image made for this target alone, removed when it stops
+target_uri="" # the NBD export of an NBD server, which fio reaches with its nbd engine
 
 start_vdisk() { # transport(fuse|io_uring) image [mount options]
     local transport=$1 image=$2 mnt choice=()
@@ -299,6 +319,30 @@ start_image() { # path qemu-format
     target_format=$2
 }
 
+# An NBD server on a new socket: `server-command SOCKET PIDFILE` starts it in the
+# background; it is ready once its pid file is there.
+start_nbd() { # server-command...
+    local socket i
+    socket=$(mktemp -u "$workdir/nbd.XXXXXX")
+    "$@" "$socket" "$socket.pid"
+    for i in $(seq 300); do
+        [ -s "$socket.pid" ] && break
+        sleep 0.1
+    done
+    target_pid=$(cat "$socket.pid")
+    nbd_pid=$target_pid
+    target_uri="nbd+unix:///?socket=$socket"
+    target_kind=nbd
+}
+
+nbdkit_vdisk() { # image socket pidfile
+    nbdkit -U "$2" -P "$3" "$plugin" "image=$1"
+}
+
+qemu_nbd() { # format image socket pidfile
+    qemu-nbd --fork --persistent --shared=16 -f "$1" -k "$3" --pid-file="$4" "$2"
+}
+
 stop_target() {
     if [ -n "$loop" ]; then
         losetup -d "$loop"
@@ -309,12 +353,15 @@ stop_target() {
         # qemu-storage-daemon keeps running after its export is unmounted; SIGTERM makes
         # it close the image and remove the export.
         qsd) kill "$target_pid" ;;
+        # Both servers close the image and exit on SIGTERM.
+        nbd) kill "$target_pid" ;;
     esac
     [ -z "$target_pid" ] || wait_gone "$target_pid"
     [ "$target_kind" != qsd ] || qsd_pid=""
+    [ "$target_kind" != nbd ] || nbd_pid=""
     [ -z "$target_scratch" ] || rm -f "$target_scratch"
     target_file="" target_pid="" target_mount="" target_kind="" target_reads_only=0
-    target_format="" target_scratch=""
+    target_format="" target_scratch="" target_uri=""
 }
 
 # Starts what a contender's name says: "[loop:]WHO[ io_uring]". `loop:` puts a loop device
@@ -337,6 +384,10 @@ start_contender() { # name [bytes]
         "qsd VHDX fixed") start_qsd "$vhdx_fixed" vhdx ;;
         "qsd VHD dynamic") start_qsd "$vhd_dyn" vpc ;;
         "vhdimount VHDX dynamic") start_vhdimount "$vhdx_dyn" ;;
+        "nbdkit VHDX dynamic") start_nbd nbdkit_vdisk "$vhdx_dyn" ;;
+        "nbdkit VHD dynamic") start_nbd nbdkit_vdisk "$vhd_dyn" ;;
+        "qemu-nbd VHDX dynamic") start_nbd qemu_nbd vhdx "$vhdx_dyn" ;;
+        "qemu-nbd VHD dynamic") start_nbd qemu_nbd vpc "$vhd_dyn" ;;
         "vdisk-mount VHDX" | "vdisk-mount VHD" | "qsd VHDX" | "qsd VHD" | "qemu-io VHDX" | "qemu-io VHD")
             format=${who##* } format=${format,,}
             empty_image "$format" "$workdir/empty.$format" "$2"
@@ -491,8 +542,12 @@ fio_job_runs=0
 run_fio() { # contender rep
     local who=$1 spec name rw bs qd args
     start_contender "$who"
-    args=(--filename="$target_file" --runtime="$runtime")
-    [ -b "$target_file" ] || args+=(--size="$size")
+    if [ -n "$target_uri" ]; then
+        args=(--ioengine=nbd --uri="$target_uri" --runtime="$runtime" --size="$size")
+    else
+        args=(--filename="$target_file" --runtime="$runtime")
+        [ -b "$target_file" ] || args+=(--size="$size")
+    fi
     [ $quick = 1 ] || args+=(--exec_prerun="sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches'")
     for spec in "${jobs[@]}"; do
         read -r name rw bs qd <<< "$spec"
@@ -543,6 +598,9 @@ start_vdisk fuse "$vhd_dyn"
 dd if="$raw" of="$target_file" bs=1M oflag=direct conv=notrunc,fsync status=none
 stop_target
 part_done images
+
+# With --only nbd, everything from here to the NBD section is left out.
+if [ -z "$only" ]; then
 
 # --- the fio jobs on every target ----------------------------------------------------------
 # All targets by turns, on the disk file and through a loop device, each vdisk-mount next
@@ -828,6 +886,18 @@ run_startup() { # vdisk-mount|qsd rep
 by_turns "startup|vdisk-mount" "startup|qsd"
 part_done start-up
 
+fi # [ -z "$only" ]
+
+# --- NBD: the nbdkit plugin against qemu-nbd -------------------------------------------------
+# The fio jobs once more, through fio's nbd engine (libnbd) on a Unix socket: nbdkit with
+# this repository's plugin next to qemu-nbd, each serving the same image.
+
+nbd_images=("VHDX dynamic" "VHD dynamic")
+steps=()
+for image in "${nbd_images[@]}"; do steps+=("fio|nbdkit $image" "fio|qemu-nbd $image"); done
+by_turns "${steps[@]}"
+part_done nbd
+
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 elapsed=$(($(date +%s) - started))
 
@@ -925,6 +995,8 @@ report() {
     line="Time spent:"
     for part in "${parts[@]}"; do line+=" $part ${spent[$part]} s,"; done
     echo "$line $elapsed s in all."
+    # With --only nbd, everything from here to the NBD table is left out.
+    if [ -z "$only" ]; then
     echo
     echo "Targets: **raw file** = fio on the backing file itself; the **raw** image = the same file through" \
         "\`vdisk-mount -o format=raw\` (the FUSE pass-through, \"FUSE raw\"); **VHDX dynamic/fixed**, **VHD dynamic** =" \
@@ -1162,6 +1234,28 @@ report() {
         row "$target" "$(awk -v r="${rss[$target]}" 'BEGIN { printf "%.1f", r / 1024 }')" "$bat" "$ok"
     done
     echo
+    fi # [ -z "$only" ]
+    echo
+    echo "### fio over NBD: the nbdkit plugin against qemu-nbd"
+    echo
+    echo "The fio jobs above (each $runtime at most and one pass at most, writes ending with a flush that" \
+        "counts) through fio's nbd engine (libnbd) on a Unix socket, against \`nbdkit vdisk\` (this" \
+        "repository's plugin, \`nbdkit-vdisk/\`) and \`qemu-nbd\` (its default writeback cache) serving the same" \
+        "image, by turns. Figures as above, median (min–max) of $reps runs; ratio nbdkit ÷ qemu-nbd." \
+        "Goal: ≥ 1.00 on every job."
+    echo
+    row job unit image "nbdkit vdisk" qemu-nbd "nbdkit ÷ qemu-nbd"
+    row --- --- --- --- --- ---
+    for spec in "${jobs[@]}"; do
+        read -r job _ <<< "$spec"
+        for image in "${nbd_images[@]}"; do
+            cells=("$(ratio_cell "≥ 1.00" "${runs["nbdkit $image|$job"]:-}" "${runs["qemu-nbd $image|$job"]:-}")")
+            row "$job" "$(unit "$job")" "$image" "$(fig "nbdkit $image" "$job")" \
+                "$(fig "qemu-nbd $image" "$job")" "${cells[0]}"
+            miss "${cells[0]}" "NBD $job $image, nbdkit ÷ qemu-nbd"
+        done
+    done
+    echo
     echo "### Goals missed in this run"
     echo
     if [ ${#misses[@]} -eq 0 ]; then
@@ -1173,6 +1267,9 @@ report() {
 
 section=$(report)
 echo "$section"
+if [ -n "$only" ] && [ $output_given = 0 ]; then
+    exit 0
+fi
 
 begin="<!-- bench:begin (written by bench/run.sh; edit outside these markers) -->"
 end="<!-- bench:end -->"

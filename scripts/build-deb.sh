@@ -3,6 +3,8 @@
 # Cargo.toml, the architecture from dpkg), with dpkg-deb as cargo-deb would:
 #
 #   /usr/bin/vdisk-mount, /usr/bin/vdisk     the release binaries
+#   /usr/lib/MULTIARCH/nbdkit/plugins/nbdkit-vdisk-plugin.so
+#                                            the nbdkit plugin: `nbdkit vdisk image=...`
 #   /sbin/mount.vdisk                        mount(8)'s helper for type vdisk: a link
 #   /lib/systemd/system/vdisk-mount@.service
 #   /usr/share/man/man1, man8                made by `vdisk docs` from the programs' own
@@ -10,23 +12,27 @@
 #   /usr/share/doc/vdisk-mount/              README, copyright, changelog, the example
 #                                            mount unit
 #
-# Depends: fuse3 and the shared libraries the binaries link, found by dpkg-shlibdeps.
+# Depends: fuse3 and the shared libraries the binaries link, found by dpkg-shlibdeps;
+# suggests nbdkit, which loads the plugin.
 # Needs cargo, dpkg-dev, binutils and gzip (scripts/install-deps.sh installs them).
 #
-#   scripts/build-deb.sh [--binaries DIR] [--output DIR]
+#   scripts/build-deb.sh [--binaries DIR] [--plugin FILE] [--output DIR]
 #
 # --binaries DIR packages the vdisk-mount and vdisk already built in DIR instead of
-# building them (the tests package the binaries under test); --output DIR writes the
-# package there instead of target/debian.
+# building them (the tests package the binaries under test), --plugin FILE the plugin
+# built already (default: libnbdkit_vdisk.so in DIR); --output DIR writes the package
+# there instead of target/debian.
 set -euo pipefail
 
 binaries=""
+plugin=""
 output=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --binaries) binaries=$(realpath "$2"); shift 2 ;;
+        --plugin) plugin=$(realpath "$2"); shift 2 ;;
         --output) output=$(realpath -m "$2"); shift 2 ;;
-        *) echo "usage: $0 [--binaries DIR] [--output DIR]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--binaries DIR] [--plugin FILE] [--output DIR]" >&2; exit 2 ;;
     esac
 done
 cd "$(dirname "$0")/.."
@@ -44,15 +50,19 @@ if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
 fi
 export SOURCE_DATE_EPOCH
 
-for tool in dpkg-deb dpkg-shlibdeps gzip strip; do
+for tool in dpkg-deb dpkg-shlibdeps dpkg-architecture gzip strip; do
     command -v "$tool" >/dev/null ||
         { echo "$0: $tool is missing (scripts/install-deps.sh installs it)" >&2; exit 1; }
 done
 
 if [ -z "$binaries" ]; then
-    cargo build --release --locked --bins
+    cargo build --release --locked --bins -p vdisk-mount
+    cargo build --release --locked -p nbdkit-vdisk
     binaries=target/release
 fi
+plugin=${plugin:-$binaries/libnbdkit_vdisk.so}
+# Where Debian's nbdkit looks for plugins by name.
+plugins=/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH)/nbdkit/plugins
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vdisk-deb.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -63,10 +73,11 @@ doc=$root/usr/share/doc/$name
 install -d "$root/usr/bin" "$root/sbin" "$root/lib/systemd/system" "$doc/examples" \
     "$root/usr/share/man/man1" "$root/usr/share/man/man8" \
     "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" \
-    "$root/usr/share/fish/vendor_completions.d" "$root/DEBIAN"
+    "$root/usr/share/fish/vendor_completions.d" "$root$plugins" "$root/DEBIAN"
 install -m 755 "$binaries/vdisk-mount" "$binaries/vdisk" "$root/usr/bin/"
+install -m 644 "$plugin" "$root$plugins/nbdkit-vdisk-plugin.so"
 strip --strip-unneeded --remove-section=.comment --remove-section=.note \
-    "$root/usr/bin/vdisk-mount" "$root/usr/bin/vdisk"
+    "$root/usr/bin/vdisk-mount" "$root/usr/bin/vdisk" "$root$plugins/nbdkit-vdisk-plugin.so"
 # Across top-level directories a link is absolute (Debian policy 10.5).
 ln -s /usr/bin/vdisk-mount "$root/sbin/mount.vdisk"
 install -m 644 systemd/vdisk-mount@.service "$root/lib/systemd/system/"
@@ -111,7 +122,8 @@ mkdir -p "$work/src/debian"
 printf 'Source: %s\n\nPackage: %s\nArchitecture: any\n' "$name" "$name" \
     >"$work/src/debian/control"
 shlibs=$(cd "$work/src" &&
-    dpkg-shlibdeps -O "$root/usr/bin/vdisk-mount" "$root/usr/bin/vdisk" |
+    dpkg-shlibdeps -O "$root/usr/bin/vdisk-mount" "$root/usr/bin/vdisk" \
+        "$root$plugins/nbdkit-vdisk-plugin.so" |
     sed -n 's/^shlibs:Depends=//p')
 
 cat >"$root/DEBIAN/control" <<EOF
@@ -121,6 +133,7 @@ Architecture: $arch
 Maintainer: $maintainer
 Installed-Size: $(du -sk --exclude=DEBIAN "$root" | cut -f1)
 Depends: fuse3, $shlibs
+Suggests: nbdkit
 Section: admin
 Priority: optional
 Description: mount VHD and VHDX disk images through FUSE
@@ -132,7 +145,8 @@ Description: mount VHD and VHDX disk images through FUSE
  fuse.vdisk-mount) and as a systemd service.
  .
  vdisk creates, inspects, maps, checks and repairs, converts, compacts,
- resizes and merges images, each change safe to interrupt.
+ resizes and merges images, each change safe to interrupt. The nbdkit plugin
+ vdisk serves images over NBD with the same drivers.
 EOF
 (cd "$root" && find . -type f ! -path './DEBIAN/*' -printf '%P\0' | LC_ALL=C sort -z |
     xargs -0 md5sum >DEBIAN/md5sums)

@@ -15,11 +15,14 @@
 #   fio                     the benchmark script (its quick mode runs in the tests)
 #   dpkg-dev binutils       scripts/build-deb.sh: dpkg-shlibdeps, strip
 #   fuse2fs ntfs-3g         the rescue without root: filesystems in partition files
+#   nbdkit libnbd-bin       serving images over NBD through the plugin (nbdkit-vdisk/),
+#                           and its clients nbdinfo and nbdcopy
 set -euo pipefail
 
 packages=(
     fuse3 qemu-utils libvhdi-utils mount util-linux fdisk e2fsprogs btrfs-progs xfsprogs
     zstd diffutils openssl systemd fio dpkg-dev binutils fuse2fs ntfs-3g
+    nbdkit libnbd-bin
 )
 
 missing=()

@@ -28,7 +28,9 @@
 //! describes an image and its chain, and [`check::check`] examines every structure of an
 //! image and repairs what it can; the `vdisk` command offers them.
 //! [`partition::read_partition_table`] reads a disk's MBR or GPT and numbers its
-//! partitions as Linux does. ARCHITECTURE.md draws the layers.
+//! partitions as Linux does. [`serve::open_image`] opens an image for a service (the
+//! mount, the nbdkit plugin in `nbdkit-vdisk/`) locked as qemu locks images.
+//! ARCHITECTURE.md draws the layers.
 //!
 //! Drivers keep metadata (BAT, headers, footer, log state) in memory under a lock; data
 //! I/O to allocated blocks runs outside it. Allocating writes put data on disk and flush
@@ -60,6 +62,7 @@ pub mod partition;
 pub mod raw;
 pub mod relocation;
 pub mod resize;
+pub mod serve;
 pub mod storage;
 pub mod vhd;
 pub mod vhdx;

@@ -21,6 +21,7 @@ use vdisk_mount::cli::mount::Cli;
 use vdisk_mount::fuse::uring::Queues;
 use vdisk_mount::fuse::{DiskFs, Invalidation, ROOT_INO, RequestGate, View};
 use vdisk_mount::lock::ImageLock;
+use vdisk_mount::serve::{ServedImage, open_image};
 
 /// A live mount and the disk behind it.
 pub struct Mounted {
@@ -39,18 +40,15 @@ pub fn mount(cli: &Cli, config: &MountConfig) -> Result<Mounted, String> {
     let mountpoint = check_mountpoint(&cli.mountpoint)?;
     let queues = prepare_queues(config.io_uring)
         .map_err(|e| format!("{}: cannot mount: {e}", cli.mountpoint.display()))?;
-    let image_path = cli
-        .image
-        .canonicalize()
-        .map_err(|e| format!("{}: cannot open image: {e}", cli.image.display()))?;
-    // Parents are locked (shared) where the chain opens them, for as long as they are open.
-    let lock = ImageLock::acquire(&image_path, config.open.read_only)?;
+    let ServedImage {
+        path: image_path,
+        disk,
+        lock,
+    } = open_image(&cli.image, &config.open)?;
+    let disk: Arc<dyn VirtualDisk> = disk;
     let image = ImageIdentity::of(lock.file(), &image_path)
         .map_err(|e| format!("{}: cannot open image: {e}", cli.image.display()))?;
     let image = Arc::new(image);
-    let disk: Arc<dyn VirtualDisk> = vdisk_mount::open(&image_path, &config.open)
-        .map_err(|e| e.to_string())?
-        .into();
     let mtime = fs::metadata(&image_path)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| SystemTime::now());

@@ -4,6 +4,7 @@
 
 pub mod chain;
 pub mod mount;
+pub mod nbd;
 pub mod partitions;
 pub mod vdisk;
 

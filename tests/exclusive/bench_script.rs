@@ -33,6 +33,8 @@ fn tools_available() -> bool {
         "qemu-io",
         "mkfs.ext4",
         "fstrim",
+        "nbdkit",
+        "qemu-nbd",
     ]
     .into_iter()
     .filter(|tool| {
@@ -193,7 +195,8 @@ fn quick_benchmark_fills_every_row() {
             .arg(&output)
             .arg("--workdir")
             .arg(dir.path().join("work"))
-            .env("VDISK_MOUNT", mount::BIN),
+            .env("VDISK_MOUNT", mount::BIN)
+            .env("VDISK_NBDKIT_PLUGIN", common::nbd::plugin()),
     );
     let report = std::fs::read_to_string(&output).unwrap();
     assert!(
@@ -396,6 +399,18 @@ fn quick_benchmark_fills_every_row() {
         } else {
             assert!(is_number(row[1]), "{daemon}: {row:?}");
         }
+    }
+    // The plugin and qemu-nbd side by side: each job on each image, and their ratio.
+    let nbd = &tables(&report, "fio over NBD")[0];
+    assert_eq!(nbd.len(), JOBS.len() * 2, "NBD rows");
+    for (i, row) in nbd.iter().enumerate() {
+        let (job, image) = (JOBS[i / 2], ["VHDX dynamic", "VHD dynamic"][i % 2]);
+        assert_eq!(row.len(), 6, "NBD {job} {image}: {row:?}");
+        assert_eq!((row[0], row[2]), (job, image), "NBD {row:?}");
+        assert!(
+            is_figure(row[3]) && is_figure(row[4]) && is_ratio(row[5]),
+            "NBD {job} {image}: {row:?}"
+        );
     }
     let startup = report
         .lines()

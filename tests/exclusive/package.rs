@@ -5,6 +5,7 @@
 //! leaves nothing of the package behind.
 
 use crate::alone;
+use crate::common;
 use crate::common::mount::{self, BIN, Mount, find_daemon};
 use crate::common::{qemu_compare_with_raw, run};
 use clap::CommandFactory;
@@ -114,6 +115,8 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     let out = run(Command::new(&script)
         .arg("--binaries")
         .arg(binaries)
+        .arg("--plugin")
+        .arg(common::nbd::plugin())
         .arg("--output")
         .arg(work.path()));
     let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
@@ -159,6 +162,12 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     ]
     .map(String::from)
     .into();
+    let plugins = run(Command::new("dpkg-architecture").arg("-qDEB_HOST_MULTIARCH")).stdout;
+    let plugins = format!(
+        "/usr/lib/{}/nbdkit/plugins",
+        String::from_utf8(plugins).unwrap().trim()
+    );
+    promised.push(format!("{plugins}/nbdkit-vdisk-plugin.so"));
     let vdisk = vdisk_mount::cli::vdisk::Cli::command();
     promised.extend(
         vdisk
@@ -211,6 +220,15 @@ fn the_debian_package_installs_mounts_and_removes_cleanly() {
     write_both(&mounted.disk(), &expected);
     mounted.unmount();
     qemu_compare_with_raw("vhdx", &image, &expected);
+    // nbdkit finds the plugin by its name, and serves the image as the mount did.
+    run(Command::new("nbdkit")
+        .args(["-U", "-", "vdisk"])
+        .arg(format!("image={}", image.display()))
+        .arg("--run")
+        .arg(format!(
+            "qemu-img compare -f raw -F raw \"$uri\" '{}'",
+            expected.display()
+        )));
 
     // fstab: one line of each type.
     let other = work.path().join("b.vhd");

@@ -29,6 +29,7 @@ mod mount_loop;
 mod mount_raw;
 mod mount_vhd;
 mod mount_vhdx;
+mod nbd;
 mod partition_files;
 mod partition_table;
 mod resize;

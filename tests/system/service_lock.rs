@@ -9,17 +9,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn qemu_vhdx(dir: &Path) -> PathBuf {
+pub(crate) fn qemu_vhdx(dir: &Path) -> PathBuf {
     let image = dir.join("locked.vhdx");
     common::qemu_img(&["create", "-f", "vhdx", image.to_str().unwrap(), "64M"]);
     image
 }
 
 /// qemu-io on `image` without `-c`: it keeps the image open until its input ends.
-struct QemuIo(Child);
+pub(crate) struct QemuIo(Child);
 
 impl QemuIo {
-    fn open(image: &Path, read_only: bool) -> QemuIo {
+    pub(crate) fn open(image: &Path, read_only: bool) -> QemuIo {
         let mut command = Command::new("qemu-io");
         command.args(["-f", "vhdx"]);
         if read_only {
@@ -47,7 +47,7 @@ impl QemuIo {
         QemuIo(child)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.0.id()
     }
 }
@@ -59,7 +59,7 @@ impl Drop for QemuIo {
     }
 }
 
-fn qemu_io_write(image: &Path) -> Output {
+pub(crate) fn qemu_io_write(image: &Path) -> Output {
     Command::new("qemu-io")
         .args(["-f", "vhdx", "-c", "write -P 0x55 0 4k"])
         .arg(image)
@@ -67,7 +67,7 @@ fn qemu_io_write(image: &Path) -> Output {
         .unwrap()
 }
 
-fn qemu_io_read(image: &Path) -> Output {
+pub(crate) fn qemu_io_read(image: &Path) -> Output {
     Command::new("qemu-io")
         .args(["-r", "-f", "vhdx", "-c", "read 0 4k"])
         .arg(image)
@@ -75,14 +75,14 @@ fn qemu_io_read(image: &Path) -> Output {
         .unwrap()
 }
 
-fn assert_qemu_refused(out: &Output, lock: &str) {
+pub(crate) fn assert_qemu_refused(out: &Output, lock: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "qemu opened a locked image");
     assert!(stderr.contains(lock), "{stderr}");
 }
 
 /// Mounting must fail at once with one line naming the image and the holder's pid.
-fn assert_mount_refused(image: &Path, options: &[&str], holder: u32) {
+pub(crate) fn assert_mount_refused(image: &Path, options: &[&str], holder: u32) {
     let mountpoint = tempfile::tempdir().unwrap();
     let start = Instant::now();
     let out = Mount::start(image, options, mountpoint.path());

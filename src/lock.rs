@@ -131,7 +131,10 @@ impl Drop for ImageLock {
         let fd = self.file.as_raw_fd();
         // The whole file, as `l_len` 0 means.
         let request = lock_request(libc::F_UNLCK as libc::c_short, 0);
-        let request = libc::flock { l_len: 0, ..request };
+        let request = libc::flock {
+            l_len: 0,
+            ..request
+        };
         // SAFETY: a valid descriptor and a valid flock structure; failures leave the locks
         // to go with the description, as they would without this.
         unsafe {

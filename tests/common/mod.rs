@@ -14,6 +14,31 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Whether every program of `tools` is installed, for the tests named by `what`. Outside
+/// CI a missing one skips those tests (saying which); under `CI` it fails them.
+pub fn tools_installed(what: &str, tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what} need {missing:?} (scripts/install-deps.sh installs them); CI must run them"
+    );
+    eprintln!("SKIPPED: {what} need {missing:?} (scripts/install-deps.sh installs them)");
+    false
+}
+
 /// Where the sample-image corpus lives: `$VDISK_CORPUS`, else `../shared/corpus` beside the
 /// checkout. `None` (with a printed note) when it is absent, which is only allowed outside
 /// CI: under `CI` a missing corpus fails the test instead of hiding it.

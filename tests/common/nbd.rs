@@ -2,7 +2,7 @@
 
 use super::run;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 
 /// The plugin's shared object, built on first use by the cargo that built the tests
@@ -26,26 +26,7 @@ pub fn plugin() -> &'static Path {
     })
 }
 
-/// Whether nbdkit and libnbd's clients are installed. Outside CI a missing one skips the
-/// test (saying which); under `CI` it fails it.
+/// Whether nbdkit and libnbd's clients are installed (see [`super::tools_installed`]).
 pub fn tools_available() -> bool {
-    let missing: Vec<&str> = ["nbdkit", "nbdinfo", "nbdcopy"]
-        .into_iter()
-        .filter(|tool| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "the NBD tests need {missing:?} (scripts/install-deps.sh); CI must run them"
-    );
-    eprintln!("SKIPPED: the NBD tests need {missing:?} (scripts/install-deps.sh installs them)");
-    false
+    super::tools_installed("the NBD tests", &["nbdkit", "nbdinfo", "nbdcopy"])
 }

@@ -7,7 +7,7 @@
 use crate::common;
 use crate::common::mount;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const JOBS: [&str; 8] = [
     "seq-read-1M-qd1",
@@ -23,37 +23,21 @@ const JOBS: [&str; 8] = [
 /// The images of the fio tables, in the order of their rows for each job.
 const IMAGES: [&str; 4] = ["raw", "VHDX dynamic", "VHDX fixed", "VHD dynamic"];
 
-/// Whether the tools the script drives are installed. Outside CI a missing one skips the
-/// test (saying which); under `CI` it fails it.
+/// Whether the tools the script drives are installed (see [`common::tools_installed`]).
 fn tools_available() -> bool {
-    let missing: Vec<&str> = [
-        "fio",
-        "qemu-storage-daemon",
-        "vhdimount",
-        "qemu-io",
-        "mkfs.ext4",
-        "fstrim",
-        "nbdkit",
-        "qemu-nbd",
-    ]
-    .into_iter()
-    .filter(|tool| {
-        !Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "the benchmark needs {missing:?}; CI must run it"
-    );
-    eprintln!("SKIPPED: the benchmark needs {missing:?}");
-    false
+    common::tools_installed(
+        "the benchmark tests",
+        &[
+            "fio",
+            "qemu-storage-daemon",
+            "vhdimount",
+            "qemu-io",
+            "mkfs.ext4",
+            "fstrim",
+            "nbdkit",
+            "qemu-nbd",
+        ],
+    )
 }
 
 /// The cells of a table row, if `line` is one.

@@ -413,28 +413,15 @@ impl Drop for FuseDeviceForUsers {
     }
 }
 
-fn installed(program: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{program} is missing; CI must run the rootless rescue test"
-        );
-        eprintln!("SKIPPED: {program} is not installed (scripts/install-deps.sh installs it)");
-    }
-    found
-}
-
 /// The rescue README.md describes, by a user without root and without loop devices:
 /// vdisk-mount through fusermount3, then fuse2fs on the ext4 partition file, and
 /// ntfsprogs on the NTFS one (Debian's ntfs-3g mounts only for root: it is not setuid);
 /// a file written into each; afterwards the image holds both files.
 #[test]
 fn a_user_without_root_rescues_files_through_partition_files() {
-    if !mount::fuse_available() || !installed("fuse2fs") || !installed("ntfscp") {
+    if !mount::fuse_available()
+        || !common::tools_installed("the rootless rescue test", &["fuse2fs", "ntfscp"])
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

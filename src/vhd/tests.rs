@@ -838,6 +838,42 @@ pub(crate) fn crash_images(storage: &MemStorage, rng: &mut StdRng) -> Vec<(Strin
     images
 }
 
+/// A dynamic disk of `size` whose every request is followed by a check that the image, as
+/// a crash at that instant would leave it, holds what `model` says (rng seeded by `seed`).
+struct CrashChecked {
+    storage: Arc<MemStorage>,
+    model: Arc<parking_lot::Mutex<Model>>,
+    /// Crash images checked so far.
+    checks: Arc<std::sync::atomic::AtomicUsize>,
+    disk: VhdDisk,
+}
+
+fn crash_checked_disk(size: u64, seed: u64) -> CrashChecked {
+    let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
+    let model = Arc::new(parking_lot::Mutex::new(Model::new(size as usize)));
+    let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hook = {
+        let (model, checks) = (model.clone(), checks.clone());
+        let rng = parking_lot::Mutex::new(StdRng::seed_from_u64(seed));
+        move |storage: &MemStorage| {
+            let model = model.lock().clone();
+            check_crash_images(storage, &model, &mut rng.lock());
+            checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    let disk = VhdDisk::open(
+        Shared::with_hook(storage.clone(), hook),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    CrashChecked {
+        storage,
+        model,
+        checks,
+        disk,
+    }
+}
+
 fn check_crash_images(storage: &MemStorage, model: &Model, rng: &mut StdRng) {
     for (what, crashed) in crash_images(storage, rng) {
         let disk = VhdDisk::open(Box::new(crashed), &OpenOptions::default())
@@ -860,24 +896,12 @@ fn check_crash_images(storage: &MemStorage, model: &Model, rng: &mut StdRng) {
 fn a_crash_at_any_request_keeps_acknowledged_writes() {
     let blocks = 10u64;
     let size = blocks * u64::from(BLOCK);
-    let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
-    let model = Arc::new(parking_lot::Mutex::new(Model::new(size as usize)));
-    let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let hook = {
-        let model = model.clone();
-        let checks = checks.clone();
-        let rng = parking_lot::Mutex::new(StdRng::seed_from_u64(11));
-        move |storage: &MemStorage| {
-            let model = model.lock().clone();
-            check_crash_images(storage, &model, &mut rng.lock());
-            checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    };
-    let disk = VhdDisk::open(
-        Shared::with_hook(storage.clone(), hook),
-        &OpenOptions::default(),
-    )
-    .unwrap();
+    let CrashChecked {
+        storage,
+        model,
+        checks,
+        disk,
+    } = crash_checked_disk(size, 11);
     let mut rng = StdRng::seed_from_u64(5);
     for _epoch in 0..6 {
         for _ in 0..3 {
@@ -1375,23 +1399,12 @@ fn a_crash_during_concurrent_allocations_keeps_what_each_flush_acknowledged() {
     const THREADS: u64 = 3;
     const BLOCKS_EACH: u64 = 3;
     let size = THREADS * BLOCKS_EACH * u64::from(BLOCK);
-    let storage = Arc::new(MemStorage::from_vec(dynamic_image(size)));
-    let model = Arc::new(parking_lot::Mutex::new(Model::new(size as usize)));
-    let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let hook = {
-        let (model, checks) = (model.clone(), checks.clone());
-        let rng = parking_lot::Mutex::new(StdRng::seed_from_u64(31));
-        move |storage: &MemStorage| {
-            let model = model.lock().clone();
-            check_crash_images(storage, &model, &mut rng.lock());
-            checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    };
-    let disk = VhdDisk::open(
-        Shared::with_hook(storage.clone(), hook),
-        &OpenOptions::default(),
-    )
-    .unwrap();
+    let CrashChecked {
+        storage,
+        model,
+        checks,
+        disk,
+    } = crash_checked_disk(size, 31);
     std::thread::scope(|scope| {
         for thread in 0..THREADS {
             let (disk, model) = (&disk, &model);

@@ -141,6 +141,19 @@ fn qemu_io_nbd(server: &Nbdkit, options: &[&str], commands: &[&str]) -> Output {
     out
 }
 
+/// `qemu-img create -f FORMAT -o OPTIONS PATH SIZE`.
+fn qemu_create(format: &str, options: &str, path: &Path, size: &str) {
+    qemu_img(&[
+        "create",
+        "-f",
+        format,
+        "-o",
+        options,
+        path.to_str().unwrap(),
+        size,
+    ]);
+}
+
 /// `qemu-img compare` of the export with a raw file.
 fn compare_export(server: &Nbdkit, raw: &Path) {
     run(Command::new("qemu-img")
@@ -343,15 +356,7 @@ fn writes_zeroes_and_flushes_over_nbd_land_in_the_image() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join(name);
-        qemu_img(&[
-            "create",
-            "-f",
-            format,
-            "-o",
-            options,
-            image.to_str().unwrap(),
-            "32M",
-        ]);
+        qemu_create(format, options, &image, "32M");
         let size = common::qemu_virtual_size(&format!(
             "driver={format},file.filename={}",
             image.display()
@@ -437,15 +442,7 @@ fn trims_over_nbd_free_blocks_and_the_map_is_vdisk_maps() {
     }
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.vhdx");
-    qemu_img(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        base.to_str().unwrap(),
-        "32M",
-    ]);
+    qemu_create("vhdx", "block_size=1M", &base, "32M");
     let server = Nbdkit::start(&base, &[]);
     qemu_io_nbd(&server, &[], &["write -P 0x5c 0 32M", "flush"]);
     let full = allocated(&base);
@@ -501,15 +498,7 @@ fn fast_zeroes_are_offered_only_where_they_are_fast() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("dyn.vhdx");
-    qemu_img(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        image.to_str().unwrap(),
-        "16M",
-    ]);
+    qemu_create("vhdx", "block_size=1M", &image, "16M");
     let server = Nbdkit::start(&image, &[]);
     // -n: a zeroing that may not fall back to writing zeros; -u lets it unmap.
     qemu_io_nbd(
@@ -530,15 +519,7 @@ fn fast_zeroes_are_offered_only_where_they_are_fast() {
 
     // A fixed image zeroes by writing zeros: nbdkit is told it has no fast zeroing.
     let fixed = dir.path().join("fixed.vhdx");
-    qemu_img(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "subformat=fixed",
-        fixed.to_str().unwrap(),
-        "8M",
-    ]);
+    qemu_create("vhdx", "subformat=fixed", &fixed, "8M");
     let server = Nbdkit::start(&fixed, &[]);
     let info = run(Command::new("nbdinfo").args(["--json", &server.uri()]));
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
@@ -553,15 +534,7 @@ fn four_clients_write_side_by_side_and_one_flush_makes_it_all_durable() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("shared.vhdx");
-    qemu_img(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        image.to_str().unwrap(),
-        "64M",
-    ]);
+    qemu_create("vhdx", "block_size=1M", &image, "64M");
     let quarter = 16 * MIB;
     let mut model = vec![0u8; 4 * quarter as usize];
     let server = Nbdkit::start(&image, &[]);
@@ -621,15 +594,7 @@ fn a_killed_server_leaves_every_flushed_write() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("crash.vhdx");
     let size = 64 * MIB;
-    qemu_img(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        image.to_str().unwrap(),
-        "64M",
-    ]);
+    qemu_create("vhdx", "block_size=1M", &image, "64M");
     let mut rng = StdRng::seed_from_u64(11);
     // Writes never overlap, so each acknowledged one must read back exactly.
     let mut next_free = 0u64;

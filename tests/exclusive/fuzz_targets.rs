@@ -5,7 +5,7 @@
 use std::process::Command;
 
 /// Seconds each target runs here.
-const SECONDS: &str = "20";
+const SECONDS: &str = "10";
 
 #[test]
 fn every_fuzz_target_runs_without_a_finding() {
@@ -31,7 +31,7 @@ fn every_fuzz_target_runs_without_a_finding() {
         "fuzz.sh failed\n{stdout}\n{stderr}"
     );
     assert!(
-        stdout.contains("6 targets ran 20 s each without a finding"),
+        stdout.contains("6 targets ran 10 s each without a finding"),
         "{stdout}"
     );
     // libFuzzer's own count proves each target executed inputs.
